@@ -1,0 +1,19 @@
+"""The thin ComfyUI layer of XSR: node classes and the single registration list.
+
+Relative imports only: ComfyUI has its own top-level ``nodes`` module.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .image import XSRPrepareLR
+
+NODE_LIST: list[type[io.ComfyNode]] = [
+    XSRPrepareLR,
+]
+
+
+class XSRExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_LIST)
