@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("xsr_core.train.cli", "prepare data and train RFA / I2T / AdaIN adapter"),
     "eval": ("xsr_core.eval.cli", "batch x16 inference and Table-1 metrics"),
     "zoo": ("xsr_core.testing.zoo", "write the tiny random-weight model zoo (tests, demos)"),
+    "demo": ("xsr_core.demo", "run the x16 demo graph headless through a real ComfyUI"),
 }
 
 
