@@ -1,0 +1,43 @@
+"""AdaIN triple-injection adapter (DESIGN §2.4): canonical block ids, the pure-PyTorch math, bindings.
+
+The diffusers binding lives in :mod:`.diffusers_binding` and is not imported here, so that the
+ComfyUI side (which has no diffusers requirement at inference) only pulls torch.
+"""
+
+from .adain import (
+    GATE_NAMES,
+    SITE_GATE,
+    SITES,
+    AdaINAdapter,
+    AdaINAdapterConfig,
+    AdapterStats,
+    adain,
+    adain_residual,
+)
+from .blocks import (
+    BlockSpec,
+    adapter_blocks,
+    block_id_from_comfy,
+    controlnet_blocks,
+    make_block_id,
+    parse_block_id,
+    unet_blocks,
+)
+
+__all__ = [
+    "GATE_NAMES",
+    "SITE_GATE",
+    "SITES",
+    "AdaINAdapter",
+    "AdaINAdapterConfig",
+    "AdapterStats",
+    "BlockSpec",
+    "adain",
+    "adain_residual",
+    "adapter_blocks",
+    "block_id_from_comfy",
+    "controlnet_blocks",
+    "make_block_id",
+    "parse_block_id",
+    "unet_blocks",
+]

@@ -1,0 +1,406 @@
+"""AdaIN triple injection (DESIGN §2.4): the adapter math, its gates and per-block projectors.
+
+In every patched transformer block (ids from :mod:`.blocks`) the per-channel token statistics of four
+activations are moved toward statistics predicted from the enhanced image tokens E:
+
+=========  ==================================================  =====  ================
+site       activation                                          gate   shape of h
+=========  ==================================================  =====  ================
+``norm2``  output of the pre-cross-attention LayerNorm          α      (B, N, dim)
+``q``      cross-attention query, after ``to_q``, before the   β      (B, N, inner)
+           head split
+``k``      cross-attention key, after ``to_k``, before the     β      (B, 77, inner)
+           head split (shares β with ``q``)
+``norm3``  output of the FFN-path LayerNorm                     γ      (B, N, dim)
+=========  ==================================================  =====  ================
+
+    AdaIN(h; μ, σ) = σ · (h − mean(h)) / sqrt(var(h) + eps) + μ      (mean/var over tokens, per channel,
+                                                                     population variance)
+    h' = h + g · strength · (AdaIN(h) − h)
+
+Gates g are learnable scalars per block and site group (α, β, γ), initialised to zero, so an untrained
+adapter is the identity. The projector: E (B, 257, embed_dim) → mean over tokens → LayerNorm → shared
+trunk MLP (embed_dim → proj_hidden → proj_hidden, GELU) → per-block heads, stored as ONE Linear whose
+output rows are the concatenation of every block's [μ | σ] for every site, so all blocks' statistics
+come from one matmul. σ = softplus(raw) + sigma_min, with the bias set so σ starts at 1 and μ at 0.
+Mean pooling was chosen over attention pooling because the RFA/I2T stages already attend over E; the
+``pool`` config field leaves room for other poolings.
+
+Cost model: :meth:`AdaINAdapter.compute_stats` runs once per image embedding; everything that does not
+depend on the activations (gate·strength·σ, gate·strength·μ, 1 − gate·strength, the rows expansion)
+is folded once per (strength, rows, batch, dtype, device) into a cached plan on the
+:class:`AdapterStats`. One :meth:`AdaINAdapter.apply` call is then ``var_mean`` + five small per-channel
+ops + one fused ``addcmul`` over h, with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..weights import register
+from .blocks import adapter_blocks, parse_block_id
+
+logger = logging.getLogger(__name__)
+
+SITES = ("norm2", "q", "k", "norm3")
+GATE_NAMES = ("alpha", "beta", "gamma")
+SITE_GATE = {"norm2": 0, "q": 1, "k": 1, "norm3": 2}  # index into GATE_NAMES / the gates' last dim
+POOLS = ("mean",)
+
+Rows = Any  # None | Sequence[bool] (length B) | Sequence[int] (indices) | torch.Tensor (bool (B,) or long (n,))
+
+
+def adain(h: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Plain AdaIN over the token dim: ``h`` (B, N, C), ``mu``/``sigma`` (B, C) → (B, N, C).
+
+    Reference formula (unfused); :meth:`AdaINAdapter.apply` computes the same thing in fused form.
+    """
+    var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+    return sigma[:, None, :] * (h - mean) / torch.sqrt(var + eps) + mu[:, None, :]
+
+
+def adain_residual(
+    h: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, gain: float | torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """Gated AdaIN ``h + gain · (AdaIN(h) − h)`` (``gain`` = gate · strength), unfused reference."""
+    return h + gain * (adain(h, mu, sigma, eps) - h)
+
+
+@dataclasses.dataclass
+class AdaINAdapterConfig:
+    """Architecture of :class:`AdaINAdapter`. Keys are forever: add fields with defaults, never rename."""
+
+    embed_dim: int = 1024  # width of the enhanced image tokens E (CLIP ViT-L/14 hidden size)
+    proj_hidden: int = 256  # width of the shared projector trunk
+    eps: float = 1e-5  # added to the token variance inside AdaIN's std
+    sigma_min: float = 1e-3  # lower bound of the predicted σ (σ = softplus(raw) + sigma_min)
+    pool: str = "mean"  # pooling of E before the trunk: "mean" (mean over tokens, then LayerNorm)
+    blocks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # [{"id", "dim", "inner_dim"}], order = head layout
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "proj_hidden"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"AdaINAdapterConfig.{name} must be positive, got {getattr(self, name)}")
+        if not (self.eps > 0 and self.sigma_min >= 0):
+            raise ValueError(f"AdaINAdapterConfig needs eps > 0 and sigma_min >= 0, got {self.eps}, {self.sigma_min}")
+        if self.pool not in POOLS:
+            raise ValueError(f"AdaINAdapterConfig.pool must be one of {POOLS}, got {self.pool!r}")
+        if not self.blocks:
+            raise ValueError("AdaINAdapterConfig.blocks is empty: build it with AdaINAdapterConfig.from_unet_config(...)")
+        blocks = []
+        for b in self.blocks:
+            if dataclasses.is_dataclass(b):  # a BlockSpec
+                b = b.as_config()
+            b = dict(b)
+            if set(b) != {"id", "dim", "inner_dim"}:
+                raise ValueError(f"adapter block spec {b} must have exactly the keys id, dim, inner_dim")
+            parse_block_id(b["id"])
+            b["dim"], b["inner_dim"] = int(b["dim"]), int(b["inner_dim"])
+            if b["dim"] <= 0 or b["inner_dim"] <= 0:
+                raise ValueError(f"adapter block {b['id']}: dim and inner_dim must be positive")
+            blocks.append(b)
+        ids = [b["id"] for b in blocks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"adapter block ids are not unique: {ids}")
+        self.blocks = blocks
+
+    @classmethod
+    def from_unet_config(
+        cls, unet_config: Mapping[str, Any], embed_dim: int = 1024, include_controlnet: bool = True, **kwargs: Any
+    ) -> AdaINAdapterConfig:
+        """Config covering every transformer block of a diffusers U-Net config (and its ControlNet)."""
+        blocks = [b.as_config() for b in adapter_blocks(unet_config, include_controlnet=include_controlnet)]
+        return cls(embed_dim=embed_dim, blocks=blocks, **kwargs)
+
+    def site_width(self, block: Mapping[str, Any], site: str) -> int:
+        return block["inner_dim"] if site in ("q", "k") else block["dim"]
+
+
+class _Layout:
+    """Where each (block, site) lives in the concatenated head output. Row layout of the head:
+    [μ of site norm2 for all blocks | μ q | μ k | μ norm3 | σ norm2 | σ q | σ k | σ norm3]."""
+
+    def __init__(self, config: AdaINAdapterConfig):
+        self.ids = [b["id"] for b in config.blocks]
+        self.index = {bid: i for i, bid in enumerate(self.ids)}
+        self.site_offset: dict[str, int] = {}
+        self.site_width: dict[str, int] = {}
+        self.block_slices: dict[str, list[tuple[int, int]]] = {}  # site -> per block (start, stop) within the site
+        self.channel_block: dict[str, list[int]] = {}  # site -> block index of every channel
+        off = 0
+        for site in SITES:
+            self.site_offset[site] = off
+            slices, owner, pos = [], [], 0
+            for i, b in enumerate(config.blocks):
+                w = config.site_width(b, site)
+                slices.append((pos, pos + w))
+                owner += [i] * w
+                pos += w
+            self.block_slices[site] = slices
+            self.channel_block[site] = owner
+            self.site_width[site] = pos
+            off += pos
+        self.total = off  # width of μ (and of σ)
+
+
+def _rows_to_tuple(rows: Rows, batch: int) -> tuple[bool, ...]:
+    """Normalise a rows selector to a tuple of ``batch`` bools (raises ValueError on a bad selector)."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().tolist()  # one host sync per rows tensor; the plan cache keeps the result
+    rows = list(rows)
+    if rows and all(type(r).__name__ in ("bool", "bool_") for r in rows):  # python or numpy bools
+        rows = [bool(r) for r in rows]
+        if len(rows) != batch:
+            raise ValueError(f"rows mask has {len(rows)} entries but the activation batch is {batch}")
+        return tuple(rows)
+    mask = [False] * batch
+    for r in rows:
+        r = int(r)
+        if not 0 <= r < batch:
+            raise ValueError(f"rows index {r} out of range for activation batch {batch}")
+        if mask[r]:
+            raise ValueError(f"rows index {r} given twice")
+        mask[r] = True
+    if rows and any(int(a) > int(b) for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"rows indices must be increasing (stats rows follow them in order), got {rows}")
+    return tuple(mask)
+
+
+class AdapterStats:
+    """All blocks' AdaIN statistics for one batch of image embeddings (from :meth:`AdaINAdapter.compute_stats`).
+
+    - ``mu``, ``sigma``: (Bs, total) tensors in the adapter's dtype; :meth:`get` gives one block/site.
+    - ``batch``: Bs, the number of embeddings (stats rows).
+    - ``active``: frozenset of (block index, gate index) whose gate was non-zero when the stats were
+      computed, or None when every site is computed (gradients wanted: gates are being trained).
+    - ``gates``: the gate tensor they were computed with (keeps the autograd graph in training).
+
+    Immutable by contract: ``copy.deepcopy`` returns the same object (cheap under ComfyUI's
+    ``ModelPatcher.clone``). Folded per-(strength, rows, batch, dtype, device) plans are cached on it.
+    """
+
+    def __init__(self, layout: _Layout, mu: torch.Tensor, sigma: torch.Tensor, gates: torch.Tensor,
+                 active: frozenset[tuple[int, int]] | None, eps: float):
+        self.layout = layout
+        self.mu = mu
+        self.sigma = sigma
+        self.gates = gates
+        self.active = active
+        self.eps = eps
+        self.batch = mu.shape[0]
+        self._plans: dict[Any, dict[str, Any]] = {}
+        self._rows: dict[int, tuple[torch.Tensor, tuple[bool, ...]]] = {}
+
+    def __deepcopy__(self, memo: dict) -> AdapterStats:
+        return self
+
+    def __repr__(self) -> str:
+        n_active = "all" if self.active is None else len(self.active)
+        return (f"AdapterStats(batch={self.batch}, blocks={len(self.layout.ids)}, active_gates={n_active}, "
+                f"dtype={self.mu.dtype}, device={self.mu.device})")
+
+    def get(self, block_id: str, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) of one block and site, each (Bs, width)."""
+        i = self.layout.index[block_id]
+        a, b = self.layout.block_slices[site][i]
+        off = self.layout.site_offset[site]
+        return self.mu[:, off + a: off + b], self.sigma[:, off + a: off + b]
+
+    def is_active(self, block_id: str, site: str) -> bool:
+        return self.active is None or (self.layout.index[block_id], SITE_GATE[site]) in self.active
+
+    def _rows_key(self, rows: Rows, batch: int) -> tuple[bool, ...] | None:
+        if rows is None:
+            return None
+        if isinstance(rows, torch.Tensor):
+            hit = self._rows.get(id(rows))
+            if hit is None or hit[0] is not rows:
+                hit = (rows, _rows_to_tuple(rows, batch))  # holding `rows` keeps its id from being reused
+                self._rows[id(rows)] = hit
+            key = hit[1]
+            if len(key) != batch:
+                raise ValueError(f"rows selects from {len(key)} rows but the activation batch is {batch}")
+            return key
+        return _rows_to_tuple(rows, batch)
+
+    def plan(self, strength: float, rows_key: tuple[bool, ...] | None, batch: int, dtype: torch.dtype,
+             device: torch.device) -> dict[str, Any]:
+        """Per site, per block: (k, c, omg) with k = g·s·σ, c = g·s·μ, omg = 1 − g·s, shaped (B|1, 1, width);
+        plus ``"mask"`` (B, 1, 1) bool when rows selects a strict subset."""
+        key = (strength, rows_key, batch, dtype, device)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        pos = None
+        if rows_key is None:
+            if self.batch not in (1, batch):
+                raise ValueError(
+                    f"adapter stats hold {self.batch} embeddings but the activation batch is {batch}: pass one "
+                    "embedding, one per row, or a rows selector with one embedding per selected row"
+                )
+        else:
+            n_sel = sum(rows_key)
+            if self.batch not in (1, n_sel, batch):
+                raise ValueError(
+                    f"rows selects {n_sel} of {batch} rows but the adapter stats hold {self.batch} embeddings: give "
+                    "one embedding per selected row (in order), one per row, or a single one for all"
+                )
+            if self.batch not in (1, batch):  # stats row j belongs to the j-th selected row
+                j, idx = 0, []
+                for sel in rows_key:
+                    idx.append(j if sel else 0)  # unselected rows take row 0; torch.where discards them
+                    j += sel
+                pos = torch.tensor(idx, device=self.mu.device)
+        small_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        plan: dict[str, Any] = {}
+        if rows_key is not None:
+            plan["mask"] = torch.tensor(rows_key, device=device).view(-1, 1, 1)  # (B, 1, 1), made once
+        lay = self.layout
+        for site in SITES:
+            off, w = lay.site_offset[site], lay.site_width[site]
+            owner = torch.tensor(lay.channel_block[site], device=self.gates.device)
+            gs = (self.gates[:, SITE_GATE[site]] * strength).index_select(0, owner).to(self.mu.dtype)  # (W,)
+            k = gs * self.sigma[:, off: off + w]  # (Bs, W)
+            c = gs * self.mu[:, off: off + w]
+            omg = (1.0 - gs).unsqueeze(0)  # (1, W)
+            if pos is not None:
+                k, c = k.index_select(0, pos), c.index_select(0, pos)
+            k, c, omg = (t.to(device=device, dtype=small_dtype).unsqueeze(1) for t in (k, c, omg))
+            plan[site] = [(k[..., a:b], c[..., a:b], omg[..., a:b]) for a, b in lay.block_slices[site]]
+        self._plans[key] = plan
+        return plan
+
+
+@register
+class AdaINAdapter(nn.Module):
+    """The AdaIN adapter: projectors E → (μ, σ) for every block/site, zero-initialised gates α, β, γ.
+
+    Usage (both bindings)::
+
+        stats = adapter.compute_stats(E)                    # once per image embedding
+        h = adapter.apply("unet.input.1.0", "norm2", h, stats, strength=1.0, rows=None)
+    """
+
+    config_class = AdaINAdapterConfig
+
+    def __init__(self, config: AdaINAdapterConfig):
+        super().__init__()
+        self.config = config
+        self.layout = _Layout(config)
+        self.block_ids = tuple(self.layout.ids)
+        self.pool_norm = nn.LayerNorm(config.embed_dim)
+        self.trunk = nn.Sequential(
+            nn.Linear(config.embed_dim, config.proj_hidden),
+            nn.GELU(),
+            nn.Linear(config.proj_hidden, config.proj_hidden),
+            nn.GELU(),
+        )
+        # All per-block heads in one Linear: rows [μ (total) | σ raw (total)], see _Layout.
+        self.head = nn.Linear(config.proj_hidden, 2 * self.layout.total)
+        self.gates = nn.Parameter(torch.zeros(len(config.blocks), len(GATE_NAMES)))  # (blocks, [α, β, γ])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """μ ≈ 0 and σ ≈ 1 at init (small E dependence), gates exactly 0."""
+        total = self.layout.total
+        nn.init.normal_(self.head.weight, std=0.01)
+        with torch.no_grad():
+            self.head.bias[:total].zero_()
+            # softplus(b) + sigma_min == 1  ->  b = log(expm1(1 - sigma_min))
+            self.head.bias[total:].fill_(math.log(math.expm1(1.0 - self.config.sigma_min)))
+            self.gates.zero_()
+
+    # -- statistics ------------------------------------------------------------------------------
+    def compute_stats(self, E: torch.Tensor, *, skip_zero_gates: bool | None = None) -> AdapterStats:
+        """All blocks' (μ, σ) for a batch of image embeddings, in one pass.
+
+        ``E``: (B, N, embed_dim) enhanced image tokens (or (B, embed_dim) already pooled, or (N, embed_dim)
+        for one image). Returns :class:`AdapterStats` reusable across all sampling steps.
+        ``skip_zero_gates``: record which gates are zero so :meth:`apply` returns h untouched there
+        (one host sync here, none later). Default: skip unless gradients are being tracked for the
+        gates (training must compute every site so zero-initialised gates receive gradients).
+        """
+        if E.dim() not in (2, 3) or E.shape[-1] != self.config.embed_dim:
+            raise ValueError(
+                f"image embedding E must be (B, N, {self.config.embed_dim}) tokens or (B, {self.config.embed_dim}) "
+                f"pooled, got shape {tuple(E.shape)}: check that the enhancer and the adapter were trained together"
+            )
+        p = self.head.weight
+        E = E.to(device=p.device, dtype=p.dtype)
+        pooled = E.mean(dim=1) if E.dim() == 3 else E  # (B, embed_dim)
+        feats = self.trunk(self.pool_norm(pooled))  # (B, proj_hidden)
+        raw = self.head(feats)  # (B, 2 * total)
+        total = self.layout.total
+        mu = raw[:, :total]
+        sigma = F.softplus(raw[:, total:]) + self.config.sigma_min
+        if skip_zero_gates is None:
+            skip_zero_gates = not (torch.is_grad_enabled() and self.gates.requires_grad)
+        active = None
+        if skip_zero_gates:
+            nz = torch.nonzero(self.gates.detach()).cpu().tolist()  # the one host sync, once per embedding
+            active = frozenset((int(i), int(j)) for i, j in nz)
+        return AdapterStats(self.layout, mu, sigma, self.gates, active, self.config.eps)
+
+    # -- the patch -------------------------------------------------------------------------------
+    def apply(self, block_id: str, site: str, h: torch.Tensor, stats: AdapterStats, strength: float = 1.0,
+              rows: Rows = None) -> torch.Tensor:
+        """Gated AdaIN of activation ``h`` (B, N, width) at ``site`` of ``block_id``.
+
+        ``strength``: python float multiplying the gate; 0 returns ``h`` itself.
+        ``rows``: which rows of h get the adapter (e.g. the cond half under CFG): None (all), a
+        sequence of B bools, increasing row indices, or a bool/long tensor of the same meaning (a
+        tensor costs one host sync the first time this stats object sees it; reuse the same tensor).
+        Stats rows: Bs == 1 serves every row; Bs == B aligns with h's rows; otherwise Bs must equal
+        the number of selected rows and stats row j belongs to the j-th selected row.
+        Unselected rows, zero gates (when the stats recorded them) and strength 0 return h's values
+        bit-identically.
+        """
+        if site not in SITE_GATE:
+            raise ValueError(f"unknown adapter site {site!r}; sites are {SITES}")
+        i = self.layout.index.get(block_id)
+        if i is None:
+            raise ValueError(f"block {block_id!r} is not covered by this adapter (it has {len(self.block_ids)} blocks)")
+        strength = float(strength)
+        if strength == 0.0 or (stats.active is not None and (i, SITE_GATE[site]) not in stats.active):
+            return h
+        if stats.layout is not self.layout and stats.layout.ids != self.layout.ids:
+            raise ValueError("these AdapterStats were computed by a different adapter")
+        if h.dim() != 3:
+            raise ValueError(f"adapter site {block_id}/{site}: expected h of shape (B, N, C), got {tuple(h.shape)}")
+        rows_key = stats._rows_key(rows, h.shape[0])
+        if rows_key is not None:
+            if not any(rows_key):
+                return h
+            if all(rows_key):
+                rows_key = None
+        plan = stats.plan(strength, rows_key, h.shape[0], h.dtype, h.device)
+        k, c, omg = plan[site][i]
+        if k.shape[-1] != h.shape[-1]:
+            raise ValueError(f"adapter site {block_id}/{site}: h has {h.shape[-1]} channels, the adapter expects "
+                             f"{k.shape[-1]}: the adapter was built for another U-Net config")
+        var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (B, 1, C)
+        kr = k * torch.rsqrt(var + stats.eps)  # g·s·σ / std
+        a = kr + omg  # h' = h·a + b
+        b = torch.addcmul(c, kr, mean, value=-1.0)
+        if a.dtype != h.dtype:
+            a, b = a.to(h.dtype), b.to(h.dtype)
+        out = torch.addcmul(b, h, a)
+        if rows_key is not None:
+            out = torch.where(plan["mask"], out, h)
+        return out
+
+    # -- conveniences ----------------------------------------------------------------------------
+    def gate(self, block_id: str, site: str) -> torch.Tensor:
+        """The gate (0-dim view) used at ``site`` of ``block_id``."""
+        return self.gates[self.layout.index[block_id], SITE_GATE[site]]
+
+    def extra_repr(self) -> str:
+        return f"blocks={len(self.block_ids)}, stats_width={self.layout.total}"
