@@ -1,0 +1,1 @@
+"""Test and demo support: tiny random-weight models in the real file formats (no downloads)."""
