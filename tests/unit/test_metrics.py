@@ -131,11 +131,19 @@ def test_psnr_ssim_identical_perfect_and_blur_worse(sets: dict[str, Path]) -> No
 
 
 def _random_torchvision_features(arch: str, path: Path) -> None:
+    """Random (He-initialised) ``features.*`` of a torchvision model, saved under the published name."""
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None)
-    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, path)
+    with torch.device("meta"):  # skip allocating / initialising the big classifier
+        model = getattr(torchvision.models, arch)(weights=None)
+    sd = {}
+    for k, v in model.features.state_dict().items():
+        if k.endswith("weight"):
+            sd[f"features.{k}"] = torch.randn(v.shape) * (2.0 / (v.shape[1] * v.shape[2] * v.shape[3])) ** 0.5
+        else:
+            sd[f"features.{k}"] = torch.zeros(v.shape)
+    torch.save(sd, path)
 
 
 def test_lpips_real_network_with_injected_weights(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
@@ -190,17 +198,20 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
         scorer.image_text(x, x, None)
 
 
-def test_musiq_real_architecture_with_random_weights(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
+def test_musiq_real_architecture_with_random_weights(tmp_path: Path, empty_caches: None) -> None:
     pytest.importorskip("pyiqa")
     from pyiqa.archs.musiq_arch import MUSIQ
 
+    # One image: MUSIQ's multiscale input (224 + 384 rescales) makes each forward slow on CPU.
+    _write_set(tmp_path / "hr", n=1)
+    _write_set(tmp_path / "sr", n=1, blur=1.0)
     torch.manual_seed(0)
     wdir = tmp_path / "w"
     wdir.mkdir()
     torch.save(MUSIQ(pretrained=False, num_class=1).state_dict(), wdir / M.W_MUSIQ.name)
-    res = M.compute_metrics(sets["blur1"], sets["hr"], metrics="musiq", weights_dir=wdir, batch_size=4)
+    res = M.compute_metrics(tmp_path / "sr", tmp_path / "hr", metrics="musiq", weights_dir=wdir)
     entry = res["metrics"]["musiq"]
-    assert entry["n"] == 4 and np.isfinite(entry["value"]) and len(res["per_image"]["musiq"]) == 4
+    assert entry["n"] == 1 and np.isfinite(entry["value"]) and list(res["per_image"]["musiq"]) == ["img00"]
     assert "KonIQ-10k" in entry["variant"]
 
 
@@ -267,11 +278,12 @@ def test_weight_file_names_match_the_libraries() -> None:
         assert dists_arch.default_model_urls["url"].endswith(M.W_DISTS.name)
 
 
-def test_weights_only_loader_rejects_pickled_objects(tmp_path: Path) -> None:
-    class Evil:
-        pass
+class _Opaque:
+    """A pickled object that is not a tensor: torch.load(weights_only=True) must refuse it."""
 
-    torch.save({"a": Evil()}, tmp_path / "x.pth")
+
+def test_weights_only_loader_rejects_pickled_objects(tmp_path: Path) -> None:
+    torch.save({"a": _Opaque()}, tmp_path / "x.pth")
     with pytest.raises(M.MissingWeightsError, match="weights_only=True"):
         M.load_state_dict_file(tmp_path / "x.pth")
     torch.save({"params": {"module.w": torch.ones(2)}}, tmp_path / "y.pth")

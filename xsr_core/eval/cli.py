@@ -77,7 +77,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
         help="batch x16 inference of a folder of LR/HR images (xsr_core.eval.run)",
         add_help=False,  # xsr_core.eval.run parses its own options
     )
-    p.add_argument("run_args", nargs=argparse.REMAINDER, help="options for xsr_core.eval.run")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="options for xsr_core.eval.run (passed verbatim)")
     p.set_defaults(handler=_run_run)
 
 
@@ -97,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "run":
-        args.run_args = list(args.run_args) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv and argv[0] == "run":  # everything after "run" belongs to xsr_core.eval.run, verbatim
+        args = argparse.Namespace(command="run", run_args=argv[1:], handler=_run_run, verbose=False)
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -273,20 +273,24 @@ def _patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
 
 
 def _torchvision_features_from_file(arch: str, path: Path) -> Callable[..., torch.nn.Module]:
-    """A replacement for ``torchvision.models.<arch>`` that builds it randomly and loads ``features.*``
-    from ``path`` (the classifier is never used by LPIPS/DISTS, so features-only files are accepted)."""
+    """A replacement for ``torchvision.models.<arch>`` that loads ``features.*`` from ``path``.
+
+    LPIPS and DISTS use only ``model.features``, so features-only files are accepted and the
+    classifier is left on the meta device (never allocated nor initialised: VGG16's is 124M params).
+    """
     import torchvision
 
     builder = getattr(torchvision.models, arch)
-    sd = {k: v for k, v in load_state_dict_file(path).items() if k.startswith("features.")}
+    sd = {k[len("features.") :]: v for k, v in load_state_dict_file(path).items() if k.startswith("features.")}
 
     def build(*args: Any, **kwargs: Any) -> torch.nn.Module:
-        model = builder(weights=None)
-        want = {k for k in model.state_dict() if k.startswith("features.")}
-        missing = sorted(want - set(sd))
+        with torch.device("meta"):
+            model = builder(weights=None)
+        model.features = model.features.to_empty(device="cpu")
+        missing = sorted(set(model.features.state_dict()) - set(sd))
         if missing:
-            raise MissingWeightsError(f"{path}: not a torchvision {arch} checkpoint (missing {missing[:4]} ...)")
-        model.load_state_dict(sd, strict=False)
+            raise MissingWeightsError(f"{path}: not a torchvision {arch} checkpoint (missing features.{missing[0]} ...)")
+        model.features.load_state_dict(sd, strict=True)
         return model
 
     return build

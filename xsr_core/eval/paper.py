@@ -51,6 +51,8 @@ def _fmt(value: float | str | None, decimals: int) -> str:
         return value
     if math.isinf(value) or math.isnan(value):
         return str(value)
+    if round(value, decimals) == 0:  # no "-0.00" from a tiny negative rounding error
+        value = 0.0
     return f"{value:.{decimals}f}"
 
 
