@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -173,8 +174,14 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        text_config={
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        },
         projection_dim=16,
     )
     model = CLIPModel(cfg).eval()
@@ -312,7 +319,7 @@ def _tiny_fid(ctx: M.MetricContext) -> M.Metric:
     return M.FIDMetric(FrechetInceptionDistance(feature=_TinyFeatures(), normalize=True))
 
 
-def _const(value: float) -> callable:
+def _const(value: float) -> Callable[[M.MetricContext], M.Metric]:
     return lambda ctx: M.PerImageMetric(lambda sr, hr, caps: torch.full((sr.shape[0],), value))
 
 
@@ -362,7 +369,7 @@ def test_format_table_missing_columns_and_secondary_variant() -> None:
         },
     }
     table = format_table(res, paper_rows=False)
-    row = [line for line in table.splitlines() if "this run (2 images)" in line][0]
+    row = next(line for line in table.splitlines() if "this run (2 images)" in line)
     assert row.count("—") == 5 and "0.4000" in row and "0.6000" not in row
     assert "| MANIQA (PIPAL) | 0.6000 |" in table and "SeeSR" not in table
 

@@ -51,9 +51,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -208,7 +209,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise MissingWeightsError(f"{path}: expected a state dict, found {type(sd).__name__}")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {(k.removeprefix("module.")): v for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class MetricContext:
 
     device: torch.device  # device the metric's network runs on
     weights: dict[str, Path] = field(default_factory=dict)  # WeightFile.name -> resolved path
-    spec: "MetricSpec | None" = None  # the metric being built
+    spec: MetricSpec | None = None  # the metric being built
 
 
 class Metric:

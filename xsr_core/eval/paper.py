@@ -10,7 +10,8 @@ column naming the exact metric variant used.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # The paper's columns, in the paper's order.
 PAPER_COLUMNS: tuple[str, ...] = ("FID", "DISTS", "LPIPS", "CLIP-Score", "MANIQA", "MUSIQ")
