@@ -1,0 +1,112 @@
+"""``python -m xsr_core.eval``: ``metrics`` (Table-1 metrics of an SR folder) and ``run`` (batch x16
+inference; implemented in ``xsr_core.eval.run``, imported only when used)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from .metrics import METRICS, MetricInputError, MissingWeightsError
+
+
+def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "metrics",
+        help="FID, DISTS, LPIPS, CLIP-Score, MANIQA, MUSIQ (+PSNR, SSIM) of SR images vs HR images",
+        description=(
+            "Compute the paper's Table-1 metrics of SR images against same-named HR images and print "
+            "a markdown table beside the paper's rows. Weights are never downloaded: they come from "
+            "--weights-dir or the torch hub / pyiqa / Hugging Face caches."
+        ),
+    )
+    p.add_argument("--sr", required=True, help="folder of SR outputs (recursive; paired by relative name)")
+    p.add_argument("--hr", required=True, help="folder of HR ground-truth images")
+    p.add_argument("--captions", help="captions for CLIP-T: .json {name: caption}, .jsonl, or name<TAB>caption lines")
+    p.add_argument("--out", help="folder for metrics.json and metrics.md (default: print only)")
+    p.add_argument(
+        "--metrics",
+        help=f"comma list from: {', '.join(METRICS)} (default: fid,dists,lpips,clip_i,maniqa,musiq,psnr,ssim"
+        " + clip_t with --captions)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1, cpu (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--weights-dir", help="folder searched first for weight files (see the error message for names)")
+    p.add_argument("--resize-hr", action="store_true", help="resize HR to the SR size when they differ (bicubic, antialiased) instead of failing")
+    p.add_argument("--skip-unmatched", action="store_true", help="leave out images present in only one folder instead of failing")
+    p.add_argument("--label", help="name of this run's row in the table")
+    p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    p.set_defaults(handler=_run_metrics)
+
+
+def _run_metrics(args: argparse.Namespace) -> int:
+    from .metrics import compute_metrics, write_results
+    from .paper import format_table
+
+    try:
+        results = compute_metrics(
+            args.sr,
+            args.hr,
+            metrics=args.metrics,
+            captions=args.captions,
+            device=args.device,
+            weights_dir=args.weights_dir,
+            batch_size=args.batch_size,
+            resize_hr=args.resize_hr,
+            skip_unmatched=args.skip_unmatched,
+        )
+    except (MissingWeightsError, MetricInputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        json_path, md_path = write_results(results, args.out, label=args.label)
+        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results, label=args.label))
+    return 0
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="batch x16 inference of a folder of LR/HR images (xsr_core.eval.run)",
+        add_help=False,  # xsr_core.eval.run parses its own options
+    )
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="options for xsr_core.eval.run (passed verbatim)")
+    p.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    run = importlib.import_module(".run", __package__)
+    return int(run.main(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xsr_core.eval", description="XSR evaluation tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_metrics_parser(sub)
+    _add_run_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "run":  # everything after "run" belongs to xsr_core.eval.run, verbatim
+        args = argparse.Namespace(command="run", run_args=argv[1:], handler=_run_run, verbose=False)
+    else:
+        args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
