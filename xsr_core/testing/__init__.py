@@ -1,0 +1,1 @@
+"""Test and demo helpers: tiny random-weight models and fixtures (no downloads)."""
