@@ -32,9 +32,9 @@ class XSRPrepareLR(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output("hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"),
-                io.Latent.Output("latent", tooltip=f"empty SD latent of the x{SCALE} output size"),
-                io.Image.Output("lr_rgb", tooltip="the validated LR as RGB"),
+                io.Image.Output("hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"),
+                io.Latent.Output("latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"),
+                io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB"),
             ],
         )
 

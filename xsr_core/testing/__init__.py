@@ -1,1 +1,1 @@
-"""Test and demo helpers: tiny random-weight models and fixtures (no downloads)."""
+"""Test and demo support: tiny random-weight models in the real file formats (no downloads)."""

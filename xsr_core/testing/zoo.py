@@ -1,0 +1,354 @@
+"""The tiny model zoo: small random-weight models in the real file formats, for tests and demos.
+
+``python -m xsr_core zoo --out DIR`` writes a ComfyUI ``models/`` layout::
+
+    DIR/checkpoints/xsr_tiny_sd15.safetensors   SD1.x single-file checkpoint (LDM keys):
+                                                U-Net + CLIP-L-family text encoder + TAESD-format VAE
+    DIR/controlnet/xsr_tiny_control_sd15.safetensors   SD1.x ControlNet (LDM keys, as the original
+                                                       ControlNet releases ship)
+    DIR/clip_vision/xsr_tiny_clip_vision.safetensors   CLIP ViT-family vision encoder (HF keys, as
+                                                       ComfyUI's clip_vision files)
+    DIR/xsr/distilgpt2/                         distilgpt2-family GPT-2 (HF folder + tokenizer)
+    DIR/xsr/rfa.safetensors, i2t.safetensors, adain_adapter.safetensors   random-init XSR weights
+    DIR/diffusers/xsr_tiny_sd15/                the same SD weights as a diffusers folder (training)
+
+All weights are drawn from a seeded generator: the same seed gives byte-identical files.
+
+The models keep SD1.5's *structure* (4 levels, 2 res blocks per level, 16 transformer blocks,
+ControlNet with 7) with tiny widths (32..128 channels, text width 32), so that the suite runs on 2
+CPU cores. ComfyUI's format detection only knows stock widths, so the tiny checkpoint and ControlNet
+load through the stock loaders only once the test-support node pack (``tests/comfy/support``)
+registers a model class for these widths, and the tiny CLIP vision encoder (ComfyUI picks its config
+by layer count) likewise; real SD1.5 / ViT-L/14 files need none of that.
+
+The U-Net/ControlNet/text encoder are built with diffusers/transformers from configs and converted to
+the LDM single-file layout here (the inverse of diffusers' ``convert_ldm_unet_checkpoint``), so the
+same weights exist in both worlds and cross-framework parity can be tested through the real loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "xsr_tiny_sd15.safetensors"
+CONTROLNET_NAME = "xsr_tiny_control_sd15.safetensors"
+CLIP_VISION_NAME = "xsr_tiny_clip_vision.safetensors"
+DIFFUSERS_DIR = "xsr_tiny_sd15"
+
+# Tiny SD1.x-structured U-Net (diffusers config). attention_head_dim is the *head count* for SD1.x
+# in diffusers' naming (8 heads, like SD1.5).
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 128, 128],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# CLIP-L-family text encoder: CLIP's 49408-token vocabulary and 77 positions, tiny width.
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+TINY_CLIP_VISION = {"hidden": 32, "layers": 2, "heads": 2}
+SD15_SCALING_FACTOR = 0.18215
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded random initialisation
+# --------------------------------------------------------------------------------------------
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter with seeded values: norms (weight 1, bias 0), others ~N(0, 1/fan_in).
+
+    Zero-initialised output layers (diffusers' conv_out, ControlNet zero convs) get random values too,
+    so that every weight influences the outputs tests compare.
+    """
+    g = torch.Generator().manual_seed(seed)
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+    norm_params = set()
+    for m in module.modules():
+        if isinstance(m, norm_types):
+            for p in m.parameters(recurse=False):
+                norm_params.add(id(p))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if id(p) in norm_params:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers -> LDM key conversion (SD1.x U-Net and ControlNet)
+# --------------------------------------------------------------------------------------------
+_RESNET_MAP = [  # (ldm, diffusers)
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+]
+_TOP_MAP = [  # (ldm, diffusers)
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("out.0.", "conv_norm_out."),
+    ("out.2.", "conv_out."),
+]
+
+
+def _layer_prefix_map(n_levels: int, layers_per_block: int, *, with_up: bool) -> list[tuple[str, str]]:
+    """(ldm prefix, diffusers prefix) pairs for the blocks of an SD1.x-structured U-Net."""
+    lpb = layers_per_block
+    out: list[tuple[str, str]] = []
+    for i in range(n_levels):
+        for j in range(lpb):
+            out.append((f"input_blocks.{i * (lpb + 1) + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            out.append((f"input_blocks.{i * (lpb + 1) + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        if i < n_levels - 1:
+            out.append((f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+        if with_up:
+            for j in range(lpb + 1):
+                out.append((f"output_blocks.{i * (lpb + 1) + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+                out.append((f"output_blocks.{i * (lpb + 1) + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+            if i < n_levels - 1:
+                # the upsampler follows the attention when the level has one (index 2), else index 1
+                out.append((f"output_blocks.{i * (lpb + 1) + lpb}.@UP@.", f"up_blocks.{i}.upsamplers.0."))
+    out.append(("middle_block.1.", "mid_block.attentions.0."))
+    out.append(("middle_block.0.", "mid_block.resnets.0."))
+    out.append(("middle_block.2.", "mid_block.resnets.1."))
+    return out
+
+
+def unet_diffusers_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any], *, controlnet: bool = False) -> dict[str, torch.Tensor]:
+    """Rename a diffusers SD1.x U-Net (or ControlNet) state dict to the original LDM layout."""
+    n_levels = len(config["block_out_channels"])
+    lpb = config["layers_per_block"]
+    up_types = config.get("up_block_types", [])
+    layer_map = _layer_prefix_map(n_levels, lpb, with_up=not controlnet)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        new = key
+        if ".resnets." in new:  # res-block sub-layers: norm1 -> in_layers.0, ...
+            for ldm, hf in _RESNET_MAP:
+                new = new.replace(f".{hf}.", f".{ldm}.")
+        for ldm, hf in _TOP_MAP:
+            if new.startswith(hf):
+                new = ldm + new[len(hf):]
+        if controlnet:
+            new = _controlnet_extra(new)
+        for ldm, hf in layer_map:
+            if new.startswith(hf):
+                if "@UP@" in ldm:
+                    level = int(hf.split(".")[1])
+                    ldm = ldm.replace("@UP@", "2" if up_types[level].startswith("CrossAttn") else "1")
+                new = ldm + new[len(hf):]
+                break
+        out[new] = value
+    return out
+
+
+def _controlnet_extra(key: str) -> str:
+    if key.startswith("controlnet_cond_embedding.conv_in."):
+        return "input_hint_block.0." + key.split("conv_in.", 1)[1]
+    if key.startswith("controlnet_cond_embedding.blocks."):
+        idx, rest = key[len("controlnet_cond_embedding.blocks."):].split(".", 1)
+        return f"input_hint_block.{2 * (int(idx) + 1)}.{rest}"
+    if key.startswith("controlnet_cond_embedding.conv_out."):
+        return "input_hint_block.14." + key.split("conv_out.", 1)[1]
+    if key.startswith("controlnet_down_blocks."):
+        idx, rest = key[len("controlnet_down_blocks."):].split(".", 1)
+        return f"zero_convs.{idx}.0.{rest}"
+    if key.startswith("controlnet_mid_block."):
+        return "middle_block_out.0." + key[len("controlnet_mid_block."):]
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+def build_tiny_sd(seed: int = 0):
+    """(unet, text_encoder, vae, controlnet) diffusers/transformers modules with seeded weights."""
+    from diffusers import AutoencoderTiny, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = randomize_(UNet2DConditionModel(**TINY_UNET_CONFIG), seed)
+    text = randomize_(CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)), seed + 1)
+    vae = randomize_(
+        AutoencoderTiny(
+            encoder_block_out_channels=(64, 64, 64, 64),
+            decoder_block_out_channels=(64, 64, 64, 64),
+            latent_channels=4,
+            scaling_factor=1.0,
+        ),
+        seed + 2,
+    )
+    controlnet = randomize_(ControlNetModel.from_unet(unet, conditioning_channels=3), seed + 3)
+    return unet, text, vae, controlnet
+
+
+def vae_tiny_to_taesd(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderTiny -> TAESD keys as ComfyUI's ``comfy.taesd.taesd.TAESD`` names them.
+
+    The TAESD decoder starts with a Clamp module (index 0) that diffusers does in forward(), so
+    decoder indices shift by one.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("encoder.layers."):
+            out["taesd_encoder." + k[len("encoder.layers."):]] = v
+        elif k.startswith("decoder.layers."):
+            idx, rest = k[len("decoder.layers."):].split(".", 1)
+            out[f"taesd_decoder.{int(idx) + 1}.{rest}"] = v
+        else:
+            raise KeyError(f"unexpected AutoencoderTiny key {k}")
+    # diffusers works in the scaled latent space itself; ComfyUI's TAESD un-scales by these
+    out["vae_scale"] = torch.tensor(1.0)
+    out["vae_shift"] = torch.tensor(0.0)
+    return out
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def write_sd_checkpoint(unet, text, vae, path: Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an SD1.x single-file checkpoint (LDM key layout) from diffusers modules."""
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in unet_diffusers_to_ldm(unet.state_dict(), dict(unet.config)).items():
+        sd["model.diffusion_model." + k] = v.to(dtype)
+    for k, v in text.state_dict().items():
+        # SD1.5's own layout; transformers 5 drops the "text_model." level from CLIPTextModel keys
+        k = k if k.startswith("text_model.") else "text_model." + k
+        sd["cond_stage_model.transformer." + k] = v.to(dtype) if v.is_floating_point() else v
+    for k, v in vae_tiny_to_taesd(vae.state_dict()).items():
+        sd["first_stage_model." + k] = v.to(dtype)
+    return _save_safetensors(sd, path, {"format": "pt", "xsr.zoo": "tiny-sd15"})
+
+
+def write_controlnet(controlnet, path: Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an SD1.x ControlNet in the original LDM layout (``control_model.`` prefix)."""
+    sd = unet_diffusers_to_ldm(controlnet.state_dict(), dict(controlnet.config), controlnet=True)
+    return _save_safetensors({"control_model." + k: v.to(dtype) for k, v in sd.items()}, path, {"format": "pt"})
+
+
+def write_diffusers_folder(unet, text, vae, controlnet, folder: Path, clip_tokenizer_dir: Path | None) -> Path:
+    """The same tiny SD as a diffusers folder (unet/, text_encoder/, vae/, scheduler/, tokenizer/, controlnet/)."""
+    from diffusers import DDPMScheduler
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+    DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
+    if clip_tokenizer_dir is not None and (clip_tokenizer_dir / "vocab.json").is_file():
+        dst = folder / "tokenizer"
+        dst.mkdir(exist_ok=True)
+        for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+            if (clip_tokenizer_dir / name).is_file():
+                shutil.copy(clip_tokenizer_dir / name, dst / name)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderTiny"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }, indent=2))
+    return folder
+
+
+def write_zoo(out: str | Path, *, seed: int = 0, clip_tokenizer_dir: str | Path | None = None,
+              xsr: bool = True, diffusers_folder: bool = True) -> dict[str, Path]:
+    """Write the whole tiny zoo under ``out`` (a ComfyUI ``models/`` folder); returns name -> path.
+
+    ``clip_tokenizer_dir``: a folder with CLIP's ``vocab.json``/``merges.txt`` (e.g. ComfyUI's
+    ``comfy/sd1_tokenizer``) copied into the diffusers folder so training can tokenize offline.
+    """
+    out = Path(out)
+    paths: dict[str, Path] = {}
+    torch.manual_seed(seed)
+    unet, text, vae, controlnet = build_tiny_sd(seed)
+    paths["checkpoint"] = write_sd_checkpoint(unet, text, vae, out / "checkpoints" / CHECKPOINT_NAME)
+    paths["controlnet"] = write_controlnet(controlnet, out / "controlnet" / CONTROLNET_NAME)
+    if diffusers_folder:
+        paths["diffusers"] = write_diffusers_folder(
+            unet, text, vae, controlnet, out / "diffusers" / DIFFUSERS_DIR,
+            Path(clip_tokenizer_dir) if clip_tokenizer_dir else None,
+        )
+    paths.update(_write_optional_parts(out, seed, xsr=xsr))
+    logger.info("tiny zoo written to %s", out)
+    return paths
+
+
+def _write_optional_parts(out: Path, seed: int, *, xsr: bool) -> dict[str, Path]:
+    """CLIP vision, distilgpt2 and XSR weights: provided by their own modules once they exist."""
+    paths: dict[str, Path] = {}
+    try:
+        from .tiny_clip import make_tiny_clip_vision
+    except ImportError:
+        make_tiny_clip_vision = None
+    if make_tiny_clip_vision is not None:
+        paths["clip_vision"] = Path(make_tiny_clip_vision(out / "clip_vision" / CLIP_VISION_NAME, seed=seed + 10, **TINY_CLIP_VISION) or out / "clip_vision" / CLIP_VISION_NAME)
+    try:
+        from .tiny_models import make_random_xsr_models, make_tiny_distilgpt2_dir
+    except ImportError:
+        return paths
+    paths["distilgpt2"] = Path(make_tiny_distilgpt2_dir(out / "xsr" / "distilgpt2", seed=seed + 11) or out / "xsr" / "distilgpt2")
+    if xsr:
+        paths.update(make_random_xsr_models(out / "xsr", clip_dim=TINY_CLIP_VISION["hidden"], seed=seed + 12))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xsr zoo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="ComfyUI models/ folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip-tokenizer-dir", default=None, help="folder with CLIP vocab.json/merges.txt")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers-format copy")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = write_zoo(args.out, seed=args.seed, clip_tokenizer_dir=args.clip_tokenizer_dir,
+                      diffusers_folder=not args.no_diffusers)
+    for name, p in paths.items():
+        print(f"{name:12s} {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
