@@ -260,6 +260,9 @@ def _commit_chunk(db_dir: Path, manifest: Manifest, samples: list[DecodedSample]
         if packed:
             pack_file = f"{PACKED_DIR}/part_{name}.bin"
             write_bytes_atomic(db_dir / pack_file, b"".join(blobs))
+    delay = float(os.environ.get("XSR_REFDB_TEST_COMMIT_DELAY", "0") or 0)
+    if delay:  # crash-safety tests: widen the window between writing a chunk and committing it
+        time.sleep(delay)
     manifest.commit_chunk(name, samples[0].seq, results, emb_file, pack_file)
 
 
