@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .image import XSRPrepareLR
+from .adapter import XSRAdaINPatch
+from .enhance import XSREnhance
+from .image import XSRColorFix, XSRPrepareLR
+from .loaders import XSRLoadModels, XSRLoadReferenceDB
+from .retrieval import XSRRetrieve
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     XSRPrepareLR,
+    XSRLoadModels,
+    XSRLoadReferenceDB,
+    XSRRetrieve,
+    XSREnhance,
+    XSRAdaINPatch,
+    XSRColorFix,
 ]
 
 

@@ -1,4 +1,4 @@
-"""Image nodes: XSR_PrepareLR (validate the LR, make the x16 hint and latent)."""
+"""Image nodes: XSR_PrepareLR (validate the LR, make the x16 hint and latent) and XSR_ColorFix."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..xsr_core import MAX_LR_SIDE, SCALE
+from ..xsr_core.colorfix import METHODS, color_fix
 from ..xsr_core.imaging import LRImageError, structure_hint, validate_lr
 
 LATENT_CHANNELS = 4  # SD1.x/SD2.x latent space
@@ -48,3 +49,29 @@ class XSRPrepareLR(io.ComfyNode):
         b, h, w, _ = hint.shape
         latent = torch.zeros(b, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR)
         return io.NodeOutput(hint, {"samples": latent}, lr)
+
+
+class XSRColorFix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_ColorFix",
+            display_name="XSR Color Fix",
+            category="xsr",
+            description="Corrects the colours of the SR result toward the LR input: 'wavelet' keeps the SR's detail "
+                        "and takes the LR's low frequencies (StableSR); 'adain' matches per-channel mean and std.",
+            inputs=[
+                io.Image.Input("image", tooltip="the SR result (e.g. VAEDecode output)"),
+                io.Image.Input("lr", tooltip="the LR input the result was made from"),
+                io.Combo.Input("method", options=list(METHODS), default="wavelet",
+                               tooltip="wavelet: low frequencies from the LR; adain: mean/std matching"),
+            ],
+            outputs=[io.Image.Output("fixed", display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, lr: torch.Tensor, method: str) -> io.NodeOutput:
+        try:
+            return io.NodeOutput(color_fix(image, lr, method))
+        except (ValueError, LRImageError) as e:
+            raise ValueError(f"XSR_ColorFix: {e}") from None

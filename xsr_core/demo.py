@@ -44,6 +44,41 @@ def demo_graph(lr_name: str, ckpt: str, controlnet: str, *, steps: int = 20, see
     }
 
 
+def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, rfa: str = "rfa.safetensors",
+              i2t: str = "i2t.safetensors", adapter: str = "adain_adapter.safetensors", steps: int = 20, seed: int = 0,
+              strength: float = 1.0, top_k: int = 4, cfg: float = 7.0, batch_lr: bool = False) -> dict:
+    """API-format prompt of the full XSR x16 pipeline (the xsr_x16 workflow)."""
+    lr = ({"class_type": "LoadImage", "inputs": {"image": lr_name}} if not batch_lr else
+          {"class_type": "LoadImage", "inputs": {"image": lr_name}})
+    return {
+        "lr": lr,
+        "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
+        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip_vision}},
+        "models": {"class_type": "XSR_LoadModels", "inputs": {"rfa_name": rfa, "i2t_name": i2t}},
+        "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": refdb}},
+        "retrieve": {"class_type": "XSR_Retrieve", "inputs": {
+            "image": ["prep", 2], "clip_vision": ["cv", 0], "xsr_models": ["models", 0], "refdb": ["db", 0], "top_k": top_k}},
+        "enhance": {"class_type": "XSR_Enhance", "inputs": {
+            "xsr_models": ["models", 0], "refs": ["retrieve", 1], "clip": ["ckpt", 1], "max_tokens": 32, "num_beams": 1,
+            "caption_override": "", "extra_prompt": "high quality, detailed"}},
+        "patch": {"class_type": "XSR_AdaINPatch", "inputs": {
+            "model": ["ckpt", 0], "control_net": ["cn", 0], "adapter_name": adapter, "strength": strength,
+            "start_percent": 0.0, "end_percent": 1.0, "apply_to": "cond"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry, low quality"}},
+        "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["enhance", 0], "negative": ["neg", 0], "control_net": ["patch", 1], "image": ["prep", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["patch", 0], "positive": ["apply", 0], "negative": ["apply", 1], "latent_image": ["prep", 1],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "fix": {"class_type": "XSR_ColorFix", "inputs": {"image": ["decode", 0], "lr": ["prep", 2], "method": "wavelet"}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["fix", 0], "filename_prefix": "xsr_x16"}},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xsr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=str(DEMO_IMAGE), help="LR image (default: bundled 32x32 demo)")

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "xsr_tiny_sd15.safetensors"
 CONTROLNET_NAME = "xsr_tiny_control_sd15.safetensors"
 CLIP_VISION_NAME = "xsr_tiny_clip_vision.safetensors"
+ADAPTER_NAME = "adain_adapter.safetensors"
+DEMO_REFDB = "xsr_demo"
 DIFFUSERS_DIR = "xsr_tiny_sd15"
 
 # Tiny SD1.x-structured U-Net (diffusers config). attention_head_dim is the *head count* for SD1.x
@@ -312,6 +314,8 @@ def write_zoo(out: str | Path, *, seed: int = 0, clip_tokenizer_dir: str | Path 
             Path(clip_tokenizer_dir) if clip_tokenizer_dir else None,
         )
     paths.update(_write_optional_parts(out, seed, xsr=xsr))
+    if "clip_vision" in paths:
+        paths["refdb"] = write_demo_refdb(out / "xsr_refdb" / DEMO_REFDB, paths["clip_vision"], seed=seed)
     logger.info("tiny zoo written to %s", out)
     return paths
 
@@ -331,8 +335,37 @@ def _write_optional_parts(out: Path, seed: int, *, xsr: bool) -> dict[str, Path]
         return paths
     paths["distilgpt2"] = Path(make_tiny_distilgpt2_dir(out / "xsr" / "distilgpt2", seed=seed + 11) or out / "xsr" / "distilgpt2")
     if xsr:
-        paths.update(make_random_xsr_models(out / "xsr", clip_dim=TINY_CLIP_VISION["hidden"], seed=seed + 12))
+        paths.update(make_random_xsr_models(out / "xsr", clip_dim=TINY_CLIP_VISION["hidden"], seed=seed + 12,
+                                            clip_text_dim=TINY_TEXT_CONFIG["hidden_size"]))
+        paths["adapter"] = write_random_adapter(out / "xsr" / ADAPTER_NAME, embed_dim=TINY_CLIP_VISION["hidden"],
+                                                seed=seed + 13)
     return paths
+
+
+def write_random_adapter(path: Path, *, embed_dim: int, seed: int = 0, unet_config: dict | None = None) -> Path:
+    """A random-init AdaIN adapter for the tiny U-Net (+ControlNet). Gates stay 0 (identity), as after init."""
+    from ..adapter import AdaINAdapter, AdaINAdapterConfig
+    from ..weights import save_model
+
+    torch.manual_seed(seed)
+    cfg = AdaINAdapterConfig.from_unet_config(unet_config or TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True)
+    return save_model(AdaINAdapter(cfg), path)
+
+
+def write_demo_refdb(db_dir: Path, encoder: Path, *, seed: int = 0, n: int = 24) -> Path:
+    """A small packed reference DB of procedural HR images (shippable), built with ``encoder``."""
+    import tempfile
+
+    from ..refdb import BuildConfig, build_db
+    from .synthetic import write_synthetic_images
+
+    if (db_dir / "info.json").is_file():
+        return db_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_images(tmp, n, size=256, seed=seed)
+        build_db(db_dir, encoder, images=tmp,
+                 config=BuildConfig(mode="packed", workers=0, device="cpu", progress=False, batch_size=8))
+    return db_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,122 @@
+"""Shared pieces of the XSR nodes: model folders, custom socket types, ComfyUI-side CLIP features."""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import folder_paths
+from comfy_api.latest import io
+
+from ..xsr_core.clip_preprocess import preprocess_hr, preprocess_lr
+from ..xsr_core.clip_vision import fingerprint_state_dict
+
+logger = logging.getLogger(__name__)
+
+XSR_FOLDER = "xsr"  # models/xsr: rfa / i2t / adapter .safetensors (+ distilgpt2/ for training)
+REFDB_FOLDER = "xsr_refdb"  # models/xsr_refdb/<name>/: reference databases (folders)
+
+
+def register_folders() -> None:
+    """Register models/xsr and models/xsr_refdb with folder_paths (extra_model_paths.yaml keys work too)."""
+    for name, exts in ((XSR_FOLDER, {".safetensors"}), (REFDB_FOLDER, {""})):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], exts)
+
+
+register_folders()
+
+XSRModels = io.Custom("XSR_MODELS")
+XSRRefDB = io.Custom("XSR_REFDB")
+XSRRefs = io.Custom("XSR_REFS")
+
+
+def xsr_files() -> list[str]:
+    return sorted(folder_paths.get_filename_list(XSR_FOLDER))
+
+
+def refdb_names() -> list[str]:
+    """Folders under any models/xsr_refdb root that hold a built DB (info.json)."""
+    names = set()
+    for root in folder_paths.get_folder_paths(REFDB_FOLDER):
+        try:
+            for entry in os.scandir(root):
+                if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "info.json")):
+                    names.add(entry.name)
+        except OSError:
+            continue
+    return sorted(names)
+
+
+def xsr_file_path(node: str, input_name: str, name: str) -> str:
+    path = folder_paths.get_full_path(XSR_FOLDER, name) if name else None
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths(XSR_FOLDER))
+        raise ValueError(
+            f"{node}: {input_name} '{name}' was not found in models/{XSR_FOLDER} ({roots}). Expected the XSR weight "
+            "files rfa.safetensors, i2t.safetensors and adain_adapter.safetensors there (train them with "
+            "`python -m xsr_core.train`, see README)."
+        )
+    return path
+
+
+@dataclass(eq=False)
+class ClipFeaturesC:
+    tokens: torch.Tensor  # (B, 257, D) last hidden state, before post-LayerNorm
+    cls: torch.Tensor  # (B, D) post-LayerNorm CLS
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def clip_vision_fingerprint(clip_vision: Any) -> dict[str, str]:
+    """Encoder fingerprint of a ComfyUI CLIP_VISION (cached per loaded model)."""
+    model = clip_vision.model
+    fp = _FINGERPRINTS.get(model)
+    if fp is None:
+        fp = fingerprint_state_dict(model.state_dict())
+        _FINGERPRINTS[model] = fp
+    return fp
+
+
+def clip_vision_width(clip_vision: Any) -> int:
+    return int(clip_vision.model.vision_model.post_layernorm.weight.shape[0])
+
+
+def encode_clip(clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32) -> ClipFeaturesC:
+    """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build)."""
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    device = clip_vision.load_device
+    prep = preprocess_lr if lr else preprocess_hr
+    toks, clss = [], []
+    for s in range(0, images_bhwc.shape[0], batch):
+        pix = prep(images_bhwc[s : s + batch].to(device)).float()
+        x, _, pooled = clip_vision.model.vision_model(pixel_values=pix)
+        toks.append(x.float())
+        clss.append(pooled.float())
+    inter = comfy.model_management.intermediate_device()
+    return ClipFeaturesC(torch.cat(toks).to(inter), torch.cat(clss).to(inter))
+
+
+def throw_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@dataclass(eq=False)
+class LoadedXSR:
+    """What XSR_LoadModels hands to the other nodes (weights managed by ComfyUI through ModelPatchers)."""
+
+    rfa: Any  # ModelPatcher of xsr_core.models.RFA
+    i2t: Any  # ModelPatcher of xsr_core.models.I2T
+    tokenizer: Any
+    names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def clip_dim(self) -> int:
+        return int(self.rfa.model.config.clip_dim)

@@ -1,0 +1,129 @@
+"""Loader nodes: XSR_LoadModels (RFA + I2T weights) and XSR_LoadReferenceDB."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+from comfy_api.latest import io
+
+from ..xsr_core.models.i2t import load_i2t
+from ..xsr_core.models.rfa import RFA
+from ..xsr_core.refdb import RefDBError, ReferenceDB, db_signature
+from ..xsr_core.weights import XSRWeightsError, load_model
+from .common import REFDB_FOLDER, LoadedXSR, XSRModels, XSRRefDB, refdb_names, xsr_file_path, xsr_files
+
+logger = logging.getLogger(__name__)
+
+
+def _patcher(module):
+    return comfy.model_patcher.ModelPatcher(
+        module, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+class XSRLoadModels(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = xsr_files()
+        return io.Schema(
+            node_id="XSR_LoadModels",
+            display_name="XSR Load Models (RFA + I2T)",
+            category="xsr",
+            description="Loads the XSR stage-1 weights from models/xsr: the Reference-Finding Aligner and the "
+                        "I2T embedding enhancer with its distilled GPT-2 caption decoder (tokenizer inside the file).",
+            inputs=[
+                io.Combo.Input("rfa_name", options=files, default="rfa.safetensors" if "rfa.safetensors" in files else None,
+                               tooltip="RFA weights (.safetensors in models/xsr): predicts the HR CLIP embedding used for retrieval"),
+                io.Combo.Input("i2t_name", options=files, default="i2t.safetensors" if "i2t.safetensors" in files else None,
+                               tooltip="I2T weights (.safetensors in models/xsr): embedding enhancer + caption decoder"),
+            ],
+            outputs=[XSRModels.Output("xsr_models", display_name="xsr_models")],
+        )
+
+    @classmethod
+    def execute(cls, rfa_name: str, i2t_name: str) -> io.NodeOutput:
+        rfa_path = xsr_file_path("XSR_LoadModels", "rfa_name", rfa_name)
+        i2t_path = xsr_file_path("XSR_LoadModels", "i2t_name", i2t_name)
+        try:
+            rfa = load_model(rfa_path, expected=RFA)
+            i2t, tokenizer = load_i2t(i2t_path)
+        except XSRWeightsError as e:
+            raise ValueError(f"XSR_LoadModels: {e}") from None
+        if rfa.config.clip_dim != i2t.config.clip_dim:
+            raise ValueError(
+                f"XSR_LoadModels: {rfa_name} was trained on {rfa.config.clip_dim}-d CLIP tokens but {i2t_name} on "
+                f"{i2t.config.clip_dim}-d; use an RFA and an I2T trained with the same CLIP vision encoder."
+            )
+        loaded = LoadedXSR(_patcher(rfa), _patcher(i2t), tokenizer, {"rfa": rfa_name, "i2t": i2t_name})
+        return io.NodeOutput(loaded)
+
+
+_DB_CACHE: dict[str, ReferenceDB] = {}
+_DB_LOCK = threading.Lock()
+
+
+def open_refdb(path: str) -> ReferenceDB:
+    """Open (or reuse) a reference DB; reopened only when its files changed on disk."""
+    with _DB_LOCK:
+        db = _DB_CACHE.get(path)
+        if db is not None and not db.is_stale():
+            return db
+        if db is not None:
+            db.close()
+        db = ReferenceDB.open(path)
+        _DB_CACHE[path] = db
+        return db
+
+
+def refdb_path(name: str) -> str:
+    if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
+        raise ValueError(
+            f"XSR_LoadReferenceDB: db_name '{name}' must be a plain folder name inside models/{REFDB_FOLDER} "
+            "(no path separators or '..')."
+        )
+    for root in folder_paths.get_folder_paths(REFDB_FOLDER):
+        p = os.path.join(root, name)
+        if os.path.isdir(p):
+            return p
+    raise ValueError(
+        f"XSR_LoadReferenceDB: no reference DB '{name}' in models/{REFDB_FOLDER} "
+        f"({', '.join(folder_paths.get_folder_paths(REFDB_FOLDER))}); build one with XSR_BuildReferenceDB or "
+        "`python -m xsr_core.refdb build`."
+    )
+
+
+class XSRLoadReferenceDB(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_LoadReferenceDB",
+            display_name="XSR Load Reference DB",
+            category="xsr",
+            description="Opens a reference database (faiss index + metadata) from models/xsr_refdb. "
+                        "Cached; reloaded when its files change.",
+            inputs=[io.Combo.Input("db_name", options=refdb_names(),
+                                   tooltip="a DB folder in models/xsr_refdb (built by XSR_BuildReferenceDB or the CLI)")],
+            outputs=[XSRRefDB.Output("refdb", display_name="refdb")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, db_name: str):
+        try:
+            return db_signature(refdb_path(db_name))
+        except ValueError:
+            return db_name
+
+    @classmethod
+    def execute(cls, db_name: str) -> io.NodeOutput:
+        path = refdb_path(db_name)
+        try:
+            db = open_refdb(path)
+        except RefDBError as e:
+            raise ValueError(f"XSR_LoadReferenceDB: {e}") from None
+        return io.NodeOutput(db)

@@ -1,0 +1,135 @@
+"""XSR_Retrieve: LR -> RFA-aligned CLIP query -> top-K HR references from the reference DB."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfy.model_management
+from comfy_api.latest import io, ui
+
+from ..xsr_core.imaging import LRImageError, bicubic_resize, validate_lr
+from ..xsr_core.refdb import RefDBError
+from .common import XSRModels, XSRRefDB, XSRRefs, clip_vision_fingerprint, clip_vision_width, encode_clip, throw_if_interrupted
+
+logger = logging.getLogger(__name__)
+THUMB = 256  # side of the reference images this node outputs / previews
+
+
+@dataclass(eq=False)
+class Retrieval:
+    """Reference data for I2T (one row per LR image)."""
+
+    lr_tokens: torch.Tensor  # (B, T, D) CLIP tokens of the LR
+    ref_tokens: torch.Tensor  # (B, K, T, D) CLIP tokens of the references (zeros where missing)
+    ref_mask: torch.Tensor  # (B, K) bool, False for missing references (DB smaller than K)
+    ids: np.ndarray  # (B, K) faiss ids (-1 missing)
+    scores: np.ndarray  # (B, K) cosine similarity of the RFA query to each reference
+    names: list[list[str]]  # source names of the references
+
+
+def _pil_to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def _square(t: torch.Tensor, side: int) -> torch.Tensor:
+    """Resize (shortest side) + centre crop an [H,W,3] image to side x side for the reference batch."""
+    h, w, _ = t.shape
+    s = side / min(h, w)
+    nh, nw = max(side, round(h * s)), max(side, round(w * s))
+    r = bicubic_resize(t[None], (nh, nw))[0]
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return r[top : top + side, left : left + side]
+
+
+class XSRRetrieve(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_Retrieve",
+            display_name="XSR Retrieve References",
+            category="xsr",
+            description="Aligns the LR's CLIP embedding to the missing HR one (RFA) and retrieves the top-K most "
+                        "similar HR references from the reference DB. Each LR image of a batch gets its own references.",
+            inputs=[
+                io.Image.Input("image", tooltip="LR image(s), at most 64 px per side (32x32 in the paper)"),
+                io.ClipVision.Input("clip_vision", tooltip="the CLIP vision encoder the DB was built with (ViT-L/14)"),
+                XSRModels.Input("xsr_models", tooltip="from XSR Load Models"),
+                XSRRefDB.Input("refdb", tooltip="from XSR Load Reference DB"),
+                io.Int.Input("top_k", default=4, min=1, max=16, tooltip="references per LR image (the paper uses 4)"),
+            ],
+            outputs=[
+                io.Image.Output("references", display_name="references", tooltip=f"the B*K references, {THUMB}x{THUMB}"),
+                XSRRefs.Output("refs", display_name="refs", tooltip="reference data for XSR Enhance"),
+                io.String.Output("scores", display_name="scores", tooltip="similarity scores and source names"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, clip_vision, xsr_models, refdb, top_k: int) -> io.NodeOutput:
+        try:
+            lr = validate_lr(image, what="XSR_Retrieve input 'image'")
+        except LRImageError as e:
+            raise ValueError(str(e)) from None
+        width = clip_vision_width(clip_vision)
+        if width != xsr_models.clip_dim:
+            raise ValueError(
+                f"XSR_Retrieve: the CLIP vision model outputs {width}-d tokens but the RFA ({xsr_models.names.get('rfa')}) "
+                f"was trained on {xsr_models.clip_dim}-d tokens; load the CLIP vision encoder the XSR models were "
+                "trained with (CLIP ViT-L/14 for the paper's weights)."
+            )
+        try:
+            refdb.check_encoder(clip_vision_fingerprint(clip_vision))
+        except RefDBError as e:
+            raise ValueError(f"XSR_Retrieve: {e}") from None
+        feats = encode_clip(clip_vision, lr, lr=True)
+        comfy.model_management.load_model_gpu(xsr_models.rfa)
+        rfa = xsr_models.rfa.model
+        p = next(rfa.parameters())
+        with torch.no_grad():
+            query = rfa.query_embedding(feats.tokens.to(device=p.device, dtype=p.dtype)).float().cpu()
+        try:
+            scores, ids = refdb.search(query, k=top_k)
+        except RefDBError as e:
+            raise ValueError(f"XSR_Retrieve: {e}") from None
+        b, k = ids.shape
+        if refdb.n == 0 or k == 0:
+            raise ValueError(f"XSR_Retrieve: the reference DB {refdb.path} is empty; build it from HR images first.")
+        throw_if_interrupted()
+        t, d = feats.tokens.shape[1:]
+        ref_tokens = torch.zeros(b, top_k, t, d)
+        ref_mask = torch.zeros(b, top_k, dtype=torch.bool)
+        thumbs, names, lines = [], [], []
+        for i in range(b):
+            row_names = []
+            valid = [j for j in range(k) if ids[i, j] >= 0]
+            try:
+                imgs = refdb.load_images([int(ids[i, j]) for j in valid])
+                recs = refdb.records([int(ids[i, j]) for j in valid])
+            except RefDBError as e:
+                raise ValueError(f"XSR_Retrieve: {e}") from None
+            hr = [_pil_to_tensor(im) for im in imgs]
+            if hr:
+                batch = torch.stack([_square(x, 224) for x in hr])
+                ref_tokens[i, : len(hr)] = encode_clip(clip_vision, batch, lr=False).tokens
+                ref_mask[i, : len(hr)] = True
+            for j, (x, rec) in enumerate(zip(hr, recs)):
+                thumbs.append(_square(x, THUMB))
+                name = os.path.basename(rec.path) or f"#{rec.id}"
+                row_names.append(name)
+                lines.append(f"image {i} ref {j}: {float(scores[i, valid[j]]):.4f} {name}")
+            names.append(row_names)
+            throw_if_interrupted()
+        refs_image = torch.stack(thumbs) if thumbs else torch.zeros(1, THUMB, THUMB, 3)
+        result = Retrieval(feats.tokens, ref_tokens, ref_mask, ids, scores, names)
+        gallery = [
+            {"image": i, "rank": j, "score": float(scores[i, j]), "name": names[i][j]}
+            for i in range(b) for j in range(len(names[i]))
+        ]
+        ui_out = ui.PreviewImage(refs_image, cls=cls).as_dict()
+        ui_out["xsr_refs"] = gallery
+        return io.NodeOutput(refs_image, result, "\n".join(lines), ui=ui_out)

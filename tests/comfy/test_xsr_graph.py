@@ -1,0 +1,115 @@
+"""The full xsr_x16 graph on the live server (tiny zoo): x16 output, strength-0 parity, batches, errors."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_helpers import png_size
+from xsr_core.comfy_server import ComfyError, execution_error
+from xsr_core.demo import xsr_graph
+from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+
+pytestmark = pytest.mark.comfy
+
+
+def graph(lr_name, **kw):
+    kw.setdefault("steps", 2)
+    return xsr_graph(lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME,
+                     refdb=DEMO_REFDB, **kw)
+
+
+@pytest.fixture(scope="module")
+def lr8(comfy, tmp_path_factory):
+    from xsr_core.testing.synthetic import synthetic_image
+
+    p = tmp_path_factory.mktemp("lr") / "lr8.png"
+    synthetic_image(7, 128).resize((8, 8), Image.BICUBIC).save(p)
+    return comfy.upload_image(p)
+
+
+def test_xsr_x16_runs_end_to_end(comfy, lr8):
+    entry = comfy.run(graph(lr8))
+    out = comfy.output_images(entry, "save")
+    assert len(out) == 1 and png_size(out[0]) == (128, 128)
+    ui = entry["outputs"]["retrieve"]
+    assert len(ui["images"]) == 4 and len(ui["xsr_refs"]) == 4
+    assert all(r["name"].startswith("synthetic_") for r in ui["xsr_refs"])
+    assert entry["outputs"]["enhance"]["text"][0].endswith("high quality, detailed")
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_strength_zero_is_bit_identical_to_graph_without_xsr_patches(comfy, lr8):
+    g = graph(lr8, strength=0.0)
+    xsr = comfy.output_images(comfy.run(g), "save")[0]
+    plain = graph(lr8)
+    # the same graph without XSR patches: U-Net and ControlNet straight from the loaders
+    plain["apply"]["inputs"]["control_net"] = ["cn", 0]
+    plain["sample"]["inputs"]["model"] = ["ckpt", 0]
+    del plain["patch"]
+    ref = comfy.output_images(comfy.run(plain), "save")[0]
+    assert np.array_equal(_pixels(xsr), _pixels(ref))
+    # and a non-zero adapter with non-zero gates would differ: strength 1 with the zoo's zero gates is identity too
+    one = comfy.output_images(comfy.run(graph(lr8, strength=1.0)), "save")[0]
+    assert np.array_equal(_pixels(one), _pixels(ref))
+
+
+def test_batch_of_two_lr_images(comfy, lr8):
+    g = graph(lr8)
+    g["lr2"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["lr", 0], "batch_index": 0, "length": 1}}
+    g["both"] = {"class_type": "ImageBatch", "inputs": {"image1": ["lr", 0], "image2": ["lr2", 0]}}
+    g["prep"]["inputs"]["image"] = ["both", 0]
+    entry = comfy.run(g)
+    out = comfy.output_images(entry, "save")
+    assert len(out) == 2 and all(png_size(o) == (128, 128) for o in out)
+    assert len(entry["outputs"]["retrieve"]["xsr_refs"]) == 8
+
+
+@pytest.mark.parametrize("case", ["missing_weights", "wrong_kind", "empty_db", "lr_too_large"])
+def test_bad_inputs_give_node_errors_and_server_keeps_serving(comfy, lr8, write_png, case):
+    g = graph(lr8)
+    if case == "missing_weights":
+        g["models"]["inputs"]["rfa_name"] = "does_not_exist.safetensors"
+        with pytest.raises(ComfyError, match="rfa_name|does_not_exist"):
+            comfy.run(g)
+    elif case == "wrong_kind":
+        g["models"]["inputs"]["rfa_name"] = "i2t.safetensors"
+        with pytest.raises(ComfyError, match="holds a I2T model"):
+            comfy.run(g)
+    elif case == "empty_db":
+        g["db"]["inputs"]["db_name"] = "../xsr"
+        with pytest.raises(ComfyError):
+            comfy.run(g)
+    else:
+        big = comfy.upload_image(write_png((96, 96, "RGB"), "big.png"))
+        g["lr"]["inputs"]["image"] = big
+        with pytest.raises(ComfyError, match="96x96"):
+            comfy.run(g)
+    assert comfy.object_info("XSR_Retrieve")
+
+
+def test_interrupt_during_sampling_then_next_prompt_runs(comfy, lr8):
+    g = graph(lr8, steps=40, seed=5)
+    pid = comfy.queue(g)
+    deadline = time.monotonic() + 120
+    # wait until sampling started (progress appears in the queue as running), then interrupt
+    while time.monotonic() < deadline:
+        q = comfy.get_json("/queue")
+        if q["queue_running"]:
+            break
+        time.sleep(0.2)
+    time.sleep(3)
+    comfy.interrupt()
+    entry = comfy.wait(pid, timeout=300)
+    status = entry["status"]
+    assert status["status_str"] == "error" or any(m[0] == "execution_interrupted" for m in status["messages"])
+    entry = comfy.run(graph(lr8, seed=6))
+    assert png_size(comfy.output_images(entry, "save")[0]) == (128, 128)
