@@ -50,6 +50,9 @@ class XSRAdaINPatch(io.ComfyNode):
         if start_percent > end_percent:
             raise ValueError(f"XSR_AdaINPatch: start_percent {start_percent} is after end_percent {end_percent}.")
         path = xsr_file_path("XSR_AdaINPatch", "adapter_name", adapter_name)
+        if strength == 0.0:
+            # the parity rule: strength 0 is the unpatched graph, bit for bit (no wrappers, no batching change)
+            return io.NodeOutput(model.clone(), control_net.copy())
         try:
             adapter = load_model(path, expected=AdaINAdapter)
         except XSRWeightsError as e:

@@ -57,9 +57,6 @@ def test_strength_zero_is_bit_identical_to_graph_without_xsr_patches(comfy, lr8)
     del plain["patch"]
     ref = comfy.output_images(comfy.run(plain), "save")[0]
     assert np.array_equal(_pixels(xsr), _pixels(ref))
-    # and a non-zero adapter with non-zero gates would differ: strength 1 with the zoo's zero gates is identity too
-    one = comfy.output_images(comfy.run(graph(lr8, strength=1.0)), "save")[0]
-    assert np.array_equal(_pixels(one), _pixels(ref))
 
 
 def test_batch_of_two_lr_images(comfy, lr8):
