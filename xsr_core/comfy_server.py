@@ -31,6 +31,18 @@ class ComfyError(RuntimeError):
     """A ComfyUI server or prompt failure; the message includes the relevant log/error text."""
 
 
+def _detach_and_die_with_parent() -> None:
+    """In the server child: own process group (stopped as a group), and SIGKILL when the parent dies
+    (Linux prctl PR_SET_PDEATHSIG), so a killed test or batch run never leaves a server behind."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +114,7 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         logger.info("starting ComfyUI: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     preexec_fn=_detach_and_die_with_parent)
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,203 @@
+"""``python -m xsr_core.eval run``: batch x16 inference over a folder through a headless ComfyUI.
+
+    python -m xsr_core.eval run --input TEST_DIR --out SR_DIR [--workflow workflows/xsr_x16.json]
+        [--models /path/to/ComfyUI/models] [--set KSampler.steps=50 ...] [--seed 0] [--input-kind auto|hr|lr]
+
+- Input: a folder of HR test images (the 32x32 LR is made exactly as in training: shortest side to
+  512 + centre crop, then ``xsr_core.imaging.make_lr``, antialiased bicubic /16) or of LR images.
+- The workflow (UI format as saved by the frontend, or API format) is run once per image through a
+  ComfyUI server this command starts (``$COMFYUI_PATH`` or the one from scripts/setup.sh), with its
+  single LoadImage node fed the LR and its single SaveImage node's output written to
+  ``SR_DIR/<same name>.png``.
+- Resumable: an image whose output exists is skipped (outputs are written atomically), so killing the
+  run and starting it again finishes only the missing images. Seeds are ``--seed + index`` in sorted
+  file order and are recorded, with the workflow hash, in ``SR_DIR/run.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import MAX_LR_SIDE, SCALE
+from ..comfy_server import ComfyServer, find_comfyui, prepare_base_dir
+from ..imaging import make_lr
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+HR_SIDE = 512
+
+
+class RunError(ValueError):
+    """Bad inputs for the batch run (folder, workflow, overrides)."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise RunError(f"input folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise RunError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}")
+    return files
+
+
+def hr_to_lr(img: Image.Image, side: int = HR_SIDE, scale: int = SCALE) -> Image.Image:
+    """The evaluation degradation: HR -> shortest side ``side`` + centre crop -> antialiased bicubic /16."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = side / min(w, h)
+    img = img.resize((max(side, round(w * s)), max(side, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    lr = make_lr(x, scale)[0]
+    return Image.fromarray((lr.numpy() * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def load_workflow(path: Path, server: ComfyServer | None) -> dict[str, Any]:
+    """API-format prompt from a workflow file (UI format is converted with the server's object_info)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"workflow {path}: cannot read JSON ({e})") from e
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        if server is None:
+            raise RunError("a UI-format workflow needs the server's object_info to convert")
+        from ..workflow import ui_to_api
+
+        return ui_to_api(data, server.object_info())
+    if isinstance(data, dict) and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        return data
+    raise RunError(f"workflow {path} is neither ComfyUI UI format (nodes/links) nor API format")
+
+
+def _unique(api: dict, class_type: str, what: str) -> str:
+    ids = [k for k, v in api.items() if v["class_type"] == class_type]
+    if len(ids) != 1:
+        raise RunError(f"the workflow must have exactly one {class_type} node ({what}); it has {len(ids)}")
+    return ids[0]
+
+
+def apply_overrides(api: dict, overrides: list[str]) -> None:
+    """``NODE.INPUT=VALUE`` where NODE is a node id or a class_type (all nodes of it); VALUE is JSON or text."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        node, dot, inp = key.rpartition(".")
+        if not sep or not dot:
+            raise RunError(f"--set {item!r}: expected NODE.INPUT=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        targets = [k for k, v in api.items() if k == node or v["class_type"] == node]
+        if not targets:
+            raise RunError(f"--set {item!r}: no node with id or class_type {node!r}")
+        for t in targets:
+            api[t]["inputs"][inp] = value
+
+
+def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workflow: str | os.PathLike,
+               models: str | os.PathLike | None = None, overrides: list[str] = (), seed: int = 0,
+               input_kind: str = "auto", hr_side: int = HR_SIDE, workdir: str | os.PathLike | None = None, extra_nodes: list[Path] = (),
+               timeout: float = 3600) -> dict[str, Any]:
+    """Run ``workflow`` on every image of ``input_dir``; returns the run manifest (also in out/run.json)."""
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    files = list_images(input_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "run.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"images": {}}
+    wf_bytes = Path(workflow).read_bytes()
+    manifest.update({"workflow": str(workflow), "workflow_sha256": hashlib.sha256(wf_bytes).hexdigest(),
+                     "input": str(input_dir), "seed_base": seed, "overrides": list(overrides)})
+    todo = [(i, p) for i, p in enumerate(files) if not (out_dir / p.relative_to(input_dir).with_suffix(".png")).is_file()]
+    logger.info("%d images, %d done, %d to run", len(files), len(files) - len(todo), len(todo))
+    if not todo:
+        return manifest
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(workdir) if workdir else Path(tmp) / "comfy"
+        prepare_base_dir(base, REPO, extra_nodes=list(extra_nodes))
+        server_args = []
+        if models:
+            cfg = base / "extra_model_paths.yaml"
+            cfg.write_text(json.dumps({"xsr_eval": {
+                "base_path": str(Path(models).resolve()), "checkpoints": "checkpoints", "controlnet": "controlnet",
+                "clip_vision": "clip_vision", "xsr": "xsr", "xsr_refdb": "xsr_refdb", "vae": "vae",
+                "diffusion_models": "diffusion_models", "text_encoders": "text_encoders"}}))
+            server_args = ["--extra-model-paths-config", str(cfg)]
+        with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
+            api = load_workflow(Path(workflow), server)
+            apply_overrides(api, list(overrides))
+            load_id = _unique(api, "LoadImage", "the LR input")
+            save_id = _unique(api, "SaveImage", "the SR output")
+            samplers = [k for k, v in api.items() if "seed" in v["inputs"] or "noise_seed" in v["inputs"]]
+            start = time.monotonic()
+            for n, (i, path) in enumerate(tqdm(todo, desc="xsr eval run", unit="img"), 1):
+                rel = path.relative_to(input_dir)
+                img = Image.open(path)
+                kind = input_kind if input_kind != "auto" else ("lr" if max(img.size) <= MAX_LR_SIDE else "hr")
+                lr = img.convert("RGB") if kind == "lr" else hr_to_lr(img, hr_side)
+                lr_path = Path(tmp) / f"lr_{i:06d}.png"
+                lr.save(lr_path)
+                name = server.upload_image(lr_path, name=f"xsr_eval_{i:06d}.png")
+                prompt = json.loads(json.dumps(api))
+                prompt[load_id]["inputs"]["image"] = name
+                for s in samplers:
+                    key = "seed" if "seed" in prompt[s]["inputs"] else "noise_seed"
+                    prompt[s]["inputs"][key] = seed + i
+                entry = server.run(prompt, timeout=timeout)
+                data = server.output_images(entry, save_id)
+                if not data:
+                    raise RunError(f"the workflow produced no image at its SaveImage node for {path}")
+                dst = out_dir / rel.with_suffix(".png")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                part = dst.with_suffix(".png.part")
+                part.write_bytes(data[0])
+                os.replace(part, dst)
+                manifest["images"][str(rel)] = {"seed": seed + i, "output": str(dst.relative_to(out_dir)), "lr_from": kind}
+                tmp_m = manifest_path.with_suffix(".json.part")
+                tmp_m.write_text(json.dumps(manifest, indent=1))
+                os.replace(tmp_m, manifest_path)
+                logger.debug("%s done (%d/%d, %.1f s/img)", rel, n, len(todo), (time.monotonic() - start) / n)
+    return manifest
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    argv = getattr(args, "run_args", args)
+    parser = argparse.ArgumentParser(prog="xsr eval run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="folder of HR (or LR) test images")
+    parser.add_argument("--out", required=True, help="folder for the SR outputs (same names, .png)")
+    parser.add_argument("--workflow", default=str(REPO / "workflows" / "xsr_x16.json"),
+                        help="workflow JSON (UI or API format); default: workflows/xsr_x16.json")
+    parser.add_argument("--models", default=None, help="a ComfyUI models/ folder to use (extra_model_paths)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="override a node input: NODE.INPUT=VALUE (NODE = id or class_type), repeatable")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i gets seed + i")
+    parser.add_argument("--input-kind", choices=("auto", "hr", "lr"), default="auto",
+                        help=f"auto: images larger than {MAX_LR_SIDE} px are HR and get degraded to LR")
+    parser.add_argument("--hr-side", type=int, default=HR_SIDE,
+                        help=f"HR inputs are centre-cropped to this square before the /{SCALE} degradation (paper: 512)")
+    parser.add_argument("--extra-node", action="append", default=[], help="another custom node folder to load")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[xsr-eval] %(message)s")
+    try:
+        m = run_folder(ns.input, ns.out, workflow=ns.workflow, models=ns.models, overrides=ns.overrides, seed=ns.seed,
+                       input_kind=ns.input_kind, hr_side=ns.hr_side, extra_nodes=[Path(p) for p in ns.extra_node])
+    except RunError as e:
+        parser.exit(2, f"xsr eval run: error: {e}\n")
+    print(f"{len(m['images'])} SR images in {ns.out}")
+    return 0
