@@ -188,8 +188,11 @@ class AdapterStats:
     """
 
     def __init__(self, layout: _Layout, mu: torch.Tensor, sigma: torch.Tensor, gates: torch.Tensor,
-                 active: frozenset[tuple[int, int]] | None, eps: float):
+                 active: frozenset[tuple[int, int]] | None, eps: float,
+                 owners: dict[str, torch.Tensor] | None = None, index_cache: dict | None = None):
         self.layout = layout
+        self._owners = owners or {}  # site -> (W,) block index of every channel (the adapter's buffers)
+        self._index_cache = index_cache if index_cache is not None else {}  # small index tensors, per device
         self.mu = mu
         self.sigma = sigma
         self.gates = gates
@@ -231,6 +234,16 @@ class AdapterStats:
             return key
         return _rows_to_tuple(rows, batch)
 
+    def _small_tensor(self, values: tuple, device: torch.device) -> torch.Tensor:
+        # host->device copies of rows masks / positions, cached on the adapter: made once, not per step
+        key = (values, str(device))
+        t = self._index_cache.get(key)
+        if t is None:
+            if len(self._index_cache) > 256:
+                self._index_cache.clear()
+            t = self._index_cache[key] = torch.tensor(values, device=device)
+        return t
+
     def plan(self, strength: float, rows_key: tuple[bool, ...] | None, batch: int, dtype: torch.dtype,
              device: torch.device) -> dict[str, Any]:
         """Per site, per block: (k, c, omg) with k = g·s·σ, c = g·s·μ, omg = 1 − g·s, shaped (B|1, 1, width);
@@ -258,15 +271,17 @@ class AdapterStats:
                 for sel in rows_key:
                     idx.append(j if sel else 0)  # unselected rows take row 0; torch.where discards them
                     j += sel
-                pos = torch.tensor(idx, device=self.mu.device)
+                pos = self._small_tensor(tuple(idx), self.mu.device)
         small_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         plan: dict[str, Any] = {}
         if rows_key is not None:
-            plan["mask"] = torch.tensor(rows_key, device=device).view(-1, 1, 1)  # (B, 1, 1), made once
+            plan["mask"] = self._small_tensor(rows_key, device).view(-1, 1, 1)  # (B, 1, 1)
         lay = self.layout
         for site in SITES:
             off, w = lay.site_offset[site], lay.site_width[site]
-            owner = torch.tensor(lay.channel_block[site], device=self.gates.device)
+            owner = self._owners.get(site)
+            if owner is None or owner.device != self.gates.device:
+                owner = torch.tensor(lay.channel_block[site], device=self.gates.device)
             gs = (self.gates[:, SITE_GATE[site]] * strength).index_select(0, owner).to(self.mu.dtype)  # (W,)
             k = gs * self.sigma[:, off: off + w]  # (Bs, W)
             c = gs * self.mu[:, off: off + w]
@@ -306,6 +321,10 @@ class AdaINAdapter(nn.Module):
         # All per-block heads in one Linear: rows [μ (total) | σ raw (total)], see _Layout.
         self.head = nn.Linear(config.proj_hidden, 2 * self.layout.total)
         self.gates = nn.Parameter(torch.zeros(len(config.blocks), len(GATE_NAMES)))  # (blocks, [α, β, γ])
+        for site in SITES:  # block index of every channel of a site (not saved: derived from the config)
+            self.register_buffer(f"_owner_{site}", torch.tensor(self.layout.channel_block[site]), persistent=False)
+        self._index_cache: dict = {}
+        self._active_cache: tuple[Any, frozenset[tuple[int, int]]] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -325,7 +344,7 @@ class AdaINAdapter(nn.Module):
         ``E``: (B, N, embed_dim) enhanced image tokens (or (B, embed_dim) already pooled, or (N, embed_dim)
         for one image). Returns :class:`AdapterStats` reusable across all sampling steps.
         ``skip_zero_gates``: record which gates are zero so :meth:`apply` returns h untouched there
-        (one host sync here, none later). Default: skip unless gradients are being tracked for the
+        (one host sync the first time, cached until the gates change; none in :meth:`apply`). Default: skip unless gradients are being tracked for the
         gates (training must compute every site so zero-initialised gates receive gradients).
         """
         if E.dim() not in (2, 3) or E.shape[-1] != self.config.embed_dim:
@@ -343,11 +362,19 @@ class AdaINAdapter(nn.Module):
         sigma = F.softplus(raw[:, total:]) + self.config.sigma_min
         if skip_zero_gates is None:
             skip_zero_gates = not (torch.is_grad_enabled() and self.gates.requires_grad)
-        active = None
-        if skip_zero_gates:
-            nz = torch.nonzero(self.gates.detach()).cpu().tolist()  # the one host sync, once per embedding
-            active = frozenset((int(i), int(j)) for i, j in nz)
-        return AdapterStats(self.layout, mu, sigma, self.gates, active, self.config.eps)
+        active = self._active_gates() if skip_zero_gates else None
+        owners = {site: getattr(self, f"_owner_{site}") for site in SITES}
+        return AdapterStats(self.layout, mu, sigma, self.gates, active, self.config.eps, owners, self._index_cache)
+
+    def _active_gates(self) -> frozenset[tuple[int, int]]:
+        """(block, gate) pairs whose gate is non-zero. One host sync, then cached until the gates change
+        (in-place updates bump the tensor's version counter; ``.to()`` / ``load_state_dict`` change it too)."""
+        g = self.gates
+        key = (g.data_ptr(), g._version, g.device, g.dtype)
+        if self._active_cache is None or self._active_cache[0] != key:
+            nz = torch.nonzero(g.detach()).cpu().tolist()
+            self._active_cache = (key, frozenset((int(i), int(j)) for i, j in nz))
+        return self._active_cache[1]
 
     # -- the patch -------------------------------------------------------------------------------
     def apply(self, block_id: str, site: str, h: torch.Tensor, stats: AdapterStats, strength: float = 1.0,
