@@ -151,6 +151,17 @@ class _Layout:
         self.total = off  # width of μ (and of σ)
 
 
+def cfg_rows(cond_or_uncond: Sequence[int], batch: int, apply_to: Sequence[int] = (0,)) -> tuple[bool, ...]:
+    """Rows selector for a batch of ``len(cond_or_uncond)`` equal chunks (ComfyUI's
+    ``extra_options["cond_or_uncond"]``: 0 = cond, 1 = uncond), selecting the chunks whose kind is in
+    ``apply_to``. E.g. ``cfg_rows([1, 0], 4) == (False, False, True, True)``."""
+    n = len(cond_or_uncond)
+    if n == 0 or batch % n:
+        raise ValueError(f"batch {batch} does not split into {n} cond/uncond chunks")
+    per = batch // n
+    return tuple(kind in apply_to for kind in cond_or_uncond for _ in range(per))
+
+
 def _rows_to_tuple(rows: Rows, batch: int) -> tuple[bool, ...]:
     """Normalise a rows selector to a tuple of ``batch`` bools (raises ValueError on a bad selector)."""
     if isinstance(rows, torch.Tensor):
@@ -253,25 +264,22 @@ class AdapterStats:
         if plan is not None:
             return plan
         pos = None
-        if rows_key is None:
-            if self.batch not in (1, batch):
+        bs = self.batch
+        sel = rows_key if rows_key is not None else (True,) * batch
+        n_sel = sum(sel)
+        if bs not in (1, batch):
+            # stats row for the j-th selected row is j % Bs: one per selected row (Bs == n_sel), or
+            # repeated per chunk, e.g. ComfyUI's [cond | uncond] chunks of n rows each with Bs == n
+            if n_sel % bs:
                 raise ValueError(
-                    f"adapter stats hold {self.batch} embeddings but the activation batch is {batch}: pass one "
-                    "embedding, one per row, or a rows selector with one embedding per selected row"
+                    f"rows selects {n_sel} of {batch} rows but the adapter stats hold {bs} embeddings: give one "
+                    "embedding, one per row, or one per selected row (repeated per chunk when a multiple)"
                 )
-        else:
-            n_sel = sum(rows_key)
-            if self.batch not in (1, n_sel, batch):
-                raise ValueError(
-                    f"rows selects {n_sel} of {batch} rows but the adapter stats hold {self.batch} embeddings: give "
-                    "one embedding per selected row (in order), one per row, or a single one for all"
-                )
-            if self.batch not in (1, batch):  # stats row j belongs to the j-th selected row
-                j, idx = 0, []
-                for sel in rows_key:
-                    idx.append(j if sel else 0)  # unselected rows take row 0; torch.where discards them
-                    j += sel
-                pos = self._small_tensor(tuple(idx), self.mu.device)
+            j, idx = 0, []
+            for on in sel:
+                idx.append(j % bs if on else 0)  # unselected rows take row 0; torch.where discards them
+                j += on
+            pos = self._small_tensor(tuple(idx), self.mu.device)
         small_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         plan: dict[str, Any] = {}
         if rows_key is not None:
@@ -469,8 +477,9 @@ class AdaINAdapter(nn.Module):
         ``rows``: which rows of h get the adapter (e.g. the cond half under CFG): None (all), a
         sequence of B bools, increasing row indices, or a bool/long tensor of the same meaning (a
         tensor costs one host sync the first time this stats object sees it; reuse the same tensor).
-        Stats rows: Bs == 1 serves every row; Bs == B aligns with h's rows; otherwise Bs must equal
-        the number of selected rows and stats row j belongs to the j-th selected row.
+        Stats rows: Bs == 1 serves every row; Bs == B aligns with h's rows; otherwise the j-th
+        selected row uses stats row ``j % Bs`` (one embedding per selected row, in order, or the same
+        embeddings repeated per chunk, e.g. ComfyUI's cond and uncond chunks of n rows with Bs == n).
         Unselected rows, zero gates (when the stats recorded them) and strength 0 return h's values
         bit-identically.
         """
