@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -422,7 +423,7 @@ class AdaINAdapter(nn.Module):
         self._index_cache: dict = {}
         # one fused Triton kernel per apply on CUDA when available and no gradient is needed
         # (inference); the eager path below is the reference and the training path
-        self.use_triton = True
+        self.use_triton = os.environ.get("XSR_ADAPTER_TRITON", "1") != "0"
         self._active_cache: tuple[Any, frozenset[tuple[int, int]]] | None = None
         self.reset_parameters()
 
@@ -515,7 +516,12 @@ class AdaINAdapter(nn.Module):
                              f"{k.shape[-1]}: the adapter was built for another U-Net config")
         if (self.use_triton and h.is_cuda and h.stride(-1) == 1 and h.dtype in _TRITON_DTYPES
                 and not (torch.is_grad_enabled() and (h.requires_grad or k.requires_grad)) and _triton_kernel()):
-            return _adain_triton(h, k, c, omg, plan.get("mask"), stats.eps)
+            try:
+                return _adain_triton(h, k, c, omg, plan.get("mask"), stats.eps)
+            except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
+                global _TRITON
+                _TRITON = False
+                logger.warning("fused AdaIN kernel unavailable (%s: %s); using the eager path", type(e).__name__, e)
         var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (B, 1, C)
         kr = k * torch.rsqrt(var + stats.eps)  # g·s·σ / std
         a = kr + omg  # h' = h·a + b
