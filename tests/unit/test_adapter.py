@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig, adain, adain_residual
+from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig, adain, adain_residual, cfg_rows
 from xsr_core.weights import XSRWeightsError, load_model, save_model
 
 BLOCKS = [
@@ -175,8 +175,21 @@ def test_rows_conventions_and_bit_identical_unselected_rows():
         ad.apply(b["id"], "q", h, stats_all, rows=[True, False])
     with pytest.raises(ValueError, match="increasing"):
         ad.apply(b["id"], "q", h, stats_sel, rows=[2, 0])
+    # Bs dividing the selected count: repeated per chunk (ComfyUI [cond | uncond] chunks of n rows)
+    tiled = ad.apply(b["id"], "q", h, stats_sel)
+    with torch.no_grad():
+        ref = ad.apply(b["id"], "q", h, ad.compute_stats(E[[0, 2, 0, 2]]))
+    torch.testing.assert_close(tiled, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="embeddings"):
-        ad.apply(b["id"], "q", h, stats_sel)
+        ad.apply(b["id"], "q", h, ad.compute_stats(E[:3]))
+
+
+def test_cfg_rows():
+    assert cfg_rows([0, 1], 4) == (True, True, False, False)
+    assert cfg_rows([1, 0], 2) == (False, True)
+    assert cfg_rows([1, 0], 4, apply_to=(0, 1)) == (True,) * 4
+    with pytest.raises(ValueError):
+        cfg_rows([0, 1], 3)
 
 
 def test_bad_inputs_are_named():

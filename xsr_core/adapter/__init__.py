@@ -13,6 +13,7 @@ from .adain import (
     AdapterStats,
     adain,
     adain_residual,
+    cfg_rows,
 )
 from .blocks import (
     BlockSpec,
@@ -35,6 +36,7 @@ __all__ = [
     "adain",
     "adain_residual",
     "adapter_blocks",
+    "cfg_rows",
     "block_id_from_comfy",
     "controlnet_blocks",
     "make_block_id",
