@@ -4,14 +4,17 @@ The adapter math lives in ``xsr_core.adapter`` (pure PyTorch); this module only 
 activations through :meth:`AdaINAdapter.apply`. Shape of the design:
 
 - The patched MODEL / CONTROL_NET are **image-independent** (patched once, cached across prompts).
-  The per-image embedding E travels inside the positive CONDITIONING as two ``model_conds`` entries,
-  ``xsr_embed`` (B, N, D) and ``xsr_active`` (B, 1), which ComfyUI batches with the text context.
-- Conditioning without E (the negative prompt) gets a matching null entry (zeros, active 0) from a
+  The per-image embedding E travels inside the positive CONDITIONING as a ``model_conds`` entry
+  ``xsr`` (:class:`CONDXSR`), which ComfyUI batches with the text context. Its ``concat`` returns a
+  memoised :class:`XSRBatch` (a plain object, passed through to the model untouched), so the
+  adapter statistics of a batch are computed once per sampling run, on the adapter's device, and
+  reused at every step: no per-step projector, host sync or host-to-device copy.
+- Conditioning without E (the negative prompt) gets a matching null entry from a
   ``CALC_COND_BATCH`` wrapper, so positive and negative keep equal keys and are still batched
   together under CFG (a key on one side only would split CFG into two passes). With
   ``apply_to="both"`` the null entries carry the positive's E instead.
-- U-Net: a keyed ``DIFFUSION_MODEL`` wrapper takes E from the model kwargs, computes the adapter's
-  statistics once per call and publishes them (context variable) to
+- U-Net: a keyed ``DIFFUSION_MODEL`` wrapper takes the batch's XSRBatch from the model kwargs and
+  publishes its statistics (context variable) to
   ``set_model_attn2_patch`` (pre-cross-attention norm, α), ``set_model_attn2_replace`` (Q/K, β;
   chaining into any replace already present, e.g. IPAdapter's), and an object patch of each block's
   ``norm3`` (FFN-path norm, γ: ComfyUI has no hook there).
@@ -21,7 +24,7 @@ activations through :meth:`AdaINAdapter.apply`. Shape of the design:
 - The adapter weights live in their own ModelPatcher registered with ``set_additional_models``, so
   ComfyUI loads/offloads them with the U-Net. Patch objects hold only references (light under clone()).
 
-Rows whose ``xsr_active`` is 0 (unconditional branch, or conditioning without E) are returned
+Rows of null entries (unconditional branch, or conditioning without E) are returned
 bit-identically, and so is everything at strength 0 or outside [start_percent, end_percent].
 """
 
@@ -35,7 +38,6 @@ from typing import Any
 
 import torch
 
-import comfy.conds
 import comfy.controlnet
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
@@ -43,14 +45,102 @@ import comfy.model_patcher
 import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
-from ..xsr_core.adapter import AdaINAdapter, parse_block_id
+from ..xsr_core.adapter import AdaINAdapter, AdapterStats, parse_block_id
 
 logger = logging.getLogger(__name__)
 
-EMBED_KEY = "xsr_embed"  # model_conds: (B, N, D) enhanced image tokens E
-ACTIVE_KEY = "xsr_active"  # model_conds: (B, 1) 1.0 where E applies, 0.0 for null entries
+XSR_KEY = "xsr"  # model_conds entry: CONDXSR (the enhanced image tokens E of one conditioning)
 WRAPPER_KEY = "xsr_adain"
 APPLY_TO = ("cond", "both")
+
+
+class CONDXSR:
+    """``model_conds`` entry carrying one conditioning's image embedding E (B, N, D), or a null entry.
+
+    Follows ComfyUI's COND protocol (process_cond / can_concat / concat / size). ``concat`` returns
+    an :class:`XSRBatch`, memoised per set of parts, so ComfyUI's per-step ``cond_cat`` hands the model
+    the same object at every step of a sampling run.
+    """
+
+    def __init__(self, embed: torch.Tensor | None, active: bool = True, batch: int | None = None):
+        self.embed = embed  # (B, N, D) or None for a null entry
+        self.active = bool(active and embed is not None)
+        self.batch = batch if batch is not None else (embed.shape[0] if embed is not None else 1)
+        self._memo: dict[tuple, XSRBatch] = {}
+        self._stats: dict[int, tuple[Any, Any]] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def process_cond(self, batch_size: int, **kwargs) -> "CONDXSR":
+        embed = self.embed
+        if embed is not None and embed.shape[0] != batch_size:
+            if batch_size % embed.shape[0]:
+                raise ValueError(f"XSR: {embed.shape[0]} image embeddings cannot be spread over a batch of {batch_size} "
+                                 "latents; use one LR image per latent (XSR_PrepareLR makes the matching latent).")
+            embed = embed.repeat(batch_size // embed.shape[0], 1, 1)
+        return CONDXSR(embed, self.active, batch_size)
+
+    def null(self) -> "CONDXSR":
+        return CONDXSR(None, False, self.batch)
+
+    def can_concat(self, other) -> bool:
+        return isinstance(other, CONDXSR)
+
+    def concat(self, others) -> "XSRBatch":
+        key = tuple(id(o) for o in others)
+        hit = self._memo.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit.parts[1:], others)):
+            hit = XSRBatch([self, *others])
+            self._memo[key] = hit
+        return hit
+
+    def size(self) -> list[int]:
+        return [self.batch, 1]
+
+    def stats_for(self, adapter: AdaINAdapter):
+        """This entry's adapter statistics (computed once per adapter, on its device)."""
+        hit = self._stats.get(id(adapter))
+        if hit is None or hit[0] is not adapter:
+            p = adapter.head.weight
+            with torch.no_grad():
+                stats = adapter.compute_stats(self.embed.to(device=p.device, dtype=p.dtype))
+            hit = (adapter, stats)
+            self._stats[id(adapter)] = hit
+        return hit[1]
+
+
+class XSRBatch:
+    """The XSR entries of one batched model call, in batch order (memoised across sampling steps)."""
+
+    def __init__(self, parts: list[CONDXSR]):
+        self.parts = parts
+        self.rows = tuple(p.active for p in parts for _ in range(p.batch))
+        self._stats: dict[int, tuple[Any, Any]] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def stats_for(self, adapter: AdaINAdapter):
+        """AdapterStats with one row per batch row (null rows: zeros, never applied); cached."""
+        hit = self._stats.get(id(adapter))
+        if hit is not None and hit[0] is adapter:
+            return hit[1]
+        actives = [p for p in self.parts if p.active]
+        if not actives:
+            stats = None
+        elif len(self.parts) == 1:
+            stats = self.parts[0].stats_for(adapter)
+        else:
+            per = [p.stats_for(adapter) if p.active else None for p in self.parts]
+            ref = next(s for s in per if s is not None)
+            mu = torch.cat([s.mu if s is not None else ref.mu.new_zeros(p.batch, ref.mu.shape[1])
+                            for s, p in zip(per, self.parts)])
+            sigma = torch.cat([s.sigma if s is not None else ref.sigma.new_ones(p.batch, ref.sigma.shape[1])
+                               for s, p in zip(per, self.parts)])
+            stats = AdapterStats(ref.layout, mu, sigma, ref.gates, ref.active, ref.eps)
+        self._stats[id(adapter)] = (adapter, stats)
+        return stats
 
 
 @dataclass
@@ -59,7 +149,7 @@ class _Active:
 
     runtime: "AdaINRuntime"
     stats: Any
-    rows: torch.Tensor | None  # bool (B,) or None for all rows
+    rows: tuple[bool, ...] | None  # which batch rows get the adapter (None: all)
 
 
 _CURRENT: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("xsr_adain_current", default=None)
@@ -83,24 +173,25 @@ class AdaINRuntime:
     def adapter(self) -> AdaINAdapter:
         return self.adapter_patcher.model
 
+    @property
+    def full_window(self) -> bool:
+        return self.start_percent <= 0.0 and self.end_percent >= 1.0
+
     def in_window(self, sigma: torch.Tensor | float | None) -> bool:
-        if self.sigma_range is None or sigma is None:
+        if self.full_window or self.sigma_range is None or sigma is None:
             return True
-        s = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)
+        s = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)  # one sync, partial windows only
         hi, lo = self.sigma_range
         return lo <= s <= hi
 
-    def activate(self, embed: torch.Tensor | None, active: torch.Tensor | None, sigma: Any) -> _Active | None:
+    def activate(self, batch: Any, sigma: Any) -> _Active | None:
         """The per-forward state, or None when nothing is to be applied."""
-        if embed is None or self.strength == 0.0 or not self.in_window(sigma):
+        if not isinstance(batch, XSRBatch) or self.strength == 0.0 or not self.in_window(sigma):
             return None
-        adapter = self.adapter
-        p = adapter.head.weight
-        with torch.no_grad():
-            stats = adapter.compute_stats(embed.to(device=p.device, dtype=p.dtype))
-        rows = None
-        if active is not None:
-            rows = active.reshape(active.shape[0], -1)[:, 0] > 0.5
+        stats = batch.stats_for(self.adapter)
+        if stats is None:
+            return None
+        rows = None if all(batch.rows) else batch.rows
         return _Active(self, stats, rows)
 
 
@@ -109,8 +200,9 @@ def _apply(block_id: str, site: str, h: torch.Tensor, state: _Active) -> torch.T
     if block_id not in adapter.layout.index:
         return h
     rows = state.rows
-    if rows is not None and rows.shape[0] != h.shape[0]:
-        # ComfyUI may run a sub-batch (e.g. uncond alone); without matching rows nothing is applied
+    if state.stats.batch not in (1, h.shape[0]):
+        # not the batch the conditioning described (should not happen): leave the activation alone
+        logger.warning("XSR adapter: stats for %d rows, activation has %d; skipped", state.stats.batch, h.shape[0])
         return h
     return adapter.apply(block_id, site, h, state.stats, strength=state.runtime.strength, rows=rows)
 
@@ -202,9 +294,7 @@ def _comfy_block_path(block_id: str) -> str:
 
 def _diffusion_model_wrapper(runtime: AdaINRuntime):
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        embed = kwargs.pop(EMBED_KEY, None)
-        active = kwargs.pop(ACTIVE_KEY, None)
-        state = runtime.activate(embed, active, transformer_options.get("sigmas"))
+        state = runtime.activate(kwargs.pop(XSR_KEY, None), transformer_options.get("sigmas"))
         token = _CURRENT.set(state)
         try:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -227,24 +317,19 @@ def _calc_cond_batch_wrapper(runtime: AdaINRuntime):
 
 
 def _fill_null_embeddings(conds: list, apply_to: str) -> list:
-    """Give every conditioning without E a matching entry (null E, or the positive's with "both")."""
+    """Give every conditioning without E a matching entry (null, or the positive's with "both")."""
     template = None
     for group in conds:
         for c in group or []:
-            mc = c.get("model_conds", {})
-            if EMBED_KEY in mc:
-                template = mc
+            x = c.get("model_conds", {}).get(XSR_KEY)
+            if isinstance(x, CONDXSR) and x.active:
+                template = x
                 break
         if template is not None:
             break
     if template is None:
         return conds
-    e = template[EMBED_KEY].cond
-    if apply_to == "both":
-        null_e, null_a = template[EMBED_KEY], template[ACTIVE_KEY]
-    else:
-        null_e = comfy.conds.CONDRegular(torch.zeros_like(e))
-        null_a = comfy.conds.CONDRegular(torch.zeros(e.shape[0], 1, dtype=e.dtype, device=e.device))
+    filler = template if apply_to == "both" else template.null()
     out = []
     for group in conds:
         if group is None:
@@ -253,9 +338,9 @@ def _fill_null_embeddings(conds: list, apply_to: str) -> list:
         new_group = []
         for c in group:
             mc = c.get("model_conds", {})
-            if EMBED_KEY not in mc:
+            if XSR_KEY not in mc:
                 c = dict(c)
-                c["model_conds"] = {**mc, EMBED_KEY: null_e, ACTIVE_KEY: null_a}
+                c["model_conds"] = {**mc, XSR_KEY: filler}
             new_group.append(c)
         out.append(new_group)
     return out
@@ -317,7 +402,7 @@ class XSRControlNet(comfy.controlnet.ControlNet):
         runtime = self.xsr_runtime
         state = None
         if runtime is not None:
-            state = runtime.activate(cond.get(EMBED_KEY), cond.get(ACTIVE_KEY), t)
+            state = runtime.activate(cond.get(XSR_KEY), t)
         token = _CURRENT.set(state)
         try:
             return super().get_control(x_noisy, t, cond, batched_number, transformer_options)

@@ -6,11 +6,10 @@ import logging
 
 import torch
 
-import comfy.conds
 import comfy.model_management
 from comfy_api.latest import io, ui
 
-from .comfy_binding import ACTIVE_KEY, EMBED_KEY
+from .comfy_binding import XSR_KEY, CONDXSR
 from .common import XSRModels, XSRRefs, throw_if_interrupted
 
 logger = logging.getLogger(__name__)
@@ -85,12 +84,7 @@ class XSREnhance(io.ComfyNode):
             texts.append(text)
         cond, pooled = encode_texts(clip, texts)
         E = E.float().to(comfy.model_management.intermediate_device())
-        opts = {
-            "model_conds": {
-                EMBED_KEY: comfy.conds.CONDRegular(E),
-                ACTIVE_KEY: comfy.conds.CONDRegular(torch.ones(E.shape[0], 1)),
-            }
-        }
+        opts = {"model_conds": {XSR_KEY: CONDXSR(E)}}
         if pooled is not None:
             opts["pooled_output"] = pooled
         caption_text = "\n".join(texts)

@@ -84,7 +84,8 @@ def comfy_eps(patcher, sigma, active, control_obj=None, embed=E):
     t = base.model_sampling.timestep(s).float()
     kwargs = {}
     if embed is not None:
-        kwargs = {binding.EMBED_KEY: embed, binding.ACTIVE_KEY: active}
+        parts = [binding.CONDXSR(embed[i : i + 1], bool(active[i, 0] > 0.5)) for i in range(embed.shape[0])]
+        kwargs = {binding.XSR_KEY: parts[0].concat(parts[1:])}
     ctrl = None
     if control_obj is not None:
         c = control_obj.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))

@@ -57,6 +57,9 @@ def test_strength_zero_is_bit_identical_to_graph_without_xsr_patches(comfy, lr8)
     del plain["patch"]
     ref = comfy.output_images(comfy.run(plain), "save")[0]
     assert np.array_equal(_pixels(xsr), _pixels(ref))
+    # the zoo's adapter has non-zero gates: at strength 1 the image embedding changes the result
+    one = comfy.output_images(comfy.run(graph(lr8, strength=1.0)), "save")[0]
+    assert not np.array_equal(_pixels(one), _pixels(ref))
 
 
 def test_batch_of_two_lr_images(comfy, lr8):

@@ -470,6 +470,8 @@ class AdaINAdapter(nn.Module):
         """(block, gate) pairs whose gate is non-zero. One host sync, then cached until the gates change
         (in-place updates bump the tensor's version counter; ``.to()`` / ``load_state_dict`` change it too)."""
         g = self.gates
+        if g.is_inference():  # made under inference_mode (ComfyUI loaders): no version counter to key a cache on
+            return frozenset((int(i), int(j)) for i, j in torch.nonzero(g.detach()).cpu().tolist())
         key = (g.data_ptr(), g._version, g.device, g.dtype)
         if self._active_cache is None or self._active_cache[0] != key:
             nz = torch.nonzero(g.detach()).cpu().tolist()

@@ -343,13 +343,22 @@ def _write_optional_parts(out: Path, seed: int, *, xsr: bool) -> dict[str, Path]
 
 
 def write_random_adapter(path: Path, *, embed_dim: int, seed: int = 0, unet_config: dict | None = None) -> Path:
-    """A random-init AdaIN adapter for the tiny U-Net (+ControlNet). Gates stay 0 (identity), as after init."""
+    """A random AdaIN adapter for the tiny U-Net (+ControlNet).
+
+    Unlike a freshly initialised adapter (zero gates = identity), its gates and projector are random
+    and non-zero, so graphs on the tiny zoo exercise every adapter site.
+    """
     from ..adapter import AdaINAdapter, AdaINAdapterConfig
     from ..weights import save_model
 
     torch.manual_seed(seed)
     cfg = AdaINAdapterConfig.from_unet_config(unet_config or TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True)
-    return save_model(AdaINAdapter(cfg), path)
+    adapter = AdaINAdapter(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        adapter.head.weight.normal_(0.0, 0.2, generator=g)
+        adapter.gates.uniform_(0.2, 0.8, generator=g)
+    return save_model(adapter, path)
 
 
 def write_demo_refdb(db_dir: Path, encoder: Path, *, seed: int = 0, n: int = 24) -> Path:
