@@ -74,7 +74,8 @@ def _load_clip_vision(ckpt_path):
     raw = (metadata or {}).get("xsr.clip_vision_config")
     if raw is None:
         return None
-    config = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, **json.loads(raw)}
+    config = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_channels": 3,
+              **json.loads(raw)}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
     try:

@@ -1,0 +1,333 @@
+"""End-to-end x16 (32 -> 512) through ComfyUI in-process: XSR graph vs the same graph without XSR nodes.
+
+Real-size models with random weights (timing does not depend on weight values): SD1.5 U-Net,
+SD1.5 ControlNet, SD VAE (AutoencoderKL), CLIP-L text encoder, CLIP ViT-L/14 vision encoder, XSR
+RFA / I2T (distilgpt2-size decoder) / AdaIN adapter, and a reference DB of 256 procedural images built
+with that ViT-L/14. fp16 on CUDA. For each step count (20, 50; CFG 7, euler) it times, per image, the
+whole prompt with a new LR image each run (so PrepareLR, Retrieve, Enhance, sampling, decode and the
+colour fix all run; model loaders stay cached as in real use):
+
+- ``baseline``: LR -> bicubic x16 hint -> SD1.5 + ControlNet (fixed prompt) -> VAE decode
+- ``xsr``: the full xsr_x16 graph (retrieval, I2T caption + embedding, AdaIN-patched U-Net/ControlNet)
+
+and, with ``--compile``, both again with ComfyUI's TorchCompileModel node on the U-Net. Reports median
+seconds, the XSR overhead ratio and peak VRAM; writes bench/results/e2e_<device>.{json,md}.
+
+    python bench/bench_e2e.py --comfy /path/to/ComfyUI [--compile] [--runs 3]
+    python bench/bench_e2e.py --comfy .comfyui/ComfyUI --tiny      # CPU smoke test with tiny widths
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+    "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+          "layers_per_block": 2, "sample_size": 512,
+          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
+CLIP_L_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"}
+
+
+def _stub_av() -> None:
+    """PyAV is only needed by ComfyUI's video types; the GPU image lacks it. Stub it for this benchmark."""
+    try:
+        import av  # noqa: F401
+        return
+    except ImportError:
+        pass
+    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video", "av.video.frame",
+                 "av.audio", "av.audio.frame", "av.error"):
+        mod = types.ModuleType(name)
+        mod.__path__ = []  # package-like
+        sys.modules[name] = mod
+    sys.modules["av.container"].InputContainer = type("InputContainer", (), {})
+    sys.modules["av.container"].OutputContainer = type("OutputContainer", (), {})
+    sys.modules["av.subtitles.stream"].SubtitleStream = type("SubtitleStream", (), {})
+    sys.modules["av.video.frame"].VideoFrame = type("VideoFrame", (), {})
+    sys.modules["av.audio.frame"].AudioFrame = type("AudioFrame", (), {})
+    sys.modules["av"].time_base = 1
+
+
+def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
+    from xsr_core.models.i2t import I2T, I2TConfig, save_i2t
+    from xsr_core.models.rfa import RFA, RFAConfig
+    from xsr_core.refdb import BuildConfig, build_db
+    from xsr_core.testing import zoo
+    from xsr_core.testing.synthetic import write_synthetic_images
+    from xsr_core.testing.tiny_models import train_tiny_gpt2_tokenizer
+    from xsr_core.weights import save_model
+
+    torch.manual_seed(0)
+    half = torch.float16 if device == "cuda" else torch.float32
+    unet_cfg = dict(zoo.TINY_UNET_CONFIG) if tiny else SD15_UNET
+    text_cfg = dict(zoo.TINY_TEXT_CONFIG) if tiny else CLIP_L_TEXT
+    vis_cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 224, "patch_size": 14, "projection_dim": 32} if tiny else CLIP_L_VISION
+    names = {"unet": "sd15_unet.safetensors", "cn": "sd15_controlnet.safetensors", "vae": "sd_vae.safetensors",
+             "clip": "clip_l.safetensors", "cv": "clip_vit_l14.safetensors"}
+    for sub in ("diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+
+    def save(module, path, prefix_fix=None):
+        sd = {k: v.to(half).contiguous() for k, v in module.state_dict().items() if v.is_floating_point()}
+        if prefix_fix:
+            sd = {(k if k.startswith(prefix_fix) else prefix_fix + k): v for k, v in sd.items()}
+        save_file(sd, str(path))
+
+    if tiny:
+        # ComfyUI's separate loaders only detect stock widths: the tiny run uses the zoo's single-file
+        # checkpoint (registered by the test-support pack) through CheckpointLoaderSimple instead
+        unet, text, vae, cn = zoo.build_tiny_sd(0)
+        (models / "checkpoints").mkdir(exist_ok=True)
+        zoo.write_sd_checkpoint(unet, text, vae, models / "checkpoints" / "tiny.safetensors")
+        zoo.write_controlnet(cn, models / "controlnet" / names["cn"])
+        names["ckpt"] = "tiny.safetensors"
+    else:
+        unet = zoo.randomize_(UNet2DConditionModel(**unet_cfg), 0)
+        save(unet, models / "diffusion_models" / names["unet"])
+        save(zoo.randomize_(ControlNetModel.from_unet(unet), 1), models / "controlnet" / names["cn"])
+        save(zoo.randomize_(AutoencoderKL(**SD_VAE), 2), models / "vae" / names["vae"])
+        save(zoo.randomize_(CLIPTextModel(CLIPTextConfig(**text_cfg)), 3), models / "text_encoders" / names["clip"],
+             "text_model.")
+    del unet
+    cv = zoo.randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**vis_cfg)), 4)
+    sd = {k: v.to(half).contiguous() for k, v in cv.state_dict().items() if v.is_floating_point()}
+    sd = {(k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k): v for k, v in sd.items()}
+    meta = {"xsr.clip_vision_config": json.dumps(vis_cfg)} if tiny else None
+    save_file(sd, str(models / "clip_vision" / names["cv"]), metadata=meta)
+    del cv
+
+    d = vis_cfg["hidden_size"]
+    tok = train_tiny_gpt2_tokenizer()
+    rfa_cfg = RFAConfig(clip_dim=d, width=32, depth=1, heads=2, out_dim=d) if tiny else RFAConfig()
+    save_model(RFA(rfa_cfg), models / "xsr" / "rfa.safetensors")
+    dec = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}
+    if tiny:
+        dec.update(n_embd=32, n_layer=2, n_head=2)
+    i2t_cfg = I2TConfig(clip_dim=d, width=32 if tiny else 1024, depth=1 if tiny else 4, heads=2 if tiny else 16,
+                        decoder=dec, clip_text_dim=text_cfg["hidden_size"])
+    save_i2t(I2T(i2t_cfg), models / "xsr" / "i2t.safetensors", tok)
+    ad = AdaINAdapter(AdaINAdapterConfig.from_unet_config(unet_cfg, embed_dim=d, include_controlnet=True))
+    with torch.no_grad():
+        ad.gates.uniform_(0.05, 0.2)  # every site active, as a trained adapter
+    save_model(ad, models / "xsr" / "adain_adapter.safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_images(tmp, 64 if tiny else 256, size=256)
+        build_db(models / "xsr_refdb" / "bench", models / "clip_vision" / names["cv"], images=tmp,
+                 config=BuildConfig(mode="packed", workers=0, device=device, progress=False))
+    return names
+
+
+def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, compile_: bool) -> dict[str, dict]:
+    from xsr_core.demo import xsr_graph
+
+    xsr = xsr_graph(lr_name, ckpt=names.get("ckpt", "unused"), controlnet=names["cn"], clip_vision=names["cv"], refdb="bench",
+                    steps=steps, seed=seed)
+    loaders = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}},
+        "clipl": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
+    }
+    remap = {0: ["unet", 0], 1: ["clipl", 0], 2: ["vae", 0]}
+
+    def relink(g):
+        if "ckpt" in names:  # tiny: keep the single-file checkpoint loader
+            g["ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt"]}}
+            if compile_:
+                g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
+                g["sample"]["inputs"]["model"] = ["compile", 0]
+            return g
+        del g["ckpt"]
+        for node in g.values():
+            for k, v in node["inputs"].items():
+                if isinstance(v, list) and v[0] == "ckpt":
+                    node["inputs"][k] = list(remap[v[1]])
+        g.update(json.loads(json.dumps(loaders)))
+        if compile_:
+            g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
+            g["sample"]["inputs"]["model"] = ["compile", 0]
+        return g
+
+    base = {
+        "lr": xsr["lr"],
+        "up": {"class_type": "ImageScale", "inputs": {"image": ["lr", 0], "upscale_method": "bicubic", "width": 512,
+                                                     "height": 512, "crop": "disabled"}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "ckpt": {"class_type": "none", "inputs": {}},
+        "cn": xsr["cn"],
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a high quality, detailed photo"}},
+        "neg": xsr["neg"],
+        "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {**xsr["apply"]["inputs"], "positive": ["pos", 0],
+                                                                     "control_net": ["cn", 0], "image": ["up", 0]}},
+        "sample": {"class_type": "KSampler", "inputs": {**xsr["sample"]["inputs"], "model": ["ckpt", 0], "latent_image": ["lat", 0]}},
+        "decode": xsr["decode"],
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "bench_base"}},
+    }
+    return {"baseline": relink(base), "xsr": relink(xsr)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap.add_argument("--steps", default="20,50")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    _stub_av()
+    sys.path.insert(0, os.path.abspath(args.comfy))
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    comfy.cli_args.args.disable_api_nodes = True
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="xsr_e2e_"))
+    models = work / "models"
+    t0 = time.time()
+    names = make_models(models, args.tiny, device)
+    print(f"models written in {time.time() - t0:.0f} s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    import folder_paths
+
+    folder_paths.set_output_directory(str(work / "output"))
+    folder_paths.set_input_directory(str(work / "input"))
+    folder_paths.set_temp_directory(str(work / "temp"))
+    for sub in ("checkpoints", "diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
+        folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
+    cn_dir = work / "custom_nodes"
+    cn_dir.mkdir(exist_ok=True)
+    link = cn_dir / "comfyui-xsr"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    extra = []
+    if args.tiny:
+        sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
+        (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(cn_dir)], set())
+    import utils.extra_config  # noqa: F401  (ComfyUI: before nodes)
+    import nodes
+    import execution
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+    class Server:
+        client_id = None
+        last_node_id = None
+        last_prompt_id = None
+
+        def send_sync(self, *a, **k):
+            pass
+
+        def queue_updated(self):
+            pass
+
+    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    from PIL import Image
+
+    from xsr_core.testing.synthetic import synthetic_image
+
+    inp = Path(folder_paths.get_input_directory())
+    inp.mkdir(parents=True, exist_ok=True)
+    counter = [0]
+
+    def new_lr() -> str:
+        counter[0] += 1
+        name = f"lr_{counter[0]:04d}.png"
+        synthetic_image(1000 + counter[0], 256).resize((32, 32), Image.BICUBIC).save(inp / name)
+        return name
+
+    def run(prompt) -> float:
+        pid = uuid.uuid4().hex
+        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
+        if not ok:
+            raise RuntimeError(f"invalid prompt: {err} {node_errors}")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        executor.execute(prompt, pid, {}, outputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if not executor.success:
+            raise RuntimeError(f"execution failed: {executor.status_messages[-3:]}")
+        return time.perf_counter() - t
+
+    steps_list = [int(s) for s in args.steps.split(",")]
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "date": datetime.date.today().isoformat(),
+               "torch": torch.__version__, "command": " ".join(["python", "bench/bench_e2e.py", *(argv or sys.argv[1:])]),
+               "tiny": args.tiny, "rows": []}
+    modes = [False, True] if args.compile else [False]
+    for compile_ in modes:
+        for steps in steps_list:
+            for kind in ("baseline", "xsr"):
+                times = []
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                for i in range(args.runs + 1):
+                    g = graphs(new_lr(), names, steps, seed=i, compile_=compile_)[kind]
+                    dt = run(g)
+                    if i > 0:
+                        times.append(dt)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                row = {"graph": kind, "steps": steps, "compile": compile_, "median_s": statistics.median(times),
+                       "runs": times, "peak_vram_gib": peak}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    lines = [f"# End-to-end x16 (32->512), ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}",
+             "", f"`{results['command']}`", "",
+             "| compile | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |", "|---|---|---|---|---|---|"]
+    for compile_ in modes:
+        for steps in steps_list:
+            b = next(r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["compile"] == compile_)
+            x = next(r for r in results["rows"] if r["graph"] == "xsr" and r["steps"] == steps and r["compile"] == compile_)
+            ov = x["median_s"] / b["median_s"] - 1
+            x["overhead"] = ov
+            pk = f"{x['peak_vram_gib']:.2f}" if x["peak_vram_gib"] is not None else "-"
+            lines.append(f"| {compile_} | {steps} | {b['median_s']:.3f} | {x['median_s']:.3f} | {ov * 100:+.1f} % | {pk} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+    (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"e2e_{tag}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
