@@ -28,12 +28,17 @@ ZOO = {"v1-5-pruned-emaonly.safetensors": CHECKPOINT_NAME, "control_v11f1e_sd15_
        "clip_vision_l.safetensors": CLIP_VISION_NAME, "xsr_refdb": DEMO_REFDB}
 REAL_MODELS = {"v1-5-pruned-emaonly.safetensors", "control_v11f1e_sd15_tile_fp16.safetensors", "clip_vision_l.safetensors"}
 XSS = "<img src=x onerror=window.__xss=1>"
-# console noise of an offline frontend that is not ours (release notes / registry look-ups)
-IGNORED_CONSOLE = re.compile(r"Failed to load resource|net::ERR_|api\.comfy\.org|releases|Failed to fetch", re.I)
+# console errors that concern this pack (the offline frontend logs its own: 404 templates, CSP-blocked registry calls)
+OURS = re.compile(r"xsr", re.I)
+OURS_JS = "/extensions/comfyui-xsr/"
+NOISE = re.compile(r"Content Security Policy|Failed to load resource")  # offline registry look-ups, 404 thumbnails
+SCHEMA = re.compile(r"Invalid workflow|zod", re.I)
 
 APP_READY = """() => {
   const app = window.comfyAPI?.app?.app;
-  return !!(app && app.graph && app.canvas && app.extensions?.some((e) => e.name === "xsr.gallery"));
+  const types = window.LiteGraph?.registered_node_types ?? {};
+  return !!(app?.graph && app.canvas && types.KSampler && types.XSR_Retrieve && types.XSR_Enhance
+            && app.extensions?.some((e) => e.name === "xsr.gallery"));
 }"""
 
 LOAD = """async (wf) => {
@@ -46,7 +51,10 @@ LOAD = """async (wf) => {
     app.showMissingNodesError = origNodes; app.showMissingModelsError = origModels;
   }
   const p = await app.graphToPrompt();
-  return {missing: seen.missing, models: seen.models, types: app.graph.nodes.map((n) => n.type), output: p.output};
+  const alerts = [...document.querySelectorAll(".p-toast-message")].map((t) => t.textContent)
+    .filter((t) => /invalid workflow|zod|error/i.test(t));
+  document.querySelectorAll(".p-toast-message .p-toast-close-button").forEach((b) => b.click());
+  return {missing: seen.missing, models: seen.models, alerts, types: app.graph.nodes.map((n) => n.type), output: p.output};
 }"""
 
 
@@ -81,8 +89,11 @@ class PageErrors:
         page.on("console", self._console)
 
     def _console(self, msg):
-        if msg.type == "error" and not IGNORED_CONSOLE.search(msg.text):
+        url = str((msg.location or {}).get("url", ""))
+        if msg.type == "error" and (OURS_JS in url or (OURS.search(msg.text) and not NOISE.search(msg.text))):
             self.errors.append(f"console.error: {msg.text}")
+        elif msg.type == "warning" and SCHEMA.search(msg.text):  # the frontend's workflow validation
+            self.errors.append(f"console.warn: {msg.text}")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +113,7 @@ def test_workflow_loads_without_missing_nodes_and_matches_ui_to_api(page, comfy,
     wf = load_workflow(name)
     res = page.evaluate(LOAD, wf)
     assert res["missing"] is None, f"missing node types: {res['missing']}"
+    assert res["alerts"] == [], res["alerts"]
     assert sorted(res["types"]) == sorted(n["type"] for n in wf["nodes"])
     # the test server lacks the real SD/ControlNet/CLIP files: the frontend offers exactly those for download
     assert res["models"] is not None and {m["name"] for m in res["models"]} == REAL_MODELS
@@ -115,7 +127,7 @@ def test_workflow_loads_without_missing_nodes_and_matches_ui_to_api(page, comfy,
 
 def queue_and_wait(page, comfy, wf: dict, want_refs: int, timeout_ms: int = 240_000) -> None:
     res = page.evaluate(LOAD, wf)
-    assert res["missing"] is None and res["models"] is None, res
+    assert res["missing"] is None and res["models"] is None and res["alerts"] == [], res
     page.evaluate("""() => {
       const app = window.comfyAPI.app.app;
       for (const n of app.graph.nodes) for (const w of n.widgets ?? []) if (w.name?.startsWith("xsr_") && w.element) w.element.replaceChildren();
