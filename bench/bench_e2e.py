@@ -235,7 +235,6 @@ def main(argv=None) -> int:
     link = cn_dir / "comfyui-xsr"
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    extra = []
     if args.tiny:
         sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
         (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)

@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .adapter import XSRAdaINPatch
 from .enhance import XSREnhance
+from .folder import XSRLoadImageFolder
 from .image import XSRColorFix, XSRPrepareLR
 from .loaders import XSRLoadModels, XSRLoadReferenceDB
 from .retrieval import XSRRetrieve
@@ -21,6 +22,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     XSREnhance,
     XSRAdaINPatch,
     XSRColorFix,
+    XSRLoadImageFolder,
 ]
 
 

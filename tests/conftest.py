@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from xsr_core.comfy_server import ComfyServer, prepare_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +42,47 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     paths = write_zoo(root, seed=0, clip_tokenizer_dir=tok)
     paths["root"] = root
     return paths
+
+
+# --- live ComfyUI server (shared by tests/comfy and tests/browser) --------------------------------
+SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, comfy_dir, tiny_zoo):
+    """A running ComfyUI server (session-wide); stopped by PID at the end, log shown on failure."""
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfy_base"), REPO, extra_nodes=[SUPPORT])
+    models = base / "models"
+    for entry in Path(tiny_zoo["root"]).iterdir():
+        dst = models / entry.name
+        if not dst.exists():
+            dst.symlink_to(entry, target_is_directory=entry.is_dir())
+    server = ComfyServer(comfy_dir=comfy_dir, base_dir=base)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        log = server.log_text()
+        if "Traceback" in log:
+            (REPO / "out").mkdir(exist_ok=True)
+            shutil.copy(server.log_path, REPO / "out" / server.log_path.name)
+
+
+@pytest.fixture
+def write_png(tmp_path):
+    """write_png(array HxWxC uint8 or (w,h,mode), name) -> path of a PNG in tmp."""
+
+    def _write(spec, name="img.png"):
+        if isinstance(spec, tuple):
+            w, h, mode = spec
+            rng = np.random.default_rng(0)
+            arr = rng.integers(0, 256, (h, w, len(mode) if mode != "L" else 1), dtype=np.uint8)
+            img = Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode)
+        else:
+            img = Image.fromarray(spec)
+        p = tmp_path / name
+        img.save(p)
+        return p
+
+    return _write

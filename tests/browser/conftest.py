@@ -1,24 +1,14 @@
 """Browser tests: headless Chromium (Debian's /usr/bin/chromium) driving the real ComfyUI frontend.
 
-The live server is the ``comfy`` fixture of tests/comfy/conftest.py (imported here under its own
-module name; pytest would otherwise see two modules called ``conftest``).
+The live server is the session-wide ``comfy`` fixture of tests/conftest.py, shared with tests/comfy.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-from pathlib import Path
 
 import pytest
-
-_COMFY_CONFTEST = Path(__file__).resolve().parents[1] / "comfy" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("xsr_tests_comfy_conftest", _COMFY_CONFTEST)
-_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mod)
-comfy = _mod.comfy
-write_png = _mod.write_png
 
 CHROMIUM = os.environ.get("XSR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

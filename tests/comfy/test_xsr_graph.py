@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from comfy_helpers import png_size
-from xsr_core.comfy_server import ComfyError, execution_error
+from xsr_core.comfy_server import ComfyError
 from xsr_core.demo import xsr_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 
