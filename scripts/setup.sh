@@ -58,6 +58,10 @@ else
     "${pip[@]}" -r "$ROOT/scripts/comfyui-requirements.txt" 2>&1 | grep -v "is ignored" || true
     log "installing the XSR pack (editable) with extras [$EXTRAS]"
     "${pip[@]}" -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+    if [[ ",$EXTRAS," == *",eval,"* || ",$EXTRAS," == *",test,"* ]]; then
+        log "installing pyiqa's network definitions (no dependencies: see pyproject's eval extra)"
+        "${pip[@]}" --no-deps "pyiqa==0.1.16" 2>&1 | grep -v "is ignored" || true
+    fi
     "$VENV/bin/python" -c "import torch, torchvision, diffusers, transformers, faiss, xsr_core" \
         || { log "import check failed"; exit 1; }
     rm -f "$VENV"/.xsr-setup-*
