@@ -291,6 +291,13 @@ class AdapterStage(nn.Module):
         noisy = sched.add_noise(lat, noise, t)
         rows = (torch.rand(B) >= c.p_drop_image).tolist()
         stats = self.adapter.compute_stats(batch["E"])
+        if any(rows):
+            # Fold the per-site plans now, outside any checkpointed region: a plan built lazily inside the
+            # first forward would be a cache hit during the recomputation (gradient checkpointing needs
+            # the recomputed forward to save the same tensors).
+            key = None if all(rows) else tuple(rows)
+            for dt in {dtype, torch.float32, torch.bfloat16, torch.float16}:
+                stats.plan(1.0, key, B, dt, lat.device)
         self._ctx = contextlib.ExitStack()
         self._ctx.enter_context(self.binding.embedding(stats=stats, rows=rows))  # left open for backward (checkpointing)
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["hint"].to(noisy.dtype),

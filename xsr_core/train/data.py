@@ -104,13 +104,18 @@ def split_sizes(spec: str, n: int) -> tuple[int, int, int]:
             raise PrepareError(f"--split {spec} asks for {sum(counts)} images, only {n} unique usable images were "
                                "found; lower the counts or give fractions (e.g. 0.1,0.8,0.1)")
         return counts  # type: ignore[return-value]
-    tr, ref, te = (int(v * n) for v in vals)
-    for i, v in enumerate(vals):  # a non-zero fraction gets at least one image
-        if v > 0 and (tr, ref, te)[i] == 0:
-            tr, ref, te = [c + (j == i) for j, c in enumerate((tr, ref, te))]
-    if tr + ref + te > n:
+    counts = [int(v * n + 1e-9) for v in vals]
+    for i, v in enumerate(vals):  # a non-zero fraction gets at least one image, taken from the largest share
+        if v > 0 and counts[i] == 0:
+            counts[i] = 1
+            if sum(counts) > n:
+                big = max(range(3), key=lambda j: counts[j])
+                counts[big] -= 1
+    if abs(sum(vals) - 1.0) < 1e-9 and sum(counts) < n:  # fractions summing to 1 use every image
+        counts[1 if vals[1] > 0 else 0] += n - sum(counts)
+    if sum(counts) > n or any(v > 0 and c == 0 for v, c in zip(vals, counts)):
         raise PrepareError(f"{n} usable images are too few for --split {spec}")
-    return tr, ref, te
+    return counts[0], counts[1], counts[2]
 
 
 # ------------------------------------------------------------------------------ images
@@ -436,6 +441,9 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
     if not (captions or blip2 or list_caps):
         raise PrepareError("captions are needed for the I2T and adapter stages: give --captions FILE.jsonl|.csv, "
                            "a list file with PATH<TAB>CAPTION lines, or --blip2 MODEL_DIR to generate them")
+    if blip2 and not (Path(blip2) / "config.json").is_file():
+        raise PrepareError(f"--blip2 {blip2}: not a BLIP-2 model folder (no config.json); download e.g. "
+                           "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it")
     if not Path(encoder_path).is_file():
         raise PrepareError(f"--encoder {encoder_path}: no such CLIP vision .safetensors file")
     degrade = load_degradation(cfg.degradation)

@@ -265,8 +265,9 @@ def train_loop(
     """Train ``module`` (see the module docstring) for ``cfg.max_steps`` optimiser steps.
 
     ``evaluate(unwrapped_module, step)`` runs on the main process every ``cfg.eval_steps`` and at the
-    end. Returns ``{"step", "history" (logged losses), "eval" (last evaluation), "module" (unwrapped,
-    EMA weights copied in when EMA is on)}``.
+    end (and at step 0 of a fresh run when ``eval_steps`` > 0). Returns ``{"step", "history" (logged
+    losses), "eval" (last evaluation), "evals" (all evaluations), "module" (unwrapped, EMA weights
+    copied in when EMA is on)}``.
     """
     root = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -277,6 +278,9 @@ def train_loop(
     bs = effective_batch_size(cfg, n, world)
     steps_per_epoch = n // (bs * world)
     optimizer = make_optimizer(cfg, module)
+    logger.info("train_loop: processes: %d, device %s, per-process batch %d x %d accumulation, %d steps/epoch, "
+                "mixed precision %s", world, accelerator.device, bs, cfg.gradient_accumulation_steps, steps_per_epoch,
+                cfg.mixed_precision)
     ema = EMA(module, ema_decay) if ema_decay > 0 else None
     step = 0
     resume = resolve_resume(cfg)
@@ -289,6 +293,7 @@ def train_loop(
         accelerator.init_trackers("xsr", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
+    evals: list[dict[str, Any]] = []
     accum = cfg.gradient_accumulation_steps
     from tqdm.auto import tqdm
 
@@ -297,6 +302,13 @@ def train_loop(
     show = accelerator.is_local_main_process and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not show, desc="train")
     batches_iter = _batch_stream(dataset, collate, cfg, bs, steps_per_epoch, step * accum, rank, world)
+    if evaluate is not None and accelerator.is_main_process and step == 0 and cfg.eval_steps:
+        model.eval()
+        first = evaluate(raw, 0)  # the "before training" figure
+        with open(root / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": 0, "eval": first}) + "\n")
+        evals.append({"step": 0, **first})
+    accelerator.wait_for_everyone()
     model.train()
     running: dict[str, float] = {}
     while step < cfg.max_steps:
@@ -342,6 +354,7 @@ def train_loop(
             if evaluate is not None and accelerator.is_main_process:
                 model.eval()
                 last_eval = evaluate(raw, step)
+                evals.append({"step": step, **last_eval})
                 model.train()
                 with open(root / "log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
@@ -351,7 +364,7 @@ def train_loop(
     if ema is not None:
         ema.copy_to(raw)
     accelerator.end_training()
-    return {"step": step, "history": history, "eval": last_eval, "module": raw}
+    return {"step": step, "history": history, "eval": last_eval, "evals": evals, "module": raw}
 
 
 def _reduce_mean(accelerator: Any, row: dict[str, float]) -> dict[str, float]:

@@ -89,7 +89,7 @@ def retrieval_recall(queries: torch.Tensor, gallery_extra: torch.Tensor, db: Any
     return {f"recall@{k}": float((higher < k).float().mean()) for k in ks}
 
 
-def make_evaluator(cfg: RFATrainConfig):
+def make_evaluator(cfg: RFATrainConfig, distractors: torch.Tensor | None = None):
     """evaluate(rfa_stage, step) → recall@k of RFA queries and of raw LR CLS queries on ``eval_split``."""
     from ..refdb import ReferenceDB
 
@@ -98,7 +98,7 @@ def make_evaluator(cfg: RFATrainConfig):
     db_path = Path(cfg.data) / "refdb"
     db = ReferenceDB.open(db_path) if (db_path / "info.json").is_file() else None
     hr_cls, lr_cls = cache.stack("hr_cls"), cache.stack("lr_cls")
-    baseline = {f"baseline_lr_cls_{k}": v for k, v in retrieval_recall(lr_cls, hr_cls, db, ks).items()}
+    baseline = {f"baseline_lr_cls_{k}": v for k, v in retrieval_recall(lr_cls, hr_cls, db, ks, distractors).items()}
 
     def evaluate(stage: RFAStage, step: int) -> dict[str, float]:
         device = next(stage.parameters()).device
@@ -106,22 +106,25 @@ def make_evaluator(cfg: RFATrainConfig):
         for s in range(0, len(cache), 64):
             toks = torch.stack([cache.row(i, "lr_tokens") for i in range(s, min(len(cache), s + 64))]).float()
             preds.append(stage.rfa.query_embedding(toks.to(device)).cpu())
-        res = {f"rfa_{k}": v for k, v in retrieval_recall(torch.cat(preds), hr_cls, db, ks).items()}
+        res = {f"rfa_{k}": v for k, v in retrieval_recall(torch.cat(preds), hr_cls, db, ks, distractors).items()}
         res.update(baseline)
-        res["gallery"] = len(cache) + (db.n if db is not None else 0)
+        res["gallery"] = len(cache) + (db.n if db is not None else 0) + (len(distractors) if distractors is not None else 0)
         logger.info("step %d retrieval: %s", step, res)
         return res
 
     return evaluate
 
 
-def train_rfa(cfg: RFATrainConfig) -> dict[str, Any]:
-    """Train the RFA; writes ``output_dir/final/rfa.safetensors``; returns the loop result (+ ``path``)."""
+def train_rfa(cfg: RFATrainConfig, *, distractors: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train the RFA; writes ``output_dir/final/rfa.safetensors``; returns the loop result (+ ``path``).
+
+    ``distractors`` (m, D): extra HR CLS vectors added to the evaluation gallery (hard negatives).
+    """
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
     stage = RFAStage(build_rfa(cfg), cfg)
     dataset = CacheDataset(cfg.data, "train", ("lr_tokens", "hr_cls"))
-    evaluate = make_evaluator(cfg) if accelerator.is_main_process else None
+    evaluate = make_evaluator(cfg, distractors) if accelerator.is_main_process else None
     result = train_loop(cfg, accelerator, stage, dataset, evaluate=evaluate)
     if accelerator.is_main_process:
         result["path"] = save_model(result["module"].rfa.eval(), Path(cfg.output_dir) / "final" / "rfa.safetensors")
