@@ -125,9 +125,8 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
            "peak_mem_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if cuda else None,
            "trainable_params_m": sum(p.numel() for p in params) / 1e6}
     raw.binding.detach()
+    acc.free_memory(model, opt)  # accelerate keeps references to every prepared object otherwise
     del model, opt, stage, raw
-    if cuda:
-        torch.cuda.empty_cache()
     return out
 
 
@@ -195,8 +194,19 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
         results.append({"stage": f"1-{name}", "batch_per_process": bs, "processes": acc.num_processes,
                         "img_per_s": bs * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
                         "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None})
+        acc.free_memory(model, opt)
         del model, opt, raw
+        _release(acc)
     return results
+
+
+def _release(acc) -> None:
+    import gc
+
+    acc.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device_name(acc) -> str:
@@ -232,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = bench_stage2(acc, args.tiny, bs, ck, steps, warmup, res)
                 except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
                     r = {"stage": "2", "batch_per_process": bs, "grad_ckpt": ck, "resolution": res, "oom": True}
+                _release(acc)
                 rows.append(r)
                 if acc.is_main_process:
                     print(json.dumps(r), flush=True)
