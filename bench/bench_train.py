@@ -49,7 +49,12 @@ CLIP_L_TEXT = {
 
 
 def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt: bool):
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDPMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
@@ -126,7 +131,6 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
            "trainable_params_m": sum(p.numel() for p in params) / 1e6}
     raw.binding.detach()
     acc.free_memory(model, opt)  # accelerate keeps references to every prepared object otherwise
-    del model, opt, stage, raw
     return out
 
 
@@ -157,7 +161,8 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
         if name == "rfa":
             model = RFA(rcfg)
             tgt = torch.randn(bs, D, device=dev)
-            fn = lambda m: {"loss": torch.nn.functional.mse_loss(m(lr_t).float(), tgt)}  # noqa: E731
+            def fn(m, lr_t=lr_t, tgt=tgt):
+                return {"loss": torch.nn.functional.mse_loss(m(lr_t).float(), tgt)}
         else:
             model = I2T(icfg)
             text = CLIPTextModel(CLIPTextConfig(**text_cfg)).to(dev).requires_grad_(False).eval()
@@ -169,12 +174,13 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
             ids = torch.randint(0, V, (bs, L), device=dev)
             mask = torch.ones_like(ids)
             target = torch.randn(bs, text_cfg["hidden_size"], device=dev)
-            fn = lambda m: m.training_losses(lr_t, hr, ids, mask, refs, soft_text=soft, text_target=target)  # noqa: E731
+            def fn(m, a=(lr_t, hr, ids, mask, refs), soft=soft, target=target):
+                return m.training_losses(*a, soft_text=soft, text_target=target)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model, opt = acc.prepare(model, opt)
         raw = acc.unwrap_model(model)
 
-        def step():
+        def step(fn=fn, raw=raw, opt=opt):
             with acc.autocast():
                 loss = fn(raw)["loss"]
                 acc.backward(loss)
@@ -195,7 +201,6 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
                         "img_per_s": bs * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
                         "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None})
         acc.free_memory(model, opt)
-        del model, opt, raw
         _release(acc)
     return results
 

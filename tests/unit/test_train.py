@@ -7,7 +7,6 @@ by the test) serves every stage. Sizes are tiny; a few optimiser steps per stage
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -234,7 +233,7 @@ def test_i2t_stage(world, i2t_run):
     from xsr_core.models.i2t import load_i2t
 
     out, res = i2t_run
-    model, tok = load_i2t(out / "final" / "i2t.safetensors")
+    model, _ = load_i2t(out / "final" / "i2t.safetensors")
     assert model.config.clip_dim == 32 and model.config.num_tokens == 257
     ev = res["eval"]
     assert {"token_cos", "baseline_lr_token_cos", "clip_text_cos", "samples"} <= set(ev)
@@ -301,7 +300,11 @@ def test_bad_base_checkpoint_and_mismatched_controlnet(world, tmp_path):
     from safetensors.torch import save_file
 
     from xsr_core.testing.zoo import TINY_UNET_CONFIG, write_controlnet
-    from xsr_core.train.adapter import BaseModelError, check_sd1_checkpoint, load_controlnet
+    from xsr_core.train.adapter import (
+        BaseModelError,
+        check_sd1_checkpoint,
+        load_controlnet,
+    )
 
     unet_cfg = json.loads((world["diffusers"] / "unet" / "config.json").read_text())
     sdxl = tmp_path / "sdxl.safetensors"

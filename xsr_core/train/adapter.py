@@ -35,7 +35,7 @@ from ..weights import save_model
 from .config import AdapterTrainConfig
 from .data import load_items, load_png, read_prepare_info
 from .engine import make_accelerator, seed_everything, train_loop
-from .i2t import RefCache, _file_sha, build_ref_cache, clip_tokenize, refs_dir
+from .i2t import _file_sha, build_ref_cache, clip_tokenize, refs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,12 @@ def _check_unet_config(cfg: dict[str, Any], text_dim: int, where: str) -> None:
 
 def load_base(cfg: AdapterTrainConfig) -> dict[str, Any]:
     """unet, vae, text_encoder, tokenizer, scheduler, config_dir of the SD1.x base (all frozen)."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        DDPMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import AutoTokenizer, CLIPTextModel
 
     src = Path(cfg.pretrained)
@@ -147,7 +152,7 @@ def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
     from ..testing.zoo import unet_diffusers_to_ldm
 
     expected = unet_diffusers_to_ldm(fresh.state_dict(), dict(fresh.config), controlnet=True)
-    shapes = {k[len("control_model."):] if k.startswith("control_model.") else k: v for k, v in _header_shapes(p).items()}
+    shapes = {k.removeprefix("control_model."): v for k, v in _header_shapes(p).items()}
     missing = [k for k in expected if k not in shapes]
     wrong = [f"{k} {shapes[k]} != {tuple(v.shape)}" for k, v in expected.items() if k in shapes and shapes[k] != tuple(v.shape)]
     if missing or wrong:

@@ -13,7 +13,13 @@ import json
 import logging
 import sys
 
-from .config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig, add_config_arguments, config_from_args
+from .config import (
+    AdapterTrainConfig,
+    I2TTrainConfig,
+    RFATrainConfig,
+    add_config_arguments,
+    config_from_args,
+)
 from .data import PrepareConfig, PrepareError
 
 STAGES = {"rfa": RFATrainConfig, "i2t": I2TTrainConfig, "adapter": AdapterTrainConfig}

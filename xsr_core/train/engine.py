@@ -26,8 +26,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -295,9 +296,9 @@ def train_loop(
     last_eval: dict[str, float] = {}
     evals: list[dict[str, Any]] = []
     accum = cfg.gradient_accumulation_steps
-    from tqdm.auto import tqdm
-
     import sys
+
+    from tqdm.auto import tqdm
 
     show = accelerator.is_local_main_process and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not show, desc="train")

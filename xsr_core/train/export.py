@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
-
-import torch
 
 from ..adapter import AdaINAdapter
 from ..models.i2t import load_i2t, save_i2t
