@@ -128,6 +128,10 @@ def test_prepare_bad_inputs(tiny_zoo, tmp_path):
     empty.mkdir()
     with pytest.raises(PrepareError, match="no image files"):
         prepare(tmp_path / "d0", enc, images=str(empty), captions="x.jsonl")
+    from xsr_core.train.cli import main
+
+    assert main(["prepare", "--images", str(empty), "--out", str(tmp_path / "d0"), "--encoder", str(enc),
+                 "--captions", "x.jsonl"]) == 2  # the CLI reports the error and exits 2
     imgs = write_image_set(tmp_path / "imgs", n=4, size=128)
     with pytest.raises(PrepareError, match="--captions"):
         prepare(tmp_path / "d1", enc, images=str(imgs))
@@ -190,7 +194,9 @@ def test_rfa_checkpoints_and_resume_continue_exactly(world, tmp_path):
     from xsr_core.train.engine import list_checkpoints
     from xsr_core.train.rfa import train_rfa
 
-    full = train_rfa(_rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2))
+    full = train_rfa(_rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2,
+                              report_to="tensorboard"))
+    assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
     assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [4, 6]  # rotation kept the newest two
     assert json.loads((tmp_path / "full" / "checkpoint-6" / "config.json").read_text())["max_steps"] == 6
     train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=4))
