@@ -137,6 +137,9 @@ def test_prepare_bad_inputs(tiny_zoo, tmp_path):
         prepare(tmp_path / "d1", enc, images=str(imgs))
     with pytest.raises(PrepareError, match="BLIP-2 model folder"):
         prepare(tmp_path / "d2", enc, images=str(imgs), blip2=str(tmp_path / "no_blip2"))
+    with pytest.raises(ValueError, match="--degradation"):
+        prepare(tmp_path / "d1", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
+                config=PrepareConfig(degradation="no_such_module:f"))
     # a caption file missing entries names the images
     lines = (imgs / "captions.jsonl").read_text().splitlines()
     (tmp_path / "partial.jsonl").write_text("\n".join(lines[:1]) + "\n")

@@ -447,7 +447,7 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
                            "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it")
     if not Path(encoder_path).is_file():
         raise PrepareError(f"--encoder {encoder_path}: no such CLIP vision .safetensors file")
-    degrade = load_degradation(cfg.degradation)
+    load_degradation(cfg.degradation)  # fail early on a bad --degradation
     usable, bad = scan_images(paths, cfg)
     n_tr, n_ref, n_te = split_sizes(cfg.split, len(usable))
     items: list[dict[str, Any]] = []
@@ -471,7 +471,7 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
             raise PrepareError(f"list file {list_file} has no caption for {len(missing)} train/test images, e.g. "
                                f"{missing[:5]}; add PATH<TAB>CAPTION lines or pass --blip2")
     out.mkdir(parents=True, exist_ok=True)
-    _write_crops(out, items, degrade, cfg)
+    _write_crops(out, items, cfg)
     if blip2:
         todo = [it for it in need if not it.get("caption")]
         for it in todo:
@@ -486,24 +486,41 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
     return _encode_and_index(out, items, encoder_path, cfg, bad, (n_tr, n_ref, n_te))
 
 
-def _write_crops(out: Path, items: list[dict[str, Any]], degrade: Callable, cfg: PrepareConfig) -> None:
-    from tqdm.auto import tqdm
+class _CropDataset(torch.utils.data.Dataset):
+    """Decode → 512 crop → degradation → PNGs, one item per call (runs in DataLoader workers)."""
 
-    from ..refdb.images import decode_image
+    def __init__(self, out: Path, items: list[dict[str, Any]], cfg: PrepareConfig):
+        self.out, self.items, self.cfg = out, items, cfg
 
-    for it in tqdm(items, desc="crops", disable=len(items) < 100):
-        hr_p, lr_p = out / it["hr"], out / it["lr"]
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> str | None:
+        from ..refdb.images import decode_image
+
+        it, cfg = self.items[i], self.cfg
+        hr_p, lr_p = self.out / it["hr"], self.out / it["lr"]
         if hr_p.is_file() and lr_p.is_file():
-            continue
+            return None
         img = decode_image(Path(it["source"]).read_bytes(), min_side=1, what=it["source"])
         hr = center_crop_hr(img, cfg.hr_size)
         hr = (hr * 255).round() / 255  # what the PNG holds: the LR is made from exactly the stored HR
-        lr = degrade(hr, cfg.scale)
-        if tuple(lr.shape) != (1, cfg.hr_size // cfg.scale, cfg.hr_size // cfg.scale, 3):
-            raise PrepareError(f"degradation returned shape {tuple(lr.shape)}, expected (1, {cfg.hr_size // cfg.scale}, "
-                               f"{cfg.hr_size // cfg.scale}, 3)")
+        lr = load_degradation(cfg.degradation)(hr, cfg.scale)
+        side = cfg.hr_size // cfg.scale
+        if tuple(lr.shape) != (1, side, side, 3):
+            return f"degradation {cfg.degradation or 'make_lr'} returned shape {tuple(lr.shape)}, expected (1, {side}, {side}, 3)"
         _to_png(lr, lr_p)
-        _to_png(hr, hr_p)
+        _to_png(hr, hr_p)  # written last: its presence marks a finished item
+        return None
+
+
+def _write_crops(out: Path, items: list[dict[str, Any]], cfg: PrepareConfig) -> None:
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(_CropDataset(out, items, cfg), batch_size=None, num_workers=cfg.workers)
+    for err in tqdm(loader, total=len(items), desc="crops", disable=len(items) < 100):
+        if err:
+            raise PrepareError(err)
 
 
 def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str | os.PathLike, cfg: PrepareConfig,
