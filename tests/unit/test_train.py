@@ -336,3 +336,36 @@ def test_bad_base_checkpoint_and_mismatched_controlnet(world, tmp_path):
     with pytest.raises(BaseModelError, match="does not match the U-Net"):
         load_controlnet(str(cn_file), unet)
     assert load_controlnet(str(world["zoo"]["controlnet"]), unet) is not None
+
+
+def test_adapter_stage_prediction_types(world):
+    """The stage-2 target follows the scheduler: epsilon → noise, v_prediction → velocity, others refused."""
+    from diffusers import DDPMScheduler
+
+    from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
+    from xsr_core.train.adapter import AdapterStage, load_base, load_controlnet
+
+    cfg = AdapterTrainConfig(data="/d", output_dir="/o", rfa="r", i2t="i", pretrained=str(world["diffusers"]),
+                             clip_tokenizer=str(world["clip_tok"]), p_drop_text=0.0, p_drop_image=0.0)
+    base = load_base(cfg)
+    adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=32))
+    stage = AdapterStage(adapter, load_controlnet("", base["unet"]), base, cfg)
+    from xsr_core.train.i2t import clip_tokenize
+
+    stage.set_empty_prompt(*clip_tokenize(base["tokenizer"], [""]))
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixels": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "hint": torch.rand(2, 3, 64, 64, generator=g),
+             "E": torch.randn(2, 257, 32, generator=g), "clip_ids": torch.randint(0, 300, (2, 77), generator=g)}
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        stage.scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        prediction_type=kind)
+        torch.manual_seed(0)
+        losses[kind] = stage(batch)["mse"].item()
+        stage.end_step()
+    assert losses["epsilon"] != pytest.approx(losses["v_prediction"], rel=1e-3)
+    stage.scheduler = DDPMScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type"):
+        stage(batch)
+    stage.end_step()
+    stage.binding.detach()
