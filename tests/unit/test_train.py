@@ -1,0 +1,371 @@
+"""Training subpackage (issue #6): prepare → rfa → i2t → adapter → export on the tiny zoo (CPU).
+
+One module-scoped prepared data set (synthetic shapes with colour-determined fine textures, written
+by the test) serves every stage. Sizes are tiny; a few optimiser steps per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from xsr_core.train.config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig
+from xsr_core.train.data import PrepareConfig, PrepareError, load_items, prepare
+from xsr_core.train.synthetic import write_image_set
+
+N_IMAGES = 56
+SPLIT = "0.65,0.15,0.2"
+TINY_RFA = {"width": 64, "depth": 2, "heads": 4}
+TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny convolutions are far slower with 2 intra-op threads on a shared 2-core box; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_zoo, tmp_path_factory):
+    """Tiny zoo + prepared data + a CLIP tokenizer folder + trained RFA / I2T runs (few steps)."""
+    from xsr_core.testing.tiny_models import train_tiny_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    imgs = write_image_set(root / "imgs", n=N_IMAGES)
+    data = root / "data"
+    info = prepare(data, tiny_zoo["clip_vision"], images=str(imgs), captions=str(imgs / "captions.jsonl"),
+                   config=PrepareConfig(split=SPLIT, device="cpu"))
+    clip_tok = root / "cliptok"
+    train_tiny_clip_tokenizer(clip_tok)
+    return {"root": root, "imgs": imgs, "data": data, "info": info, "zoo": tiny_zoo, "clip_tok": clip_tok,
+            "diffusers": tiny_zoo["diffusers"]}
+
+
+def _rfa_cfg(world, out, **kw):
+    base = dict(data=str(world["data"]), output_dir=str(out), batch_size=8, max_steps=4, cpu=True, log_steps=1,
+                checkpointing_steps=2, model=TINY_RFA, learning_rate=1e-3)
+    return RFATrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def rfa_run(world):
+    from xsr_core.train.rfa import train_rfa
+
+    out = world["root"] / "rfa"
+    train_rfa(_rfa_cfg(world, out, max_steps=6))
+    return out
+
+
+@pytest.fixture(scope="module")
+def i2t_run(world, rfa_run):
+    from xsr_core.train.i2t import train_i2t
+
+    out = world["root"] / "i2t"
+    res = train_i2t(I2TTrainConfig(
+        data=str(world["data"]), output_dir=str(out), batch_size=4, max_steps=3, cpu=True, log_steps=1,
+        rfa=str(rfa_run / "final" / "rfa.safetensors"), decoder_dir=str(world["zoo"]["distilgpt2"]),
+        pretrained=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"]), model=TINY_I2T, sample_captions=2,
+        max_new_tokens=8))
+    return out, res
+
+
+def _adapter_cfg(world, rfa_run, i2t_run, out, **kw):
+    base = dict(data=str(world["data"]), output_dir=str(out), batch_size=2, max_steps=3, cpu=True, log_steps=1,
+                rfa=str(rfa_run / "final" / "rfa.safetensors"), i2t=str(i2t_run[0] / "final" / "i2t.safetensors"),
+                pretrained=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"]), resolution=64,
+                learning_rate=1e-3)
+    return AdapterTrainConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------------- prepare
+
+def test_prepare_layout_split_and_caches(world):
+    data, info = world["data"], world["info"]
+    items = load_items(data)
+    counts = {s: sum(it["split"] == s for it in items) for s in ("train", "reference", "test")}
+    assert counts == info["splits"] and sum(counts.values()) == N_IMAGES
+    # deterministic split by content hash: ordered by sha256 across the concatenated splits
+    order = [it["sha256"] for s in ("train", "reference", "test") for it in items if it["split"] == s]
+    assert order == sorted(order)
+    it = items[0]
+    from PIL import Image
+
+    assert Image.open(data / it["hr"]).size == (512, 512) and Image.open(data / it["lr"]).size == (32, 32)
+    assert all(i["caption"] for i in items if i["split"] != "reference")
+    from xsr_core.train.data import TokenCache
+
+    c = TokenCache(data, "train")
+    assert len(c) == counts["train"]
+    row = c.get(0)
+    assert row["lr_tokens"].shape == (257, 32) and row["hr_cls"].shape == (32,)
+    assert (data / "refdb" / "info.json").is_file()
+    from xsr_core.refdb import ReferenceDB
+
+    assert ReferenceDB.open(data / "refdb").n == counts["reference"]
+
+
+def test_prepare_is_resumable_and_deterministic(world, tmp_path):
+    """A second run over the same folder keeps everything (same items, same cache bytes)."""
+    data = world["data"]
+    before = (data / "items.jsonl").read_text()
+    shard = next((data / "cache" / "clip" / "train").glob("shard-*.safetensors"))
+    mtime = shard.stat().st_mtime_ns
+    prepare(data, world["zoo"]["clip_vision"], images=str(world["imgs"]), captions=str(world["imgs"] / "captions.jsonl"),
+            config=PrepareConfig(split=SPLIT, device="cpu"))
+    assert (data / "items.jsonl").read_text() == before
+    assert shard.stat().st_mtime_ns == mtime  # complete shard not rewritten
+
+
+def test_prepare_bad_inputs(tiny_zoo, tmp_path):
+    enc = tiny_zoo["clip_vision"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PrepareError, match="no image files"):
+        prepare(tmp_path / "d0", enc, images=str(empty), captions="x.jsonl")
+    from xsr_core.train.cli import main
+
+    assert main(["prepare", "--images", str(empty), "--out", str(tmp_path / "d0"), "--encoder", str(enc),
+                 "--captions", "x.jsonl"]) == 2  # the CLI reports the error and exits 2
+    imgs = write_image_set(tmp_path / "imgs", n=4, size=128)
+    with pytest.raises(PrepareError, match="--captions"):
+        prepare(tmp_path / "d1", enc, images=str(imgs))
+    with pytest.raises(PrepareError, match="BLIP-2 model folder"):
+        prepare(tmp_path / "d2", enc, images=str(imgs), blip2=str(tmp_path / "no_blip2"))
+    with pytest.raises(ValueError, match="--degradation"):
+        prepare(tmp_path / "d1", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
+                config=PrepareConfig(degradation="no_such_module:f"))
+    # a caption file missing entries names the images
+    lines = (imgs / "captions.jsonl").read_text().splitlines()
+    (tmp_path / "partial.jsonl").write_text("\n".join(lines[:1]) + "\n")
+    with pytest.raises(PrepareError, match="img_0003.png"):
+        prepare(tmp_path / "d3", enc, images=str(imgs), captions=str(tmp_path / "partial.jsonl"),
+                config=PrepareConfig(split="2,0,2", min_side=64))
+    # an unreadable image is named, and --skip_bad leaves it out
+    (imgs / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(PrepareError, match="broken.png"):
+        prepare(tmp_path / "d4", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
+                config=PrepareConfig(split="2,0,2", min_side=64))
+    assert not (tmp_path / "d4").exists()  # nothing written before the checks passed
+    with pytest.raises(PrepareError, match="asks for 9 images"):
+        prepare(tmp_path / "d5", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
+                config=PrepareConfig(split="3,3,3", min_side=64, skip_bad=True))
+
+
+def test_split_parsing():
+    from xsr_core.train.data import split_sizes
+
+    assert split_sizes("100000,800000,2000", 1_000_000) == (100000, 800000, 2000)
+    assert split_sizes("0.5,0.3,0.2", 10) == (5, 3, 2)
+    assert split_sizes("0.9,0.05,0.05", 10)[2] == 1  # a non-zero share gets at least one image
+    with pytest.raises(ValueError):
+        split_sizes("0.7,0.7,0.1", 10)
+    with pytest.raises(ValueError):
+        split_sizes("1,2", 10)
+
+
+# ----------------------------------------------------------------------------------- config
+
+def test_config_file_overrides_and_validation(tmp_path):
+    from xsr_core.train.cli import build_parser
+    from xsr_core.train.config import config_from_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("data: /d\noutput_dir: /o\nbatch_size: 3\nmax_steps: 7\nmodel: {width: 16}\n")
+    args = build_parser().parse_args(["rfa", "--config", str(f), "--max_steps", "9", "--cpu"])
+    cfg = config_from_args(RFATrainConfig, args)
+    assert (cfg.batch_size, cfg.max_steps, cfg.cpu, cfg.model) == (3, 9, True, {"width": 16})
+    f.write_text("data: /d\noutput_dir: /o\nbatch_sise: 3\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        config_from_args(RFATrainConfig, build_parser().parse_args(["rfa", "--config", str(f)]))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        RFATrainConfig(data="/d", output_dir="/o", mixed_precision="fp8")
+    with pytest.raises(ValueError, match="--rfa"):
+        I2TTrainConfig(data="/d", output_dir="/o", decoder_dir="x", pretrained="y")
+
+
+# ----------------------------------------------------------------------------------- rfa + resume
+
+def test_rfa_checkpoints_and_resume_continue_exactly(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from xsr_core.train.engine import list_checkpoints
+    from xsr_core.train.rfa import train_rfa
+
+    full = train_rfa(_rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2,
+                              report_to="tensorboard"))
+    assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
+    assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [4, 6]  # rotation kept the newest two
+    assert json.loads((tmp_path / "full" / "checkpoint-6" / "config.json").read_text())["max_steps"] == 6
+    train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=4))
+    res = train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest"))
+    assert [h["step"] for h in res["history"]] == [5, 6]
+    a = load_file(str(tmp_path / "full" / "final" / "rfa.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "rfa.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert {"rfa_recall@1", "rfa_recall@4", "baseline_lr_cls_recall@1", "baseline_lr_cls_recall@4"} <= set(full["eval"])
+
+
+def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):
+    """RFA recall of the correct HR among hard distractors (same LR, other textures) beats the raw LR CLS."""
+    from xsr_core.clip_vision import ClipVisionEncoder
+    from xsr_core.train.data import center_crop_hr
+    from xsr_core.train.rfa import train_rfa
+    from xsr_core.train.synthetic import TEXTURES, make_image
+
+    enc = ClipVisionEncoder.from_file(world["zoo"]["clip_vision"])
+    dis = []
+    for it in load_items(world["data"], "test"):
+        i = int(Path(it["source"]).stem.split("_")[1])
+        own = next(k for k, t in enumerate(TEXTURES) if t in it["caption"])
+        for k in range(len(TEXTURES)):
+            if k != own:
+                dis.append(enc.encode_images(center_crop_hr(make_image(i, texture=k)[0], 512)).cls)
+    res = train_rfa(_rfa_cfg(world, tmp_path / "learn", max_steps=120, batch_size=16, log_steps=20,
+                             checkpointing_steps=1000), distractors=torch.cat(dis))
+    ev = res["eval"]
+    print("RFA learning check:", {k: round(v, 3) for k, v in ev.items()})
+    assert ev["rfa_recall@1"] >= ev["baseline_lr_cls_recall@1"] + 0.2
+    assert ev["rfa_recall@4"] > ev["baseline_lr_cls_recall@4"]
+    assert res["history"][-1]["loss"] < 0.2 * res["history"][0]["loss"]
+
+
+# ----------------------------------------------------------------------------------- i2t, adapter, export
+
+def test_i2t_stage(world, i2t_run):
+    from xsr_core.models.i2t import load_i2t
+
+    out, res = i2t_run
+    model, _ = load_i2t(out / "final" / "i2t.safetensors")
+    assert model.config.clip_dim == 32 and model.config.num_tokens == 257
+    ev = res["eval"]
+    assert {"token_cos", "baseline_lr_token_cos", "clip_text_cos", "samples"} <= set(ev)
+    assert len(ev["samples"]) == 2 and all("generated" in s for s in ev["samples"])
+    assert {"token_cos", "caption_ce", "text_cos", "loss"} <= set(res["history"][0])
+    # the retrieval cache exists and holds K ids per training image
+    folder = next((world["data"] / "cache").glob("refs-*-k4"))
+    ids = json.loads((folder / "ids-train.json").read_text())
+    assert len(ids) == world["info"]["splits"]["train"] and all(len(r) == 4 for r in ids)
+
+
+def test_adapter_stage_export_and_round_trips(world, rfa_run, i2t_run, tmp_path):
+    from diffusers import ControlNetModel
+
+    from xsr_core.adapter import AdaINAdapter
+    from xsr_core.models.i2t import load_i2t
+    from xsr_core.models.rfa import RFA
+    from xsr_core.train.adapter import train_adapter
+    from xsr_core.train.export import export
+    from xsr_core.weights import load_model
+
+    out = tmp_path / "ad"
+    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, out, controlnet_train="controlnet_", ema_decay=0.9,
+                                     gradient_checkpointing=True, p_drop_image=0.5))
+    assert res["step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
+    models = tmp_path / "models"
+    paths = export(models, rfa=str(rfa_run), i2t=str(i2t_run[0]), adapter=str(out))
+    assert load_model(paths["rfa"], expected=RFA) is not None
+    assert load_i2t(paths["i2t"])[1] is not None
+    ad = load_model(paths["adain_adapter"], expected=AdaINAdapter)
+    assert ad.gates.abs().sum() > 0  # the gates moved away from 0
+    assert paths["controlnet"] == models / "controlnet" / "xsr_controlnet.safetensors"
+    cn = ControlNetModel.from_single_file(str(paths["controlnet"]), config=str(out / "final" / "controlnet"),
+                                          local_files_only=True)
+    ref = ControlNetModel.from_pretrained(str(out / "final" / "controlnet"))
+    a, b = cn.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_adapter_resume_and_single_file_base(world, rfa_run, i2t_run, tmp_path):
+    """Single-file SD checkpoint + user ControlNet file; a resumed run continues at the right step."""
+    from xsr_core.train.adapter import train_adapter
+
+    kw = dict(pretrained=str(world["zoo"]["checkpoint"]), pretrained_config=str(world["diffusers"]),
+              controlnet=str(world["zoo"]["controlnet"]), checkpointing_steps=1, controlnet_train="none")
+    train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "a", max_steps=2, **kw))
+    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "a", max_steps=3,
+                                     resume_from_checkpoint="latest", **kw))
+    assert [h["step"] for h in res["history"]] == [3]
+
+
+def test_adapter_loss_falls(world, rfa_run, i2t_run, tmp_path):
+    from xsr_core.train.adapter import train_adapter
+
+    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "fall", max_steps=12, batch_size=4,
+                                     eval_steps=12, p_drop_text=0.0, p_drop_image=0.0, checkpointing_steps=100))
+    first, last = res["evals"][0]["val_mse"], res["evals"][-1]["val_mse"]
+    print("stage-2 val mse:", first, "->", last)
+    assert last < 0.9 * first
+
+
+def test_bad_base_checkpoint_and_mismatched_controlnet(world, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from xsr_core.testing.zoo import TINY_UNET_CONFIG, write_controlnet
+    from xsr_core.train.adapter import (
+        BaseModelError,
+        check_sd1_checkpoint,
+        load_controlnet,
+    )
+
+    unet_cfg = json.loads((world["diffusers"] / "unet" / "config.json").read_text())
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(sdxl))
+    with pytest.raises(BaseModelError, match="SDXL"):
+        check_sd1_checkpoint(sdxl, unet_cfg)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other))
+    with pytest.raises(BaseModelError, match="no Stable Diffusion U-Net"):
+        check_sd1_checkpoint(other, unet_cfg)
+    with pytest.raises(BaseModelError, match="SD1.x"):  # via the stage entry point, before any training
+        from xsr_core.train.adapter import load_base
+
+        load_base(AdapterTrainConfig(data="/d", output_dir="/o", rfa="r", i2t="i", pretrained=str(sdxl),
+                                     pretrained_config=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"])))
+    wide = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": [32, 64, 64, 128]})
+    cn_file = write_controlnet(ControlNetModel.from_unet(wide), tmp_path / "cn_wrong.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(str(world["diffusers"]), subfolder="unet")
+    with pytest.raises(BaseModelError, match="does not match the U-Net"):
+        load_controlnet(str(cn_file), unet)
+    assert load_controlnet(str(world["zoo"]["controlnet"]), unet) is not None
+
+
+def test_adapter_stage_prediction_types(world):
+    """The stage-2 target follows the scheduler: epsilon → noise, v_prediction → velocity, others refused."""
+    from diffusers import DDPMScheduler
+
+    from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
+    from xsr_core.train.adapter import AdapterStage, load_base, load_controlnet
+
+    cfg = AdapterTrainConfig(data="/d", output_dir="/o", rfa="r", i2t="i", pretrained=str(world["diffusers"]),
+                             clip_tokenizer=str(world["clip_tok"]), p_drop_text=0.0, p_drop_image=0.0)
+    base = load_base(cfg)
+    adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=32))
+    stage = AdapterStage(adapter, load_controlnet("", base["unet"]), base, cfg)
+    from xsr_core.train.i2t import clip_tokenize
+
+    stage.set_empty_prompt(*clip_tokenize(base["tokenizer"], [""]))
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixels": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "hint": torch.rand(2, 3, 64, 64, generator=g),
+             "E": torch.randn(2, 257, 32, generator=g), "clip_ids": torch.randint(0, 300, (2, 77), generator=g)}
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        stage.scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        prediction_type=kind)
+        torch.manual_seed(0)
+        losses[kind] = stage(batch)["mse"].item()
+        stage.end_step()
+    assert losses["epsilon"] != pytest.approx(losses["v_prediction"], rel=1e-3)
+    stage.scheduler = DDPMScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type"):
+        stage(batch)
+    stage.end_step()
+    stage.binding.detach()

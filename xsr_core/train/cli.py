@@ -1,0 +1,93 @@
+"""``python -m xsr_core.train {prepare,rfa,i2t,adapter,export}`` (also ``xsr train ...``).
+
+Every training stage takes ``--config FILE.yaml|json`` plus one ``--option value`` per config field
+(flags override the file). Multi-GPU: ``accelerate launch --num_processes N -m xsr_core.train rfa ...``.
+See xsr_core/train/README.md for the full recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from .config import (
+    AdapterTrainConfig,
+    I2TTrainConfig,
+    RFATrainConfig,
+    add_config_arguments,
+    config_from_args,
+)
+from .data import PrepareConfig, PrepareError
+
+STAGES = {"rfa": RFATrainConfig, "i2t": I2TTrainConfig, "adapter": AdapterTrainConfig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xsr train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="split images, make 512/32 pairs, captions, CLIP caches, reference DB")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of HR images (recursive)")
+    src.add_argument("--list", dest="list_file", help="list file: PATH or PATH<TAB>CAPTION per line")
+    p.add_argument("--out", required=True, help="prepared data folder")
+    p.add_argument("--encoder", required=True, help="CLIP vision .safetensors (the one the nodes will use)")
+    p.add_argument("--captions", help="captions .jsonl ({'image','caption'} per line) or .csv (image,caption)")
+    p.add_argument("--blip2", help="local BLIP-2 model folder to caption images without one")
+    for f in dataclasses.fields(PrepareConfig):
+        typ = bool if f.type in (bool, "bool") else {"int": int, "str": str}.get(str(f.type), type(f.default))
+        if typ is bool:
+            p.add_argument(f"--{f.name}", action="store_true", help=f"(default: {f.default})")
+        else:
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"(default: {f.default})")
+    for name, cls in STAGES.items():
+        sp = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0])
+        add_config_arguments(sp, cls)
+    e = sub.add_parser("export", help="write trained weights into a ComfyUI models/ layout")
+    e.add_argument("--out", required=True, help="ComfyUI models/ folder")
+    e.add_argument("--rfa", help="rfa run folder (or rfa.safetensors)")
+    e.add_argument("--i2t", help="i2t run folder (or i2t.safetensors)")
+    e.add_argument("--adapter", help="adapter run folder (holds final/adain_adapter.safetensors + final/controlnet)")
+    e.add_argument("--name", default="xsr", help="ControlNet file name stem (default: xsr -> xsr_controlnet.safetensors)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "prepare":
+            from .data import prepare
+
+            cfg = PrepareConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareConfig)})
+            info = prepare(args.out, args.encoder, images=args.images, list_file=args.list_file,
+                           captions=args.captions, blip2=args.blip2, config=cfg)
+            print(json.dumps({"splits": info["splits"], "skipped": len(info["skipped"])}, indent=2))
+            return 0
+        if args.cmd == "export":
+            from .export import export
+
+            paths = export(args.out, rfa=args.rfa, i2t=args.i2t, adapter=args.adapter, name=args.name)
+            for k, v in paths.items():
+                print(f"{k:12s} {v}")
+            return 0
+        cfg = config_from_args(STAGES[args.cmd], args)
+        if args.cmd == "rfa":
+            from .rfa import train_rfa as run
+        elif args.cmd == "i2t":
+            from .i2t import train_i2t as run
+        else:
+            from .adapter import train_adapter as run
+        result = run(cfg)
+        if result.get("eval"):
+            print(json.dumps({"step": result["step"], "eval": result["eval"]}, indent=2, default=str))
+        return 0
+    except (PrepareError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Training configuration: dataclasses, YAML/JSON config files and CLI overrides.
+
+Every stage (``rfa``, ``i2t``, ``adapter``) has one config dataclass. The command line exposes each
+field as ``--field value``; a ``--config FILE`` (YAML or JSON) supplies values first and explicit
+command-line flags override it. The resolved config is written beside every checkpoint
+(``config.json``, and ``config.yaml``) so a run can be reproduced exactly. Config keys are forever:
+add fields with defaults, never rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    """Loop options shared by every stage (see :mod:`.engine`)."""
+
+    data: str = ""  # prepared data folder (output of `train prepare`)
+    output_dir: str = ""  # run folder: checkpoints, logs, final weights
+    seed: int = 0  # global seed (model init, sampling order, dropout)
+    batch_size: int = 32  # per-process batch size
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    max_steps: int = 1000  # optimiser steps in total
+    learning_rate: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    lr_warmup_steps: int = 0  # linear warm-up steps
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    mixed_precision: str = "no"  # accelerate mixed precision: "no", "fp16", "bf16"
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N optimiser steps
+    checkpoints_total_limit: int = 3  # keep at most this many checkpoints (oldest removed)
+    resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint folder
+    eval_steps: int = 0  # evaluate every N steps (0 = only at the end)
+    log_steps: int = 10  # log losses every N steps
+    report_to: str = "none"  # "none" or "tensorboard"
+    num_workers: int = 0  # DataLoader worker processes
+    cpu: bool = False  # force CPU even when a GPU is present
+
+    def _check_engine(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required (the folder written by `train prepare`)")
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps", "log_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"report_to must be 'none' or 'tensorboard', got {self.report_to!r}")
+        if self.eval_steps < 0 or self.num_workers < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("eval_steps, num_workers and lr_warmup_steps must be >= 0")
+
+
+@dataclass
+class RFATrainConfig(EngineConfig):
+    """Stage 1a: RFA on cached LR/HR CLIP tokens (L_align), recall@k against the reference DB."""
+
+    model: dict = field(default_factory=dict)  # RFAConfig overrides (clip_dim/num_patches/out_dim come from the data)
+    w_contrastive: float = 0.0  # optional in-batch InfoNCE term weight (0 = the paper's L2 only)
+    temperature: float = 0.05  # InfoNCE temperature
+    eval_split: str = "test"  # split whose LR queries measure retrieval recall
+    recall_k: str = "1,4"  # recall@k values to report
+
+    def __post_init__(self) -> None:
+        self._check_engine()
+        if self.w_contrastive < 0 or self.temperature <= 0:
+            raise ValueError("w_contrastive must be >= 0 and temperature > 0")
+        if not isinstance(self.model, dict):
+            raise ValueError("model must be a dict of RFAConfig fields")
+        _parse_ks(self.recall_k)
+
+
+@dataclass
+class I2TTrainConfig(EngineConfig):
+    """Stage 1b: enhancer (token cosine) + caption decoder (CE + soft CLIP-text path)."""
+
+    rfa: str = ""  # trained RFA weights (rfa.safetensors) used to retrieve the references
+    decoder_dir: str = ""  # local distilgpt2-family folder (GPT-2 weights + tokenizer)
+    pretrained: str = ""  # SD1.x diffusers folder (its text_encoder/ and tokenizer/ are used, frozen)
+    clip_tokenizer: str = ""  # CLIP tokenizer folder when the diffusers folder has none
+    num_refs: int = 4  # K references per image
+    model: dict = field(default_factory=dict)  # I2TConfig overrides (clip_dim/num_tokens/decoder come from data)
+    w_token: float = 1.0  # weight of the token cosine loss
+    w_ce: float = 1.0  # weight of the caption cross-entropy
+    w_text: float = 1.0  # weight of the soft CLIP-text cosine (0 disables the soft path)
+    tau: float = 1.0  # softmax temperature of the soft path
+    gumbel: bool = False  # straight-through Gumbel-softmax in the soft path
+    sample_captions: int = 4  # captions printed/logged at each evaluation
+    max_new_tokens: int = 32  # caption length cap when decoding for evaluation
+    eval_split: str = "test"  # split used for the evaluation metrics
+
+    def __post_init__(self) -> None:
+        self._check_engine()
+        for name in ("rfa", "decoder_dir", "pretrained"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required for `train i2t`")
+        if self.num_refs < 0:
+            raise ValueError("num_refs must be >= 0")
+        if min(self.w_token, self.w_ce, self.w_text) < 0 or self.tau <= 0:
+            raise ValueError("loss weights must be >= 0 and tau > 0")
+
+
+@dataclass
+class AdapterTrainConfig(EngineConfig):
+    """Stage 2: AdaIN adapter + ControlNet parts on a frozen SD1.x U-Net (noise-prediction loss)."""
+
+    pretrained: str = ""  # SD1.x base: diffusers folder, or single-file .safetensors (+ pretrained_config)
+    pretrained_config: str = ""  # diffusers folder holding the configs (and VAE/text encoder) for a single file
+    controlnet: str = ""  # ControlNet to start from: LDM .safetensors or diffusers folder; "" = from the U-Net
+    clip_tokenizer: str = ""  # CLIP tokenizer folder when the diffusers folder has none
+    i2t: str = ""  # trained I2T weights (i2t.safetensors): produces E for every training image
+    rfa: str = ""  # trained RFA weights: retrieves the references the I2T reads
+    num_refs: int = 4  # K references per image
+    resolution: int = 512  # HR training resolution (prepared data is 512)
+    controlnet_train: str = "all"  # "all", "none", or comma-separated name substrings of trainable ControlNet params
+    adapter_proj_hidden: int = 256  # AdaINAdapterConfig.proj_hidden
+    p_drop_text: float = 0.1  # classifier-free dropout of the text condition (empty prompt)
+    p_drop_image: float = 0.1  # classifier-free dropout of the image embedding E (adapter off for that row)
+    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); exported weights are the EMA ones
+    gradient_checkpointing: bool = False  # recompute U-Net/ControlNet activations in backward
+    noise_offset: float = 0.0  # optional noise offset
+
+    def __post_init__(self) -> None:
+        self._check_engine()
+        for name in ("pretrained", "i2t", "rfa"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required for `train adapter`")
+        for name in ("p_drop_text", "p_drop_image"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.resolution % 64:
+            raise ValueError(f"resolution must be a multiple of 64, got {self.resolution}")
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"recall_k must be comma-separated ints, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ValueError(f"recall_k must be positive ints, got {text!r}")
+    return ks
+
+
+# ------------------------------------------------------------------------------- files and CLI
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON config file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option -> value")
+    return data
+
+
+def write_config(config: Any, folder: str | os.PathLike) -> None:
+    """Write ``config.json`` (and ``config.yaml``) of a config dataclass into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = dataclasses.asdict(config)
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    try:
+        import yaml
+
+        (folder / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=True))
+    except ImportError:  # pragma: no cover - yaml is optional
+        pass
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _str2bool(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--name`` option per dataclass field (default None = "not given"), plus ``--config``."""
+    parser.add_argument("--config", default=None, help="YAML/JSON file of options; command-line flags override it")
+    for f in dataclasses.fields(cls):
+        typ = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"(default: {default!r})"
+        if typ is bool:
+            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=None, help=help_)
+        elif typ is dict:
+            parser.add_argument(f"--{f.name}", type=json.loads, default=None, help=help_ + " JSON object")
+        else:
+            parser.add_argument(f"--{f.name}", type=typ, default=None, help=help_)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Resolve the config: dataclass defaults < ``--config`` file < explicit flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = read_config_file(args.config)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config file {args.config}: unknown options {unknown}; known: {sorted(names)}")
+        values.update(data)
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return cls(**values)
