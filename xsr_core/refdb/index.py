@@ -114,6 +114,8 @@ def plan_for_key(key: str, n: int, dim: int, search_params: dict[str, int] | Non
             raise ValueError(f"index {key!r} needs at least {nlist} vectors to train, the DB has {n}; "
                              "use a smaller IVF size or --index Flat")
         train = min(n, TRAIN_POINTS_PER_CENTROID * nlist)
+        if re.search(r"PQ\d+", key):  # PQ codebooks want >= 39 x 256 training points
+            train = min(n, max(train, 10_000))
     elif re.search(r"PQ\d+|SQ", key):
         train = min(n, 65536)
     params = _plan_params(key)
