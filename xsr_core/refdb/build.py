@@ -127,8 +127,24 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _collate(samples: list[DecodedSample]) -> list[DecodedSample]:
-    return samples
+@dataclass
+class DecodedBatch:
+    """A batch from the build loader: per-file results + the stacked CLIP crops of the ok files."""
+
+    samples: list[DecodedSample]  # in file order; ``pixels`` moved into ``pixels`` below
+    pixels: torch.Tensor | None  # uint8 (n_ok, 3, 224, 224), one shared-memory tensor per batch
+
+    def pin_memory(self) -> "DecodedBatch":  # called by the DataLoader's pin-memory thread
+        return DecodedBatch(self.samples, self.pixels.pin_memory() if self.pixels is not None else None)
+
+
+def _collate(samples: list[DecodedSample]) -> DecodedBatch:
+    # runs in the worker: one tensor per batch crosses the process boundary (shared memory), not
+    # one pickled array per image
+    ok = [torch.from_numpy(s.pixels) for s in samples if s.ok]
+    for s in samples:
+        s.pixels = None
+    return DecodedBatch(samples, torch.stack(ok) if ok else None)
 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
@@ -164,9 +180,9 @@ def load_encoder(path: str | os.PathLike, device: str = "auto", precision: str =
     return ClipVisionEncoder.from_file(path, device=dev, dtype=dtype)
 
 
-def _encode(encoder, pixels: list[np.ndarray]) -> np.ndarray:
-    x = torch.from_numpy(np.stack(pixels))  # (B, 3, 224, 224) uint8
-    if encoder.device.type == "cuda":
+def _encode(encoder, x: torch.Tensor) -> np.ndarray:
+    """CLS of uint8 crops (B, 3, 224, 224) → L2-normalised float32 (B, D)."""
+    if encoder.device.type == "cuda" and not x.is_pinned():
         x = x.pin_memory()
     cls = encoder.encode_cls_u8(x)
     return index_mod.normalize(cls.float().cpu().numpy())
@@ -203,7 +219,8 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
         batches.extend(list(range(s, min(s + cfg.batch_size, start + m))) for s in range(start, start + m, cfg.batch_size))
         start += m
     pack = (int(manifest.get("pack_side")), int(manifest.get("pack_quality"))) if mode == "packed" else None
-    loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack)
+    loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack,
+                         pin_memory=encoder.device.type == "cuda")
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
@@ -212,13 +229,10 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     t0 = time.time()
     with _progress(len(items), f"encoding {db_dir.name}", cfg.progress) as bar:
         for batch in loader:
-            ok = [s for s in batch if s.ok]
-            if ok:
-                buf_emb.append(_encode(encoder, [s.pixels for s in ok]))
-            for s in batch:
-                s.pixels = None
-            buf_samples.extend(batch)
-            bar.update(len(batch))
+            if batch.pixels is not None:
+                buf_emb.append(_encode(encoder, batch.pixels))
+            buf_samples.extend(batch.samples)
+            bar.update(len(batch.samples))
             while gi < len(group_sizes) and len(buf_samples) >= group_sizes[gi]:
                 take = group_sizes[gi]
                 samples, buf_samples = buf_samples[:take], buf_samples[take:]
@@ -431,15 +445,14 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
         batches = [list(range(s, min(s + cfg.batch_size, len(spec)))) for s in range(0, len(spec), cfg.batch_size)]
         loader = make_loader(list(enumerate(spec)), batches, workers=min(cfg.workers, 2), min_side=1, pack=None)
         for batch in loader:
-            for s in batch:
+            for s in batch.samples:
                 if s.sha256:
                     hashes.setdefault(s.sha256, spec[s.seq])
                 if not s.ok:
                     logger.warning("--exclude %s cannot be decoded (%s): excluded by hash only", spec[s.seq], s.reason)
-            ok = [s for s in batch if s.ok]
-            if ok:
-                vecs.append(_encode(encoder, [s.pixels for s in ok]))
-                vec_paths.extend(spec[s.seq] for s in ok)
+            if batch.pixels is not None:
+                vecs.append(_encode(encoder, batch.pixels))
+                vec_paths.extend(spec[s.seq] for s in batch.samples if s.ok)
         logger.info("exclusion set: %d files, %d embeddings", len(spec), sum(len(v) for v in vecs))
     write_npy_atomic(db_dir / EXCLUDE_EMB, np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32))
     with man.transaction() as c:
