@@ -89,14 +89,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------- decoding workers
 
 class _FileDataset(torch.utils.data.Dataset):
-    """(seq, path) items → :class:`DecodedSample` (runs in DataLoader workers)."""
+    """(seq, path) items → :class:`DecodedSample` (runs in DataLoader workers).
+
+    With ``raw_max_pixels`` set, images up to that many pixels are returned decoded but uncropped
+    (``raw``) so the CLIP crop runs on the GPU (:func:`batch_pixels`): decoding is then the only
+    per-image CPU work. Larger images are cropped here, so batches never carry huge buffers.
+    """
 
     def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224):
+                 size: int = 224, raw_max_pixels: int | None = None):
         self.items = list(items)
         self.min_side = min_side
         self.pack = pack
         self.size = size
+        self.raw_max_pixels = raw_max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -112,10 +118,13 @@ class _FileDataset(torch.utils.data.Dataset):
                 raise ImageSkip(f"cannot read ({e.strerror or e})") from None
             sha = sha256_bytes(data)
             rgb = decode_image(data, min_side=self.min_side, what=path)
-            arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).unsqueeze(0)  # (1, H, W, 3)
-            pixels = resize_crop_u8(arr, self.size)[0].numpy()  # (3, 224, 224) uint8
+            w, h = rgb.size
             packed = pack_image(rgb, side=self.pack[0], quality=self.pack[1]) if self.pack else None
-            return DecodedSample(seq, True, None, sha, rgb.size[0], rgb.size[1], pixels, packed)
+            arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch shares it without a warning)
+            if self.raw_max_pixels and w * h <= self.raw_max_pixels:
+                return DecodedSample(seq, True, None, sha, w, h, None, packed, raw=arr)
+            pixels = resize_crop_u8(torch.from_numpy(arr).unsqueeze(0), self.size)[0].numpy()
+            return DecodedSample(seq, True, None, sha, w, h, pixels, packed)
         except ImageSkip as e:
             return DecodedSample(seq, False, str(e), sha, 0, 0, None, None)
         except Exception as e:  # noqa: BLE001 - any decoder bug must skip the file, not kill a long build
@@ -129,33 +138,82 @@ def _worker_init(_: int) -> None:
 
 @dataclass
 class DecodedBatch:
-    """A batch from the build loader: per-file results + the stacked CLIP crops of the ok files."""
+    """A batch from the build loader: per-file results + the image data of its ok files.
 
-    samples: list[DecodedSample]  # in file order; ``pixels`` moved into ``pixels`` below
-    pixels: torch.Tensor | None  # uint8 (n_ok, 3, 224, 224), one shared-memory tensor per batch
+    Crossing the worker → main process boundary costs one shared-memory tensor per kind of data
+    (not one pickled array per image): ``crops`` stacks the worker-made CLIP crops, ``raw`` is the
+    concatenation of the uncropped images, ``raw_shapes`` their (H, W) and ``order`` says, per ok
+    file in file order, which of the two holds it (0 = crops, 1 = raw) and at which position.
+    """
+
+    samples: list[DecodedSample]  # in file order; image data moved to the tensors below
+    crops: torch.Tensor | None  # uint8 (n_crops, 3, 224, 224)
+    raw: torch.Tensor | None  # uint8 (sum of H*W*3,)
+    raw_shapes: list[tuple[int, int]]
+    order: list[tuple[int, int]]
 
     def pin_memory(self) -> "DecodedBatch":  # called by the DataLoader's pin-memory thread
-        return DecodedBatch(self.samples, self.pixels.pin_memory() if self.pixels is not None else None)
+        pin = (lambda t: t.pin_memory() if t is not None else None)
+        return DecodedBatch(self.samples, pin(self.crops), pin(self.raw), self.raw_shapes, self.order)
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.order)
 
 
 def _collate(samples: list[DecodedSample]) -> DecodedBatch:
-    # runs in the worker: one tensor per batch crosses the process boundary (shared memory), not
-    # one pickled array per image
-    ok = [torch.from_numpy(s.pixels) for s in samples if s.ok]
+    crops, raws, shapes, order = [], [], [], []
     for s in samples:
-        s.pixels = None
-    return DecodedBatch(samples, torch.stack(ok) if ok else None)
+        if not s.ok:
+            continue
+        if s.raw is not None:
+            order.append((1, len(raws)))
+            raws.append(torch.from_numpy(s.raw).reshape(-1))
+            shapes.append((s.raw.shape[0], s.raw.shape[1]))
+        else:
+            order.append((0, len(crops)))
+            crops.append(torch.from_numpy(s.pixels))
+        s.pixels = s.raw = None
+    return DecodedBatch(samples, torch.stack(crops) if crops else None, torch.cat(raws) if raws else None,
+                        shapes, order)
+
+
+def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> torch.Tensor | None:
+    """uint8 CLIP crops (n_ok, 3, size, size) of a batch's ok files on ``device`` (file order).
+
+    Raw images are cropped on ``device`` with the same :func:`resize_crop_u8` the workers use.
+    """
+    if not batch.order:
+        return None
+    crops = batch.crops.to(device, non_blocking=True) if batch.crops is not None else None
+    done = []
+    if batch.raw is not None:
+        flat = batch.raw.to(device, non_blocking=True)
+        off = 0
+        for h, w in batch.raw_shapes:
+            img = flat[off : off + h * w * 3].view(1, h, w, 3)
+            off += h * w * 3
+            done.append(resize_crop_u8(img, size)[0])
+    return torch.stack([crops[i] if kind == 0 else done[i] for kind, i in batch.order])
 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
-                pack: tuple[int, int] | None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The build data loader: decoding in ``workers`` processes, batches in the given order."""
-    ds = _FileDataset(items, min_side=min_side, pack=pack)
+                pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
+                ) -> torch.utils.data.DataLoader:
+    """The build data loader: decoding in ``workers`` processes, batches in the given order.
+
+    ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
+    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU).
+    """
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                                        pin_memory=pin_memory, **kwargs)
+
+
+RAW_MAX_PIXELS = 2_100_000  # up to ~1920x1080 the crop runs on the GPU; larger images are cropped in workers
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -182,7 +240,7 @@ def load_encoder(path: str | os.PathLike, device: str = "auto", precision: str =
 
 def _encode(encoder, x: torch.Tensor) -> np.ndarray:
     """CLS of uint8 crops (B, 3, 224, 224) → L2-normalised float32 (B, D)."""
-    if encoder.device.type == "cuda" and not x.is_pinned():
+    if encoder.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
         x = x.pin_memory()
     cls = encoder.encode_cls_u8(x)
     return index_mod.normalize(cls.float().cpu().numpy())
@@ -219,8 +277,9 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
         batches.extend(list(range(s, min(s + cfg.batch_size, start + m))) for s in range(start, start + m, cfg.batch_size))
         start += m
     pack = (int(manifest.get("pack_side")), int(manifest.get("pack_quality"))) if mode == "packed" else None
+    on_gpu = encoder.device.type == "cuda"
     loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack,
-                         pin_memory=encoder.device.type == "cuda")
+                         pin_memory=on_gpu, raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None)
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
@@ -229,8 +288,8 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     t0 = time.time()
     with _progress(len(items), f"encoding {db_dir.name}", cfg.progress) as bar:
         for batch in loader:
-            if batch.pixels is not None:
-                buf_emb.append(_encode(encoder, batch.pixels))
+            if batch.n_ok:
+                buf_emb.append(_encode(encoder, batch_pixels(batch, encoder.device)))
             buf_samples.extend(batch.samples)
             bar.update(len(batch.samples))
             while gi < len(group_sizes) and len(buf_samples) >= group_sizes[gi]:
@@ -450,8 +509,8 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
                     hashes.setdefault(s.sha256, spec[s.seq])
                 if not s.ok:
                     logger.warning("--exclude %s cannot be decoded (%s): excluded by hash only", spec[s.seq], s.reason)
-            if batch.pixels is not None:
-                vecs.append(_encode(encoder, batch.pixels))
+            if batch.n_ok:
+                vecs.append(_encode(encoder, batch_pixels(batch, encoder.device)))
                 vec_paths.extend(spec[s.seq] for s in batch.samples if s.ok)
         logger.info("exclusion set: %d files, %d embeddings", len(spec), sum(len(v) for v in vecs))
     write_npy_atomic(db_dir / EXCLUDE_EMB, np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32))
