@@ -78,3 +78,41 @@ def test_memory_estimate_close_to_actual(vectors, tmp_path):
         write_index(build_index(xb, plan, threads=1), tmp_path / "i.faiss")
         size = (tmp_path / "i.faiss").stat().st_size
         assert 0.7 * size <= estimate_index_bytes(key, len(xb), xb.shape[1]) <= 1.4 * size, key
+
+
+def _synthetic_db(path, xb, index_key):
+    """A DB whose embeddings are ``xb`` (a hand-made manifest with one committed chunk), finalised
+    with the forced ``index_key`` exactly as `build --index KEY` finalises."""
+    from xsr_core.refdb import finalize
+    from xsr_core.refdb.store import Manifest, write_npy_atomic
+
+    write_npy_atomic(path / "build" / "emb" / "emb_000000000000.npy", xb)
+    with Manifest(path, create=True) as man:
+        with man.transaction() as c:
+            for k, v in dict(encoder={"arch": "synthetic", "weights_sha256": "0", "preprocess": "-"}, mode="paths",
+                             dim=xb.shape[1], chunk_size=len(xb), min_side=1, pack_side=512, pack_quality=90,
+                             exclude_threshold=0.95, index=index_key, sources=[], encoder_source="-").items():
+                man.set(k, v, c)
+            c.executemany("INSERT INTO files(seq, path, status, sha256, width, height, chunk, row) "
+                          "VALUES (?, ?, 'ok', ?, 1, 1, 'c0', ?)",
+                          [(i, f"/synthetic/{i}.png", f"{i:064x}", i) for i in range(len(xb))])
+            c.execute("INSERT INTO chunks VALUES ('c0', 0, ?, ?, 'build/emb/emb_000000000000.npy', NULL)",
+                      (len(xb), len(xb)))
+    return finalize(path, index_key=index_key)
+
+
+@pytest.mark.parametrize("key", ["IVF64_HNSW32,SQ8", "HNSW32"])
+def test_forced_index_db_matches_flat_db(vectors, tmp_path, key):
+    from xsr_core.refdb import ReferenceDB
+
+    xb, xq, gt = vectors
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "approx").mkdir()
+    assert _synthetic_db(tmp_path / "flat", xb, "Flat")["index"]["key"] == "Flat"
+    info = _synthetic_db(tmp_path / "approx", xb, key)
+    assert info["index"]["key"] == key and info["index"]["search_params"]  # nprobe / efSearch recorded
+    with ReferenceDB.open(tmp_path / "flat") as flat, ReferenceDB.open(tmp_path / "approx", mmap=True) as approx:
+        _, ids_exact = flat.search(xq, 4)
+        assert np.array_equal(ids_exact, gt)
+        _, ids = approx.search(xq, 4)
+        assert _recall(ids, ids_exact) >= RECALL_TOLERANCE
