@@ -15,12 +15,11 @@ with :func:`merge_shards`, and a single uninterrupted build all produce the same
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ from ..clip_preprocess import PREPROCESS_VERSION, resize_crop_u8
 from . import index as index_mod
 from .images import (DEFAULT_MIN_SIDE, PACK_QUALITY, PACK_SIDE, DecodedSample, ImageSkip, decode_image,
                      discover_images, pack_image, read_list_file, sha256_bytes)
-from .store import (BUILD_DIR, EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, DB_FORMAT_VERSION,
+from .store import (EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, DB_FORMAT_VERSION,
                     Manifest, RefDBError, write_json_atomic, write_meta, write_npy_atomic, write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
