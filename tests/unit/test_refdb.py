@@ -333,7 +333,10 @@ def test_add_keeps_ids_and_export_subset(tmp_path, db, data):
     rest = tmp_path / "rest.txt"
     rest.write_text("".join(f"{p}\n" for p in files))  # overlaps: known files are ignored
     out = tmp_path / "grow"
-    build_db(out, data["enc"], list_file=first, config=_cfg())
+    calls = []
+    build_db(out, ClipVisionEncoder.from_file(data["enc"]), list_file=first, config=_cfg(),
+             progress_callback=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (6, 6) and [c[0] for c in calls] == sorted(c[0] for c in calls)
     rows_a, _, _ = _contents(out)
     add_images(out, data["enc"], list_file=rest, config=_cfg())
     rows_b, vecs_b, _ = _contents(out)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -226,10 +226,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_encoder(path: str | os.PathLike, device: str = "auto", precision: str = "auto"):
-    """Load the CLIP vision encoder file for building (fp16 weights on GPU unless told otherwise)."""
+def load_encoder(path, device: str = "auto", precision: str = "auto"):
+    """Load the CLIP vision encoder file for building (fp16 weights on GPU unless told otherwise).
+
+    An already-built encoder object is returned as is: anything with ``fingerprint`` (dict),
+    ``dim``, ``device``, ``source`` and ``encode_cls_u8(uint8 (B,3,224,224)) -> (B, D)`` works, e.g.
+    a :class:`~xsr_core.clip_vision.ClipVisionEncoder` or a wrapper around a ComfyUI CLIP_VISION.
+    """
     from ..clip_vision import ClipVisionEncoder
 
+    if hasattr(path, "encode_cls_u8"):
+        return path
     dev = resolve_device(device)
     if precision == "auto":
         precision = "fp16" if dev.type == "cuda" else "fp32"
@@ -251,10 +258,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg: BuildConfig) -> dict[str, int]:
+def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg: BuildConfig,
+                    progress_callback: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Decode, encode and commit every pending chunk of this shard; return counts of this run.
 
     Each chunk is committed atomically, so this can be killed at any time and called again.
+    ``progress_callback(done, total)`` is called after every batch; it may raise to interrupt
+    (e.g. ComfyUI's ``throw_exception_if_processing_interrupted``): committed chunks are kept.
     """
     db_dir = Path(db_dir)
     chunk_size = int(manifest.get("chunk_size"))
@@ -282,7 +292,7 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
-    n_ok = n_skip = 0
+    n_ok = n_skip = done_files = 0
     gi, buf_samples, buf_emb = 0, [], []
     t0 = time.time()
     with _progress(len(items), f"encoding {db_dir.name}", cfg.progress) as bar:
@@ -291,6 +301,7 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
                 buf_emb.append(_encode(encoder, batch_pixels(batch, encoder.device)))
             buf_samples.extend(batch.samples)
             bar.update(len(batch.samples))
+            done_files += len(batch.samples)
             while gi < len(group_sizes) and len(buf_samples) >= group_sizes[gi]:
                 take = group_sizes[gi]
                 samples, buf_samples = buf_samples[:take], buf_samples[take:]
@@ -302,6 +313,8 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
                 n_ok += k_ok
                 n_skip += take - k_ok
                 gi += 1
+            if progress_callback is not None:
+                progress_callback(done_files, len(items))
     dt = time.time() - t0
     logger.info("encoded %d images (%d skipped) in %.1f s (%.1f img/s)", n_ok, n_skip, dt, len(items) / max(dt, 1e-9))
     return {"processed": len(items), "ok": n_ok, "skipped": n_skip}
@@ -521,10 +534,12 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
 
 def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
              list_file: str | os.PathLike | None = None, exclude: Sequence[str | os.PathLike] = (),
-             config: BuildConfig | None = None) -> dict[str, Any]:
+             config: BuildConfig | None = None,
+             progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Build (or resume building) the reference DB ``out`` from a folder or a list of HR images.
 
-    Rerunning the same command after an interruption continues where it stopped. With
+    ``encoder_path`` is a CLIP vision .safetensors file or an encoder object (see
+    :func:`load_encoder`). Rerunning the same command after an interruption continues where it stopped. With
     ``config.shard = (i, n)`` only shard i is encoded and the result must be combined with
     :func:`merge_shards`. Returns info.json's content (or a shard summary). Raises
     :class:`RefDBError` on unusable inputs and ValueError on bad arguments.
@@ -542,7 +557,7 @@ def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images:
     with Manifest(out, create=True) as man:
         _init_or_check_manifest(out, man, encoder, cfg, sources, items, new_files_ok=False)
         _prepare_exclusions(out, man, encoder, [str(e) for e in exclude], cfg)
-        process_pending(out, man, encoder, cfg)
+        process_pending(out, man, encoder, cfg, progress_callback)
     return _finish(out, cfg)
 
 
@@ -595,7 +610,8 @@ def _finish(out: Path, cfg: BuildConfig) -> dict[str, Any]:
 
 
 def add_images(db: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
-               list_file: str | os.PathLike | None = None, config: BuildConfig | None = None) -> dict[str, Any]:
+               list_file: str | os.PathLike | None = None, config: BuildConfig | None = None,
+               progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Append images to an existing DB (existing ids stay the same) and rebuild its index.
 
     Files already in the DB are ignored; the encoder must be the DB's. Resumable like a build.
@@ -609,7 +625,7 @@ def add_images(db: str | os.PathLike, encoder_path: str | os.PathLike, *, images
     with Manifest(db) as man:
         cfg.mode = man.get("mode")
         _init_or_check_manifest(db, man, encoder, cfg, sources, items, new_files_ok=True)
-        process_pending(db, man, encoder, cfg)
+        process_pending(db, man, encoder, cfg, progress_callback)
     cfg.shard = (0, 1)
     return _finish(db, cfg)
 
