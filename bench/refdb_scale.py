@@ -141,6 +141,60 @@ def run_case(n: int, dim: int, key: str, nq: int, k: int, sweep: list[int], cach
         q.put(dict(n=n, dim=dim, key=key, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()))
 
 
+def extrapolate_10m(cases: list[dict], dim: int) -> list[str]:
+    """Measured-based estimate for 10M (not built here: its raw float32 vectors alone are 41 GB)."""
+    from xsr_core.refdb.index import choose_index
+
+    big = [c for c in cases if "error" not in c and c["key"].startswith("IVF")]
+    if not big:
+        return []
+    c = max(big, key=lambda c: c["n"])
+    r = next(r for r in c["results"] if r["is_plan_default"])
+    nlist = int(c["key"][3:].split("_")[0].split(",")[0])
+    plan = choose_index(10_000_000, dim, max_memory_bytes=64 << 30)
+    nlist10 = int(plan.key[3:].split("_")[0].split(",")[0])
+    scanned = r["params"]["nprobe"] * c["n"] / nlist
+    scanned10 = plan.search_params["nprobe"] * 10_000_000 / nlist10
+    ratio = scanned10 / scanned
+    pq = choose_index(10_000_000, dim, max_memory_bytes=4 << 30)
+    return ["", "## 10M (extrapolated, not built here)", "",
+            f"- auto choice with >= 16 GiB budget: `{plan.key}` {json.dumps(plan.search_params)}, estimated "
+            f"{plan.est_bytes / 2**30:.1f} GiB; with a 4 GiB budget: `{pq.key}` ({pq.est_bytes / 2**30:.1f} GiB, "
+            "PQ recall not measured: tune nprobe / add a refine stage on real data).",
+            f"- codes scanned per query: {scanned10:.0f} vs {scanned:.0f} measured at {c['n']:,} "
+            f"(x{ratio:.2f}); the HNSW coarse search grows ~log(nlist). Estimated CPU p50 (1 thread): "
+            f"~{r['cpu_p50_ms_1t'] * ratio:.1f} ms, from the measured {r['cpu_p50_ms_1t']:.2f} ms.",
+            f"- build: k-means of {nlist10} centroids on {48 * nlist10:,} training vectors is "
+            f"~{(nlist10 / nlist) ** 2:.0f}x the {c['n']:,} case's training work ({c['build_s']:.0f} s here, "
+            "mostly k-means): train on a GPU (faiss-gpu) or with fewer lists for 10M on a CPU."]
+
+
+def render(meta: dict, cases: list[dict], dim: int, k: int, queries: int) -> list[str]:
+    lines = [f"# Reference DB index scaling ({meta['date']})", "",
+             f"- device: {meta['device']}", f"- command: `{meta['command']}`", f"- faiss {meta['faiss']}, "
+             f"{dim}-d, top-{k}, {queries} queries, data: {meta['data']}",
+             "- latency: single-query `search` calls on the index as `ReferenceDB.open` reads it (memory-mapped "
+             "read-only when >= 256 MiB), after one warm-up pass over the queries; RSS: peak of the case's process "
+             "(includes the raw float32 vectors and the queries)",
+             "- CPU ms: process CPU time per query with 1 thread = the cost on an idle core (wall times on this "
+             "shared 2-core machine include waiting for a core)", "",
+             "| N | index | params | build s | index MiB | peak RSS GiB | recall@4 | p50 ms 1t | p99 ms 1t | "
+             "CPU p50 ms 1t | CPU p99 ms 1t | p50 ms 2t | p99 ms 2t |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        if "error" in c:
+            lines.append(f"| {c['n']} | {c['key']} | error: {c['error']} | | | | | | | | | | |")
+            continue
+        for r in c["results"]:
+            star = " **(default)**" if r["is_plan_default"] else ""
+            lines.append(
+                f"| {c['n']:,} | {c['key']} | {json.dumps(r['params'])}{star} | {c['build_s']:.1f} | "
+                f"{c['index_bytes'] / 2**20:.0f} | {c['peak_rss_bytes'] / 2**30:.2f} | {r['recall_at_k']:.3f} | "
+                f"{r['p50_ms_1t']:.2f} | {r['p99_ms_1t']:.2f} | {r['cpu_p50_ms_1t']:.2f} | {r['cpu_p99_ms_1t']:.2f} | "
+                f"{r['p50_ms_2t']:.2f} | {r['p99_ms_2t']:.2f} |")
+    return lines + extrapolate_10m(cases, dim)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -179,28 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, cases=cases), indent=1, default=str))
-    lines = [f"# Reference DB index scaling ({meta['date']})", "",
-             f"- device: {meta['device']}", f"- command: `{meta['command']}`", f"- faiss {meta['faiss']}, "
-             f"{args.dim}-d, top-{args.k}, {args.queries} queries, data: {meta['data']}",
-             "- latency: single-query `search` calls on the index as `ReferenceDB.open` reads it (memory-mapped "
-             "read-only when >= 256 MiB), after one warm-up pass over the queries; RSS: peak of the case's process "
-             "(includes the raw float32 vectors and the queries)", "",
-             "- CPU ms: process CPU time per query with 1 thread = the cost on an idle core (wall times on this "
-             "shared 2-core machine include waiting for a core)", "",
-             "| N | index | params | build s | index MiB | peak RSS GiB | recall@4 | p50 ms 1t | p99 ms 1t | "
-             "CPU p50 ms 1t | CPU p99 ms 1t | p50 ms 2t | p99 ms 2t |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cases:
-        if "error" in c:
-            lines.append(f"| {c['n']} | {c['key']} | error: {c['error']} | | | | | | | | | | |")
-            continue
-        for r in c["results"]:
-            star = " **(default)**" if r["is_plan_default"] else ""
-            lines.append(
-                f"| {c['n']:,} | {c['key']} | {json.dumps(r['params'])}{star} | {c['build_s']:.1f} | "
-                f"{c['index_bytes'] / 2**20:.0f} | {c['peak_rss_bytes'] / 2**30:.2f} | {r['recall_at_k']:.3f} | "
-                f"{r['p50_ms_1t']:.2f} | {r['p99_ms_1t']:.2f} | {r['cpu_p50_ms_1t']:.2f} | {r['cpu_p99_ms_1t']:.2f} | "
-                f"{r['p50_ms_2t']:.2f} | {r['p99_ms_2t']:.2f} |")
+    lines = render(meta, cases, args.dim, args.k, args.queries)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
