@@ -53,9 +53,16 @@ def resize_crop_u8(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     uint8 inputs are converted to 0..1 floats first. This is the part the build workers run.
     """
     if images.dtype == torch.uint8:
-        images = images.float() / 255.0
+        # decoded files (the build workers): resample on the 0..255 scale, channels-first and
+        # contiguous — the same linear math as the 0..1 path, without two extra full-size passes
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.shape[-1] != 3:
+            images = ensure_rgb(images.float() / 255.0, what="CLIP input") * 255.0
+        x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W) in 0..255
+        return _resize_crop(x, size).clamp(0.0, 255.0).round().to(torch.uint8)
     rgb = ensure_rgb(images, what="CLIP input").float()
-    x = _resize_crop(rgb.movedim(-1, 1), size)  # (B, 3, size, size)
+    x = _resize_crop(rgb.movedim(-1, 1).contiguous(), size)  # (B, 3, size, size)
     return (x * 255.0).clamp(0.0, 255.0).round().to(torch.uint8)
 
 

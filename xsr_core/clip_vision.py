@@ -249,9 +249,7 @@ class ClipVisionEncoder(torch.nn.Module):
     def _vision(self) -> torch.nn.Module:
         return getattr(self.model, "vision_model", self.model)
 
-    @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor) -> ClipFeatures:
-        """CLIP pixel values ``(B, 3, 224, 224)`` → :class:`ClipFeatures` (float32, encoder device)."""
+    def _forward(self, pixel_values: torch.Tensor):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"encode takes (B, 3, H, W) pixel values, got {tuple(pixel_values.shape)}")
         device = self.device
@@ -259,17 +257,22 @@ class ClipVisionEncoder(torch.nn.Module):
         x = pixel_values.to(device=device, dtype=param_dtype, non_blocking=True)
         use_autocast = device.type == "cuda" and param_dtype == torch.float32
         with torch.autocast(device_type=device.type, dtype=self.autocast_dtype, enabled=use_autocast):
-            out = self._vision()(pixel_values=x)
+            return self._vision()(pixel_values=x)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> ClipFeatures:
+        """CLIP pixel values ``(B, 3, 224, 224)`` → :class:`ClipFeatures` (float32, encoder device)."""
+        out = self._forward(pixel_values)
         return ClipFeatures(tokens=out.last_hidden_state.float(), cls=out.pooler_output.float())
 
     @torch.no_grad()
     def encode_cls_u8(self, pixels_u8: torch.Tensor) -> torch.Tensor:
         """CLS ``(B, D)`` float32 of uint8 ``(B,3,224,224)`` crops from :func:`resize_crop_u8`.
 
-        Only the CLS path is computed (no token copy), which is what DB building needs.
+        Same numbers as ``encode(...).cls`` without the float32 copy of all tokens (DB building).
         """
         dtype = next(self.model.parameters()).dtype
-        return self.encode(normalize_u8(pixels_u8.to(self.device, non_blocking=True), dtype)).cls
+        return self._forward(normalize_u8(pixels_u8.to(self.device, non_blocking=True), dtype)).pooler_output.float()
 
     def encode_images(self, images: torch.Tensor, *, lr: bool = False) -> ClipFeatures:
         """Preprocess ComfyUI-style ``[B,H,W,C]`` images (HR, or LR with ``lr=True``) and encode."""

@@ -68,7 +68,10 @@ def test_split_pipeline_equals_preprocess_and_channels():
     img = _images(2, 190, 260, seed=2)
     assert torch.equal(preprocess_hr(img), normalize_u8(resize_crop_u8(img)))
     # uint8 input, grayscale and RGBA inputs (ComfyUI IMAGE conventions)
-    assert torch.equal(resize_crop_u8((img * 255).round().to(torch.uint8)), resize_crop_u8((img * 255).round() / 255))
+    # uint8 input (decoded files) resamples on the 0..255 scale: equal up to float rounding at ties
+    a = resize_crop_u8((img * 255).round().to(torch.uint8)).int()
+    b = resize_crop_u8((img * 255).round() / 255).int()
+    assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
     gray = _images(1, 100, 120, c=1)
     assert torch.equal(preprocess_hr(gray), preprocess_hr(gray.expand(1, 100, 120, 3)))
     rgba = torch.cat([img[:1], torch.ones(1, 190, 260, 1)], dim=-1)

@@ -15,15 +15,14 @@ with :func:`merge_shards`, and a single uninterrupted build all produce the same
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from ..clip_preprocess import PREPROCESS_VERSION, resize_crop_u8
 from . import index as index_mod
 from .images import (DEFAULT_MIN_SIDE, PACK_QUALITY, PACK_SIDE, DecodedSample, ImageSkip, decode_image,
                      discover_images, pack_image, read_list_file, sha256_bytes)
-from .store import (BUILD_DIR, EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, DB_FORMAT_VERSION,
+from .store import (EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, DB_FORMAT_VERSION,
                     Manifest, RefDBError, write_json_atomic, write_meta, write_npy_atomic, write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
@@ -89,14 +88,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------- decoding workers
 
 class _FileDataset(torch.utils.data.Dataset):
-    """(seq, path) items → :class:`DecodedSample` (runs in DataLoader workers)."""
+    """(seq, path) items → :class:`DecodedSample` (runs in DataLoader workers).
+
+    With ``raw_max_pixels`` set, images up to that many pixels are returned decoded but uncropped
+    (``raw``) so the CLIP crop runs on the GPU (:func:`batch_pixels`): decoding is then the only
+    per-image CPU work. Larger images are cropped here, so batches never carry huge buffers.
+    """
 
     def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224):
+                 size: int = 224, raw_max_pixels: int | None = None):
         self.items = list(items)
         self.min_side = min_side
         self.pack = pack
         self.size = size
+        self.raw_max_pixels = raw_max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -112,10 +117,13 @@ class _FileDataset(torch.utils.data.Dataset):
                 raise ImageSkip(f"cannot read ({e.strerror or e})") from None
             sha = sha256_bytes(data)
             rgb = decode_image(data, min_side=self.min_side, what=path)
-            arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).unsqueeze(0)  # (1, H, W, 3)
-            pixels = resize_crop_u8(arr, self.size)[0].numpy()  # (3, 224, 224) uint8
+            w, h = rgb.size
             packed = pack_image(rgb, side=self.pack[0], quality=self.pack[1]) if self.pack else None
-            return DecodedSample(seq, True, None, sha, rgb.size[0], rgb.size[1], pixels, packed)
+            arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch shares it without a warning)
+            if self.raw_max_pixels and w * h <= self.raw_max_pixels:
+                return DecodedSample(seq, True, None, sha, w, h, None, packed, raw=arr)
+            pixels = resize_crop_u8(torch.from_numpy(arr).unsqueeze(0), self.size)[0].numpy()
+            return DecodedSample(seq, True, None, sha, w, h, pixels, packed)
         except ImageSkip as e:
             return DecodedSample(seq, False, str(e), sha, 0, 0, None, None)
         except Exception as e:  # noqa: BLE001 - any decoder bug must skip the file, not kill a long build
@@ -127,19 +135,84 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _collate(samples: list[DecodedSample]) -> list[DecodedSample]:
-    return samples
+@dataclass
+class DecodedBatch:
+    """A batch from the build loader: per-file results + the image data of its ok files.
+
+    Crossing the worker → main process boundary costs one shared-memory tensor per kind of data
+    (not one pickled array per image): ``crops`` stacks the worker-made CLIP crops, ``raw`` is the
+    concatenation of the uncropped images, ``raw_shapes`` their (H, W) and ``order`` says, per ok
+    file in file order, which of the two holds it (0 = crops, 1 = raw) and at which position.
+    """
+
+    samples: list[DecodedSample]  # in file order; image data moved to the tensors below
+    crops: torch.Tensor | None  # uint8 (n_crops, 3, 224, 224)
+    raw: torch.Tensor | None  # uint8 (sum of H*W*3,)
+    raw_shapes: list[tuple[int, int]]
+    order: list[tuple[int, int]]
+
+    def pin_memory(self) -> "DecodedBatch":  # called by the DataLoader's pin-memory thread
+        pin = (lambda t: t.pin_memory() if t is not None else None)
+        return DecodedBatch(self.samples, pin(self.crops), pin(self.raw), self.raw_shapes, self.order)
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.order)
+
+
+def _collate(samples: list[DecodedSample]) -> DecodedBatch:
+    crops, raws, shapes, order = [], [], [], []
+    for s in samples:
+        if not s.ok:
+            continue
+        if s.raw is not None:
+            order.append((1, len(raws)))
+            raws.append(torch.from_numpy(s.raw).reshape(-1))
+            shapes.append((s.raw.shape[0], s.raw.shape[1]))
+        else:
+            order.append((0, len(crops)))
+            crops.append(torch.from_numpy(s.pixels))
+        s.pixels = s.raw = None
+    return DecodedBatch(samples, torch.stack(crops) if crops else None, torch.cat(raws) if raws else None,
+                        shapes, order)
+
+
+def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> torch.Tensor | None:
+    """uint8 CLIP crops (n_ok, 3, size, size) of a batch's ok files on ``device`` (file order).
+
+    Raw images are cropped on ``device`` with the same :func:`resize_crop_u8` the workers use.
+    """
+    if not batch.order:
+        return None
+    crops = batch.crops.to(device, non_blocking=True) if batch.crops is not None else None
+    done = []
+    if batch.raw is not None:
+        flat = batch.raw.to(device, non_blocking=True)
+        off = 0
+        for h, w in batch.raw_shapes:
+            img = flat[off : off + h * w * 3].view(1, h, w, 3)
+            off += h * w * 3
+            done.append(resize_crop_u8(img, size)[0])
+    return torch.stack([crops[i] if kind == 0 else done[i] for kind, i in batch.order])
 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
-                pack: tuple[int, int] | None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The build data loader: decoding in ``workers`` processes, batches in the given order."""
-    ds = _FileDataset(items, min_side=min_side, pack=pack)
+                pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
+                ) -> torch.utils.data.DataLoader:
+    """The build data loader: decoding in ``workers`` processes, batches in the given order.
+
+    ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
+    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU).
+    """
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                                        pin_memory=pin_memory, **kwargs)
+
+
+RAW_MAX_PIXELS = 2_100_000  # up to ~1920x1080 the crop runs on the GPU; larger images are cropped in workers
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -153,10 +226,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_encoder(path: str | os.PathLike, device: str = "auto", precision: str = "auto"):
-    """Load the CLIP vision encoder file for building (fp16 weights on GPU unless told otherwise)."""
+def load_encoder(path, device: str = "auto", precision: str = "auto"):
+    """Load the CLIP vision encoder file for building (fp16 weights on GPU unless told otherwise).
+
+    An already-built encoder object is returned as is: anything with ``fingerprint`` (dict),
+    ``dim``, ``device``, ``source`` and ``encode_cls_u8(uint8 (B,3,224,224)) -> (B, D)`` works, e.g.
+    a :class:`~xsr_core.clip_vision.ClipVisionEncoder` or a wrapper around a ComfyUI CLIP_VISION.
+    """
     from ..clip_vision import ClipVisionEncoder
 
+    if hasattr(path, "encode_cls_u8"):
+        return path
     dev = resolve_device(device)
     if precision == "auto":
         precision = "fp16" if dev.type == "cuda" else "fp32"
@@ -164,9 +244,9 @@ def load_encoder(path: str | os.PathLike, device: str = "auto", precision: str =
     return ClipVisionEncoder.from_file(path, device=dev, dtype=dtype)
 
 
-def _encode(encoder, pixels: list[np.ndarray]) -> np.ndarray:
-    x = torch.from_numpy(np.stack(pixels))  # (B, 3, 224, 224) uint8
-    if encoder.device.type == "cuda":
+def _encode(encoder, x: torch.Tensor) -> np.ndarray:
+    """CLS of uint8 crops (B, 3, 224, 224) → L2-normalised float32 (B, D)."""
+    if encoder.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
         x = x.pin_memory()
     cls = encoder.encode_cls_u8(x)
     return index_mod.normalize(cls.float().cpu().numpy())
@@ -178,10 +258,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg: BuildConfig) -> dict[str, int]:
+def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg: BuildConfig,
+                    progress_callback: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Decode, encode and commit every pending chunk of this shard; return counts of this run.
 
     Each chunk is committed atomically, so this can be killed at any time and called again.
+    ``progress_callback(done, total)`` is called after every batch; it may raise to interrupt
+    (e.g. ComfyUI's ``throw_exception_if_processing_interrupted``): committed chunks are kept.
     """
     db_dir = Path(db_dir)
     chunk_size = int(manifest.get("chunk_size"))
@@ -203,22 +286,22 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
         batches.extend(list(range(s, min(s + cfg.batch_size, start + m))) for s in range(start, start + m, cfg.batch_size))
         start += m
     pack = (int(manifest.get("pack_side")), int(manifest.get("pack_quality"))) if mode == "packed" else None
-    loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack)
+    on_gpu = encoder.device.type == "cuda"
+    loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack,
+                         pin_memory=on_gpu, raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None)
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
-    n_ok = n_skip = 0
+    n_ok = n_skip = done_files = 0
     gi, buf_samples, buf_emb = 0, [], []
     t0 = time.time()
     with _progress(len(items), f"encoding {db_dir.name}", cfg.progress) as bar:
         for batch in loader:
-            ok = [s for s in batch if s.ok]
-            if ok:
-                buf_emb.append(_encode(encoder, [s.pixels for s in ok]))
-            for s in batch:
-                s.pixels = None
-            buf_samples.extend(batch)
-            bar.update(len(batch))
+            if batch.n_ok:
+                buf_emb.append(_encode(encoder, batch_pixels(batch, encoder.device)))
+            buf_samples.extend(batch.samples)
+            bar.update(len(batch.samples))
+            done_files += len(batch.samples)
             while gi < len(group_sizes) and len(buf_samples) >= group_sizes[gi]:
                 take = group_sizes[gi]
                 samples, buf_samples = buf_samples[:take], buf_samples[take:]
@@ -230,6 +313,8 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
                 n_ok += k_ok
                 n_skip += take - k_ok
                 gi += 1
+            if progress_callback is not None:
+                progress_callback(done_files, len(items))
     dt = time.time() - t0
     logger.info("encoded %d images (%d skipped) in %.1f s (%.1f img/s)", n_ok, n_skip, dt, len(items) / max(dt, 1e-9))
     return {"processed": len(items), "ok": n_ok, "skipped": n_skip}
@@ -431,15 +516,14 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
         batches = [list(range(s, min(s + cfg.batch_size, len(spec)))) for s in range(0, len(spec), cfg.batch_size)]
         loader = make_loader(list(enumerate(spec)), batches, workers=min(cfg.workers, 2), min_side=1, pack=None)
         for batch in loader:
-            for s in batch:
+            for s in batch.samples:
                 if s.sha256:
                     hashes.setdefault(s.sha256, spec[s.seq])
                 if not s.ok:
                     logger.warning("--exclude %s cannot be decoded (%s): excluded by hash only", spec[s.seq], s.reason)
-            ok = [s for s in batch if s.ok]
-            if ok:
-                vecs.append(_encode(encoder, [s.pixels for s in ok]))
-                vec_paths.extend(spec[s.seq] for s in ok)
+            if batch.n_ok:
+                vecs.append(_encode(encoder, batch_pixels(batch, encoder.device)))
+                vec_paths.extend(spec[s.seq] for s in batch.samples if s.ok)
         logger.info("exclusion set: %d files, %d embeddings", len(spec), sum(len(v) for v in vecs))
     write_npy_atomic(db_dir / EXCLUDE_EMB, np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32))
     with man.transaction() as c:
@@ -450,10 +534,12 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
 
 def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
              list_file: str | os.PathLike | None = None, exclude: Sequence[str | os.PathLike] = (),
-             config: BuildConfig | None = None) -> dict[str, Any]:
+             config: BuildConfig | None = None,
+             progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Build (or resume building) the reference DB ``out`` from a folder or a list of HR images.
 
-    Rerunning the same command after an interruption continues where it stopped. With
+    ``encoder_path`` is a CLIP vision .safetensors file or an encoder object (see
+    :func:`load_encoder`). Rerunning the same command after an interruption continues where it stopped. With
     ``config.shard = (i, n)`` only shard i is encoded and the result must be combined with
     :func:`merge_shards`. Returns info.json's content (or a shard summary). Raises
     :class:`RefDBError` on unusable inputs and ValueError on bad arguments.
@@ -471,7 +557,7 @@ def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images:
     with Manifest(out, create=True) as man:
         _init_or_check_manifest(out, man, encoder, cfg, sources, items, new_files_ok=False)
         _prepare_exclusions(out, man, encoder, [str(e) for e in exclude], cfg)
-        process_pending(out, man, encoder, cfg)
+        process_pending(out, man, encoder, cfg, progress_callback)
     return _finish(out, cfg)
 
 
@@ -524,7 +610,8 @@ def _finish(out: Path, cfg: BuildConfig) -> dict[str, Any]:
 
 
 def add_images(db: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
-               list_file: str | os.PathLike | None = None, config: BuildConfig | None = None) -> dict[str, Any]:
+               list_file: str | os.PathLike | None = None, config: BuildConfig | None = None,
+               progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Append images to an existing DB (existing ids stay the same) and rebuild its index.
 
     Files already in the DB are ignored; the encoder must be the DB's. Resumable like a build.
@@ -538,7 +625,7 @@ def add_images(db: str | os.PathLike, encoder_path: str | os.PathLike, *, images
     with Manifest(db) as man:
         cfg.mode = man.get("mode")
         _init_or_check_manifest(db, man, encoder, cfg, sources, items, new_files_ok=True)
-        process_pending(db, man, encoder, cfg)
+        process_pending(db, man, encoder, cfg, progress_callback)
     cfg.shard = (0, 1)
     return _finish(db, cfg)
 

@@ -47,7 +47,7 @@ def _add_build_options(p: argparse.ArgumentParser, *, with_mode: bool = True) ->
 
 
 def _config(args: argparse.Namespace, **over):
-    from .build import BuildConfig, parse_shard
+    from .build import BuildConfig
 
     shard = over.pop("shard", None) or (0, 1)
     return BuildConfig(mode=getattr(args, "mode", "paths"), batch_size=args.batch_size, workers=args.workers,
@@ -123,8 +123,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
         cls = enc.encode_images(x, lr=args.lr).cls
         scores, ids = db.search(cls, args.k)
-        hits = [{"id": int(i), "score": float(s), "path": r.path, "caption": r.caption}
-                for s, i, r in zip(scores[0], ids[0], db.records([i for i in ids[0] if i >= 0]))]
+        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        recs = db.records([i for _, i in found])
+        hits = [{"id": i, "score": s, "path": r.path, "caption": r.caption}
+                for (s, i), r in zip(found, recs, strict=True)]
         results.append({"query": image, "hits": hits})
     if args.json:
         print(json.dumps(results, indent=1))

@@ -8,7 +8,6 @@ Large indexes are memory-mapped read-only. ``signature()`` is a cheap stat-based
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

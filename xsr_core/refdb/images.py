@@ -135,3 +135,4 @@ class DecodedSample:
     height: int
     pixels: "np.ndarray | None"  # uint8 (3, 224, 224) CLIP crop (see clip_preprocess.resize_crop_u8)
     packed: bytes | None  # packed-mode JPEG
+    raw: "np.ndarray | None" = None  # uint8 (H, W, 3) decoded image, when the crop is made on the device
