@@ -206,7 +206,6 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
 
-    _stub_av()
     sys.path.insert(0, os.path.abspath(args.comfy))
     import torch
 
@@ -220,6 +219,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     names = make_models(models, args.tiny, device)
     print(f"models written in {time.time() - t0:.0f} s", flush=True)
+    _stub_av()  # after diffusers (which probes for av with find_spec), before ComfyUI
     if device == "cuda":
         torch.cuda.empty_cache()
 
