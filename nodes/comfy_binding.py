@@ -68,11 +68,20 @@ class CONDXSR:
         self.batch = batch if batch is not None else (embed.shape[0] if embed is not None else 1)
         self._memo: dict[tuple, XSRBatch] = {}
         self._stats: dict[int, tuple[Any, Any]] = {}
+        self._processed: dict[int, CONDXSR] = {}
 
     def __deepcopy__(self, memo):
         return self
 
     def process_cond(self, batch_size: int, **kwargs) -> "CONDXSR":
+        # ComfyUI calls this at every sampling step: hand back the same object so that the concat
+        # memo and the statistics computed for it live for the whole run
+        hit = self._processed.get(batch_size)
+        if hit is None:
+            hit = self._processed[batch_size] = self._process(batch_size)
+        return hit
+
+    def _process(self, batch_size: int) -> "CONDXSR":
         embed = self.embed
         if embed is not None and embed.shape[0] != batch_size:
             if batch_size % embed.shape[0]:
@@ -82,7 +91,10 @@ class CONDXSR:
         return CONDXSR(embed, self.active, batch_size)
 
     def null(self) -> "CONDXSR":
-        return CONDXSR(None, False, self.batch)
+        hit = self._processed.get(-1)
+        if hit is None:
+            hit = self._processed[-1] = CONDXSR(None, False, self.batch)
+        return hit
 
     def can_concat(self, other) -> bool:
         return isinstance(other, CONDXSR)
