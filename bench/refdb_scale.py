@@ -207,7 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--cache", default=None, help="keep built indexes here and reuse them (build_s from the first run)")
     p.add_argument("--name", default="refdb_scale")
+    p.add_argument("--render-only", action="store_true", help="re-write the .md from the existing .json")
     args = p.parse_args(argv)
+    if args.render_only:
+        data = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+        lines = render(data["meta"], data["cases"], args.dim, args.k, data["meta"]["queries"])
+        (Path(args.out) / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     ctx = mp.get_context("spawn")
     cases = []
     for n in args.sizes:
