@@ -12,13 +12,14 @@ from .enhance import XSREnhance
 from .folder import XSRLoadImageFolder
 from .image import XSRColorFix, XSRPrepareLR
 from .loaders import XSRLoadModels, XSRLoadReferenceDB
-from .retrieval import XSRRetrieve
+from .retrieval import XSRBuildReferenceDB, XSRRetrieve
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     XSRPrepareLR,
     XSRLoadModels,
     XSRLoadReferenceDB,
     XSRRetrieve,
+    XSRBuildReferenceDB,
     XSREnhance,
     XSRAdaINPatch,
     XSRColorFix,

@@ -120,3 +120,22 @@ class LoadedXSR:
     @property
     def clip_dim(self) -> int:
         return int(self.rfa.model.config.clip_dim)
+
+
+class ComfyClipEncoder:
+    """A ComfyUI CLIP_VISION as the reference-DB build encoder (same features as XSR_Retrieve's queries)."""
+
+    def __init__(self, clip_vision: Any):
+        self.cv = clip_vision
+        self.fingerprint = clip_vision_fingerprint(clip_vision)
+        self.dim = clip_vision_width(clip_vision)
+        self.device = clip_vision.load_device
+        self.source = "ComfyUI CLIP_VISION"
+
+    def encode_cls_u8(self, pixels_u8: torch.Tensor) -> torch.Tensor:
+        from ..xsr_core.clip_preprocess import normalize_u8
+
+        comfy.model_management.load_model_gpu(self.cv.patcher)
+        pix = normalize_u8(pixels_u8.to(self.device), torch.float32)
+        _, _, pooled = self.cv.model.vision_model(pixel_values=pix)
+        return pooled.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,3 +134,89 @@ class XSRRetrieve(io.ComfyNode):
         ui_out = ui.PreviewImage(refs_image, cls=cls).as_dict()
         ui_out["xsr_refs"] = gallery
         return io.NodeOutput(refs_image, result, "\n".join(lines), ui=ui_out)
+
+
+def _allowed_roots() -> list[str]:
+    import folder_paths
+
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
+    roots += [r for r in os.environ.get("XSR_REFDB_ALLOWED_ROOTS", "").split(os.pathsep) if r]
+    return [os.path.realpath(r) for r in roots]
+
+
+def resolve_image_folder(folder: str) -> str:
+    """A folder of HR images: relative = inside ComfyUI's input dir; absolute = under an allowed root."""
+    import folder_paths
+
+    folder = folder.strip()
+    if not folder:
+        raise ValueError("XSR_BuildReferenceDB: 'images_folder' is empty: name a subfolder of ComfyUI's input folder.")
+    path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    real = os.path.realpath(path)
+    roots = _allowed_roots()
+    if not any(real == r or real.startswith(r + os.sep) for r in roots):
+        raise ValueError(
+            f"XSR_BuildReferenceDB: images_folder '{folder}' is outside the folders this node may read "
+            f"({', '.join(roots)}); put the images under ComfyUI's input folder, or list more roots in the "
+            "XSR_REFDB_ALLOWED_ROOTS environment variable of the server."
+        )
+    if not os.path.isdir(real):
+        raise ValueError(f"XSR_BuildReferenceDB: images_folder '{folder}' ({real}) is not a folder.")
+    return real
+
+
+class XSRBuildReferenceDB(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_BuildReferenceDB",
+            display_name="XSR Build Reference DB",
+            category="xsr",
+            description="Builds (or resumes building) a reference database in models/xsr_refdb from a folder of HR "
+                        "images, with the CLIP vision encoder you will query it with. Interrupting keeps the work "
+                        "done; queueing again continues. For millions of images use `python -m xsr_core.refdb build`.",
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="the CLIP vision encoder XSR Retrieve will use (ViT-L/14)"),
+                io.String.Input("images_folder", default="xsr_references",
+                                tooltip="subfolder of ComfyUI's input folder holding the HR reference images "
+                                        "(searched recursively)"),
+                io.String.Input("db_name", default="my_refdb", tooltip="name of the new DB folder in models/xsr_refdb"),
+                io.Combo.Input("mode", options=["packed", "paths"], default="packed",
+                               tooltip="packed: resized copies stored in the DB (portable); paths: the DB points at "
+                                       "the original files (small, but they must stay in place)"),
+            ],
+            outputs=[XSRRefDB.Output("refdb", display_name="refdb"),
+                     io.String.Output("report", display_name="report", tooltip="what was indexed or skipped")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, images_folder: str, db_name: str, mode: str) -> io.NodeOutput:
+        import comfy.utils
+        import folder_paths
+
+        from ..xsr_core.refdb import BuildConfig, build_db
+        from .common import REFDB_FOLDER, ComfyClipEncoder
+        from .loaders import open_refdb
+
+        src = resolve_image_folder(images_folder)
+        if not db_name or db_name != os.path.basename(db_name) or db_name in (".", "..") or "\\" in db_name:
+            raise ValueError(f"XSR_BuildReferenceDB: db_name '{db_name}' must be a plain folder name (no '/', '..').")
+        out = os.path.join(folder_paths.get_folder_paths(REFDB_FOLDER)[0], db_name)
+        bar: dict[str, Any] = {}
+
+        def progress(done: int, total: int) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if "bar" not in bar:
+                bar["bar"] = comfy.utils.ProgressBar(total)
+            bar["bar"].update_absolute(done, total)
+
+        cfg = BuildConfig(mode=mode, workers=0, device="cpu" if clip_vision.load_device.type == "cpu" else "auto",
+                          progress=False, batch_size=32)
+        try:
+            info = build_db(out, ComfyClipEncoder(clip_vision), images=src, config=cfg, progress_callback=progress)
+        except RefDBError as e:
+            raise ValueError(f"XSR_BuildReferenceDB: {e}") from None
+        counts = info.get("counts", {})
+        report = (f"{db_name}: {info.get('n')} references, index {info.get('index', {}).get('key')}, mode {mode}; "
+                  f"{counts.get('skipped', 0)} files skipped (details in {out}/report.json)")
+        return io.NodeOutput(open_refdb(out), report)

@@ -187,5 +187,26 @@ out_ref, _ = comfy_eps(patched.clone(), sigma, torch.ones(2, 1))
 results["stack"]["dummy_calls"] = DummyReplace.calls
 results["stack"]["same_as_unstacked"] = float((out_s - out_ref).abs().max())
 results["stack"]["clone_keeps_patch"] = bool(not torch.equal(out_ref, plain))
+
+# encoder contract: the CLI's CLIP vision path and ComfyUI's CLIP_VISION (stock CLIPVisionLoader path on the
+# same file) give the same features and the same fingerprint
+import comfy.clip_vision  # noqa: E402
+
+common = importlib.import_module("comfyui_xsr.nodes.common")
+clip_vision_mod = importlib.import_module("comfyui_xsr.xsr_core.clip_vision")
+synthetic = importlib.import_module("comfyui_xsr.xsr_core.testing.synthetic")
+cv_path = MODELS / "clip_vision" / zoo.CLIP_VISION_NAME
+cv = comfy.clip_vision.load(str(cv_path))
+enc = clip_vision_mod.ClipVisionEncoder.from_file(cv_path)
+import numpy as np  # noqa: E402
+
+imgs = torch.stack([torch.from_numpy(np.asarray(synthetic.synthetic_image(s, 96), dtype=np.float32) / 255) for s in range(6)])
+lr = torch.nn.functional.interpolate(imgs.movedim(-1, 1), size=(8, 8), mode="bicubic", antialias=True).clamp(0, 1).movedim(1, -1)
+cos = []
+for batch, is_lr in ((imgs, False), (lr, True)):
+    a = common.encode_clip(cv, batch, lr=is_lr).cls
+    b = enc.encode_images(batch, lr=is_lr).cls.float()
+    cos += torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
+results["encoder"] = {"cosines": cos, "fingerprint_equal": common.clip_vision_fingerprint(cv) == enc.fingerprint}
 OUT.write_text(json.dumps(results, indent=1))
 print(json.dumps(results, indent=1))

@@ -52,3 +52,10 @@ def test_survives_clone_and_stacks_with_another_attn2_replace(worker_results):
     assert s["dummy_calls"] == 16, "the earlier attn2 replace must still run in every U-Net block"
     assert s["same_as_unstacked"] == 0.0, "chaining into a pass-through replace must not change the result"
     assert s["clone_keeps_patch"]
+
+
+def test_cli_encoder_and_comfyui_clip_vision_agree(worker_results):
+    """A DB built by the command line and queried in ComfyUI (CLIPVisionLoader on the same file) agree."""
+    enc = worker_results["encoder"]
+    assert enc["fingerprint_equal"], "the same file must give the same encoder fingerprint in both paths"
+    assert len(enc["cosines"]) == 12 and min(enc["cosines"]) >= 0.999, enc["cosines"]

@@ -112,3 +112,38 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy, lr8):
     assert status["status_str"] == "error" or any(m[0] == "execution_interrupted" for m in status["messages"])
     entry = comfy.run(graph(lr8, seed=6))
     assert png_size(comfy.output_images(entry, "save")[0]) == (128, 128)
+
+
+def test_build_reference_db_node_then_retrieve_from_it(comfy, lr8, tmp_path):
+    from xsr_core.testing.synthetic import write_synthetic_images
+
+    folder = "xsr_refs_test"
+    write_synthetic_images(tmp_path / folder, 6, size=128, seed=11)
+    # upload into an input subfolder through the HTTP API (subfolder form field)
+    import json as _json
+    import urllib.request
+    import uuid
+
+    for p in sorted((tmp_path / folder).iterdir()):
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{p.name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + p.read_bytes() + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{folder}\r\n"
+                f"--{boundary}--\r\n").encode()
+        req = urllib.request.Request(comfy.url + "/upload/image", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        _json.loads(urllib.request.urlopen(req).read())
+    g = graph(lr8)
+    g["build"] = {"class_type": "XSR_BuildReferenceDB", "inputs": {
+        "clip_vision": ["cv", 0], "images_folder": folder, "db_name": "built_by_node", "mode": "packed"}}
+    g["retrieve"]["inputs"]["refdb"] = ["build", 0]
+    entry = comfy.run(g)
+    names = [r["name"] for r in entry["outputs"]["retrieve"]["xsr_refs"]]
+    assert len(names) == 4 and all(n.startswith("synthetic_") for n in names)
+
+    bad = graph(lr8)
+    bad["build"] = {"class_type": "XSR_BuildReferenceDB", "inputs": {
+        "clip_vision": ["cv", 0], "images_folder": "/etc", "db_name": "nope", "mode": "packed"}}
+    bad["retrieve"]["inputs"]["refdb"] = ["build", 0]
+    with pytest.raises(ComfyError, match="outside the folders"):
+        comfy.run(bad)
