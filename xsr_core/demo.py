@@ -1,10 +1,12 @@
-"""``python -m xsr_core demo``: run the XSR demo graph headless through a real ComfyUI.
+"""``python -m xsr_core demo``: run the xsr_x16 workflow headless through a real ComfyUI.
 
-Starts ComfyUI (``$COMFYUI_PATH`` or the one ``scripts/setup.sh`` installed) with this pack, runs the
-x16 graph on an LR image (default: the bundled ``assets/demo_lr.png``, 32x32) and writes the 512x512
+Starts ComfyUI (``$COMFYUI_PATH`` or the one ``scripts/setup.sh`` installed) with this pack, runs
+``workflows/xsr_x16.json`` (retrieval, I2T caption + image embedding, AdaIN-patched SD1.5 + ControlNet,
+colour fix) on an LR image (default: the bundled ``assets/demo_lr.png``, 32x32) and writes the x16
 result. Models: the real ones when ``--models`` points at a ComfyUI ``models/`` folder holding them,
-else the tiny random-weight zoo (generated on first use), which exercises the whole pipeline but
-produces noise-like images: see the README for which weights are real and which must be trained.
+else the tiny random-weight zoo and a small reference DB of procedural images (generated on first
+use), which exercise the whole pipeline but produce noise-like images: see the README for which
+weights are real and which must be trained. ``xsr_graph`` is the same pipeline as an API prompt.
 """
 
 from __future__ import annotations
@@ -21,26 +23,6 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "assets" / "demo_lr.png"
 SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
-
-
-def demo_graph(lr_name: str, ckpt: str, controlnet: str, *, steps: int = 20, seed: int = 0) -> dict:
-    """API-format prompt: LR -> XSR_PrepareLR -> SD1.x + ControlNet (LR hint) -> 16x image."""
-    return {
-        "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
-        "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a high quality, detailed photo"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry, low quality"}},
-        "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
-            "positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0], "image": ["prep", 0],
-            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": ["apply", 0], "negative": ["apply", 1], "latent_image": ["prep", 1],
-            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "xsr_demo"}},
-    }
 
 
 def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, rfa: str = "rfa.safetensors",
@@ -78,53 +60,82 @@ def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, ref
     }
 
 
+# model file names the shipped workflows use (README "Model files") -> tiny zoo names
+SHIPPED_NAMES = {
+    "ckpt": "v1-5-pruned-emaonly.safetensors",
+    "controlnet": "control_v11f1e_sd15_tile_fp16.safetensors",
+    "clip_vision": "clip_vision_l.safetensors",
+    "refdb": "xsr_refdb",
+}
+WORKFLOW = REPO / "workflows" / "xsr_x16.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xsr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=str(DEMO_IMAGE), help="LR image (default: bundled 32x32 demo)")
     parser.add_argument("--out", default=str(REPO / "out"), help="folder for the x16 result")
+    parser.add_argument("--workflow", default=str(WORKFLOW), help="UI- or API-format workflow (default: xsr_x16)")
     parser.add_argument("--models", default=None, help="ComfyUI models/ folder with real weights")
-    parser.add_argument("--ckpt", default=None, help="checkpoint file name in models/checkpoints")
-    parser.add_argument("--controlnet", default=None, help="ControlNet file name in models/controlnet")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; 4 on the tiny zoo)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint file in models/checkpoints")
+    parser.add_argument("--controlnet", default=None, help="ControlNet file in models/controlnet")
+    parser.add_argument("--clip-vision", default=None, help="CLIP vision file in models/clip_vision")
+    parser.add_argument("--refdb", default=None, help="reference DB folder in models/xsr_refdb")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the workflow's; 4 on the tiny zoo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / ".demo"), help="ComfyUI base directory to use")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xsr-demo] %(message)s")
 
+    from .workflow import substitute_models
+    from .eval.run import _unique, load_workflow
+
     base = Path(args.workdir)
     tiny = args.models is None
-    extra_nodes = [SUPPORT] if tiny else []
-    prepare_base_dir(base, REPO, extra_nodes=extra_nodes)
+    prepare_base_dir(base, REPO, extra_nodes=[SUPPORT] if tiny else [])
     models = base / "models"
+    names = dict(SHIPPED_NAMES)
+    server_args: list[str] = []
     if tiny:
-        from .testing.zoo import CHECKPOINT_NAME, CONTROLNET_NAME, write_zoo
+        from .testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB, write_zoo
 
-        if not (models / "checkpoints" / CHECKPOINT_NAME).is_file():
-            logger.info("no --models given: writing the tiny random-weight zoo to %s", models)
+        if not (models / "xsr_refdb" / DEMO_REFDB / "info.json").is_file():
+            logger.info("no --models given: writing the tiny random-weight zoo and demo reference DB to %s", models)
             comfy_dir = find_comfyui(REPO)
             write_zoo(models, clip_tokenizer_dir=comfy_dir / "comfy" / "sd1_tokenizer", diffusers_folder=False)
-        ckpt, controlnet = args.ckpt or CHECKPOINT_NAME, args.controlnet or CONTROLNET_NAME
+        names.update(ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB)
         steps = args.steps or 4
     else:
-        (base / "extra_model_paths.yaml").write_text(
-            json.dumps({"xsr_demo": {"base_path": str(Path(args.models).resolve()), "checkpoints": "checkpoints",
-                                      "controlnet": "controlnet", "clip_vision": "clip_vision", "xsr": "xsr",
-                                      "xsr_refdb": "xsr_refdb"}})
-        )
-        if not (args.ckpt and args.controlnet):
-            parser.error("with --models, name --ckpt and --controlnet")
-        ckpt, controlnet, steps = args.ckpt, args.controlnet, args.steps or 20
+        cfg = base / "extra_model_paths.yaml"
+        cfg.write_text(json.dumps({"xsr_demo": {
+            "base_path": str(Path(args.models).resolve()), "checkpoints": "checkpoints", "controlnet": "controlnet",
+            "clip_vision": "clip_vision", "xsr": "xsr", "xsr_refdb": "xsr_refdb"}}))
+        server_args = ["--extra-model-paths-config", str(cfg)]
+        steps = args.steps
+    for key in names:
+        if getattr(args, key, None):
+            names[key] = getattr(args, key)
+    mapping = {SHIPPED_NAMES[k]: v for k, v in names.items() if SHIPPED_NAMES[k] != v}
 
-    server_args = ["--extra-model-paths-config", str(base / "extra_model_paths.yaml")] if not tiny else []
     with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
+        api = substitute_models(load_workflow(Path(args.workflow), server), mapping)
         lr_name = server.upload_image(args.image, name="xsr_demo_lr" + Path(args.image).suffix)
-        logger.info("running the x16 graph on %s (%d steps)", args.image, steps)
-        entry = server.run(demo_graph(lr_name, ckpt, controlnet, steps=steps, seed=args.seed))
-        images = server.output_images(entry, "save")
+        api[_unique(api, "LoadImage", "the LR input")]["inputs"]["image"] = lr_name
+        for node in api.values():
+            if node["class_type"] == "KSampler":
+                node["inputs"]["seed"] = args.seed
+                if steps:
+                    node["inputs"]["steps"] = steps
+        logger.info("running %s on %s", Path(args.workflow).name, args.image)
+        entry = server.run(api)
+        images = server.output_images(entry, _unique(api, "SaveImage", "the output"))
+        caption = entry.get("outputs", {})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dst = out / (Path(args.image).stem + "_x16.png")
     dst.write_bytes(images[0])
+    for node_out in caption.values():
+        if "text" in node_out:
+            logger.info("caption: %s", node_out["text"][0])
     print(dst)
     return 0
 
