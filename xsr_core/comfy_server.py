@@ -214,8 +214,8 @@ class ComfyServer:
                 imgs += [self.view(i) for i in out.get("images", [])]
         return imgs
 
-    def upload_image(self, path: str | Path, name: str | None = None, overwrite: bool = True) -> str:
-        """Upload a file to ComfyUI's input folder; returns the name LoadImage takes."""
+    def upload_image(self, path: str | Path, name: str | None = None, overwrite: bool = True, subfolder: str = "") -> str:
+        """Upload a file to ComfyUI's input folder (or a subfolder of it); returns the name LoadImage takes."""
         path = Path(path)
         boundary = uuid.uuid4().hex
         name = name or path.name
@@ -223,6 +223,7 @@ class ComfyServer:
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n",
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n{str(overwrite).lower()}\r\n".encode(),
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{subfolder}\r\n".encode(),
             f"--{boundary}--\r\n".encode(),
         ]
         res = json.loads(self._request("/upload/image", b"".join(parts),

@@ -96,7 +96,7 @@ def test_bad_inputs_give_node_errors_and_server_keeps_serving(comfy, lr8, write_
 
 
 def test_interrupt_during_sampling_then_next_prompt_runs(comfy, lr8):
-    g = graph(lr8, steps=40, seed=5)
+    g = graph(lr8, steps=400, seed=5)  # long enough never to finish before the interrupt
     pid = comfy.queue(g)
     deadline = time.monotonic() + 120
     # wait until sampling started (progress appears in the queue as running), then interrupt
@@ -119,20 +119,8 @@ def test_build_reference_db_node_then_retrieve_from_it(comfy, lr8, tmp_path):
 
     folder = "xsr_refs_test"
     write_synthetic_images(tmp_path / folder, 6, size=128, seed=11)
-    # upload into an input subfolder through the HTTP API (subfolder form field)
-    import json as _json
-    import urllib.request
-    import uuid
-
     for p in sorted((tmp_path / folder).iterdir()):
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{p.name}\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + p.read_bytes() + (
-                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{folder}\r\n"
-                f"--{boundary}--\r\n").encode()
-        req = urllib.request.Request(comfy.url + "/upload/image", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        _json.loads(urllib.request.urlopen(req).read())
+        comfy.upload_image(p, subfolder=folder)
     g = graph(lr8)
     g["build"] = {"class_type": "XSR_BuildReferenceDB", "inputs": {
         "clip_vision": ["cv", 0], "images_folder": folder, "db_name": "built_by_node", "mode": "packed"}}
