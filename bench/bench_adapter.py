@@ -40,45 +40,8 @@ if str(ROOT) not in sys.path:
 
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig  # noqa: E402
 from xsr_core.adapter.diffusers_binding import DiffusersAdapterBinding  # noqa: E402
+from xsr_core.testing.sd15 import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG  # noqa: E402
 
-# runwayml/stable-diffusion-v1-5 unet/config.json, written literally (no download)
-SD15_UNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-# lllyasviel/control_v11f1e_sd15_tile config.json (structural keys), written literally
-SD15_CONTROLNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "conditioning_embedding_out_channels": [16, 32, 96, 256],
-    "controlnet_conditioning_channel_order": "rgb",
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-}
 TINY_UNET_CONFIG = dict(
     SD15_UNET_CONFIG, block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8
 )

@@ -28,24 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
-SD15_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
-}
-CLIP_L_TEXT = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
-}
+from xsr_core.testing.sd15 import CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402
+
 
 
 def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt: bool):
@@ -68,9 +52,9 @@ def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt
         unet, text, vae, _ = build_tiny_sd(0)
         embed = 32
     else:
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-        vae = AutoencoderKL(**SD15_VAE)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
         embed = 1024
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -147,10 +131,10 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
         from xsr_core.testing.tiny_models import tiny_i2t_config, tiny_rfa_config
 
         rcfg, icfg, T, D, B = tiny_rfa_config(32, 256), tiny_i2t_config(400, 32, 257), 257, 32, 4
-        text_cfg = {**CLIP_L_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        text_cfg = {**CLIP_L_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     else:
         rcfg, icfg, T, D, B = RFAConfig(), I2TConfig(), 257, 1024, 128
-        text_cfg = CLIP_L_TEXT
+        text_cfg = CLIP_L_TEXT_CONFIG
     results = []
     for name in ("rfa", "i2t"):
         torch.manual_seed(0)

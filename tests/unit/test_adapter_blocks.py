@@ -14,26 +14,7 @@ from xsr_core.adapter.blocks import (
     unet_blocks,
 )
 
-# The SD1.5 U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json, structural keys), written literally.
-SD15_UNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+from xsr_core.testing.sd15 import SD15_UNET_CONFIG  # the published SD1.5 U-Net config, literally
 
 TINY = dict(
     block_out_channels=(32, 64, 128, 128),
