@@ -15,17 +15,9 @@ from xsr_core.adapter.blocks import (
 )
 
 from xsr_core.testing.sd15 import SD15_UNET_CONFIG  # the published SD1.5 U-Net config, literally
+from xsr_core.testing.zoo import TINY_UNET_CONFIG
 
-TINY = dict(
-    block_out_channels=(32, 64, 128, 128),
-    layers_per_block=2,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=32,
-    sample_size=8,
-    down_block_types=SD15_UNET_CONFIG["down_block_types"],
-    up_block_types=SD15_UNET_CONFIG["up_block_types"],
-)
+TINY = {**TINY_UNET_CONFIG, "sample_size": 8}  # the tiny zoo U-Net: SD1.5 structure, tiny widths
 
 SD15_UNET_IDS = [f"unet.input.{i}.0" for i in (1, 2, 4, 5, 7, 8)] + ["unet.middle.0.0"] + [
     f"unet.output.{i}.0" for i in range(3, 12)

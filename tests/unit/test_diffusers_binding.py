@@ -7,32 +7,18 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
 from xsr_core.adapter.diffusers_binding import AdaINAttnProcessor, DiffusersAdapterBinding
+from xsr_core.testing.zoo import TINY_UNET_CONFIG
 from xsr_core.weights import load_model, save_model
 
-TINY = dict(
-    block_out_channels=(32, 64, 128, 128),
-    layers_per_block=2,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=32,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+TINY = {**TINY_UNET_CONFIG, "sample_size": 8}  # the tiny zoo U-Net: SD1.5 structure, tiny widths
 EMBED = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convs on a shared 2-core box: intra-op threads oversubscribe and run ~8x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):
+def setup(one_torch_thread):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY).eval()
     controlnet = ControlNetModel.from_unet(unet).eval()
