@@ -97,18 +97,7 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    acc.wait_for_everyone()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    acc.wait_for_everyone()
-    dt_s = time.perf_counter() - t0
+    dt_s = _timed(acc, step, warmup, steps)
     out = {"stage": "2", "batch_per_process": batch, "processes": acc.num_processes, "grad_ckpt": grad_ckpt,
            "resolution": res, "img_per_s": batch * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
            "peak_mem_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if cuda else None,
@@ -171,22 +160,31 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        dt_s = time.perf_counter() - t0
+        dt_s = _timed(acc, step, warmup, steps)
         results.append({"stage": f"1-{name}", "batch_per_process": bs, "processes": acc.num_processes,
                         "img_per_s": bs * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
                         "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None})
         acc.free_memory(model, opt)
         _release(acc)
     return results
+
+
+def _timed(acc, step, warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones, synchronised across devices/ranks."""
+
+    def sync():
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize(acc.device)
+        acc.wait_for_everyone()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return time.perf_counter() - t0
 
 
 def _release(acc) -> None:

@@ -267,12 +267,12 @@ class QKReplace:
         )
 
 
-def _site_module(original: torch.nn.Module, block_id: str, site: str, source: str) -> torch.nn.Module:
+def _site_module(original: torch.nn.Module, block_id: str, site: str) -> torch.nn.Module:
     """A shallow twin of ``original`` whose output goes through the adapter.
 
     The twin shares ``original``'s parameter dict, so weight patches (LoRA), casting and device moves
-    of the original apply to it too; only ``forward`` differs. ``source`` says where the state comes
-    from ("current": the context variable).
+    of the original apply to it too; only ``forward`` differs. The adapter state comes from the
+    context variable set by the U-Net wrapper or XSRControlNet.get_control.
     """
     cls = original.__class__
     twin_cls = _TWIN_CLASSES.get(cls)
@@ -382,7 +382,7 @@ def patch_unet(model: comfy.model_patcher.ModelPatcher, runtime: AdaINRuntime) -
         previous = replace.get((stage, index, t), replace.get((stage, index)))
         m.set_model_attn2_replace(QKReplace(block_id, previous), stage, index, t)
         key = f"diffusion_model.{path}.norm3"
-        m.add_object_patch(key, _site_module(m.get_model_object(key), block_id, "norm3", "current"))
+        m.add_object_patch(key, _site_module(m.get_model_object(key), block_id, "norm3"))
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _diffusion_model_wrapper(runtime))
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _calc_cond_batch_wrapper(runtime))
     return m
@@ -449,5 +449,5 @@ def patch_controlnet(control_net: Any, runtime: AdaINRuntime) -> XSRControlNet:
             ) from None
         for site, sub in (("norm2", "norm2"), ("q", "attn2.to_q"), ("k", "attn2.to_k"), ("norm3", "norm3")):
             key = f"{path}.{sub}"
-            wrapped.add_object_patch(key, _site_module(wrapped.get_model_object(key), block_id, site, "current"))
+            wrapped.add_object_patch(key, _site_module(wrapped.get_model_object(key), block_id, site))
     return c

@@ -27,12 +27,10 @@ SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
 
 def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, rfa: str = "rfa.safetensors",
               i2t: str = "i2t.safetensors", adapter: str = "adain_adapter.safetensors", steps: int = 20, seed: int = 0,
-              strength: float = 1.0, top_k: int = 4, cfg: float = 7.0, batch_lr: bool = False) -> dict:
+              strength: float = 1.0, top_k: int = 4, cfg: float = 7.0) -> dict:
     """API-format prompt of the full XSR x16 pipeline (the xsr_x16 workflow)."""
-    lr = ({"class_type": "LoadImage", "inputs": {"image": lr_name}} if not batch_lr else
-          {"class_type": "LoadImage", "inputs": {"image": lr_name}})
     return {
-        "lr": lr,
+        "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
         "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[xsr-demo] %(message)s")
 
     from .workflow import substitute_models
-    from .eval.run import _unique, load_workflow
+    from .eval.run import unique_node, load_workflow
 
     base = Path(args.workdir)
     tiny = args.models is None
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
         api = substitute_models(load_workflow(Path(args.workflow), server), mapping)
         lr_name = server.upload_image(args.image, name="xsr_demo_lr" + Path(args.image).suffix)
-        api[_unique(api, "LoadImage", "the LR input")]["inputs"]["image"] = lr_name
+        api[unique_node(api, "LoadImage", "the LR input")]["inputs"]["image"] = lr_name
         for node in api.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["seed"] = args.seed
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     node["inputs"]["steps"] = steps
         logger.info("running %s on %s", Path(args.workflow).name, args.image)
         entry = server.run(api)
-        images = server.output_images(entry, _unique(api, "SaveImage", "the output"))
+        images = server.output_images(entry, unique_node(api, "SaveImage", "the output"))
         caption = entry.get("outputs", {})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,8 @@ def load_workflow(path: Path, server: ComfyServer | None) -> dict[str, Any]:
     raise RunError(f"workflow {path} is neither ComfyUI UI format (nodes/links) nor API format")
 
 
-def _unique(api: dict, class_type: str, what: str) -> str:
+def unique_node(api: dict, class_type: str, what: str) -> str:
+    """Id of the one node of ``class_type`` in an API prompt (RunError if there are none or several)."""
     ids = [k for k, v in api.items() if v["class_type"] == class_type]
     if len(ids) != 1:
         raise RunError(f"the workflow must have exactly one {class_type} node ({what}); it has {len(ids)}")
@@ -142,8 +143,8 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
         with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
             api = load_workflow(Path(workflow), server)
             apply_overrides(api, list(overrides))
-            load_id = _unique(api, "LoadImage", "the LR input")
-            save_id = _unique(api, "SaveImage", "the SR output")
+            load_id = unique_node(api, "LoadImage", "the LR input")
+            save_id = unique_node(api, "SaveImage", "the SR output")
             samplers = [k for k, v in api.items() if "seed" in v["inputs"] or "noise_seed" in v["inputs"]]
             start = time.monotonic()
             for n, (i, path) in enumerate(tqdm(todo, desc="xsr eval run", unit="img"), 1):

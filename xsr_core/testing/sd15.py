@@ -28,23 +28,13 @@ SD15_UNET_CONFIG = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
-# lllyasviel/control_v11f1e_sd15_tile config.json (structural keys), written literally
+# lllyasviel/control_v11f1e_sd15_tile config.json (structural keys): a ControlNet copies the U-Net's
+# encoder, so its config is the U-Net's down/mid part plus the hint-embedding keys
 SD15_CONTROLNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
+    **{k: v for k, v in SD15_UNET_CONFIG.items()
+       if k not in ("center_input_sample", "out_channels", "sample_size", "up_block_types")},
     "conditioning_embedding_out_channels": [16, 32, 96, 256],
     "controlnet_conditioning_channel_order": "rgb",
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
 }
 
 SD15_VAE_CONFIG = {
