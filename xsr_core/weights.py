@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .paths import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -128,6 +130,7 @@ def save_model(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; a model file is as readable as any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

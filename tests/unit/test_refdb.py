@@ -29,6 +29,13 @@ REPO = Path(__file__).resolve().parents[2]
 N_GOOD = 14
 
 
+@pytest.fixture(autouse=True)
+def _trust_test_images(monkeypatch, tmp_path_factory):
+    """Paths-mode DBs here point at images in pytest's temp folders: list that as an allowed root
+    (a DB may read outside its own folder only where the user allowed it; tests of that rule unset it)."""
+    monkeypatch.setenv("XSR_ALLOWED_ROOTS", str(tmp_path_factory.getbasetemp()))
+
+
 def _cfg(**kw) -> BuildConfig:
     base = dict(workers=0, batch_size=4, chunk_size=4, progress=False, threads=1)
     base.update(kw)
@@ -87,7 +94,7 @@ def _contents(path):
 # ------------------------------------------------------------------------------------ basics
 
 def test_build_then_search_finds_the_hr_image_itself(db, data, encoder):
-    with ReferenceDB.open(db) as ref:
+    with ReferenceDB.open(db, allowed_roots=[data["images"]]) as ref:
         assert ref.n == N_GOOD and ref.dim == 32 and ref.index_key == "Flat"
         ref.check_encoder(encoder.fingerprint)
         recs = ref.records(range(ref.n))
@@ -105,7 +112,7 @@ def test_build_then_search_finds_the_hr_image_itself(db, data, encoder):
         info = json.loads((db / "info.json").read_text())
         for key in ("n", "dim", "index", "encoder", "build_date", "tool_version", "mode", "preprocess"):
             assert key in info
-    assert verify_db(db) == []
+    assert verify_db(db, allowed_roots=[data["images"]]) == []
 
 
 def test_cli_search_info_verify(db, data, capsys):
@@ -116,6 +123,14 @@ def test_cli_search_info_verify(db, data, capsys):
     assert cli_main(["info", "--db", str(db)]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == N_GOOD
     assert cli_main(["verify", "--db", str(db)]) == 0
+
+
+def test_cli_verify_names_sources_outside_allowed_roots(db, data, capsys, monkeypatch):
+    monkeypatch.delenv("XSR_ALLOWED_ROOTS")
+    assert cli_main(["verify", "--db", str(db)]) == 1  # a paths DB's sources are outside it: named, not read
+    out = capsys.readouterr().out
+    assert out.count("lies outside the folders XSR may read") == N_GOOD and "XSR_ALLOWED_ROOTS" in out
+    assert cli_main(["verify", "--db", str(db), "--allow-root", str(data["images"])]) == 0
 
 
 def test_odd_images_dedup_and_exclusion(tmp_path, data, encoder):
@@ -181,10 +196,10 @@ def test_packed_mode_is_self_contained_and_paths_mode_names_missing_files(tmp_pa
         assert min(im.size) == 512 and im.size[0] > im.size[1]
         assert len(ref.load_images(range(ref.n))) == ref.n
     assert verify_db(tmp_path / "copied") == []
-    with ReferenceDB.open(tmp_path / "paths") as ref:
+    with ReferenceDB.open(tmp_path / "paths", allowed_roots=[imgs]) as ref:
         with pytest.raises(RefDBError, match=r"img00\.jpg.*moved or deleted"):
             ref.load_images([0])
-    problems = verify_db(tmp_path / "paths")
+    problems = verify_db(tmp_path / "paths", allowed_roots=[imgs])
     assert problems and all("is missing" in p for p in problems)
 
 
@@ -233,13 +248,13 @@ def test_errors_are_clear(tmp_path, db, data):
     only_bad.mkdir()
     Image.new("RGB", (3, 3)).save(only_bad / "tiny.png")
     (only_bad / "broken.jpg").write_bytes(b"\xff\xd8\xff")
-    with pytest.raises(RefDBError, match="no usable reference image"):
+    with pytest.raises(RefDBError, match=r"no usable reference image.*2 skipped.*tiny\.png: too small"):
         build_db(tmp_path / "empty", data["enc"], images=only_bad, config=_cfg())
-    with pytest.raises(RefDBError, match="not finished"):
-        ReferenceDB.open(tmp_path / "empty")
-    assert json.loads((tmp_path / "empty" / "report.json").read_text())["counts"]["skipped"] == 2
+    assert not (tmp_path / "empty").exists(), "a failed new build must leave no half-built DB folder"
+    (tmp_path / "no_images").mkdir()
     with pytest.raises(RefDBError, match="no image files"):
-        build_db(tmp_path / "none", data["enc"], images=tmp_path / "empty" / "build" / "emb", config=_cfg())
+        build_db(tmp_path / "none", data["enc"], images=tmp_path / "no_images", config=_cfg())
+    assert not (tmp_path / "none").exists()
 
 
 def test_other_encoder_is_refused(tmp_path, db, data):
@@ -265,13 +280,28 @@ def test_other_encoder_is_refused(tmp_path, db, data):
 
 # -------------------------------------------------------------------- resume, shards, add, export
 
+SLOW_COMMIT_CLI = """
+import sys, time
+from xsr_core.refdb import store
+from xsr_core.refdb.cli import main
+commit = store.Manifest.commit_chunk
+def slow_commit(self, *a, **kw):
+    time.sleep(0.7)
+    return commit(self, *a, **kw)
+store.Manifest.commit_chunk = slow_commit
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill9_during_build_then_resume_gives_identical_db(tmp_path, db, data):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "xsr_core.refdb", "build", "--images", str(data["images"]), "--encoder",
-           str(data["enc"]), "--out", str(out), "--workers", "0", "--batch-size", "4", "--chunk-size", "4",
-           "--threads", "1", "--no-progress"]
-    env = dict(os.environ, XSR_REFDB_TEST_COMMIT_DELAY="0.7", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["build", "--images", str(data["images"]), "--encoder", str(data["enc"]), "--out", str(out),
+            "--workers", "0", "--batch-size", "4", "--chunk-size", "4", "--threads", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "xsr_core.refdb", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # the killed run widens the window between writing a chunk and committing it (patched in the child)
+    slow = [sys.executable, "-c", SLOW_COMMIT_CLI, *args]
+    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "build" / "manifest.sqlite"
     deadline = time.time() + 400  # generous: interpreter + torch start-up on a loaded CI machine
     committed = 0
@@ -298,7 +328,6 @@ def test_kill9_during_build_then_resume_gives_identical_db(tmp_path, db, data):
     done_before = conn.execute("SELECT COUNT(*) FROM files WHERE status != 'pending'").fetchone()[0]
     conn.close()
     assert 0 < done_before < N_GOOD
-    env.pop("XSR_REFDB_TEST_COMMIT_DELAY")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows, vecs, counts = _contents(out)

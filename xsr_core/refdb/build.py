@@ -15,9 +15,12 @@ with :func:`merge_shards`, and a single uninterrupted build all produce the same
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,12 +31,13 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..paths import PathConfinementError, confined_or_none, real_roots, within
 from ..clip_preprocess import PREPROCESS_VERSION, resize_crop_u8
 from . import index as index_mod
 from .images import (DEFAULT_MIN_SIDE, PACK_QUALITY, PACK_SIDE, DecodedSample, ImageSkip, decode_image,
                      discover_images, pack_image, read_list_file, sha256_bytes)
-from .store import (EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, DB_FORMAT_VERSION,
-                    Manifest, RefDBError, write_json_atomic, write_meta, write_npy_atomic, write_bytes_atomic)
+from .store import (BUILD_DIR, DB_FORMAT_VERSION, EMB_DIR, EXCLUDE_EMB, INDEX, INFO, MANIFEST, META, PACKED_DIR,
+                    REPORT, Manifest, RefDBError, write_json_atomic, write_meta, write_npy_atomic, write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class BuildConfig:
     max_memory_gb: float | None = None  # index memory budget for the automatic choice (default: RAM / 2)
     threads: int | None = None  # faiss / torch CPU threads (None: library default)
     progress: bool = True  # tqdm progress bar
+    allowed_roots: tuple[str, ...] = ()  # folders besides the --images folder that its files may resolve into
 
     def __post_init__(self):
         if self.mode not in ("paths", "packed"):
@@ -96,8 +101,9 @@ class _FileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224, raw_max_pixels: int | None = None):
+                 size: int = 224, raw_max_pixels: int | None = None, roots: Sequence[str] | None = None):
         self.items = list(items)
+        self.roots = real_roots(roots) if roots is not None else None  # None: read any path (a user's list file)
         self.min_side = min_side
         self.pack = pack
         self.size = size
@@ -110,6 +116,9 @@ class _FileDataset(torch.utils.data.Dataset):
         seq, path = self.items[i]
         sha = None
         try:
+            if self.roots is not None and confined_or_none(path, self.roots) is None:
+                raise ImageSkip(f"resolves to {os.path.realpath(path)}, outside the source folder "
+                                f"({', '.join(self.roots)}): a symlink pointing elsewhere is not read")
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -131,7 +140,25 @@ class _FileDataset(torch.utils.data.Dataset):
                                  None, None)
 
 
-def _worker_init(_: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: get SIGKILL when the parent dies, even by kill -9 (Linux ``PR_SET_PDEATHSIG``).
+
+    DataLoader workers otherwise outlive a killed build, each holding its decoded batches.
+    A no-op where prctl does not exist; exits at once if the parent is already gone.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # pragma: no cover - non-glibc libc
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_init(parent_pid: int, _: int) -> None:
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
 
 
@@ -198,16 +225,19 @@ def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
                 pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
-                ) -> torch.utils.data.DataLoader:
+                roots: Sequence[str] | None = None) -> torch.utils.data.DataLoader:
     """The build data loader: decoding in ``workers`` processes, batches in the given order.
 
     ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
-    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU).
+    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU). ``roots``: files that
+    resolve outside these folders are skipped (None: no check, for the user's own list files).
+    Workers die with this process (:func:`die_with_parent`).
     """
-    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels)
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
+        kwargs.update(worker_init_fn=functools.partial(_worker_init, os.getpid()), prefetch_factor=4,
+                      persistent_workers=False)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                                        pin_memory=pin_memory, **kwargs)
 
@@ -288,7 +318,8 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     pack = (int(manifest.get("pack_side")), int(manifest.get("pack_quality"))) if mode == "packed" else None
     on_gpu = encoder.device.type == "cuda"
     loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack,
-                         pin_memory=on_gpu, raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None)
+                         pin_memory=on_gpu, raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None,
+                         roots=source_roots(manifest.get("sources") or [], cfg.allowed_roots))
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
@@ -345,9 +376,6 @@ def _commit_chunk(db_dir: Path, manifest: Manifest, samples: list[DecodedSample]
         if packed:
             pack_file = f"{PACKED_DIR}/part_{name}.bin"
             write_bytes_atomic(db_dir / pack_file, b"".join(blobs))
-    delay = float(os.environ.get("XSR_REFDB_TEST_COMMIT_DELAY", "0") or 0)
-    if delay:  # crash-safety tests: widen the window between writing a chunk and committing it
-        time.sleep(delay)
     manifest.commit_chunk(name, samples[0].seq, results, emb_file, pack_file)
 
 
@@ -360,7 +388,10 @@ def _gather_vectors(db_dir: Path, rows: list, dim: int) -> np.ndarray:
         f = r["emb_file"]
         if f not in cache:
             cache.clear()  # rows come in seq order: one chunk at a time
-            p = db_dir / f
+            try:
+                p = within(f, db_dir)
+            except PathConfinementError as e:
+                raise RefDBError(f"{db_dir}: the build manifest names {e}; it was altered. Rebuild the DB.") from None
             if not p.is_file():
                 raise RefDBError(f"{db_dir}: embedding chunk {f} is missing; the build folder is damaged. "
                                  "Delete the DB folder and rebuild it.")
@@ -428,8 +459,9 @@ def finalize(db_dir: str | os.PathLike, *, index_key: str | None = None, max_mem
     }
     write_json_atomic(db_dir / REPORT, report)
     if not kept:
+        why = "; ".join(f"{Path(p).name}: {reason}" for _, p, reason in skipped[:3])
         raise RefDBError(f"{db_dir}: no usable reference image is left ({len(skipped)} skipped, {len(dups)} "
-                         f"duplicates, {len(excluded)} excluded; see {db_dir / REPORT}). Add valid images.")
+                         f"duplicates, {len(excluded)} excluded{'; ' + why if why else ''}). Add valid images.")
     n = len(kept)
     budget = int(max_memory_gb * 2**30) if max_memory_gb else None
     try:
@@ -487,6 +519,20 @@ def _resolve_sources(images: str | os.PathLike | None, list_file: str | os.PathL
         return read_list_file(list_file), [f"list:{Path(list_file).resolve().as_posix()}"]
     except FileNotFoundError as e:
         raise RefDBError(str(e)) from None
+
+
+def source_roots(sources: Sequence[str], extra: Sequence[str] = ()) -> list[str] | None:
+    """Folders the files of a build may resolve into: its ``images:`` folders (+ ``extra``).
+
+    None (no check) when a source is a list file: the user named those files one by one.
+    """
+    roots = list(extra)
+    for src in sources:
+        kind, _, where = str(src).partition(":")
+        if kind != "images":
+            return None
+        roots.append(where)
+    return roots
 
 
 def _exclude_items(exclude: Sequence[str | os.PathLike]) -> list[str]:
@@ -553,12 +599,46 @@ def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = load_encoder(encoder_path, cfg.device, cfg.precision)
+    new = not (out / MANIFEST).exists()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with Manifest(out, create=True) as man:
-        _init_or_check_manifest(out, man, encoder, cfg, sources, items, new_files_ok=False)
-        _prepare_exclusions(out, man, encoder, [str(e) for e in exclude], cfg)
-        process_pending(out, man, encoder, cfg, progress_callback)
-    return _finish(out, cfg)
+    try:
+        with Manifest(out, create=True) as man:
+            _init_or_check_manifest(out, man, encoder, cfg, sources, items, new_files_ok=False)
+            _prepare_exclusions(out, man, encoder, [str(e) for e in exclude], cfg)
+            process_pending(out, man, encoder, cfg, progress_callback)
+        return _finish(out, cfg)
+    except BaseException as e:
+        if new:
+            _discard_failed_build(out, created, e)
+        raise
+
+
+def _discard_failed_build(out: Path, created: bool, error: BaseException) -> None:
+    """After a new build failed: delete it when nothing worth keeping exists; else leave it resumable.
+
+    Kept when chunks were committed and the failure was not final (an interrupt, a crash): the
+    folder has no info.json, so nothing lists or opens it, and rerunning the build continues it.
+    A build that found no usable image, or committed nothing, leaves no folder behind.
+    """
+    committed = 0
+    try:
+        with Manifest(out) as man:
+            committed = man.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            pending = man.counts().get("pending", 0)
+    except (RefDBError, OSError, Exception):  # noqa: BLE001 - a broken manifest is nothing to keep
+        pending = 1
+    final = isinstance(error, RefDBError) and not pending  # finalize refused the result
+    if committed and not final:
+        logger.warning("build of %s stopped (%s); %d finished chunks are kept: rerun the same build to continue",
+                       out, type(error).__name__, committed)
+        return
+    target = out if created else out / BUILD_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    if not created:  # the folder was there before: remove only what this build wrote
+        (out / REPORT).unlink(missing_ok=True)
+        shutil.rmtree(out / PACKED_DIR, ignore_errors=True)
+    logger.info("removed the unfinished build %s", target)
 
 
 def _init_or_check_manifest(out: Path, man: Manifest, encoder, cfg: BuildConfig, sources: list[str],
@@ -691,9 +771,13 @@ def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
             for name, (s, row) in sorted(chunks.items()):
                 for rel in row[4:6]:
                     if rel:
-                        if not (s / rel).is_file():
+                        try:
+                            src_file, dst_file = within(rel, s), within(rel, out)
+                        except PathConfinementError as e:
+                            raise RefDBError(f"merge: shard {s} names {e}; its manifest was altered") from None
+                        if not src_file.is_file():
                             raise RefDBError(f"merge: shard {s} lacks its chunk file {rel}; rebuild that shard")
-                        _link_or_copy(s / rel, out / rel)
+                        _link_or_copy(src_file, dst_file)
             if (shards[0] / EXCLUDE_EMB).is_file():
                 _link_or_copy(shards[0] / EXCLUDE_EMB, out / EXCLUDE_EMB)
             with man.transaction() as c:
@@ -732,8 +816,11 @@ def export_db(src: str | os.PathLike, out: str | os.PathLike, *, ids: Sequence[i
             conf = {k: sman.get(k) for k in keys}
             loc = {r[0]: r[1:] for r in sman.conn.execute(
                 "SELECT f.seq, c.emb_file, f.row FROM files f JOIN chunks c ON f.chunk=c.name WHERE f.status='ok'")}
-        vectors = np.stack([np.load(src / loc[r.seq][0], mmap_mode="r", allow_pickle=False)[loc[r.seq][1]]
-                            for r in recs])
+        try:
+            vectors = np.stack([np.load(within(loc[r.seq][0], src), mmap_mode="r", allow_pickle=False)[loc[r.seq][1]]
+                                for r in recs])
+        except PathConfinementError as e:
+            raise RefDBError(f"export: {src}'s manifest names {e}; it was altered. Rebuild the DB.") from None
         if (out / "build" / "manifest.sqlite").exists():
             raise RefDBError(f"{out} already holds a DB; export into a new folder")
         out.mkdir(parents=True, exist_ok=True)

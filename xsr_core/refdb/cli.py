@@ -44,6 +44,12 @@ def _add_build_options(p: argparse.ArgumentParser, *, with_mode: bool = True) ->
     p.add_argument("--max-memory-gb", type=float, default=None, help="index memory budget (auto choice)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for faiss/torch")
     p.add_argument("--no-progress", action="store_true")
+    _add_allow_root(p, "besides the --images folder, folders its files (symlinks) may resolve into")
+
+
+def _add_allow_root(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help=f"{what} (repeatable; XSR_ALLOWED_ROOTS is read too)")
 
 
 def _config(args: argparse.Namespace, **over):
@@ -54,7 +60,7 @@ def _config(args: argparse.Namespace, **over):
                        device=args.device, precision=args.precision, index=args.index, chunk_size=args.chunk_size,
                        min_side=args.min_side, exclude_threshold=getattr(args, "exclude_threshold", 0.95),
                        shard=shard, max_memory_gb=args.max_memory_gb, threads=args.threads,
-                       progress=not args.no_progress, **over)
+                       progress=not args.no_progress, allowed_roots=tuple(args.allow_root), **over)
 
 
 def _auto_shard(text: str | None) -> tuple[int, int]:
@@ -111,7 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .db import ReferenceDB
     from .images import decode_image
 
-    db = ReferenceDB.open(args.db)
+    db = ReferenceDB.open(args.db, allowed_roots=args.allow_root)
     enc = ClipVisionEncoder.from_file(args.encoder)
     db.check_encoder(enc.fingerprint)
     results = []
@@ -149,7 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .db import verify_db
 
-    problems = verify_db(args.db, check_hashes=args.hashes)
+    problems = verify_db(args.db, check_hashes=args.hashes, allowed_roots=args.allow_root)
     for p in problems:
         print(f"PROBLEM: {p}")
     print(f"{args.db}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=4)
     p.add_argument("--lr", action="store_true", help="queries are LR images (LR preprocessing, no RFA)")
     p.add_argument("--json", action="store_true")
+    _add_allow_root(p, "folders a paths-mode DB may read its source images from")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("info", help="print info.json")
@@ -211,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check index / metadata / manifest consistency and source files")
     p.add_argument("--db", required=True)
     p.add_argument("--hashes", action="store_true", help="also re-hash source files (paths mode)")
+    _add_allow_root(p, "folders a paths-mode DB may read its source images from (others are reported)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write a DB holding a subset (by id list or first N)")

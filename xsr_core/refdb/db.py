@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..paths import PathConfinementError, confine, env_roots, real_roots
 from . import index as index_mod
 from .images import ImageSkip, decode_image
-from .store import BUILD_DIR, INDEX, INFO, META, META_COLUMNS, RefDBError
+from .store import BUILD_DIR, INDEX, INFO, META, META_COLUMNS, RefDBError, sqlite_ro_uri
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,12 @@ def _as_query_array(query: Any) -> np.ndarray:
 class ReferenceDB:
     """An open, validated reference DB (thread-safe for concurrent searches and reads)."""
 
-    def __init__(self, path: Path, info: dict[str, Any], index, conn: sqlite3.Connection, signature: tuple):
+    def __init__(self, path: Path, info: dict[str, Any], index, conn: sqlite3.Connection, signature: tuple,
+                 allowed_roots: Sequence[str | os.PathLike] = ()):
         self.path = path
+        self.real_path = Path(os.path.realpath(path))
+        # where a paths-mode DB may read its source images: the DB folder, the caller's roots, XSR_ALLOWED_ROOTS
+        self.allowed_roots = real_roots([self.real_path, *allowed_roots, *env_roots()])
         self.info = info
         self.index = index
         self._conn = conn
@@ -87,8 +92,13 @@ class ReferenceDB:
 
     # ------------------------------------------------------------------ open / validate
     @classmethod
-    def open(cls, path: str | os.PathLike, *, mmap: bool | None = None) -> "ReferenceDB":
-        """Open and validate the DB folder ``path``; raises :class:`RefDBError` with the fix."""
+    def open(cls, path: str | os.PathLike, *, mmap: bool | None = None,
+             allowed_roots: Sequence[str | os.PathLike] = ()) -> "ReferenceDB":
+        """Open and validate the DB folder ``path``; raises :class:`RefDBError` with the fix.
+
+        ``allowed_roots``: folders (besides the DB folder and ``XSR_ALLOWED_ROOTS``) a paths-mode DB
+        may read its source images from; packed shards must always lie inside the DB folder.
+        """
         db = Path(path)
         hint = _REBUILD_HINT.format(db=db)
         if not db.is_dir():
@@ -126,8 +136,7 @@ class ReferenceDB:
             raise RefDBError(f"reference DB {db}: {INDEX} holds {index.ntotal} x {index.d} vectors but {INFO} says "
                              f"{n} x {dim}; the files come from different builds. {hint}")
         try:
-            conn = sqlite3.connect(f"file:{(db / META).resolve().as_posix()}?mode=ro", uri=True,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(sqlite_ro_uri(db / META), uri=True, check_same_thread=False)
             cnt, lo, hi = conn.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM refs").fetchone()
             if os.path.getsize(db / META) < (64 << 20):
                 ok = conn.execute("PRAGMA quick_check").fetchone()[0]
@@ -140,7 +149,7 @@ class ReferenceDB:
             raise RefDBError(f"reference DB {db}: {META} has {cnt} rows (ids {lo}..{hi}) but the index has {n} "
                              f"vectors; the files come from different builds. {hint}")
         index_mod.set_search_params(index, (info.get("index") or {}).get("search_params") or {})
-        return cls(db, info, index, conn, sig)
+        return cls(db, info, index, conn, sig, allowed_roots)
 
     def close(self) -> None:
         with self._lock:
@@ -243,17 +252,39 @@ class ReferenceDB:
         """The stored JPEG bytes of a packed-mode record."""
         if not rec.pack_file:
             raise RefDBError(f"reference DB {self.path} is a '{self.mode}' DB: reference {rec.id} has no packed image")
-        p = self.path / rec.pack_file
+        p = self.packed_path(rec)
+        off, length = rec.pack_offset, rec.pack_length
         try:
             with open(p, "rb") as f:
-                f.seek(rec.pack_offset)
-                data = f.read(rec.pack_length)
+                size = os.fstat(f.fileno()).st_size
+                if not (isinstance(off, int) and isinstance(length, int) and off >= 0 and 0 < length <= size - off):
+                    raise RefDBError(f"reference DB {self.path}: reference {rec.id} points at bytes {off}+{length} of "
+                                     f"{p} ({size} bytes): the metadata is damaged or crafted; rebuild the DB")
+                f.seek(off)
+                data = f.read(length)
         except OSError as e:
             raise RefDBError(f"reference DB {self.path}: packed shard {p} is unreadable ({e}); restore the DB folder") from e
         if len(data) != rec.pack_length:
             raise RefDBError(f"reference DB {self.path}: packed shard {p} is truncated (reference {rec.id}); "
                              "restore the DB folder or rebuild it")
         return data
+
+    def packed_path(self, rec: RefRecord) -> Path:
+        """The resolved shard file of a packed record; refused unless it lies inside the DB folder."""
+        try:
+            return Path(confine(rec.pack_file, [self.real_path], base=self.real_path,
+                                what=f"packed shard of reference {rec.id}"))
+        except PathConfinementError as e:
+            raise RefDBError(f"reference DB {self.path}: {e}. A DB's packed files live inside its folder: this "
+                             "meta.sqlite was altered or crafted; rebuild the DB or get it from a trusted source") from None
+
+    def source_path(self, rec: RefRecord) -> str:
+        """The resolved source file of a paths-mode record; refused unless under :attr:`allowed_roots`."""
+        try:
+            return confine(rec.path, self.allowed_roots, base=self.real_path,
+                           what=f"source image of reference {rec.id}")
+        except PathConfinementError as e:
+            raise RefDBError(f"reference DB {self.path}: {e}").with_traceback(None) from None
 
     def load_images(self, ids: Sequence[int], *, as_numpy: bool = False) -> list:
         """The reference images of ``ids`` as 8-bit RGB PIL images (or HxWx3 uint8 arrays).
@@ -268,8 +299,9 @@ class ReferenceDB:
                 data = self.read_packed_bytes(rec)
                 what = f"{self.path}/{rec.pack_file}@{rec.pack_offset}"
             else:
+                src = self.source_path(rec)
                 try:
-                    with open(rec.path, "rb") as f:
+                    with open(src, "rb") as f:
                         data = f.read()
                 except OSError as e:
                     raise RefDBError(
@@ -285,21 +317,23 @@ class ReferenceDB:
         return out
 
 
-def verify_db(path: str | os.PathLike, *, check_hashes: bool = False) -> list[str]:
+def verify_db(path: str | os.PathLike, *, check_hashes: bool = False,
+              allowed_roots: Sequence[str | os.PathLike] = ()) -> list[str]:
     """Consistency check of a DB; returns a list of problems (empty = healthy).
 
     Checks what :meth:`ReferenceDB.open` checks (raising :class:`RefDBError` when the DB cannot be
     opened at all), then: manifest vs metadata (every row's sequence number is a committed ``ok``
-    file with the same hash), committed chunk files present, packed offsets inside their shard
-    files, and in ``paths`` mode that every source file exists (and, with ``check_hashes``, still
-    has the recorded sha256).
+    file with the same hash), committed chunk files present and inside the DB folder, every
+    packed row's shard inside the DB folder with its offsets inside the file, and in ``paths``
+    mode that every source file resolves (symlinks followed) under the DB folder, ``allowed_roots``
+    or ``XSR_ALLOWED_ROOTS`` and exists (and, with ``check_hashes``, still has the recorded sha256).
     """
     import hashlib
 
     from .store import Manifest
 
     problems: list[str] = []
-    with ReferenceDB.open(path) as db:
+    with ReferenceDB.open(path, allowed_roots=allowed_roots) as db:
         recs = db.records(range(db.n))
         man_path = db.path / "build" / "manifest.sqlite"
         if man_path.is_file():
@@ -309,7 +343,12 @@ def verify_db(path: str | os.PathLike, *, check_hashes: bool = False) -> list[st
                 if pending:
                     problems.append(f"manifest: {pending} files still pending (an unfinished `add`?); rerun it")
                 for rel in sorted(man.chunk_files()):
-                    if not (db.path / rel).is_file():
+                    try:
+                        real = confine(rel, [db.real_path], base=db.real_path, what="committed chunk file")
+                    except PathConfinementError as e:
+                        problems.append(f"manifest: {e}")
+                        continue
+                    if not os.path.isfile(real):
                         problems.append(f"manifest: committed chunk file {rel} is missing")
             for r in recs:
                 f = files.get(r.seq)
@@ -324,17 +363,28 @@ def verify_db(path: str | os.PathLike, *, check_hashes: bool = False) -> list[st
                     problems.append(f"id {r.id}: packed DB row without packed image")
                     continue
                 if r.pack_file not in sizes:
-                    p = db.path / r.pack_file
+                    try:
+                        p = db.packed_path(r)
+                    except RefDBError as e:
+                        problems.append(f"id {r.id}: {e}")
+                        continue
                     sizes[r.pack_file] = p.stat().st_size if p.is_file() else -1
                     if sizes[r.pack_file] < 0:
                         problems.append(f"packed shard {r.pack_file} is missing")
-                if sizes[r.pack_file] >= 0 and r.pack_offset + r.pack_length > sizes[r.pack_file]:
+                if sizes[r.pack_file] >= 0 and not (r.pack_offset is not None and r.pack_length is not None
+                                                    and r.pack_offset >= 0 and r.pack_length >= 0
+                                                    and r.pack_offset + r.pack_length <= sizes[r.pack_file]):
                     problems.append(f"id {r.id}: packed bytes beyond the end of {r.pack_file}")
             else:
-                if not os.path.isfile(r.path):
+                try:
+                    src = db.source_path(r)
+                except RefDBError as e:
+                    problems.append(f"id {r.id}: {str(e).removeprefix(f'reference DB {db.path}: ')}")
+                    continue
+                if not os.path.isfile(src):
                     problems.append(f"id {r.id}: source image {r.path} is missing")
                 elif check_hashes:
-                    with open(r.path, "rb") as fh:
+                    with open(src, "rb") as fh:
                         if hashlib.sha256(fh.read()).hexdigest() != r.sha256:
                             problems.append(f"id {r.id}: source image {r.path} changed since the build")
     return problems

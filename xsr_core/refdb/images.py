@@ -1,9 +1,8 @@
 """Image discovery and robust decoding for reference DBs.
 
-Every odd file is either converted to 8-bit RGB or rejected with a reason (never an exception
-escaping to the build loop): truncated / corrupt files, CMYK, 16-bit, palette (with transparency),
-alpha (composited over black, like :func:`xsr_core.imaging.ensure_rgb`), EXIF-rotated photos,
-animated files (first frame), decompression bombs and images below the minimum side.
+Decoding is :mod:`xsr_core.image_io`'s (the one decoder of every XSR loader); here every odd file
+is either converted to 8-bit RGB or rejected with a reason (never an exception escaping to the
+build loop): truncated / corrupt files, too many pixels and images below the minimum side.
 """
 
 from __future__ import annotations
@@ -11,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+from ..image_io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_name, load_rgb8
 DEFAULT_MIN_SIDE = 64  # smaller files cannot serve as x16 HR references
 PACK_SIDE = 512  # packed references: shortest side resized down to this (the x16 output size)
 PACK_QUALITY = 92
@@ -38,7 +36,7 @@ def discover_images(root: str | os.PathLike) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if is_image_name(name):
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
     found.sort()
     return [(root / rel).as_posix() for rel in found]
@@ -64,48 +62,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB (alpha composited over black)."""
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        hi = 1.0 if a.max(initial=0) <= 1.0 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        rgb = rgba[..., :3] * (rgba[..., 3:4] / 255.0)
-        return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
-    if mode != "RGB":
-        return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, 16-bit RGB (already 8-bit in PIL)
-    return img
-
-
 def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image") -> Image.Image:
-    """Bytes of an image file → loaded 8-bit RGB PIL image (EXIF orientation applied).
+    """Bytes of an image file → loaded 8-bit RGB PIL image (:func:`xsr_core.image_io.load_rgb8`).
 
     Raises :class:`ImageSkip` with a reason for anything unusable.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()  # truncated files fail here (LOAD_TRUNCATED_IMAGES stays False)
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb8(img)
-            rgb.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageSkip(f"too many pixels ({e})") from None
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, Image.UnidentifiedImageError) as e:
-        raise ImageSkip(f"cannot decode ({type(e).__name__}: {e})") from None
+        rgb = load_rgb8(data, what=what)
+    except ImageDecodeError as e:
+        raise ImageSkip(str(e).removeprefix(f"{what} ").removeprefix(f"{what}: ")) from None
     w, h = rgb.size
     if min(w, h) < min_side:
         raise ImageSkip(f"too small ({w}x{h}; the minimum side is {min_side} px)")

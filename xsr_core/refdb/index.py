@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 FLAT_MAX = 30_000  # below this, exact search is cheap enough (≤ 120 MB, a few ms per query)
@@ -209,6 +211,7 @@ def write_index(index, path: str | os.PathLike) -> None:
         faiss.write_index(index, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; DB files follow the umask (store.file_mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

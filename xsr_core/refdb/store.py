@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..paths import default_file_mode
+
 INFO = "info.json"
 INDEX = "index.faiss"
 META = "meta.sqlite"
@@ -45,6 +47,17 @@ class RefDBError(RuntimeError):
     """A reference DB problem; the message names the DB (or file) and says what to do."""
 
 
+def sqlite_ro_uri(path: str | os.PathLike) -> str:
+    """A read-only SQLite ``file:`` URI for ``path`` with every special character escaped.
+
+    Folder names may hold ``#``, ``%``, ``?`` or spaces; unescaped, SQLite would read them as the
+    URI's fragment/query and open (or create) a different file.
+    """
+    from urllib.parse import quote
+
+    return f"file:{quote(Path(path).resolve().as_posix(), safe='/')}?mode=ro"
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -58,9 +71,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The one mode of every file a DB build writes: ``0o666 & ~umask`` (what ``open()`` gives, so
+    group/other can read DB files like ComfyUI's own outputs unless the user's umask says otherwise)."""
+    return default_file_mode()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path in ``path``'s folder; on success fsync it and rename it onto ``path``."""
+    """Yield a temp path in ``path``'s folder; on success fsync it, give it :func:`file_mode` and
+    rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
@@ -70,6 +90,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -115,7 +115,7 @@ def build_ref_cache(data: str | os.PathLike, rfa_path: str | os.PathLike, k: int
     if k > 0 and not (db_path / "info.json").is_file():
         raise FileNotFoundError(f"{db_path}: no reference DB (the reference split was empty); prepare with a "
                                 "non-zero reference share or use --num_refs 0")
-    db = ReferenceDB.open(db_path) if k > 0 else None
+    db = ReferenceDB.open(db_path, allowed_roots=[data]) if k > 0 else None  # paths mode: HR crops in data/
     encoder = ClipVisionEncoder.from_file(info["encoder"], device=device)
     if db is not None:
         db.check_encoder(encoder.fingerprint)
