@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -83,6 +84,121 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise XSRWeightsError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export it") from e
+
+
+MAX_CONFIG_INT = 1 << 24  # no structural size of an XSR model comes near 16 M (GPT-2's vocab is 50257)
+MAX_CONFIG_ITEMS = 4096  # longest list/dict in a config (AdaIN block lists hold 16-32 entries)
+NON_PERSISTENT_SLACK = 1 << 26  # elements a model may hold beyond its file (non-persistent buffers, masks)
+
+
+def check_config_values(cfg: Any, *, source: str, where: str = "config") -> None:
+    """Every number in a declared config is finite and bounded; containers are not absurdly long.
+
+    Runs before a model is built from the config, so a file cannot make the loader loop or allocate
+    on the strength of its metadata alone.
+    """
+    if isinstance(cfg, bool) or cfg is None or isinstance(cfg, str):
+        if isinstance(cfg, str) and len(cfg) > 4096:
+            raise XSRWeightsError(f"{source}: {where} is a {len(cfg)}-character string; the file is damaged or crafted")
+        return
+    if isinstance(cfg, int):
+        if abs(cfg) > MAX_CONFIG_INT:
+            raise XSRWeightsError(f"{source}: {where} = {cfg} is beyond any XSR model size (limit {MAX_CONFIG_INT}); "
+                                  "the file is damaged or crafted")
+        return
+    if isinstance(cfg, float):
+        if not math.isfinite(cfg) or abs(cfg) > MAX_CONFIG_INT:
+            raise XSRWeightsError(f"{source}: {where} = {cfg} is not a finite, bounded number; the file is damaged "
+                                  "or crafted")
+        return
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else None
+    if items is None:
+        raise XSRWeightsError(f"{source}: {where} has an unsupported value type {type(cfg).__name__}")
+    if len(cfg) > MAX_CONFIG_ITEMS:
+        raise XSRWeightsError(f"{source}: {where} has {len(cfg)} entries (limit {MAX_CONFIG_ITEMS}); the file is "
+                              "damaged or crafted")
+    for k, v in items:
+        check_config_values(v, source=source, where=f"{where}.{k}" if isinstance(cfg, dict) else f"{where}[{k}]")
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header of ``path`` (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise XSRWeightsError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export it") from e
+
+
+class _DeclaredSizeGuard:
+    """While a model is built on the meta device: stop as soon as it declares more parameters
+    (count or elements) than the file holds, so even the meta build stays small."""
+
+    def __init__(self, source: str, max_count: int, max_numel: int):
+        self.source, self.max_count, self.max_numel = source, max_count, max_numel
+        self.count = self.numel = 0
+
+    def __call__(self, module: torch.nn.Module, name: str, param: Any) -> None:
+        if param is None:
+            return
+        self.count += 1
+        self.numel += param.numel()
+        if self.count > self.max_count or self.numel > self.max_numel:
+            raise XSRWeightsError(
+                f"{self.source}: its config declares a model larger than the file ({self.count} tensors / "
+                f"{self.numel} values so far, the file holds {self.max_count} tensors / {self.max_numel} values); "
+                "the metadata is damaged or crafted")
+
+    def __enter__(self) -> "_DeclaredSizeGuard":
+        from torch.nn.modules.module import register_module_parameter_registration_hook
+
+        self._handle = register_module_parameter_registration_hook(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> None:
+    """Build ``cls(config)`` on the meta device (no memory) and compare its tensors with the file header.
+
+    Raises :class:`XSRWeightsError` naming missing / unexpected / mis-shaped tensors, or a config
+    declaring more than the file holds, before any real allocation.
+    """
+    shapes = header_shapes(path)
+    file_numel = sum(math.prod(s) for s in shapes.values())
+    try:
+        # twice the file + slack: tied weights (GPT-2's head) register a parameter before tying replaces it
+        guard = _DeclaredSizeGuard(str(path), 2 * len(shapes) + 64, 2 * file_numel + (1 << 20))
+        with guard, torch.device("meta"):
+            meta = cls(config)
+    except XSRWeightsError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as e:
+        raise XSRWeightsError(f"{path}: its {cls.__name__} config cannot build a model ({type(e).__name__}: {e}); "
+                              "the file is damaged or from an incompatible XSR version") from e
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    total = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
+    del meta
+    if total > file_numel + NON_PERSISTENT_SLACK:
+        raise XSRWeightsError(f"{path}: its config declares {total} values but the file holds {file_numel}; the "
+                              "metadata is damaged or crafted")
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = [f"{k} {shapes[k]} (config: {want[k]})" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+
+    def _fmt(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors: {_fmt(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensors: {_fmt(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} tensors of another shape: {_fmt(wrong)}")
+    if parts:
+        raise XSRWeightsError(f"{path}: does not match its {cls.__name__} config; " + "; ".join(parts))
 
 
 def describe(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -156,6 +272,10 @@ def load_model(
 ) -> torch.nn.Module:
     """Rebuild the model stored in ``path`` and load its weights strictly.
 
+    The declared config is checked first (finite, bounded values) and the model it describes is
+    built on the meta device and compared with the tensor shapes in the file header, so a file
+    whose metadata declares a huge model is refused before anything is allocated.
+
     ``expected`` (class or class name, or a tuple of them) guards against a file of the wrong kind,
     e.g. an RFA file chosen where the AdaIN adapter is needed.
     """
@@ -168,7 +288,14 @@ def load_model(
     cls = _REGISTRY.get(cls_name)
     if cls is None:
         raise XSRWeightsError(f"{path}: model class {cls_name!r} is unknown to this XSR version; update the node pack")
-    config = config_from_dict(cls.config_class, cfg, source=str(path))
+    check_config_values(cfg, source=str(path))
+    try:
+        config = config_from_dict(cls.config_class, cfg, source=str(path))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, XSRWeightsError):
+            raise
+        raise XSRWeightsError(f"{path}: invalid {cls.__name__} config ({e})") from e
+    check_against_header(cls, config, path)  # on the meta device, before any allocation
     model = cls(config)
     sd = load_state_dict(path)
     result = model.load_state_dict(sd, strict=False)
