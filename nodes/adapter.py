@@ -10,6 +10,7 @@ from ..xsr_core.adapter import AdaINAdapter
 from ..xsr_core.weights import XSRWeightsError, load_model
 from .comfy_binding import APPLY_TO, AdaINRuntime, patch_controlnet, patch_unet
 from .common import xsr_file_path, xsr_files
+from .validation import check_finite, collect, schema_problems, verdict
 
 
 class XSRAdaINPatch(io.ComfyNode):
@@ -45,8 +46,21 @@ class XSRAdaINPatch(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        from .loaders import check_weights_file
+
+        problems = schema_problems(cls, kw, skip=("adapter_name",))
+        if kw.get("adapter_name") is not None:
+            collect(problems, check_weights_file, "XSR_AdaINPatch", "adapter_name", kw["adapter_name"], "AdaINAdapter")
+        s, e = kw.get("start_percent"), kw.get("end_percent")
+        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
+            problems.append(f"XSR_AdaINPatch: start_percent {s} is after end_percent {e}; make start <= end.")
+        return verdict(problems)
+
+    @classmethod
     def execute(cls, model, control_net, adapter_name: str, strength: float, start_percent: float,
                 end_percent: float, apply_to: str) -> io.NodeOutput:
+        check_finite("XSR_AdaINPatch", strength=strength, start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise ValueError(f"XSR_AdaINPatch: start_percent {start_percent} is after end_percent {end_percent}.")
         path = xsr_file_path("XSR_AdaINPatch", "adapter_name", adapter_name)

@@ -55,7 +55,12 @@ def refdb_names() -> list[str]:
 
 
 def xsr_file_path(node: str, input_name: str, name: str) -> str:
+    """The resolved path of weights file ``name`` in models/xsr (confined there, symlinks followed)."""
     path = folder_paths.get_full_path(XSR_FOLDER, name) if name else None
+    if path is not None:
+        from .validation import confined_model_file
+
+        return confined_model_file(node, input_name, XSR_FOLDER, name)
     if path is None:
         roots = ", ".join(folder_paths.get_folder_paths(XSR_FOLDER))
         raise ValueError(

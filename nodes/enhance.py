@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 
 from .comfy_binding import XSR_KEY, CONDXSR
 from .common import XSRModels, XSRRefs, throw_if_interrupted
+from .validation import check_batch, check_text, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,15 @@ class XSREnhance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        return verdict(schema_problems(cls, kw))
+
+    @classmethod
     def execute(cls, xsr_models, refs, clip, max_tokens: int, num_beams: int, caption_override: str = "",
                 extra_prompt: str = "") -> io.NodeOutput:
+        check_text("XSR_Enhance", "caption_override", caption_override)
+        check_text("XSR_Enhance", "extra_prompt", extra_prompt)
+        check_batch("XSR_Enhance", "refs", int(refs.lr_tokens.shape[0]))
         if clip is None:
             raise ValueError("XSR_Enhance: the 'clip' input is empty: connect the CLIP output of your checkpoint loader "
                              "(a checkpoint without a text encoder cannot be used).")

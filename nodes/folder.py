@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 import folder_paths
-import node_helpers
 from comfy_api.latest import io
 
 from ..xsr_core import MAX_LR_SIDE
+from ..xsr_core.image_io import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_rgb_float
 from ..xsr_core.imaging import LRImageError, validate_lr
+from ..xsr_core.paths import PathConfinementError
+from .validation import DEFAULT_MAX_BATCH, check_batch, collect, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = IMAGE_EXTENSIONS  # the one list (xsr_core.image_io)
 
 
 def resolve_input_subfolder(folder: str) -> str:
@@ -47,16 +47,19 @@ def resolve_input_subfolder(folder: str) -> str:
 
 
 def _load_rgb(path: str) -> torch.Tensor:
-    img = node_helpers.pillow(Image.open, path)
-    img = node_helpers.pillow(ImageOps.exif_transpose, img)
-    if img.mode == "I":
-        img = img.point(lambda i: i * (1 / 255))
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        # alpha over black, as XSR_PrepareLR does for RGBA LRs
-        return torch.from_numpy(arr[..., :3] * arr[..., 3:4])
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+    """Any image mode → float RGB [H, W, 3] (16-bit kept, alpha over black: xsr_core.image_io)."""
+    return torch.from_numpy(load_rgb_float(path, what=f"XSR_LoadImageFolder: image '{os.path.basename(path)}'"))
+
+
+def list_folder(folder: str) -> tuple[str, list[str]]:
+    """(folder path, sorted image file names) of a subfolder of the input directory; a file that
+    resolves outside it (a symlink pointing elsewhere) is an error naming it."""
+    path = resolve_input_subfolder(folder)
+    try:
+        files = list_images(path)
+    except PathConfinementError as e:
+        raise ValueError(f"XSR_LoadImageFolder: {e}") from None
+    return path, [os.path.basename(f) for f in files]
 
 
 class XSRLoadImageFolder(io.ComfyNode):
@@ -73,7 +76,8 @@ class XSRLoadImageFolder(io.ComfyNode):
                 io.String.Input("folder", default="xsr_lr",
                                 tooltip="subfolder of ComfyUI's input directory holding the LR images (png, jpg, webp...)"),
                 io.Int.Input("limit", default=0, min=0, max=4096,
-                             tooltip="load at most this many images (first by sorted name); 0 = all"),
+                             tooltip="load at most this many images (first by sorted name); 0 = all. A batch holds "
+                                     f"at most XSR_MAX_BATCH images (default {DEFAULT_MAX_BATCH})"),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="the LR images as one batch, sorted by name"),
@@ -87,25 +91,36 @@ class XSRLoadImageFolder(io.ComfyNode):
         try:
             path = resolve_input_subfolder(folder)
             entries = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(path) if e.is_file())
+            # symlinks: their targets' changes count too
+            entries += sorted((e.name, os.path.realpath(e.path)) for e in os.scandir(path) if e.is_symlink())
         except (ValueError, OSError):
             return f"{folder}:{limit}:missing"
         return f"{folder}:{limit}:{entries}"
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        problems = schema_problems(cls, kw)
+        if kw.get("folder") is not None:
+            found = collect(problems, list_folder, kw["folder"])
+            if found is not None:
+                n = len(found[1]) if not kw.get("limit") else min(len(found[1]), int(kw["limit"]))
+                collect(problems, check_batch, "XSR_LoadImageFolder", f"folder '{kw['folder']}'", n)
+        return verdict(problems)
+
+    @classmethod
     def execute(cls, folder: str, limit: int) -> io.NodeOutput:
-        path = resolve_input_subfolder(folder)
-        names = sorted(f for f in os.listdir(path)
-                       if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(path, f)))
+        path, names = list_folder(folder)
         if limit > 0:
             names = names[:limit]
         if not names:
             raise ValueError(f"XSR_LoadImageFolder: no images ({', '.join(IMAGE_EXTS)}) in {path}; put the LR images there.")
+        check_batch("XSR_LoadImageFolder", f"folder '{folder}'", len(names))
         images = []
         for name in names:
             try:
                 img = _load_rgb(os.path.join(path, name))
                 images.append(validate_lr(img[None], what=f"XSR_LoadImageFolder image '{name}'")[0])
-            except LRImageError as e:
+            except (LRImageError, ImageDecodeError) as e:
                 raise ValueError(str(e)) from None
             except OSError as e:
                 raise ValueError(f"XSR_LoadImageFolder: cannot read '{name}' in {path}: {e}") from None

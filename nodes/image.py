@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..xsr_core import MAX_LR_SIDE, SCALE
 from ..xsr_core.colorfix import METHODS, color_fix
 from ..xsr_core.imaging import LRImageError, structure_hint, validate_lr
+from .validation import check_batch, schema_problems, verdict
 
 LATENT_CHANNELS = 4  # SD1.x/SD2.x latent space
 VAE_FACTOR = 8
@@ -41,6 +42,7 @@ class XSRPrepareLR(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor) -> io.NodeOutput:
+        check_batch("XSR_PrepareLR", "input 'image'", int(image.shape[0]) if image.ndim == 4 else 1)
         try:
             lr = validate_lr(image, what="XSR_PrepareLR input 'image'")
         except LRImageError as e:
@@ -68,6 +70,10 @@ class XSRColorFix(io.ComfyNode):
             ],
             outputs=[io.Image.Output("fixed", display_name="image")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        return verdict(schema_problems(cls, kw))
 
     @classmethod
     def execute(cls, image: torch.Tensor, lr: torch.Tensor, method: str) -> io.NodeOutput:

@@ -14,8 +14,11 @@ from comfy_api.latest import io
 from ..xsr_core.models.i2t import load_i2t
 from ..xsr_core.models.rfa import RFA
 from ..xsr_core.refdb import RefDBError, ReferenceDB, db_signature
-from ..xsr_core.weights import XSRWeightsError, load_model
+from ..xsr_core.paths import PathConfinementError, confine, env_roots
+from ..xsr_core.weights import (XSRWeightsError, check_against_header, check_config_values, config_from_dict, describe,
+                                load_model, registered_classes)
 from .common import REFDB_FOLDER, LoadedXSR, XSRModels, XSRRefDB, refdb_names, xsr_file_path, xsr_files
+from .validation import check_folder_name, collect, folder_roots, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,14 @@ class XSRLoadModels(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        problems = schema_problems(cls, kw, skip=("rfa_name", "i2t_name"))
+        for input_name, want in (("rfa_name", "RFA"), ("i2t_name", "I2T")):
+            if kw.get(input_name) is not None:
+                collect(problems, check_weights_file, "XSR_LoadModels", input_name, kw[input_name], want)
+        return verdict(problems)
+
+    @classmethod
     def execute(cls, rfa_name: str, i2t_name: str) -> io.NodeOutput:
         rfa_path = xsr_file_path("XSR_LoadModels", "rfa_name", rfa_name)
         i2t_path = xsr_file_path("XSR_LoadModels", "i2t_name", i2t_name)
@@ -64,6 +75,32 @@ class XSRLoadModels(io.ComfyNode):
         return io.NodeOutput(loaded)
 
 
+def check_weights_file(node: str, input_name: str, name: str, expected: str) -> str:
+    """Queue-time check of an XSR weights file from its header only: present, inside models/xsr,
+    an XSR file of the ``expected`` class with a sane config. Returns its path; raises ValueError."""
+    path = xsr_file_path(node, input_name, name)
+    try:
+        cls_name, cfg = describe(path)
+        if cls_name != expected:
+            raise XSRWeightsError(f"{path} holds a {cls_name} model, but a {expected} file is needed here")
+        check_config_values(cfg, source=str(path))
+        model_cls = registered_classes().get(cls_name)
+        if model_cls is None:
+            raise XSRWeightsError(f"{path}: model class {cls_name!r} is unknown to this XSR version; update the node pack")
+        # the declared model, built on the meta device, against the header's tensor shapes (no allocation)
+        check_against_header(model_cls, config_from_dict(model_cls.config_class, cfg, source=str(path)), path)
+    except (XSRWeightsError, TypeError) as e:
+        raise ValueError(f"{node}: {input_name}: {e}") from None
+    return path
+
+
+def node_read_roots() -> list[str]:
+    """Where a DB opened by a node may read source images (paths mode): ComfyUI's input and output
+    folders, the reference-DB folders, and ``XSR_ALLOWED_ROOTS``."""
+    return [folder_paths.get_input_directory(), folder_paths.get_output_directory(), *folder_roots(REFDB_FOLDER),
+            *env_roots()]
+
+
 _DB_CACHE: dict[str, ReferenceDB] = {}
 _DB_LOCK = threading.Lock()
 
@@ -76,21 +113,21 @@ def open_refdb(path: str) -> ReferenceDB:
             return db
         if db is not None:
             db.close()
-        db = ReferenceDB.open(path)
+        db = ReferenceDB.open(path, allowed_roots=node_read_roots())
         _DB_CACHE[path] = db
         return db
 
 
 def refdb_path(name: str) -> str:
-    if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
-        raise ValueError(
-            f"XSR_LoadReferenceDB: db_name '{name}' must be a plain folder name inside models/{REFDB_FOLDER} "
-            "(no path separators or '..')."
-        )
+    """The folder of DB ``name`` in models/xsr_refdb, resolved and confined to those folders."""
+    check_folder_name("XSR_LoadReferenceDB", "db_name", name, f"models/{REFDB_FOLDER}")
     for root in folder_paths.get_folder_paths(REFDB_FOLDER):
         p = os.path.join(root, name)
         if os.path.isdir(p):
-            return p
+            try:
+                return confine(p, [*folder_roots(REFDB_FOLDER), *env_roots()], what="XSR_LoadReferenceDB: db_name")
+            except PathConfinementError as e:
+                raise ValueError(str(e)) from None
     raise ValueError(
         f"XSR_LoadReferenceDB: no reference DB '{name}' in models/{REFDB_FOLDER} "
         f"({', '.join(folder_paths.get_folder_paths(REFDB_FOLDER))}); build one with XSR_BuildReferenceDB or "
@@ -118,6 +155,18 @@ class XSRLoadReferenceDB(io.ComfyNode):
             return db_signature(refdb_path(db_name))
         except ValueError:
             return db_name
+
+    @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        problems = schema_problems(cls, kw, skip=("db_name",))
+        if kw.get("db_name") is not None:
+            path = collect(problems, refdb_path, kw["db_name"])
+            if path is not None:
+                try:
+                    open_refdb(path)  # validated and cached: execution reuses it
+                except RefDBError as e:
+                    problems.append(f"XSR_LoadReferenceDB: {e}")
+        return verdict(problems)
 
     @classmethod
     def execute(cls, db_name: str) -> io.NodeOutput:

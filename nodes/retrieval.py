@@ -16,6 +16,7 @@ from comfy_api.latest import io, ui
 from ..xsr_core.imaging import LRImageError, bicubic_resize, validate_lr
 from ..xsr_core.refdb import RefDBError
 from .common import XSRModels, XSRRefDB, XSRRefs, clip_vision_fingerprint, clip_vision_width, encode_clip, throw_if_interrupted
+from .validation import check_batch, check_folder_name, collect, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
 THUMB = 256  # side of the reference images this node outputs / previews
@@ -71,7 +72,16 @@ class XSRRetrieve(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        return verdict(schema_problems(cls, kw))
+
+    @classmethod
     def execute(cls, image, clip_vision, xsr_models, refdb, top_k: int) -> io.NodeOutput:
+        max_refs = int(getattr(xsr_models.i2t.model.config, "max_refs", top_k))
+        if top_k > max_refs:  # before any work: the I2T could not take the references afterwards
+            raise ValueError(f"XSR_Retrieve: top_k {top_k} is more references than the I2T "
+                             f"({xsr_models.names.get('i2t')}) accepts ({max_refs}); set top_k to {max_refs} or less.")
+        check_batch("XSR_Retrieve", "input 'image'", int(image.shape[0]) if image.ndim == 4 else 1)
         try:
             lr = validate_lr(image, what="XSR_Retrieve input 'image'")
         except LRImageError as e:
@@ -190,6 +200,15 @@ class XSRBuildReferenceDB(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        problems = schema_problems(cls, kw, skip=("images_folder", "db_name"))
+        if kw.get("images_folder") is not None:
+            collect(problems, resolve_image_folder, kw["images_folder"])
+        if kw.get("db_name") is not None:
+            collect(problems, check_folder_name, "XSR_BuildReferenceDB", "db_name", kw["db_name"], "models/xsr_refdb")
+        return verdict(problems)
+
+    @classmethod
     def execute(cls, clip_vision, images_folder: str, db_name: str, mode: str) -> io.NodeOutput:
         import comfy.utils
         import folder_paths
@@ -199,8 +218,7 @@ class XSRBuildReferenceDB(io.ComfyNode):
         from .loaders import open_refdb
 
         src = resolve_image_folder(images_folder)
-        if not db_name or db_name != os.path.basename(db_name) or db_name in (".", "..") or "\\" in db_name:
-            raise ValueError(f"XSR_BuildReferenceDB: db_name '{db_name}' must be a plain folder name (no '/', '..').")
+        check_folder_name("XSR_BuildReferenceDB", "db_name", db_name, "models/xsr_refdb")
         out = os.path.join(folder_paths.get_folder_paths(REFDB_FOLDER)[0], db_name)
         bar: dict[str, Any] = {}
 
@@ -210,8 +228,9 @@ class XSRBuildReferenceDB(io.ComfyNode):
                 bar["bar"] = comfy.utils.ProgressBar(total)
             bar["bar"].update_absolute(done, total)
 
+        # chunk = batch: every encoded batch is committed, so an interrupt keeps finished work at any size
         cfg = BuildConfig(mode=mode, workers=0, device="cpu" if clip_vision.load_device.type == "cpu" else "auto",
-                          progress=False, batch_size=32)
+                          progress=False, batch_size=32, chunk_size=32)
         try:
             info = build_db(out, ComfyClipEncoder(clip_vision), images=src, config=cfg, progress_callback=progress)
         except RefDBError as e:
