@@ -285,3 +285,43 @@ def test_kill9_of_a_build_takes_its_dataloader_workers_with_it(tmp_path, data):
     for w in alive:  # clean up before failing, by pid
         os.kill(w, signal.SIGKILL)
     assert not alive, f"DataLoader workers {alive} outlived the killed build"
+
+
+class _Interrupt(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException (raised from the progress callback)."""
+
+
+def test_interrupted_build_keeps_every_finished_batch_and_resumes(tmp_path, data):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(imgs / f"{i:02d}.png")
+    calls = []
+
+    def interrupt_after_two_batches(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise _Interrupt()
+
+    db = tmp_path / "db"
+    cfg = dict(mode="packed", batch_size=3, chunk_size=3)  # the node's rule: one chunk per batch
+    with pytest.raises(_Interrupt):
+        build_db(db, data["enc"], images=imgs, config=_cfg(**cfg), progress_callback=interrupt_after_two_batches)
+    conn = sqlite3.connect(db / "build" / "manifest.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 2  # both finished batches kept
+    conn.close()
+    with pytest.raises(RefDBError, match="not finished"):
+        ReferenceDB.open(db)
+    info = build_db(db, data["enc"], images=imgs, config=_cfg(**cfg))
+    assert info["n"] == 10
+
+
+def test_interrupt_before_the_first_commit_leaves_no_folder(tmp_path, data):
+    def interrupt(done, total):
+        raise _Interrupt()
+
+    with pytest.raises(_Interrupt):
+        build_db(tmp_path / "db", data["enc"], images=data["images"], config=_cfg(batch_size=2, chunk_size=4),
+                 progress_callback=interrupt)
+    assert not (tmp_path / "db").exists()
