@@ -60,11 +60,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..image_io import IMAGE_EXTENSIONS  # the one extension list
 from .paper import DECIMALS, format_table
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PSNR_CAP_DB = 100.0
 RESULTS_FORMAT = "xsr-eval-metrics/1"
 
@@ -775,10 +775,9 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path) -> torch.Tensor:
     """RGB image as (3, H, W) float32 in 0..1."""
-    from PIL import Image
+    from ..image_io import load_rgb_float
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    arr = load_rgb_float(path, what=f"image {path}")  # any mode (16-bit, alpha over black, EXIF)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -32,11 +32,12 @@ from PIL import Image
 
 from .. import MAX_LR_SIDE, SCALE
 from ..comfy_server import ComfyServer, find_comfyui, prepare_base_dir
+from ..image_io import IMAGE_EXTENSIONS, load_rgb8
 from ..imaging import make_lr
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTS = set(IMAGE_EXTENSIONS)  # the one list (xsr_core.image_io)
 HR_SIDE = 512
 
 
@@ -149,7 +150,7 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
             start = time.monotonic()
             for n, (i, path) in enumerate(tqdm(todo, desc="xsr eval run", unit="img"), 1):
                 rel = path.relative_to(input_dir)
-                img = Image.open(path)
+                img = load_rgb8(path, what=f"input image {path}")
                 kind = input_kind if input_kind != "auto" else ("lr" if max(img.size) <= MAX_LR_SIDE else "hr")
                 lr = img.convert("RGB") if kind == "lr" else hr_to_lr(img, hr_side)
                 lr_path = Path(tmp) / f"lr_{i:06d}.png"

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_io import load_rgb8
 from ..imaging import bicubic_resize, make_lr
 
 logger = logging.getLogger(__name__)
@@ -179,8 +180,7 @@ def _to_png(x: torch.Tensor, path: Path) -> None:
 
 def load_png(path: str | os.PathLike) -> torch.Tensor:
     """A prepared PNG as [H, W, 3] float 0..1."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).float().div(255.0)
+    return torch.from_numpy(np.array(load_rgb8(path, what=f"image {path}"), dtype=np.uint8)).float().div(255.0)
 
 
 class _HashDataset(torch.utils.data.Dataset):
@@ -307,7 +307,7 @@ def caption_with_blip2(model_dir: str | os.PathLike, items: list[dict[str, Any]]
         with open(out_jsonl, "a", encoding="utf-8") as f:
             for s in tqdm(range(0, len(todo), batch_size), desc="BLIP-2 captions"):
                 chunk = todo[s : s + batch_size]
-                imgs = [Image.open(it["hr_path"]).convert("RGB") for it in chunk]
+                imgs = [load_rgb8(it["hr_path"]) for it in chunk]
                 inputs = processor(images=imgs, return_tensors="pt").to(dev, dtype)
                 with torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=40)
