@@ -86,7 +86,8 @@ def check_weights_file(node: str, input_name: str, name: str, expected: str) -> 
         check_config_values(cfg, source=str(path))
         model_cls = registered_classes().get(cls_name)
         if model_cls is None:
-            raise XSRWeightsError(f"{path}: model class {cls_name!r} is unknown to this XSR version; update the node pack")
+            raise XSRWeightsError(f"{path}: model class {cls_name!r} is unknown to this XSR version; "
+                                  "update the node pack")
         # the declared model, built on the meta device, against the header's tensor shapes (no allocation)
         check_against_header(model_cls, config_from_dict(model_cls.config_class, cfg, source=str(path)), path)
     except (XSRWeightsError, TypeError) as e:

@@ -89,7 +89,8 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     """A loaded PIL image of any mode → 8-bit RGB PIL image (the rules of :func:`to_rgb_array`)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX") or (img.mode == "P" and "transparency" not in img.info):
+    plain_p = img.mode == "P" and "transparency" not in img.info
+    if img.mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX") or plain_p:
         return img.convert("RGB")
     a = to_rgb_array(img)
     return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")

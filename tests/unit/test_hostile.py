@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -26,7 +25,7 @@ from xsr_core.refdb import BuildConfig, ReferenceDB, RefDBError, build_db, verif
 from xsr_core.refdb.cli import main as cli_main
 from xsr_core.testing.tiny_clip import make_tiny_clip_vision
 from xsr_core.testing.tiny_models import tiny_rfa_config
-from xsr_core.weights import META_CLASS, META_CONFIG, META_FORMAT, XSRWeightsError, load_model, save_model
+from xsr_core.weights import META_CONFIG, XSRWeightsError, load_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,6 +247,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_kill9_of_a_build_takes_its_dataloader_workers_with_it(tmp_path, data):
     imgs = tmp_path / "many"
@@ -279,8 +286,7 @@ def test_kill9_of_a_build_takes_its_dataloader_workers_with_it(tmp_path, data):
     deadline = time.monotonic() + 20
     alive = workers
     while alive and time.monotonic() < deadline:
-        alive = [w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in
-                 (Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{w}").exists() else "Z")]
+        alive = [w for w in alive if _running(w)]
         time.sleep(0.2)
     for w in alive:  # clean up before failing, by pid
         os.kill(w, signal.SIGKILL)

@@ -131,7 +131,8 @@ class ReferenceDB:
         try:
             index = index_mod.read_index(db / INDEX, mmap=mmap)
         except RuntimeError as e:
-            raise RefDBError(f"reference DB {db}: {INDEX} is corrupt or not a faiss index ({str(e).splitlines()[0] if str(e) else e}); {hint}") from e
+            first = str(e).splitlines()[0] if str(e) else e
+            raise RefDBError(f"reference DB {db}: {INDEX} is corrupt or not a faiss index ({first}); {hint}") from e
         if index.ntotal != n or index.d != dim:
             raise RefDBError(f"reference DB {db}: {INDEX} holds {index.ntotal} x {index.d} vectors but {INFO} says "
                              f"{n} x {dim}; the files come from different builds. {hint}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..image_io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_name, load_rgb8
+from ..image_io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_name, load_rgb8  # noqa: F401 - IMAGE_EXTENSIONS re-exported
 DEFAULT_MIN_SIDE = 64  # smaller files cannot serve as x16 HR references
 PACK_SIDE = 512  # packed references: shortest side resized down to this (the x16 output size)
 PACK_QUALITY = 92
