@@ -14,6 +14,7 @@ import comfy.model_management
 from comfy_api.latest import io, ui
 
 from ..xsr_core.imaging import LRImageError, bicubic_resize, validate_lr
+from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
 from .common import XSRModels, XSRRefDB, XSRRefs, clip_vision_fingerprint, clip_vision_width, encode_clip, throw_if_interrupted
 from .validation import check_batch, check_folder_name, collect, schema_problems, verdict
@@ -150,7 +151,7 @@ def _allowed_roots() -> list[str]:
     import folder_paths
 
     roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
-    roots += [r for r in os.environ.get("XSR_REFDB_ALLOWED_ROOTS", "").split(os.pathsep) if r]
+    roots += env_roots()  # XSR_ALLOWED_ROOTS (and the older XSR_REFDB_ALLOWED_ROOTS)
     return [os.path.realpath(r) for r in roots]
 
 
@@ -168,7 +169,7 @@ def resolve_image_folder(folder: str) -> str:
         raise ValueError(
             f"XSR_BuildReferenceDB: images_folder '{folder}' is outside the folders this node may read "
             f"({', '.join(roots)}); put the images under ComfyUI's input folder, or list more roots in the "
-            "XSR_REFDB_ALLOWED_ROOTS environment variable of the server."
+            "XSR_ALLOWED_ROOTS environment variable of the server."
         )
     if not os.path.isdir(real):
         raise ValueError(f"XSR_BuildReferenceDB: images_folder '{folder}' ({real}) is not a folder.")
