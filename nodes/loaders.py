@@ -80,6 +80,13 @@ def check_weights_file(node: str, input_name: str, name: str, expected: str) -> 
     an XSR file of the ``expected`` class with a sane config. Returns its path; raises ValueError."""
     path = xsr_file_path(node, input_name, name)
     try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{node}: {input_name} '{name}' cannot be read ({e.strerror or e})") from None
+    key = (path, st.st_mtime_ns, st.st_size, expected)
+    if key in _CHECKED_FILES:  # queueing the same graph again re-checks nothing
+        return path
+    try:
         cls_name, cfg = describe(path)
         if cls_name != expected:
             raise XSRWeightsError(f"{path} holds a {cls_name} model, but a {expected} file is needed here")
@@ -92,7 +99,13 @@ def check_weights_file(node: str, input_name: str, name: str, expected: str) -> 
         check_against_header(model_cls, config_from_dict(model_cls.config_class, cfg, source=str(path)), path)
     except (XSRWeightsError, TypeError) as e:
         raise ValueError(f"{node}: {input_name}: {e}") from None
+    if len(_CHECKED_FILES) > 256:
+        _CHECKED_FILES.clear()
+    _CHECKED_FILES.add(key)
     return path
+
+
+_CHECKED_FILES: set[tuple] = set()  # (path, mtime_ns, size, class) of weight files that passed the check
 
 
 def node_read_roots() -> list[str]:
