@@ -265,3 +265,42 @@ def test_failed_new_node_build_leaves_no_half_db(comfy, lr8, refdb_root):
     with pytest.raises(ComfyError, match=r"HTTP 400.*db_name.*plain folder name"):
         comfy.queue(_build_prompt("hostile_tiny", "../escape"))
     _still_serving(comfy, lr8)
+
+
+def test_interrupted_node_build_keeps_finished_chunks_and_resumes(comfy, lr8, refdb_root):
+    import time
+
+    folder = comfy.base_dir / "input" / "hostile_interrupt"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(5)
+    n = 480  # 15 chunks of 32: far below the CLI's 4096-file chunks, which kept nothing when interrupted
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    name = "interrupted_build"
+    manifest = refdb_root / name / "build" / "manifest.sqlite"
+    pid = comfy.queue(_build_prompt("hostile_interrupt", name))
+    committed, deadline = 0, time.monotonic() + 300
+    while time.monotonic() < deadline and committed < 1:
+        if manifest.exists():
+            try:
+                conn = sqlite3.connect(manifest, timeout=1)
+                committed = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+                conn.close()
+            except sqlite3.Error:
+                committed = 0
+        time.sleep(0.05)
+    comfy.interrupt()
+    entry = comfy.wait(pid)
+    assert entry["status"]["status_str"] == "error" or any(
+        m[0] == "execution_interrupted" for m in entry["status"]["messages"]), "the build should have been interrupted"
+    conn = sqlite3.connect(manifest)
+    kept = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    conn.close()
+    assert 1 <= kept < n // 32, f"{kept} chunks kept"
+    assert not (refdb_root / name / "info.json").exists()
+    with pytest.raises(ComfyError, match="not finished"):
+        comfy.queue({"db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": name}},
+                     "show": {"class_type": "PreviewAny", "inputs": {"source": ["db", 0]}}})
+    entry = comfy.run(_build_prompt("hostile_interrupt", name))  # queue again: continues
+    assert json.loads((refdb_root / name / "info.json").read_text())["n"] == n
+    _still_serving(comfy, lr8)
