@@ -109,7 +109,7 @@ def _discard_failed_build(out: Path, created: bool, error: BaseException) -> Non
         with Manifest(out) as man:
             committed = man.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
             pending = man.counts().get("pending", 0)
-    except (RefDBError, OSError, Exception):  # noqa: BLE001 - a broken manifest is nothing to keep
+    except Exception:  # noqa: BLE001 - an unreadable manifest is nothing to keep
         pending = 1
     final = isinstance(error, RefDBError) and not pending  # finalize refused the result
     if committed and not final:
