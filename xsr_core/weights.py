@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,14 +133,16 @@ def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 class _DeclaredSizeGuard:
     """While a model is built on the meta device: stop as soon as it declares more parameters
-    (count or elements) than the file holds, so even the meta build stays small."""
+    (count or elements) than the file holds, so even the meta build stays small. Only the thread
+    that entered the guard is counted."""
 
     def __init__(self, source: str, max_count: int, max_numel: int):
         self.source, self.max_count, self.max_numel = source, max_count, max_numel
         self.count = self.numel = 0
 
     def __call__(self, module: torch.nn.Module, name: str, param: Any) -> None:
-        if param is None:
+        # the hook is process-wide: count only this thread's build (ComfyUI may be loading models meanwhile)
+        if param is None or threading.get_ident() != self._thread:
             return
         self.count += 1
         self.numel += param.numel()
@@ -152,6 +155,7 @@ class _DeclaredSizeGuard:
     def __enter__(self) -> "_DeclaredSizeGuard":
         from torch.nn.modules.module import register_module_parameter_registration_hook
 
+        self._thread = threading.get_ident()
         self._handle = register_module_parameter_registration_hook(self)
         return self
 

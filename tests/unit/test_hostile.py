@@ -331,3 +331,25 @@ def test_interrupt_before_the_first_commit_leaves_no_folder(tmp_path, data):
         build_db(tmp_path / "db", data["enc"], images=data["images"], config=_cfg(batch_size=2, chunk_size=4),
                  progress_callback=interrupt)
     assert not (tmp_path / "db").exists()
+
+
+def test_meta_size_guard_ignores_other_threads(tmp_path):
+    """The guard's hook is process-wide; a model built meanwhile in another thread is not its business."""
+    import threading
+
+    from xsr_core.weights import _DeclaredSizeGuard
+
+    errors = []
+
+    def build_elsewhere():
+        try:
+            torch_nn_linear = __import__("torch").nn.Linear
+            torch_nn_linear(512, 512)  # 262k values: far above the guard's limit below
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    with _DeclaredSizeGuard("x.safetensors", max_count=1, max_numel=10):
+        t = threading.Thread(target=build_elsewhere)
+        t.start()
+        t.join()
+    assert not errors, errors
