@@ -43,18 +43,28 @@ APP_READY = """() => {
 
 LOAD = """async (wf) => {
   const app = window.comfyAPI.app.app;
-  const seen = {missing: null, models: null};
+  // frontend 1.32: the load calls app.showMissingNodesError / showMissingModelsError (dialogs);
+  // frontend 1.49: it fills the Pinia stores behind the errors panel ('missingNodesError', 'missingModel')
+  const pinia = document.querySelector("#vue-app")?.__vue_app__?.config.globalProperties.$pinia;
+  const store = (id) => pinia?._s.get(id);
+  const seen = {missing: null, models: null, frontend: window.__COMFYUI_FRONTEND_VERSION__ ?? null};
   const origNodes = app.showMissingNodesError, origModels = app.showMissingModelsError;
+  const asModels = (m) => m.map((x) => ({name: x.name, url: x.url ?? null, directory: x.directory ?? null}));
   app.showMissingNodesError = (m) => { seen.missing = m; };
-  app.showMissingModelsError = (m) => { seen.models = m.map((x) => ({name: x.name, url: x.url ?? null, directory: x.directory})); };
+  app.showMissingModelsError = (m) => { seen.models = asModels(m); };
   try { await app.loadGraphData(wf); } finally {
     app.showMissingNodesError = origNodes; app.showMissingModelsError = origModels;
   }
+  const nodesErr = store("missingNodesError")?.missingNodesError;
+  if (nodesErr?.nodeTypes?.length) seen.missing = nodesErr.nodeTypes;
+  const candidates = store("missingModel")?.missingModelCandidates;
+  if (candidates?.length) seen.models = asModels(candidates);
+  seen.stores = !!store("missingModel");
   const p = await app.graphToPrompt();
   const alerts = [...document.querySelectorAll(".p-toast-message")].map((t) => t.textContent)
     .filter((t) => /invalid workflow|zod|error/i.test(t));
   document.querySelectorAll(".p-toast-message .p-toast-close-button").forEach((b) => b.click());
-  return {missing: seen.missing, models: seen.models, alerts, types: app.graph.nodes.map((n) => n.type), output: p.output};
+  return {...seen, alerts, types: app.graph.nodes.map((n) => n.type), output: p.output};
 }"""
 
 
