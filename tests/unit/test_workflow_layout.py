@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT in frontends 1.32 and 1.49
 FILES = sorted((REPO / "workflows").glob("*.json"))
+EXAMPLES = REPO / "example_workflows"  # what ComfyUI's template browser and the registry read
 
 
 def boxes(wf: dict) -> list[tuple[str, tuple[float, float, float, float]]]:
@@ -41,3 +42,15 @@ def test_overlap_check_finds_overlaps():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_workflow_nodes_do_not_overlap(path):
     assert overlaps(json.loads(path.read_text())) == []
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_example_workflows_are_the_workflows_with_a_thumbnail(path):
+    from PIL import Image
+
+    copy = EXAMPLES / path.name
+    assert copy.is_file() and copy.read_bytes() == path.read_bytes(), (
+        f"example_workflows/{path.name} differs from workflows/{path.name}: "
+        "run `.venv/bin/python scripts/workflow_thumbnails.py` (copies them and renders the thumbnails)")
+    with Image.open(EXAMPLES / f"{path.stem}.png") as thumb:
+        assert thumb.format == "PNG" and thumb.width >= 320
