@@ -125,10 +125,17 @@ def comfy(tmp_path_factory, comfy_install, tiny_zoo):
     its log copied to out/ when it holds a traceback."""
     base = prepare_base_dir(tmp_path_factory.mktemp(f"comfy_base_{comfy_install.version}"), REPO, extra_nodes=[SUPPORT])
     models = base / "models"
+    # real per-server folders holding links to the zoo's files: what a server writes (a DB built by a
+    # node, ...) stays in its own base, so the next ComfyUI of the matrix starts from the same zoo
     for entry in Path(tiny_zoo["root"]).iterdir():
         dst = models / entry.name
-        if not dst.exists():
-            dst.symlink_to(entry, target_is_directory=entry.is_dir())
+        if entry.is_dir():
+            dst.mkdir(exist_ok=True)
+            for child in entry.iterdir():
+                if not (dst / child.name).exists():
+                    (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+        elif not dst.exists():
+            dst.symlink_to(entry)
     server = ComfyServer(comfy_dir=comfy_install.path, base_dir=base, pythonpath=comfy_install.pythonpath)
     server.start()
     try:
