@@ -34,9 +34,15 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = [handler.type] if not isinstance(handler.type, ast.Tuple) else list(handler.type.elts)
+    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names)
+
+
 def _node_imports() -> set[str]:
     """Top-level third-party modules imported (anywhere, also inside functions) by __init__.py, nodes/
-    and every xsr_core module reachable from them through relative imports."""
+    and every xsr_core module reachable from them through relative imports; imports guarded by
+    ``except ImportError`` (optional features with their own install hint) do not count."""
     todo = [("", REPO / "__init__.py")] + [("nodes", p) for p in sorted((REPO / "nodes").glob("*.py"))]
     seen, external = set(), set()
     while todo:
@@ -44,7 +50,12 @@ def _node_imports() -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(_catches_import_error(h) for h in t.handlers)
+                    for stmt in t.body for n in ast.walk(stmt)}  # `try: import x / except ImportError: <fix>`
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
                 external |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
