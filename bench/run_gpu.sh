@@ -23,3 +23,5 @@ for f in bench/results/*; do
     case "$f" in *tiny*|*cpu*|*adapter_*|*refdb_scale*|*try100k*|*models_*) ;; *) cp "$f" "$OUT"/ ;; esac
 done
 ls "$OUT"
+# ComfyUI 0.33 VRAM modes (real main.py): needs its own carry folder, see bench/run_gpu_vram.sh
+[[ ${VRAM_T:-0} -gt 0 && -n "${VRAM_CARRY:-}" ]] && bash bench/run_gpu_vram.sh "$VRAM_CARRY"

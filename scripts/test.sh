@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite: unit tests, live-ComfyUI tests, browser tests.
-# Extra arguments go to pytest.
+# Set up (idempotent) and run the whole test suite: unit tests once, the live-ComfyUI and browser
+# tests once per ComfyUI of the test matrix (0.3.75 with frontend 1.32.9, 0.33.0 with frontend 1.49.6;
+# the version is in each test id, e.g. test_x[comfyui-0.33.0]). One pytest run, one summary line.
+# Extra arguments go to pytest (e.g. `--comfyui 0.33.0 tests/browser`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
@@ -11,5 +13,7 @@ if [[ -z "${XSR_CHROMIUM:-}" ]] && ! command -v chromium >/dev/null; then
     if [[ $(id -u) -eq 0 ]]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null
     else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "${XSR_VENV:-$ROOT/.venv}/bin/python" -m pytest tests -ra --durations=15 "$@"
+VENV="${XSR_VENV:-$ROOT/.venv}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 XSR_COMFYUI_MATRIX="${XSR_COMFYUI_MATRIX:-$VENV/comfyui_matrix.json}"
+# no path arguments: pyproject's testpaths (tests/)
+exec "$VENV/bin/python" -m pytest -ra --durations=15 "$@"

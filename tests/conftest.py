@@ -1,4 +1,12 @@
-"""Shared test fixtures: the tiny model zoo (generated once per session, never committed)."""
+"""Shared test fixtures: the tiny model zoo (generated once per session, never committed) and the
+ComfyUI test matrix.
+
+Every test that uses ``comfy_dir`` or the live ``comfy`` server runs once per ComfyUI of the matrix
+(``$XSR_COMFYUI_MATRIX``, written by scripts/setup.sh: ComfyUI 0.3.75 and 0.33.0; without it the one
+ComfyUI of ``$COMFYUI_PATH``), with the version in its test id: ``test_x[comfyui-0.33.0]``. pytest
+groups the tests by that session-scoped parameter, so one server runs at a time.
+``--comfyui VERSION`` (repeatable) keeps only the given versions.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xsr_core.comfy_server import ComfyServer, prepare_base_dir
+from xsr_core.comfy_server import ComfyError, ComfyServer, comfyui_matrix, prepare_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,11 +36,63 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def comfy_dir() -> Path:
-    from xsr_core.comfy_server import find_comfyui
+def pytest_addoption(parser):
+    parser.addoption("--comfyui", action="append", default=[], metavar="VERSION",
+                     help="run the ComfyUI tests only on this version of the test matrix (repeatable)")
 
-    return find_comfyui(REPO)
+
+def _matrix(config):
+    if not hasattr(config, "_xsr_matrix"):
+        try:
+            matrix = comfyui_matrix(repo_root=REPO)
+        except ComfyError as e:
+            config._xsr_matrix = e
+            return e
+        wanted = config.getoption("--comfyui")
+        if wanted:
+            unknown = set(wanted) - {m.version for m in matrix}
+            if unknown:
+                raise pytest.UsageError(f"--comfyui {', '.join(sorted(unknown))}: not in the test matrix "
+                                        f"({', '.join(m.version for m in matrix)})")
+            matrix = [m for m in matrix if m.version in wanted]
+        config._xsr_matrix = matrix
+    return config._xsr_matrix
+
+
+def pytest_report_header(config):
+    matrix = _matrix(config)
+    if isinstance(matrix, ComfyError):
+        return [f"ComfyUI: none ({matrix})"]
+    return ["ComfyUI test matrix: " + "; ".join(f"{m.version} at {m.path}" + (f" (+{', '.join(m.pythonpath)})" if m.pythonpath else "")
+                                                for m in matrix)]
+
+
+def pytest_generate_tests(metafunc):
+    if "comfy_install" in metafunc.fixturenames:
+        matrix = _matrix(metafunc.config)
+        if isinstance(matrix, ComfyError):
+            matrix = [pytest.param(matrix, id="comfyui-missing")]  # fails in the fixture, with the fix
+        else:
+            matrix = [pytest.param(m, id=f"comfyui-{m.version}") for m in matrix]
+        metafunc.parametrize("comfy_install", matrix, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def comfy_install(request):
+    """One ComfyUI of the test matrix (a ``ComfyInstall``); tests using it run once per version."""
+    if isinstance(request.param, ComfyError):
+        pytest.fail(str(request.param), pytrace=False)
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def comfy_version(comfy_install) -> str:
+    return comfy_install.version
+
+
+@pytest.fixture(scope="session")
+def comfy_dir(comfy_install) -> Path:
+    return comfy_install.path
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +102,7 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     CLIP's tokenizer files for the diffusers copy come from ComfyUI's sd1_tokenizer when a ComfyUI
     is around (unit tests do not need it).
     """
-    from xsr_core.comfy_server import ComfyError, find_comfyui
+    from xsr_core.comfy_server import find_comfyui
     from xsr_core.testing.zoo import write_zoo
 
     try:
@@ -60,15 +120,23 @@ SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, comfy_dir, tiny_zoo):
-    """A running ComfyUI server (session-wide); stopped by PID at the end, log shown on failure."""
-    base = prepare_base_dir(tmp_path_factory.mktemp("comfy_base"), REPO, extra_nodes=[SUPPORT])
+def comfy(tmp_path_factory, comfy_install, tiny_zoo):
+    """A running ComfyUI server (one per ComfyUI version of the matrix); stopped by PID at the end,
+    its log copied to out/ when it holds a traceback."""
+    base = prepare_base_dir(tmp_path_factory.mktemp(f"comfy_base_{comfy_install.version}"), REPO, extra_nodes=[SUPPORT])
     models = base / "models"
+    # real per-server folders holding links to the zoo's files: what a server writes (a DB built by a
+    # node, ...) stays in its own base, so the next ComfyUI of the matrix starts from the same zoo
     for entry in Path(tiny_zoo["root"]).iterdir():
         dst = models / entry.name
-        if not dst.exists():
-            dst.symlink_to(entry, target_is_directory=entry.is_dir())
-    server = ComfyServer(comfy_dir=comfy_dir, base_dir=base)
+        if entry.is_dir():
+            dst.mkdir(exist_ok=True)
+            for child in entry.iterdir():
+                if not (dst / child.name).exists():
+                    (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+        elif not dst.exists():
+            dst.symlink_to(entry)
+    server = ComfyServer(comfy_dir=comfy_install.path, base_dir=base, pythonpath=comfy_install.pythonpath)
     server.start()
     try:
         yield server
@@ -77,7 +145,7 @@ def comfy(tmp_path_factory, comfy_dir, tiny_zoo):
         log = server.log_text()
         if "Traceback" in log:
             (REPO / "out").mkdir(exist_ok=True)
-            shutil.copy(server.log_path, REPO / "out" / server.log_path.name)
+            shutil.copy(server.log_path, REPO / "out" / f"comfyui-{comfy_install.version}-{server.log_path.name}")
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
-// XSR frontend extension (ComfyUI frontend >= 1.32): shows on the nodes what XSR retrieved and wrote.
+// XSR frontend extension (ComfyUI frontend 1.32 ... 1.49; classic canvas and Nodes 2.0): shows on the
+// nodes what XSR retrieved and wrote.
 //  - XSR_Retrieve: a gallery of the K references per LR image with their similarity scores and source
-//    names (ui "xsr_refs" + the preview "images"); click a thumbnail to enlarge it in an overlay.
-//  - XSR_Enhance: the caption used as the prompt (ui "text").
+//    names (ui "xsr_refs" + the thumbnails "xsr_thumbs"; not "images", which would add the stock
+//    preview a second time); the full name shows on hover; click a thumbnail to see that reference at
+//    its full resolution (ui "xsr_refs"[i].full) in an overlay.
+//  - XSR_Enhance: the caption used as the prompt (ui "text"), in a read-only box labelled as output.
 // Captions and file names are untrusted (they come from a model and from the reference DB): every
 // piece of text is set with textContent, never innerHTML; image URLs are built with URLSearchParams.
 import { app } from "../../scripts/app.js";
@@ -20,11 +23,14 @@ const CSS = `
 .xsr-ref img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 3px; background: #222; }
 .xsr-ref figcaption { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .xsr-ref-score { font-weight: bold; }
-.xsr-caption { white-space: pre-wrap; overflow: auto; font: 12px sans-serif; padding: 4px; box-sizing: border-box;
-  color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222); border-radius: 4px; user-select: text; }
+.xsr-caption-box { display: flex; flex-direction: column; gap: 2px; box-sizing: border-box; overflow: hidden; }
+.xsr-caption-label { font: 10px sans-serif; opacity: 0.7; color: var(--input-text, #ddd); }
+.xsr-caption { white-space: pre-wrap; overflow: auto; flex: 1; font: 12px sans-serif; padding: 4px; box-sizing: border-box;
+  color: var(--input-text, #ddd); background: transparent; border: 1px dashed var(--border-color, #555);
+  border-radius: 4px; user-select: text; cursor: text; }
 .xsr-overlay { position: fixed; inset: 0; z-index: 10000; background: rgba(0, 0, 0, 0.85); display: flex;
   flex-direction: column; align-items: center; justify-content: center; gap: 8px; cursor: zoom-out; }
-.xsr-overlay img { max-width: 90vw; max-height: 85vh; image-rendering: auto; }
+.xsr-overlay img { max-width: 90vw; max-height: 85vh; image-rendering: auto; object-fit: contain; }
 .xsr-overlay-caption { color: #eee; font: 14px sans-serif; max-width: 90vw; text-align: center; }
 `;
 
@@ -76,9 +82,11 @@ function openOverlay(src, text) {
   overlay.setAttribute("role", "dialog");
   overlay.setAttribute("aria-label", "XSR reference");
   const img = el("img");
-  img.src = src;
   img.alt = text;
-  overlay.append(img, el("div", "xsr-overlay-caption", text));
+  const caption = el("div", "xsr-overlay-caption", text);
+  img.addEventListener("load", () => { caption.textContent = `${text}  (${img.naturalWidth}x${img.naturalHeight})`; }, { once: true });
+  img.src = src;
+  overlay.append(img, caption);
   overlay.addEventListener("click", closeOverlay);
   document.addEventListener("keydown", onOverlayKey, true);
   document.body.appendChild(overlay);
@@ -113,7 +121,8 @@ function fitNode(node) {
 
 function showGallery(node, output) {
   const refs = Array.isArray(output?.xsr_refs) ? output.xsr_refs : [];
-  const images = Array.isArray(output?.images) ? output.images : [];
+  const thumbs = output?.xsr_thumbs ?? output?.images; // "images": servers of pack versions before 0.2
+  const images = Array.isArray(thumbs) ? thumbs : [];
   const rows = new Map(); // LR image index -> its references
   refs.forEach((ref, i) => {
     const key = Number.isInteger(ref?.image) ? ref.image : 0;
@@ -134,18 +143,21 @@ function showGallery(node, output) {
       const rank = Number.isInteger(ref.rank) ? ref.rank + 1 : "?";
       const name = String(ref.name ?? "");
       const fig = el("figure", "xsr-ref");
+      const full = ref.full && typeof ref.full === "object" ? ref.full : image;
       fig.title = `#${rank}  score ${formatScore(ref.score)}\n${name}`;
       const img = el("img");
       img.alt = name;
+      img.title = name;
       img.loading = "lazy";
       if (image) img.src = viewURL(image);
       const cap = el("figcaption");
-      cap.append(el("span", "xsr-ref-score", `#${rank} ${formatScore(ref.score)}`), el("br"),
-                 el("span", "xsr-ref-name", name));
+      const nameEl = el("span", "xsr-ref-name", name);
+      nameEl.title = name; // shown in full on hover (the caption ellipsizes it)
+      cap.append(el("span", "xsr-ref-score", `#${rank} ${formatScore(ref.score)}`), el("br"), nameEl);
       fig.append(img, cap);
       fig.addEventListener("click", (e) => {
         e.stopPropagation();
-        if (image) openOverlay(viewURL(image), `#${rank}  score ${formatScore(ref.score)}  ${name}`);
+        if (full) openOverlay(viewURL(full), `#${rank}  score ${formatScore(ref.score)}  ${name}`);
       });
       row.appendChild(fig);
     }
@@ -156,8 +168,17 @@ function showGallery(node, output) {
 
 function showCaption(node, output) {
   const lines = Array.isArray(output?.text) ? output.text.map((t) => String(t ?? "")) : [];
-  const widget = getOrAddWidget(node, CAPTION_WIDGET, "xsr-caption", 60);
-  widget.element.textContent = lines.join("\n");
+  const widget = getOrAddWidget(node, CAPTION_WIDGET, "xsr-caption-box", 76);
+  const box = widget.element;
+  let text = box.querySelector(".xsr-caption");
+  if (!text) {
+    const label = el("div", "xsr-caption-label", "caption (output: the prompt XSR used; edit caption_override to change it)");
+    text = el("div", "xsr-caption");
+    text.setAttribute("role", "status");
+    text.setAttribute("aria-label", "XSR caption (output)");
+    box.append(label, text);
+  }
+  text.textContent = lines.join("\n");
   fitNode(node);
 }
 

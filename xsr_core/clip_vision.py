@@ -12,6 +12,14 @@ Features (:class:`ClipFeatures`) are exactly what ComfyUI's CLIP_VISION model re
 post-LayerNorm ``(B, 257, D)``, ``cls`` = ``post_layernorm(tokens[:, 0])`` ``(B, D)`` — the C_HR the
 RFA is trained to predict and the vector stored in reference DBs.
 
+OpenCLIP checkpoints (``open_clip_model.safetensors``: keys ``visual.conv1.weight``,
+``visual.transformer.resblocks.N.*``, ``visual.proj``; e.g. ViT-H/14 laion2b, the vision tower of the
+SD2.x family's CLIP) are read too: :meth:`ClipVisionEncoder.from_file` detects the layout and runs the
+vision tower with ``open_clip`` itself (:class:`OpenClipVisionTower`, same features as above). Their
+fingerprint is taken over the weights converted to the Hugging Face layout (:func:`open_clip_to_hf`,
+the conversion ComfyUI applies when it loads such a file), so a DB built from the OpenCLIP file answers
+queries made with the same weights loaded by ComfyUI's CLIPVisionLoader, and refuses other encoders.
+
 The *encoder fingerprint* (:func:`fingerprint_state_dict`) hashes the weights canonicalised to
 float16, so the same encoder loaded in fp32 or fp16, from the file or from a ComfyUI model's
 ``state_dict()``, gets the same fingerprint; reference DBs record it and refuse other encoders.
@@ -148,6 +156,103 @@ def fingerprint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return {"arch": _arch_string(sd), "weights_sha256": h.hexdigest(), "preprocess": PREPROCESS_VERSION}
 
 
+OPEN_CLIP_PREFIX = "visual."
+
+
+def is_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True for an OpenCLIP (``visual.conv1.weight`` ...) rather than a Hugging Face CLIP layout."""
+    return "visual.conv1.weight" in state_dict and "vision_model.embeddings.patch_embedding.weight" not in state_dict
+
+
+def open_clip_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``visual.*`` weights of an OpenCLIP ViT in the Hugging Face ``CLIPVisionModelWithProjection``
+    layout (fused ``in_proj`` split into q/k/v, ``proj`` transposed into ``visual_projection``).
+
+    Only the plain ViT tower is supported (class token, learnable positions, token pooling): anything
+    else (attentional pooler, ``ls`` layer scale, ...) raises :class:`ClipVisionError` naming the key.
+    """
+    sd = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
+    out: dict[str, torch.Tensor] = {}
+    fixed = {
+        "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "class_embedding": "vision_model.embeddings.class_embedding",
+        "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
+        "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias",
+    }
+    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for k, v in sd.items():
+        if k in fixed:
+            out[fixed[k]] = v
+        elif k == "proj":
+            out[PROJECTION_KEY] = v.t().contiguous()  # (D, P) -> Linear weight (P, D)
+        elif m := re.match(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k):
+            i, part, kind = m.groups()
+            pre = f"vision_model.encoder.layers.{i}."
+            if part not in block:
+                raise ClipVisionError(f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT block (unsupported variant)")
+            out[f"{pre}{block[part]}.{kind}"] = v
+        elif m := re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k):
+            i, kind = m.groups()
+            q, kk, vv = v.chunk(3, dim=0)
+            for name, t in (("q_proj", q), ("k_proj", kk), ("v_proj", vv)):
+                out[f"vision_model.encoder.layers.{i}.self_attn.{name}.{kind}"] = t.contiguous()
+        else:
+            raise ClipVisionError(f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT tower weight (unsupported variant)")
+    if "vision_model.embeddings.patch_embedding.weight" not in out:
+        raise ClipVisionError("not an OpenCLIP vision tower: no visual.conv1.weight")
+    return out
+
+
+class OpenClipVisionTower(torch.nn.Module):
+    """An ``open_clip`` ``VisionTransformer`` answering like transformers' vision model:
+    ``(pixel_values=...)`` → ``.last_hidden_state`` (tokens before ``ln_post``) and ``.pooler_output``
+    (``ln_post`` of the class token), the :class:`ClipFeatures` contract."""
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], open_clip_state_dict: Mapping[str, torch.Tensor], *,
+                       source: str = "state dict") -> "OpenClipVisionTower":
+        """Build the OpenCLIP ViT for a ``CLIPVisionConfig``-style dict and load ``visual.*`` weights strictly."""
+        try:
+            from open_clip.transformer import QuickGELU, VisionTransformer
+        except ImportError:
+            raise ClipVisionError(f"{source}: an OpenCLIP checkpoint needs the package open_clip_torch "
+                                  "(pip install 'comfyui-xsr[openclip]')") from None
+        proj = open_clip_state_dict.get(OPEN_CLIP_PREFIX + "proj")
+        visual = VisionTransformer(
+            image_size=int(config.get("image_size", 224)), patch_size=int(config["patch_size"]),
+            width=int(config["hidden_size"]), layers=int(config["num_hidden_layers"]),
+            heads=int(config["num_attention_heads"]),
+            mlp_ratio=int(config["intermediate_size"]) / int(config["hidden_size"]),
+            output_dim=int(proj.shape[1]) if proj is not None else None,
+            act_layer=QuickGELU if config.get("hidden_act") == "quick_gelu" else torch.nn.GELU,
+        )
+        if proj is None:
+            visual.proj = None
+        sd = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in open_clip_state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
+        try:
+            visual.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ClipVisionError(f"{source}: OpenCLIP weights do not match the vision config {dict(config)}: {e}") from None
+        return cls(visual.eval().requires_grad_(False))
+
+    def forward(self, pixel_values: torch.Tensor):
+        from types import SimpleNamespace
+
+        v = self.visual
+        x = v.conv1(pixel_values)  # (B, D, g, g)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, g*g, D)
+        cls_tok = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + g*g, D)
+        x = v.transformer(v.ln_pre(x))  # batch-first blocks (open_clip >= 2.24)
+        return SimpleNamespace(last_hidden_state=x, pooler_output=v.ln_post(x[:, 0]))
+
+
 def read_clip_vision_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(vision state dict, metadata) of a ``.safetensors`` file; errors name the file."""
     path = Path(path)
@@ -156,12 +261,16 @@ def read_clip_vision_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys() if _is_weight_key(k)}
+            keys = list(f.keys())
+            open_clip_layout = "visual.conv1.weight" in keys
+            sd = {k: f.get_tensor(k) for k in keys
+                  if (k.startswith(OPEN_CLIP_PREFIX) if open_clip_layout else _is_weight_key(k))}
     except (SafetensorError, OSError, ValueError) as e:
         raise ClipVisionError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export it") from e
     if not sd:
         raise ClipVisionError(
-            f"{path}: no CLIP vision weights (keys 'vision_model.*'); is this a CLIP vision / CLIP model file?"
+            f"{path}: no CLIP vision weights (keys 'vision_model.*', or OpenCLIP's 'visual.*'); "
+            "is this a CLIP vision / CLIP model file?"
         )
     return sd, meta
 
@@ -220,6 +329,9 @@ class ClipVisionEncoder(torch.nn.Module):
                   ) -> "ClipVisionEncoder":
         """Load from one ``.safetensors`` file (see module docstring). ``dtype`` is the weight dtype."""
         sd, meta = read_clip_vision_file(path)
+        open_clip_sd = sd if is_open_clip_state_dict(sd) else None
+        if open_clip_sd is not None:
+            sd = open_clip_to_hf(open_clip_sd)  # config, fingerprint: as ComfyUI sees these weights
         config = None
         if META_CLIP_CONFIG in meta:
             try:
@@ -228,7 +340,10 @@ class ClipVisionEncoder(torch.nn.Module):
                 raise ClipVisionError(f"{path}: metadata {META_CLIP_CONFIG!r} is not valid JSON: {e}") from e
         config = config if config is not None else infer_config(sd, source=str(path))
         fingerprint = fingerprint_state_dict(sd)
-        model = build_clip_vision_model(sd, config, source=str(path))
+        if open_clip_sd is not None:
+            model = OpenClipVisionTower.from_hf_config(config, open_clip_sd, source=str(path))
+        else:
+            model = build_clip_vision_model(sd, config, source=str(path))
         enc = cls(model, fingerprint=fingerprint, config=config, source=str(path), autocast_dtype=autocast_dtype)
         logger.info("CLIP vision encoder %s: %s, sha256 %s", path, fingerprint["arch"],
                     fingerprint["weights_sha256"][:12])

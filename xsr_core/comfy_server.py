@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +68,51 @@ def find_comfyui(repo_root: str | Path | None = None) -> Path:
     )
 
 
+def comfyui_version(comfy_dir: str | Path) -> str:
+    """The ``__version__`` in a ComfyUI folder's ``comfyui_version.py`` ("unknown" when absent)."""
+    f = Path(comfy_dir) / "comfyui_version.py"
+    text = f.read_text() if f.is_file() else ""
+    m = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return m.group(1) if m else "unknown"
+
+
+@dataclass(frozen=True)
+class ComfyInstall:
+    """One ComfyUI of the test matrix: its folder, version and the extra import path its server needs.
+
+    ``pythonpath`` holds folders put in front of the venv for that server only (scripts/setup.sh installs
+    each ComfyUI's pinned frontend/templates/docs packages there, so one venv serves several versions).
+    """
+
+    version: str
+    path: Path
+    pythonpath: tuple[str, ...] = ()
+
+
+def comfyui_matrix(matrix_file: str | Path | None = None, repo_root: str | Path | None = None) -> list[ComfyInstall]:
+    """The ComfyUIs to test against.
+
+    ``matrix_file`` (or ``$XSR_COMFYUI_MATRIX``), a JSON list of ``{"version", "path", "pythonpath"}``
+    written by scripts/setup.sh, when given; else the single ComfyUI of :func:`find_comfyui`
+    (``$COMFYUI_PATH`` or the one recorded by setup). A listed folder that is not a ComfyUI raises.
+    """
+    matrix_file = matrix_file or os.environ.get("XSR_COMFYUI_MATRIX")
+    if not matrix_file:
+        comfy = find_comfyui(repo_root)
+        return [ComfyInstall(comfyui_version(comfy), comfy)]
+    try:
+        entries = json.loads(Path(matrix_file).read_text())
+    except (OSError, ValueError) as e:
+        raise ComfyError(f"cannot read the ComfyUI test matrix {matrix_file}: {e} (re-run scripts/setup.sh)") from None
+    out = []
+    for e in entries:
+        path = Path(e["path"])
+        if not ((path / "main.py").is_file() and (path / "nodes.py").is_file()):
+            raise ComfyError(f"{matrix_file}: {path} (ComfyUI {e.get('version')}) is not a ComfyUI folder; re-run scripts/setup.sh")
+        out.append(ComfyInstall(e.get("version") or comfyui_version(path), path, tuple(e.get("pythonpath", ()))))
+    return out
+
+
 def prepare_base_dir(base: str | Path, pack_dir: str | Path | None = None, extra_nodes: list[str | Path] = ()) -> Path:
     """Create a ComfyUI base directory with this pack (symlinked) in ``custom_nodes/``."""
     base = Path(base)
@@ -93,9 +139,17 @@ class ComfyServer:
     port: int = 0
     python: str = sys.executable
     extra_args: list[str] = field(default_factory=list)
+    # folders put in front of PYTHONPATH for this server (a ComfyUI version's own frontend packages)
+    pythonpath: tuple[str, ...] = ()
+    # False: run on the GPU with the given extra_args (bench/); True: --cpu (tests, demo)
+    cpu: bool = True
     startup_timeout: float = 180.0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+
+    @property
+    def version(self) -> str:
+        return comfyui_version(self.comfy_dir)
 
     @property
     def url(self) -> str:
@@ -107,11 +161,13 @@ class ComfyServer:
         self.log_path = Path(self.base_dir) / f"comfyui-{self.port}.log"
         log = open(self.log_path, "w")
         cmd = [
-            self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base_dir),
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*map(str, self.pythonpath), *filter(None, [env.get("PYTHONPATH")])])
         logger.info("starting ComfyUI: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=_detach_and_die_with_parent)

@@ -1,9 +1,12 @@
 """The shipped workflows and web/xsr.js in the real ComfyUI frontend (headless Chromium, tiny zoo).
 
-- every workflows/*.json loads with no missing-node dialog and no page error, and the frontend's own
-  conversion (app.graphToPrompt) equals xsr_core.workflow.ui_to_api;
-- xsr_x16 queued from the page renders the K reference thumbnails (scores, names, overlay) on
-  XSR_Retrieve and the caption on XSR_Enhance;
+Runs on each ComfyUI of the test matrix, so on frontend 1.32.9 (ComfyUI 0.3.75) and 1.49.6 (0.33.0):
+- every workflows/*.json loads with no missing nodes, offers exactly the public models for download
+  (1.32: the missing-models dialog; 1.49: the errors panel's store), opens with no overlapping nodes,
+  and the frontend's own conversion (app.graphToPrompt) equals xsr_core.workflow.ui_to_api;
+- xsr_x16 queued from the page renders the K reference thumbnails (scores, full names on hover,
+  overlay at the reference's full resolution, no stock preview beside them) on XSR_Retrieve and the
+  caption, labelled as output, on XSR_Enhance; the same in the Nodes 2.0 (Vue) renderer;
 - a caption holding HTML renders as text (no script runs).
 """
 
@@ -43,19 +46,43 @@ APP_READY = """() => {
 
 LOAD = """async (wf) => {
   const app = window.comfyAPI.app.app;
-  const seen = {missing: null, models: null};
+  // frontend 1.32: the load calls app.showMissingNodesError / showMissingModelsError (dialogs);
+  // frontend 1.49: it fills the Pinia stores behind the errors panel ('missingNodesError', 'missingModel')
+  const pinia = document.querySelector("#vue-app")?.__vue_app__?.config.globalProperties.$pinia;
+  const store = (id) => pinia?._s.get(id);
+  const seen = {missing: null, models: null, frontend: window.__COMFYUI_FRONTEND_VERSION__ ?? null};
   const origNodes = app.showMissingNodesError, origModels = app.showMissingModelsError;
+  const asModels = (m) => m.map((x) => ({name: x.name, url: x.url ?? null, directory: x.directory ?? null}));
   app.showMissingNodesError = (m) => { seen.missing = m; };
-  app.showMissingModelsError = (m) => { seen.models = m.map((x) => ({name: x.name, url: x.url ?? null, directory: x.directory})); };
+  app.showMissingModelsError = (m) => { seen.models = asModels(m); };
   try { await app.loadGraphData(wf); } finally {
     app.showMissingNodesError = origNodes; app.showMissingModelsError = origModels;
   }
+  const nodesErr = store("missingNodesError")?.missingNodesError;
+  if (nodesErr?.nodeTypes?.length) seen.missing = nodesErr.nodeTypes;
+  const candidates = store("missingModel")?.missingModelCandidates;
+  if (candidates?.length) seen.models = asModels(candidates);
+  seen.stores = !!store("missingModel");
   const p = await app.graphToPrompt();
   const alerts = [...document.querySelectorAll(".p-toast-message")].map((t) => t.textContent)
     .filter((t) => /invalid workflow|zod|error/i.test(t));
   document.querySelectorAll(".p-toast-message .p-toast-close-button").forEach((b) => b.click());
-  return {missing: seen.missing, models: seen.models, alerts, types: app.graph.nodes.map((n) => n.type), output: p.output};
+  const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  const boxes = app.graph.nodes.map((n) => ({id: n.id, type: n.type,
+    box: [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]}));
+  return {...seen, alerts, boxes, types: app.graph.nodes.map((n) => n.type), output: p.output};
 }"""
+
+
+def overlapping(boxes: list[dict]) -> list[tuple]:
+    """Pairs of nodes whose boxes (title bar included) intersect."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["box"], b["box"]
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                out.append((f"{a['id']} {a['type']}", f"{b['id']} {b['type']}"))
+    return out
 
 
 def load_workflow(name: str) -> dict:
@@ -122,6 +149,8 @@ def test_workflow_loads_without_missing_nodes_and_matches_ui_to_api(page, comfy,
     # the test server lacks the real SD/ControlNet/CLIP files: the frontend offers exactly those for download
     assert res["models"] is not None and {m["name"] for m in res["models"]} == REAL_MODELS
     assert all(m["url"].startswith("https://huggingface.co/") for m in res["models"])
+    # as laid out by the frontend (its own minimum node sizes), no node hides another
+    assert overlapping(res["boxes"]) == []
     # the frontend's own UI -> API conversion agrees with ours
     ours = ui_to_api(wf, comfy.object_info())
     theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in res["output"].items()}
@@ -149,26 +178,54 @@ def queue_and_wait(page, comfy, wf: dict, want_refs: int | None, timeout_ms: int
                                "&& document.querySelector('.xsr-caption')?.textContent.length > 0")
 
 
-def test_queue_xsr_x16_shows_references_and_caption(page, comfy, lr_name):
-    wf = with_names(load_workflow("xsr_x16"), {**ZOO, "xsr_lr.png": lr_name}, steps=2)
-    queue_and_wait(page, comfy, wf, want_refs=4)
-    refs = page.evaluate("""() => [...document.querySelectorAll('.xsr-gallery .xsr-ref')].map((f) => ({
-        score: f.querySelector('.xsr-ref-score').textContent, name: f.querySelector('.xsr-ref-name').textContent,
-        src: f.querySelector('img').getAttribute('src')}))""")
-    assert all(re.fullmatch(r"#[1-4] -?\d\.\d{3}", r["score"]) for r in refs), refs
-    assert all(r["name"].startswith("synthetic_") for r in refs), refs
-    assert [r["score"][:2] for r in refs] == ["#1", "#2", "#3", "#4"]
+GALLERY = """(nodeId) => {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.getNodeById(nodeId);
+  const out = window.comfyAPI.app.app.nodeOutputs?.[String(nodeId)] ?? null;
+  return {
+    refs: [...document.querySelectorAll('.xsr-gallery .xsr-ref')].map((f) => ({
+      score: f.querySelector('.xsr-ref-score').textContent, name: f.querySelector('.xsr-ref-name').textContent,
+      hover: f.querySelector('.xsr-ref-name').title, src: f.querySelector('img').getAttribute('src'),
+      shown: f.getBoundingClientRect().width > 0})),
+    // the stock preview (classic: node.imgs; both: the output store's "images")
+    stock: (node?.imgs?.length ?? 0) + (out?.images?.length ?? 0),
+    label: document.querySelector('.xsr-caption-label')?.textContent ?? null,
+  };
+}"""
+
+
+def check_gallery_and_overlay(page, wf, want_refs: int) -> None:
+    """The gallery on XSR_Retrieve (scores, names, no stock preview) and the full-resolution overlay."""
+    retrieve = next(n["id"] for n in wf["nodes"] if n["type"] == "XSR_Retrieve")
     page.wait_for_function("() => [...document.querySelectorAll('.xsr-gallery img')].every((i) => i.complete && i.naturalWidth > 0)")
-    caption = page.evaluate("() => document.querySelector('.xsr-caption').textContent")
-    assert caption.endswith("high quality, detailed")
-    # click a thumbnail: the overlay shows it enlarged with its name; Escape closes it
+    g = page.evaluate(GALLERY, retrieve)
+    refs = g["refs"]
+    assert len(refs) == want_refs and all(r["shown"] for r in refs), refs
+    assert all(re.fullmatch(r"#[1-4] -?\d\.\d{3}", r["score"]) for r in refs), refs
+    assert all(r["name"].startswith("synthetic_") and r["hover"] == r["name"] for r in refs), refs
+    assert [r["score"][:2] for r in refs] == [f"#{i + 1}" for i in range(want_refs)]
+    assert g["stock"] == 0, "the stock image preview is shown beside the XSR gallery"
+    assert g["label"] and "output" in g["label"], g["label"]
+    thumb = page.evaluate("() => document.querySelector('.xsr-gallery img').naturalWidth")
+    # click a thumbnail: the overlay shows that reference at its full resolution with its name; Escape closes it
     page.locator(".xsr-gallery .xsr-ref").nth(1).click()
     overlay = page.locator(".xsr-overlay")
     overlay.wait_for(state="visible")
     assert refs[1]["name"] in overlay.locator(".xsr-overlay-caption").text_content()
-    assert overlay.locator("img").get_attribute("src") == refs[1]["src"]
+    page.wait_for_function("() => document.querySelector('.xsr-overlay img').naturalWidth > 0")
+    full = page.evaluate("() => [document.querySelector('.xsr-overlay img').naturalWidth, document.querySelector('.xsr-overlay img').naturalHeight]")
+    # the tiny zoo's demo DB holds 256x256 images (xsr_core.testing.zoo.write_demo_refdb): the HR file, not the thumbnail
+    assert full == [256, 256] and overlay.locator("img").get_attribute("src") != refs[1]["src"], (full, thumb)
     page.keyboard.press("Escape")
     overlay.wait_for(state="detached")
+
+
+def test_queue_xsr_x16_shows_references_and_caption(page, comfy, lr_name):
+    wf = with_names(load_workflow("xsr_x16"), {**ZOO, "xsr_lr.png": lr_name}, steps=2)
+    queue_and_wait(page, comfy, wf, want_refs=4)
+    check_gallery_and_overlay(page, wf, want_refs=4)
+    caption = page.evaluate("() => document.querySelector('.xsr-caption').textContent")
+    assert caption.endswith("high quality, detailed")
     assert page.errors.errors == []
 
 
@@ -182,4 +239,37 @@ def test_caption_with_html_renders_as_text(page, comfy, lr_name):
     page.wait_for_timeout(300)  # give a (wrongly) injected <img onerror> the time to fire
     assert page.evaluate("() => window.__xss") is None
     assert page.locator(".xsr-caption img").count() == 0
+    assert page.errors.errors == []
+
+
+@pytest.fixture
+def vue_page(browser, comfy, lr_name):
+    """A page with the Nodes 2.0 (Vue) renderer on (setting Comfy.VueNodes.Enabled); restored afterwards."""
+    comfy.post_json("/settings/Comfy.TutorialCompleted", True)
+    comfy.post_json("/settings/Comfy.VueNodes.Enabled", True)
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    pg = ctx.new_page()
+    pg.errors = PageErrors(pg)
+    pg.set_default_timeout(60_000)
+    try:
+        pg.goto(comfy.url, wait_until="domcontentloaded")
+        pg.wait_for_function(APP_READY, timeout=90_000)
+        pg.evaluate("() => document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach((b) => b.click())")
+        pg.wait_for_function("() => !document.querySelector('.p-dialog-mask')")
+        assert pg.evaluate("() => window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
+        yield pg
+    finally:
+        ctx.close()
+        comfy.post_json("/settings/Comfy.VueNodes.Enabled", False)
+
+
+def test_gallery_and_caption_in_nodes_2_0(vue_page, comfy, lr_name):
+    page = vue_page
+    wf = with_names(load_workflow("xsr_x16"), {**ZOO, "xsr_lr.png": lr_name}, steps=2)
+    retrieve = next(n for n in wf["nodes"] if n["type"] == "XSR_Retrieve")
+    retrieve["widgets_values"][0] = 3  # top_k: a new XSR_Retrieve result (the earlier tests cached 4)
+    queue_and_wait(page, comfy, wf, want_refs=3)
+    # rendered by Vue: the gallery sits inside the XSR_Retrieve node's DOM element
+    assert page.locator(f"[data-node-id='{retrieve['id']}'] .xsr-gallery").count() == 1
+    check_gallery_and_overlay(page, wf, want_refs=3)
     assert page.errors.errors == []

@@ -93,7 +93,7 @@ def test_xsr_x16_workflow_runs(comfy, lr8):
     out = comfy.output_images(entry, node_id(api, "SaveImage"))
     assert len(out) == 1 and png_size(out[0]) == (128, 128)
     ui = entry["outputs"][node_id(api, "XSR_Retrieve")]
-    assert len(ui["xsr_refs"]) == 4 and len(ui["images"]) == 4
+    assert len(ui["xsr_refs"]) == 4 and len(ui["xsr_thumbs"]) == 4 and "images" not in ui
     assert entry["outputs"][node_id(api, "XSR_Enhance")]["text"][0].endswith("high quality, detailed")
 
 

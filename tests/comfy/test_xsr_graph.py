@@ -37,7 +37,8 @@ def test_xsr_x16_runs_end_to_end(comfy, lr8):
     out = comfy.output_images(entry, "save")
     assert len(out) == 1 and png_size(out[0]) == (128, 128)
     ui = entry["outputs"]["retrieve"]
-    assert len(ui["images"]) == 4 and len(ui["xsr_refs"]) == 4
+    assert len(ui["xsr_thumbs"]) == 4 and len(ui["xsr_refs"]) == 4 and "images" not in ui  # no stock preview
+    assert all(r["full"]["type"] == "temp" for r in ui["xsr_refs"])  # the enlarged view: the HR file
     assert all(r["name"].startswith("synthetic_") for r in ui["xsr_refs"])
     assert entry["outputs"]["enhance"]["text"][0].endswith("high quality, detailed")
 

@@ -377,8 +377,18 @@ def write_demo_refdb(db_dir: Path, encoder: Path, *, seed: int = 0, n: int = 24)
     return db_dir
 
 
+SUPPORT_NODE_NOTE = (
+    "Note: ComfyUI's stock loaders only recognise stock model widths. To load the tiny checkpoint and "
+    "ControlNet with CheckpointLoaderSimple / ControlNetLoader, the ComfyUI serving these files also needs "
+    "the test-support node of this repository: copy or symlink tests/comfy/support/xsr_test_support into "
+    "ComfyUI/custom_nodes/ (never ship it: it is not part of the pack; the tests, the demo and bench/ add it "
+    "themselves). The XSR weights and the reference DB load without it."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xsr zoo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="xsr zoo", description=__doc__.split("\n\n")[0],
+                                     epilog=SUPPORT_NODE_NOTE)
     parser.add_argument("--out", required=True, help="ComfyUI models/ folder to write into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip-tokenizer-dir", default=None, help="folder with CLIP vocab.json/merges.txt")
@@ -389,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                       diffusers_folder=not args.no_diffusers)
     for name, p in paths.items():
         print(f"{name:12s} {p}")
+    print("\n" + SUPPORT_NODE_NOTE)
     return 0
 
 
