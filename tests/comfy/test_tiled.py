@@ -14,7 +14,7 @@ from xsr_core.demo import xsr_graph, xsr_tiled_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 
 pytestmark = pytest.mark.comfy
-ZOO = dict(ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB)
+ZOO = {"ckpt": CHECKPOINT_NAME, "controlnet": CONTROLNET_NAME, "clip_vision": CLIP_VISION_NAME, "refdb": DEMO_REFDB}
 
 
 def tiled(lr_name, **kw):

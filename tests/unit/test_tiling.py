@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ def test_axis_starts_cover_the_axis_with_at_least_the_overlap(length, overlap):
     tile = min(TILE, length)
     assert starts[0] == 0 and starts[-1] + tile == length
     assert starts == sorted(set(starts))
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         assert a + tile - b >= overlap  # at least the requested overlap
         assert b > a
 
