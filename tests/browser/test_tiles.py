@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_frontend import LOAD, ZOO, load_workflow, page, queue_and_wait, with_names  # noqa: F401  (page: fixture)
+from test_frontend import LOAD, ZOO, load_workflow, lr_name, page, queue_and_wait, with_names  # noqa: F401  (fixtures)
 from xsr_core.testing.zoo import CONTROLNET_NAME
 from xsr_core.workflow import ui_to_api
 
