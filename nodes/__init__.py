@@ -13,6 +13,7 @@ from .folder import XSRLoadImageFolder
 from .image import XSRColorFix, XSRPrepareLR
 from .loaders import XSRLoadModels, XSRLoadReferenceDB
 from .retrieval import XSRBuildReferenceDB, XSRRetrieve
+from .tiled import XSRPrepareLRTiled, XSRTiledModel, XSRTilePreview
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     XSRPrepareLR,
@@ -24,6 +25,9 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     XSRAdaINPatch,
     XSRColorFix,
     XSRLoadImageFolder,
+    XSRPrepareLRTiled,
+    XSRTiledModel,
+    XSRTilePreview,
 ]
 
 

@@ -9,6 +9,7 @@ from ..xsr_core import MAX_LR_SIDE, SCALE
 from ..xsr_core.colorfix import METHODS, color_fix
 from ..xsr_core.imaging import LRImageError, structure_hint, validate_lr
 from .validation import check_batch, schema_problems, verdict
+from ..xsr_core.tiling import MAX_TILED_LR_SIDE
 
 LATENT_CHANNELS = 4  # SD1.x/SD2.x latent space
 VAE_FACTOR = 8
@@ -46,6 +47,9 @@ class XSRPrepareLR(io.ComfyNode):
         try:
             lr = validate_lr(image, what="XSR_PrepareLR input 'image'")
         except LRImageError as e:
+            if image.ndim == 4 and MAX_LR_SIDE < max(image.shape[1:3]) <= MAX_TILED_LR_SIDE:
+                raise ValueError(f"{e} For LR images up to {MAX_TILED_LR_SIDE} px use the tiled workflow "
+                                 "(workflows/xsr_x16_tiled.json: XSR Prepare LR Tiles + XSR Tiled Diffusion).") from None
             raise ValueError(str(e)) from None
         hint = structure_hint(lr, SCALE)
         b, h, w, _ = hint.shape

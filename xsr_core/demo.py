@@ -3,7 +3,8 @@
 Starts ComfyUI (``$COMFYUI_PATH`` or the one ``scripts/setup.sh`` installed) with this pack, runs
 ``workflows/xsr_x16.json`` (retrieval, I2T caption + image embedding, AdaIN-patched SD1.5 + ControlNet,
 colour fix) on an LR image (default: the bundled ``assets/demo_lr.png``, 32x32) and writes the x16
-result. Models: the real ones when ``--models`` points at a ComfyUI ``models/`` folder holding them,
+result. An LR larger than 64 px per side (up to 256, any aspect ratio) runs
+``workflows/xsr_x16_tiled.json`` instead (per-tile retrieval, tiled diffusion, tiled decode). Models: the real ones when ``--models`` points at a ComfyUI ``models/`` folder holding them,
 else the tiny random-weight zoo and a small reference DB of procedural images (generated on first
 use), which exercise the whole pipeline but produce noise-like images: see the README for which
 weights are real and which must be trained. ``xsr_graph`` is the same pipeline as an API prompt.
@@ -58,6 +59,30 @@ def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, ref
     }
 
 
+def xsr_tiled_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, overlap: int = 8,
+                    weighting: str = "cosine", tile_batch: int = 0, tiled_decode: bool = True, **kw) -> dict:
+    """API-format prompt of the tiled XSR x16 pipeline (the xsr_x16_tiled workflow), LR up to 256 px.
+
+    The xsr_graph pipeline with XSR_PrepareLRTiled instead of XSR_PrepareLR (retrieval and I2T on the
+    tiles batch), XSR_TiledModel between the patched U-Net and KSampler, VAEDecodeTiled (or VAEDecode
+    with ``tiled_decode=False``) and the per-tile reference preview.
+    """
+    g = xsr_graph(lr_name, ckpt=ckpt, controlnet=controlnet, clip_vision=clip_vision, refdb=refdb, **kw)
+    g["prep"] = {"class_type": "XSR_PrepareLRTiled", "inputs": {"image": ["lr", 0], "overlap": overlap}}
+    g["retrieve"]["inputs"]["image"] = ["prep", 3]
+    g["tiled"] = {"class_type": "XSR_TiledModel", "inputs": {
+        "model": ["patch", 0], "tiling": ["prep", 4], "weighting": weighting, "tile_batch": tile_batch}}
+    g["sample"]["inputs"]["model"] = ["tiled", 0]
+    if tiled_decode:
+        g["decode"] = {"class_type": "VAEDecodeTiled", "inputs": {
+            "samples": ["sample", 0], "vae": ["ckpt", 2], "tile_size": 512, "overlap": 64, "temporal_size": 64,
+            "temporal_overlap": 8}}
+    g["preview"] = {"class_type": "XSR_TilePreview", "inputs": {
+        "tiling": ["prep", 4], "refs": ["retrieve", 1], "references": ["retrieve", 0], "caption": ["enhance", 1]}}
+    g["save"]["inputs"]["filename_prefix"] = "xsr_x16_tiled"
+    return g
+
+
 # model file names the shipped workflows use (README "Model files") -> tiny zoo names
 SHIPPED_NAMES = {
     "ckpt": "v1-5-pruned-emaonly.safetensors",
@@ -66,13 +91,32 @@ SHIPPED_NAMES = {
     "refdb": "xsr_refdb",
 }
 WORKFLOW = REPO / "workflows" / "xsr_x16.json"
+TILED_WORKFLOW = REPO / "workflows" / "xsr_x16_tiled.json"
+# the tiled workflow's ControlNet file (the XSR-trained one) -> same tiny-zoo / --controlnet substitution
+TILED_CONTROLNET = "xsr_controlnet.safetensors"
+
+
+def pick_workflow(image: str | Path) -> Path:
+    """xsr_x16 for LR images up to 64 px per side, xsr_x16_tiled above (up to 256); raises on larger ones."""
+    from PIL import Image
+
+    from . import MAX_LR_SIDE
+    from .tiling import MAX_TILED_LR_SIDE
+
+    with Image.open(image) as im:
+        w, h = im.size
+    if max(w, h) > MAX_TILED_LR_SIDE:
+        raise SystemExit(f"xsr demo: {image} is {w}x{h} px; XSR takes LR images up to {MAX_TILED_LR_SIDE} px per "
+                         "side (tiled). Downscale or crop it first.")
+    return TILED_WORKFLOW if max(w, h) > MAX_LR_SIDE else WORKFLOW
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xsr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=str(DEMO_IMAGE), help="LR image (default: bundled 32x32 demo)")
     parser.add_argument("--out", default=str(REPO / "out"), help="folder for the x16 result")
-    parser.add_argument("--workflow", default=str(WORKFLOW), help="UI- or API-format workflow (default: xsr_x16)")
+    parser.add_argument("--workflow", default=None,
+                        help="UI- or API-format workflow (default: xsr_x16, or xsr_x16_tiled for LR images over 64 px)")
     parser.add_argument("--models", default=None, help="ComfyUI models/ folder with real weights")
     parser.add_argument("--ckpt", default=None, help="checkpoint file in models/checkpoints")
     parser.add_argument("--controlnet", default=None, help="ControlNet file in models/controlnet")
@@ -82,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / ".demo"), help="ComfyUI base directory to use")
     args = parser.parse_args(argv)
+    if args.workflow is None:
+        args.workflow = str(pick_workflow(args.image))
     logging.basicConfig(level=logging.INFO, format="[xsr-demo] %(message)s")
 
     from .workflow import substitute_models
@@ -113,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key, None):
             names[key] = getattr(args, key)
     mapping = {SHIPPED_NAMES[k]: v for k, v in names.items() if SHIPPED_NAMES[k] != v}
+    if names["controlnet"] != TILED_CONTROLNET:
+        mapping[TILED_CONTROLNET] = names["controlnet"]
 
     with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
         api = substitute_models(load_workflow(Path(args.workflow), server), mapping)

@@ -1,0 +1,208 @@
+"""Tiled x16 through ComfyUI in-process: 64->1024, 128->2048, 256->4096 with the xsr_x16_tiled graph.
+
+Real-size models with random weights, as bench_e2e.py (SD1.5 U-Net + ControlNet, SD VAE, CLIP-L text,
+CLIP ViT-L/14 vision, XSR RFA / I2T / AdaIN adapter, a 256-image reference DB); fp16 on CUDA. For each
+LR size it times the whole prompt (a new LR each run, so tiling, per-tile retrieval, I2T, the tiled
+sampling run over all tiles, tiled VAE decode and colour fix all run; loaders stay cached) at the given
+steps (CFG 7, euler), and the peak VRAM. Writes <results>/tiled_<device>.{json,md}.
+
+    python bench/bench_tiled.py --comfy /path/to/ComfyUI [--sizes 64,128,256] [--steps 20] [--runs 2] [--tile-batch 0,4]
+    python bench/bench_tiled.py --comfy .comfyui/ComfyUI --tiny     # CPU smoke test with tiny widths
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_e2e import _stub_av, make_models  # noqa: E402
+
+
+def tiled_graph(lr_name: str, names: dict[str, str], steps: int, seed: int, tile_batch: int) -> dict:
+    """The xsr_x16_tiled prompt on the benchmark's model files (separate loaders for the real sizes)."""
+    from xsr_core.demo import xsr_tiled_graph
+
+    g = xsr_tiled_graph(lr_name, ckpt=names.get("ckpt", "unused"), controlnet=names["cn"], clip_vision=names["cv"],
+                        refdb="bench", steps=steps, seed=seed, tile_batch=tile_batch)
+    if "ckpt" in names:  # tiny: the zoo's single-file checkpoint
+        return g
+    del g["ckpt"]
+    remap = {0: ["unet", 0], 1: ["clipl", 0], 2: ["vae", 0]}
+    for node in g.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, list) and v[0] == "ckpt":
+                node["inputs"][k] = list(remap[v[1]])
+    g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}}
+    g["clipl"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
+    g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}}
+    return g
+
+
+def setup_comfy(comfy: str, work: Path, models: Path, tiny: bool):
+    """Import ComfyUI in-process with this pack (and the test-support pack for --tiny); returns run(prompt)."""
+    import torch
+
+    import folder_paths
+
+    folder_paths.set_output_directory(str(work / "output"))
+    folder_paths.set_input_directory(str(work / "input"))
+    folder_paths.set_temp_directory(str(work / "temp"))
+    for sub in ("checkpoints", "diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
+        folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
+    cn_dir = work / "custom_nodes"
+    cn_dir.mkdir(exist_ok=True)
+    link = cn_dir / "comfyui-xsr"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    if tiny:
+        sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
+        (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(cn_dir)], set())
+    import utils.extra_config  # noqa: F401  (ComfyUI: before nodes)
+    import nodes
+    import execution
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+    class Server:
+        client_id = None
+        last_node_id = None
+        last_prompt_id = None
+
+        def send_sync(self, *a, **k):
+            pass
+
+        def queue_updated(self):
+            pass
+
+    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    cuda = torch.cuda.is_available()
+
+    def run(prompt) -> float:
+        pid = uuid.uuid4().hex
+        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
+        if not ok:
+            raise RuntimeError(f"invalid prompt: {err} {node_errors}")
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        executor.execute(prompt, pid, {}, outputs)
+        if cuda:
+            torch.cuda.synchronize()
+        if not executor.success:
+            raise RuntimeError(f"execution failed: {executor.status_messages[-3:]}")
+        return time.perf_counter() - t
+
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap.add_argument("--sizes", default=None, help="LR sizes, N (square) or WxH; default 64,128,256 (tiny: 64x8,96x8)")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; tiny: 2)")
+    ap.add_argument("--runs", type=int, default=2, help="timed runs per size after one warm-up (the largest size: 1)")
+    ap.add_argument("--tile-batch", default=None,
+                    help="XSR_TiledModel tile_batch values to compare, e.g. 0,4 (default 0,4: auto from free VRAM, and "
+                         "4 tiles per call for a bounded VRAM peak; tiny: 2)")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+    sizes = []
+    for item in (args.sizes or ("64x8,96x8" if args.tiny else "64,128,256")).split(","):
+        w, _, h = item.partition("x")
+        sizes.append((int(w), int(h or w)))
+    steps = args.steps or (2 if args.tiny else 20)
+    tile_batches = [int(b) for b in (args.tile_batch or ("2" if args.tiny else "0,4")).split(",")]
+
+    sys.path.insert(0, os.path.abspath(args.comfy))
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    comfy.cli_args.args.disable_api_nodes = True
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="xsr_tiled_"))
+    models = work / "models"
+    t0 = time.time()
+    names = make_models(models, args.tiny, device)
+    print(f"models written in {time.time() - t0:.0f} s", flush=True)
+    _stub_av()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    run = setup_comfy(args.comfy, work, models, args.tiny)
+
+    from PIL import Image
+
+    from xsr_core.testing.synthetic import synthetic_image
+    from xsr_core.tiling import Tiling
+
+    import folder_paths
+
+    inp = Path(folder_paths.get_input_directory())
+    inp.mkdir(parents=True, exist_ok=True)
+    counter = [0]
+
+    def new_lr(w: int, h: int) -> str:
+        counter[0] += 1
+        name = f"lr_{w}x{h}_{counter[0]:04d}.png"
+        synthetic_image(2000 + counter[0], 512).resize((w, h), Image.BICUBIC).save(inp / name)
+        return name
+
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+               "command": " ".join(["python", "bench/bench_tiled.py", *(argv if argv is not None else sys.argv[1:])]),
+               "tiny": args.tiny, "steps": steps, "cfg": 7.0, "sampler": "euler", "tile_batches": tile_batches, "rows": []}
+    largest = max(w * h for w, h in sizes)
+    first = True
+    for tile_batch in tile_batches:
+        for w, h in sizes:
+            runs = 1 if (w * h == largest and len(sizes) > 1) else args.runs
+            times = []
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            warm = 1 if first else 0  # the first configuration also warms up loaders and kernels
+            first = False
+            for i in range(runs + warm):
+                dt = run(tiled_graph(new_lr(w, h), names, steps, seed=i, tile_batch=tile_batch))
+                if i >= warm:
+                    times.append(dt)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            row = {"lr": f"{w}x{h}", "out": f"{w * 16}x{h * 16}", "tiles": len(Tiling.make(h, w)), "tile_batch": tile_batch,
+                   "median_s": statistics.median(times), "runs": times, "peak_vram_gib": peak}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    lines = [f"# Tiled x16, ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}", "",
+             f"`{results['command']}`", "",
+             f"{steps} steps, CFG 7, euler, overlap 8 LR px; whole prompt per image; tile_batch 0 = auto from free VRAM.", "",
+             "| LR | output | tiles | tile_batch | median s | peak VRAM GiB |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        pk = f"{r['peak_vram_gib']:.2f}" if r["peak_vram_gib"] is not None else "-"
+        lines.append(f"| {r['lr']} | {r['out']} | {r['tiles']} | {r['tile_batch']} | {r['median_s']:.2f} | {pk} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+    (out / f"tiled_{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"tiled_{tag}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
