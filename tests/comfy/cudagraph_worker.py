@@ -21,7 +21,10 @@ from pathlib import Path
 COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
 MODE = sys.argv[5]
 sys.path.insert(0, str(COMFY_DIR))
+sys.path.insert(1, str(REPO))
+from bench.bench_e2e import _stub_av  # noqa: E402  (GPU images without PyAV: ComfyUI only needs it for video)
 
+_stub_av()
 import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = MODE == "cpu"

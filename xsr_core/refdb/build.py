@@ -44,7 +44,7 @@ class BuildConfig:
 
     mode: str = "paths"  # "paths": meta stores source paths; "packed": resized JPEGs stored in the DB
     batch_size: int = 64  # images per encoder forward pass
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoding processes (0: inline)
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))  # decoding processes (0: inline)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "fp16", "bf16", "fp32"
     index: str = "auto"  # "auto" or a faiss index_factory key ("Flat", "IVF1024_HNSW32,SQ8", "HNSW32", ...)
@@ -96,8 +96,9 @@ class _FileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224, raw_max_pixels: int | None = None):
+                 size: int = 224, raw_max_pixels: int | None = None, draft: bool = True):
         self.items = list(items)
+        self.draft = draft
         self.min_side = min_side
         self.pack = pack
         self.size = size
@@ -116,8 +117,10 @@ class _FileDataset(torch.utils.data.Dataset):
             except OSError as e:
                 raise ImageSkip(f"cannot read ({e.strerror or e})") from None
             sha = sha256_bytes(data)
-            rgb = decode_image(data, min_side=self.min_side, what=path)
-            w, h = rgb.size
+            # no draft when packing: the stored packed copy stays the full-decode one
+            rgb = decode_image(data, min_side=self.min_side, what=path,
+                               draft_side=self.size if self.draft and not self.pack else None)
+            w, h = rgb.info.get("xsr_source_size", rgb.size)
             packed = pack_image(rgb, side=self.pack[0], quality=self.pack[1]) if self.pack else None
             arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch shares it without a warning)
             if self.raw_max_pixels and w * h <= self.raw_max_pixels:
@@ -198,13 +201,14 @@ def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
                 pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
-                ) -> torch.utils.data.DataLoader:
+                draft: bool = True) -> torch.utils.data.DataLoader:
     """The build data loader: decoding in ``workers`` processes, batches in the given order.
 
     ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
-    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU).
+    the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU). ``draft``: decode JPEGs
+    at the smallest libjpeg scale that keeps the shortest side >= the CLIP input (not when packing).
     """
-    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels)
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, draft=draft)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)

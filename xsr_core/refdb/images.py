@@ -89,16 +89,39 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image") -> Image.Image:
+def _draft(img: Image.Image, side: int) -> None:
+    """JPEG only: let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale whose shortest side is >= ``side``.
+
+    DCT-domain downscaling skips most of the decode work for large photos; ``draft`` never goes below
+    the requested size, so the CLIP crop still downsamples (never upsamples) what it gets.
+    """
+    if img.format != "JPEG":
+        return
+    w, h = img.size
+    short = min(w, h)
+    if short < 2 * side:
+        return
+    img.draft("RGB", (-(-w * side // short), -(-h * side // short)))
+
+
+def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image",
+                 draft_side: int | None = None) -> Image.Image:
     """Bytes of an image file → loaded 8-bit RGB PIL image (EXIF orientation applied).
 
-    Raises :class:`ImageSkip` with a reason for anything unusable.
+    ``draft_side``: decode JPEGs at a reduced scale whose shortest side stays >= this (see
+    :func:`_draft`); the minimum-side check and ``img.info["xsr_source_size"]`` (W, H after EXIF
+    rotation) still refer to the file's full size. Raises :class:`ImageSkip` for anything unusable.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            source = img.size
+            if draft_side:
+                _draft(img, draft_side)
             img.load()  # truncated files fail here (LOAD_TRUNCATED_IMAGES stays False)
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap W and H
+                source = (source[1], source[0])
             img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb8(img)
             rgb.load()
@@ -106,9 +129,10 @@ def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "
         raise ImageSkip(f"too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, Image.UnidentifiedImageError) as e:
         raise ImageSkip(f"cannot decode ({type(e).__name__}: {e})") from None
-    w, h = rgb.size
+    w, h = source
     if min(w, h) < min_side:
         raise ImageSkip(f"too small ({w}x{h}; the minimum side is {min_side} px)")
+    rgb.info["xsr_source_size"] = source
     return rgb
 
 
