@@ -363,9 +363,15 @@ class CudaGraphSampling:
         saved = [(c, c.timestep_range) for c in controls if getattr(c, "timestep_range", None) is not None]
         for c, _ in saved:
             c.timestep_range = None  # active at this plan: the host already decided; no tensor test in the graph
+        # calc_cond_batch sizes its batch from the free memory; read it once here, not through CUDA mid-capture
+        free = comfy.model_management.get_free_memory(x_in.device)
+        mm_get_free = comfy.model_management.get_free_memory
+        comfy.model_management.get_free_memory = lambda dev=None, torch_free_too=False: (
+            (free, free) if torch_free_too else free)
         try:
             replay, outputs = run.backend.capture(lambda: executor(model, conds_c, static_x, static_t, model_options))
         finally:
+            comfy.model_management.get_free_memory = mm_get_free
             for c, r in saved:
                 c.timestep_range = r
         keep_alive += [getattr(c, "cond_hint", None) for c in controls]
