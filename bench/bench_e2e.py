@@ -343,8 +343,15 @@ def main(argv=None) -> int:
         modes.append("compile")
     if device != "cuda" and "cudagraph" in modes:
         print("cudagraph mode: no CUDA here, XSR_CUDAGraph passes the model through (timed anyway)", flush=True)
-    for steps in steps_list:
-        for mode in modes:
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+
+    def save_partial():  # a later mode that hangs (compile) must not lose the rows already measured
+        (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
+
+    for mode in modes:
+        for steps in steps_list:
             for kind in ("baseline", "xsr"):
                 times, traces = [], []
                 peak = None
@@ -371,7 +378,9 @@ def main(argv=None) -> int:
                        "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
                        "resident": traces[-1] if traces else None, "error": err}
                 results["rows"].append(row)
+                save_partial()
                 print(json.dumps({k: v for k, v in row.items() if k != "resident"}), flush=True)
+    for steps in steps_list:
         if "cudagraph" in modes and "eager" in modes:
             # same LR, same seed: eager vs cudagraph latent after sampling (fp16 noise expected)
             lr = new_lr()
@@ -384,6 +393,7 @@ def main(argv=None) -> int:
                 chk = {"graph": kind, "steps": steps, "check": "latent max abs diff eager vs cudagraph", "value": d,
                        "latent_max_abs": float(lat["eager"].abs().max())}
                 results["checks"].append(chk)
+                save_partial()
                 print(json.dumps(chk), flush=True)
     lines = [f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
              "", f"`{results['command']}`", "",
@@ -422,9 +432,6 @@ def main(argv=None) -> int:
             lines.append(f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | {fmt(r.get('node_peak_gib'), '{:.2f}')} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
     (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"e2e_{tag}.md").write_text(md)
     return 0
