@@ -395,6 +395,11 @@ def main(argv=None) -> int:
                 results["checks"].append(chk)
                 save_partial()
                 print(json.dumps(chk), flush=True)
+    for name, mod in list(sys.modules.items()):
+        cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
+        if cache is not None:
+            results["ref_cache"] = {"hits": cache.hits, "misses": cache.misses, "capacity": cache.capacity}
+    save_partial()
     lines = [f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
              "", f"`{results['command']}`", "",
              "| mode | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |", "|---|---|---|---|---|---|"]
@@ -422,6 +427,10 @@ def main(argv=None) -> int:
         lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]
         for c in results["checks"]:
             lines.append(f"| {c['check']} | {c['graph']} | {c['steps']} | {c['value']:.3g} | {c['latent_max_abs']:.3g} |")
+    if "ref_cache" in results:
+        rc = results["ref_cache"]
+        lines += ["", f"XSR_Retrieve reference cache over the whole run: {rc['hits']} hits, {rc['misses']} misses "
+                  f"(capacity {rc['capacity']}; the bench DB holds 256 images, so references repeat across prompts)."]
     xr = next((r for r in results["rows"] if r["graph"] == "xsr" and r["resident"]), None)
     if xr:
         lines += ["", f"Resident on the GPU after each node (XSR graph, {xr['mode']}, {xr['steps']} steps, last run; "

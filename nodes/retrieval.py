@@ -86,7 +86,7 @@ REF_CACHE = RefCache(int(os.environ.get("XSR_REF_CACHE_SIZE", "128") or 0))
 def _ref_cache_prefix(refdb, clip_vision) -> tuple:
     fp = clip_vision_fingerprint(clip_vision)
     p = next(clip_vision.model.parameters())
-    return (str(refdb.path), refdb.signature, tuple(sorted(fp.items())), str(p.device), str(p.dtype))
+    return (str(refdb.path), refdb.signature(), tuple(sorted(fp.items())), str(p.device), str(p.dtype))
 
 
 def _pil_to_tensor(img) -> torch.Tensor:
