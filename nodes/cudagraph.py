@@ -25,20 +25,21 @@ Per sampling run (an ``OUTER_SAMPLE`` wrapper starts and ends one; the graphs ar
   unknown behaviour may branch on the step in Python). A capture that fails for any other reason
   (e.g. a patch that syncs with the host) also falls back, logged once.
 
-Progress bar, previews and interrupt live in the sampler loop outside ``calc_cond_batch`` and are
-untouched. The graph backend is a small object so that the decision logic is testable on the CPU.
+The progress bar and previews live in the sampler loop outside ``calc_cond_batch`` and are untouched;
+eager ops check ComfyUI's interrupt flag per op, a replay runs no Python, so the wrapper checks the flag
+before each replay. The graph backend is a small object so that the decision logic is testable on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 import comfy.conds
 import comfy.model_management
+import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
@@ -229,8 +230,8 @@ class CudaGraphBackend:
             except BaseException:
                 try:
                     g.capture_end()
-                except Exception:  # the capture is already invalid; the first error is the one to report
-                    pass
+                except RuntimeError as e:  # the capture is already invalid; the first error is the one to report
+                    logger.debug("XSR_CUDAGraph: capture_end after a failed capture: %s", e)
                 raise
             g.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)

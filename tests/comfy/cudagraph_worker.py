@@ -22,21 +22,21 @@ COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
 MODE = sys.argv[5]
 sys.path.insert(0, str(COMFY_DIR))
 sys.path.insert(1, str(REPO))
-from bench.bench_e2e import _stub_av  # noqa: E402  (GPU images without PyAV: ComfyUI only needs it for video)
+from bench.bench_e2e import _stub_av
 
 _stub_av()
-import comfy.cli_args  # noqa: E402
+import comfy.cli_args
 
 comfy.cli_args.args.cpu = MODE == "cpu"
-import torch  # noqa: E402
+import torch
 
 torch.manual_seed(0)
-import comfy.controlnet  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
-from comfy.patcher_extension import WrappersMP  # noqa: E402
+import comfy.controlnet
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.sd
+from comfy.patcher_extension import WrappersMP
 
 
 def load_package(name: str, init: Path):
@@ -153,6 +153,19 @@ res["plain"] = {"maxdiff": diff(eager, graphed), "scale": float(eager.abs().max(
                 "eager_steps": r.eager_steps, "graphs": len(r.graphs), "refused": r.refused,
                 "callback_steps": steps_seen}
 
+# 1b. interrupt from the progress callback while replaying: the run stops at the next step, the next run works
+def interrupt_at_3(i, *a):
+    if i == 3:
+        comfy.model_management.interrupt_current_processing(True)
+
+
+try:
+    sample(gm, callback=interrupt_at_3)
+    res["interrupt"] = {"raised": False}
+except comfy.model_management.InterruptProcessingException:
+    res["interrupt"] = {"raised": True, "replays_before": runs[-1].replays}
+comfy.model_management.interrupt_current_processing(False)
+
 # 2. a second run (new conditioning objects): graphs are per run and re-made
 graphed2 = sample(gm)
 res["second_run"] = {"maxdiff": diff(eager, graphed2), "replays": runs[-1].replays, "graphs": len(runs[-1].graphs)}
@@ -222,7 +235,7 @@ gx.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_x)
 graphed_x = sample_xsr(gx)
 res["xsr"] = {"maxdiff": diff(eager_x, graphed_x), "adapter_effect": diff(eager_x, eager),
               "replays": sx_runs[-1].replays, "refused": sx_runs[-1].refused,
-              "outermost": list(gx.wrappers[WrappersMP.CALC_COND_BATCH])[0]}
+              "outermost": next(iter(gx.wrappers[WrappersMP.CALC_COND_BATCH]))}
 
 # 6. recapture on a shape change inside one run, and the lowvram refusal (direct calls)
 calls = []
