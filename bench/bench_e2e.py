@@ -10,10 +10,14 @@ colour fix all run; model loaders stay cached as in real use):
 - ``baseline``: LR -> bicubic x16 hint -> SD1.5 + ControlNet (fixed prompt) -> VAE decode
 - ``xsr``: the full xsr_x16 graph (retrieval, I2T caption + embedding, AdaIN-patched U-Net/ControlNet)
 
-and, with ``--compile``, both again with ComfyUI's TorchCompileModel node on the U-Net. Reports median
-seconds, the XSR overhead ratio and peak VRAM; writes bench/results/e2e_<device>.{json,md}.
+in each mode of ``--modes``: ``eager``; ``cudagraph`` (the XSR_CUDAGraph node before the KSampler, both
+graphs); ``compile`` (ComfyUI's TorchCompileModel node, inductor, on the U-Net; ``--compile`` adds it).
+Reports median seconds, the XSR overhead ratio, peak VRAM, per-node median times (CUDA synchronised
+around each node), what is resident on the GPU after each node (ComfyUI's loaded models and their
+loaded MiB, plus allocated memory and the node's own peak), and the max abs difference of the sampled
+latent between eager and cudagraph for the same LR and seed. Writes bench/results/e2e_<device>.{json,md}.
 
-    python bench/bench_e2e.py --comfy /path/to/ComfyUI [--compile] [--runs 3]
+    python bench/bench_e2e.py --comfy /path/to/ComfyUI [--modes eager,cudagraph] [--compile] [--runs 3]
     python bench/bench_e2e.py --comfy .comfyui/ComfyUI --tiny      # CPU smoke test with tiny widths
 """
 
@@ -139,7 +143,7 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
     return names
 
 
-def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, compile_: bool) -> dict[str, dict]:
+def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str) -> dict[str, dict]:
     from xsr_core.demo import xsr_graph
 
     xsr = xsr_graph(lr_name, ckpt=names.get("ckpt", "unused"), controlnet=names["cn"], clip_vision=names["cv"], refdb="bench",
@@ -151,23 +155,28 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, compile_:
     }
     remap = {0: ["unet", 0], 1: ["clipl", 0], 2: ["vae", 0]}
 
+    def add_mode(g):
+        if mode == "compile":
+            g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
+            g["sample"]["inputs"]["model"] = ["compile", 0]
+        elif mode == "cudagraph":
+            g["cudagraph"] = {"class_type": "XSR_CUDAGraph", "inputs": {"model": g["sample"]["inputs"]["model"]}}
+            g["sample"]["inputs"]["model"] = ["cudagraph", 0]
+        elif mode != "eager":
+            raise ValueError(f"unknown mode {mode!r}")
+        return g
+
     def relink(g):
         if "ckpt" in names:  # tiny: keep the single-file checkpoint loader
             g["ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt"]}}
-            if compile_:
-                g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
-                g["sample"]["inputs"]["model"] = ["compile", 0]
-            return g
+            return add_mode(g)
         del g["ckpt"]
         for node in g.values():
             for k, v in node["inputs"].items():
                 if isinstance(v, list) and v[0] == "ckpt":
                     node["inputs"][k] = list(remap[v[1]])
         g.update(json.loads(json.dumps(loaders)))
-        if compile_:
-            g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
-            g["sample"]["inputs"]["model"] = ["compile", 0]
-        return g
+        return add_mode(g)
 
     base = {
         "lr": xsr["lr"],
@@ -187,11 +196,25 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, compile_:
     return {"baseline": relink(base), "xsr": relink(xsr)}
 
 
+NODE_COLUMNS = ["XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_AdaINPatch", "XSR_CUDAGraph", "CLIPTextEncode",
+                "ControlNetApplyAdvanced", "KSampler", "VAEDecode", "XSR_ColorFix", "SaveImage"]
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except Exception:  # noqa: BLE001 - older trees have no version module
+        return "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
     ap.add_argument("--steps", default="20,50")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
     ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
     ap.add_argument("--workdir", default=None)
@@ -251,6 +274,8 @@ def main(argv=None) -> int:
     executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
     from PIL import Image
 
+    import comfy.model_management as mm
+
     from xsr_core.testing.synthetic import synthetic_image
 
     inp = Path(folder_paths.get_input_directory())
@@ -263,58 +288,159 @@ def main(argv=None) -> int:
         synthetic_image(1000 + counter[0], 256).resize((32, 32), Image.BICUBIC).save(inp / name)
         return name
 
-    def run(prompt) -> float:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    # per-node timing and residency: wrap the function ComfyUI calls for every executed node
+    trace: list[dict] = []
+    captured: dict[str, object] = {}
+    original_get_output_data = execution.get_output_data
+
+    async def timed_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k):
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        out = await original_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
+        sync()
+        dt = time.perf_counter() - t
+        resident = sorted(
+            (type(lm.model.model).__name__, round(lm.model.loaded_size() / 2**20))
+            for lm in mm.current_loaded_models if lm.model is not None and lm.model.loaded_size() > 0
+        )
+        row = {"node": unique_id, "s": dt, "resident_mib": resident}
+        if device == "cuda":
+            row["allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+            row["node_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        trace.append(row)
+        if unique_id == "sample" and out and out[0]:
+            captured["latent"] = out[0][0][0]["samples"].detach().float().cpu()
+        return out
+
+    execution.get_output_data = timed_get_output_data
+
+    def run(prompt) -> tuple[float, list[dict]]:
         pid = uuid.uuid4().hex
         ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
         if not ok:
             raise RuntimeError(f"invalid prompt: {err} {node_errors}")
-        if device == "cuda":
-            torch.cuda.synchronize()
+        trace.clear()
+        sync()
         t = time.perf_counter()
         executor.execute(prompt, pid, {}, outputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         if not executor.success:
             raise RuntimeError(f"execution failed: {executor.status_messages[-3:]}")
-        return time.perf_counter() - t
+        return time.perf_counter() - t, [dict(r, **{"class": prompt[r["node"]]["class_type"]}) for r in trace]
 
     steps_list = [int(s) for s in args.steps.split(",")]
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "date": datetime.date.today().isoformat(),
-               "torch": torch.__version__, "command": " ".join(["python", "bench/bench_e2e.py", *(argv or sys.argv[1:])]),
-               "tiny": args.tiny, "rows": []}
-    modes = [False, True] if args.compile else [False]
-    for compile_ in modes:
-        for steps in steps_list:
-            for kind in ("baseline", "xsr"):
-                times = []
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                for i in range(args.runs + 1):
-                    g = graphs(new_lr(), names, steps, seed=i, compile_=compile_)[kind]
-                    dt = run(g)
-                    if i > 0:
-                        times.append(dt)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-                row = {"graph": kind, "steps": steps, "compile": compile_, "median_s": statistics.median(times),
-                       "runs": times, "peak_vram_gib": peak}
-                results["rows"].append(row)
-                print(json.dumps(row), flush=True)
-    lines = [f"# End-to-end x16 (32->512), ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}",
-             "", f"`{results['command']}`", "",
-             "| compile | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |", "|---|---|---|---|---|---|"]
-    for compile_ in modes:
-        for steps in steps_list:
-            b = next(r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["compile"] == compile_)
-            x = next(r for r in results["rows"] if r["graph"] == "xsr" and r["steps"] == steps and r["compile"] == compile_)
-            ov = x["median_s"] / b["median_s"] - 1
-            x["overhead"] = ov
-            pk = f"{x['peak_vram_gib']:.2f}" if x["peak_vram_gib"] is not None else "-"
-            lines.append(f"| {compile_} | {steps} | {b['median_s']:.3f} | {x['median_s']:.3f} | {ov * 100:+.1f} % | {pk} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
+               "torch": torch.__version__, "comfyui": comfy_version(), "command": " ".join(["python", "bench/bench_e2e.py", *(argv or sys.argv[1:])]),
+               "tiny": args.tiny, "rows": [], "checks": []}
+    modes = [m for m in args.modes.split(",") if m]
+    if args.compile and "compile" not in modes:
+        modes.append("compile")
+    if device != "cuda" and "cudagraph" in modes:
+        print("cudagraph mode: no CUDA here, XSR_CUDAGraph passes the model through (timed anyway)", flush=True)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+
+    def save_partial():  # a later mode that hangs (compile) must not lose the rows already measured
+        (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
+
+    for mode in modes:
+        for steps in steps_list:
+            for kind in ("baseline", "xsr"):
+                times, traces = [], []
+                peak = None
+                try:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    for i in range(args.runs + 1):
+                        g = graphs(new_lr(), names, steps, seed=i, mode=mode)[kind]
+                        dt, tr = run(g)
+                        if i > 0:
+                            times.append(dt)
+                            traces.append(tr)
+                    peak = max((r.get("node_peak_gib") or 0) for tr in traces for r in tr) if device == "cuda" else None
+                    err = None
+                except Exception as e:  # noqa: BLE001 - a failing mode is a result too (e.g. compile)
+                    err = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"{kind} {mode} {steps}: FAILED {err}", flush=True)
+                nodes = {}
+                for tr in traces:
+                    for r in tr:
+                        nodes.setdefault(r["class"], []).append(r["s"])
+                row = {"graph": kind, "steps": steps, "compile": mode == "compile", "mode": mode,
+                       "median_s": statistics.median(times) if times else None, "runs": times, "peak_vram_gib": peak,
+                       "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
+                       "resident": traces[-1] if traces else None, "error": err}
+                results["rows"].append(row)
+                save_partial()
+                print(json.dumps({k: v for k, v in row.items() if k != "resident"}), flush=True)
+    for steps in steps_list:
+        if "cudagraph" in modes and "eager" in modes:
+            # same LR, same seed: eager vs cudagraph latent after sampling (fp16 noise expected)
+            lr = new_lr()
+            for kind in ("baseline", "xsr"):
+                lat = {}
+                for mode in ("eager", "cudagraph"):
+                    run(graphs(lr, names, steps, seed=123, mode=mode)[kind])
+                    lat[mode] = captured["latent"]
+                d = float((lat["eager"] - lat["cudagraph"]).abs().max())
+                chk = {"graph": kind, "steps": steps, "check": "latent max abs diff eager vs cudagraph", "value": d,
+                       "latent_max_abs": float(lat["eager"].abs().max())}
+                results["checks"].append(chk)
+                save_partial()
+                print(json.dumps(chk), flush=True)
+    for name, mod in list(sys.modules.items()):
+        cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
+        if cache is not None:
+            results["ref_cache"] = {"hits": cache.hits, "misses": cache.misses, "capacity": cache.capacity}
+    save_partial()
+    lines = [f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
+             "", f"`{results['command']}`", "",
+             "| mode | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |", "|---|---|---|---|---|---|"]
+
+    def fmt(v, f="{:.3f}"):
+        return "-" if v is None else f.format(v)
+
+    for steps in steps_list:
+        for mode in modes:
+            b = next(r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["mode"] == mode)
+            x = next(r for r in results["rows"] if r["graph"] == "xsr" and r["steps"] == steps and r["mode"] == mode)
+            ov = x["median_s"] / b["median_s"] - 1 if x["median_s"] and b["median_s"] else None
+            x["overhead"] = ov
+            lines.append(f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
+                         f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |")
+    for r in results["rows"]:
+        if r["error"]:
+            lines.append(f"\n{r['graph']} {r['mode']} {r['steps']} steps failed: `{r['error']}`")
+    lines += ["", "Per node, median ms (CUDA synchronised around each node):", "",
+              "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " |", "|---" * (3 + len(NODE_COLUMNS)) + "|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['graph']} | {r['mode']} | {r['steps']} | "
+                     + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS) + " |")
+    if results["checks"]:
+        lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]
+        for c in results["checks"]:
+            lines.append(f"| {c['check']} | {c['graph']} | {c['steps']} | {c['value']:.3g} | {c['latent_max_abs']:.3g} |")
+    if "ref_cache" in results:
+        rc = results["ref_cache"]
+        lines += ["", f"XSR_Retrieve reference cache over the whole run: {rc['hits']} hits, {rc['misses']} misses "
+                  f"(capacity {rc['capacity']}; the bench DB holds 256 images, so references repeat across prompts)."]
+    xr = next((r for r in results["rows"] if r["graph"] == "xsr" and r["resident"]), None)
+    if xr:
+        lines += ["", f"Resident on the GPU after each node (XSR graph, {xr['mode']}, {xr['steps']} steps, last run; "
+                  "ComfyUI loaded models in MiB, allocated and the node's own peak in GiB):", "",
+                  "| node | resident models | allocated | node peak |", "|---|---|---|---|"]
+        for r in xr["resident"]:
+            res_s = ", ".join(f"{n} {m}" for n, m in r["resident_mib"]) or "-"
+            lines.append(f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | {fmt(r.get('node_peak_gib'), '{:.2f}')} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
     (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"e2e_{tag}.md").write_text(md)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .adapter import XSRAdaINPatch
+from .cudagraph import XSRCUDAGraph
 from .enhance import XSREnhance
 from .folder import XSRLoadImageFolder
 from .image import XSRColorFix, XSRPrepareLR
@@ -23,6 +24,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     XSRBuildReferenceDB,
     XSREnhance,
     XSRAdaINPatch,
+    XSRCUDAGraph,
     XSRColorFix,
     XSRLoadImageFolder,
     XSRPrepareLRTiled,

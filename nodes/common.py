@@ -94,8 +94,12 @@ def clip_vision_width(clip_vision: Any) -> int:
     return int(clip_vision.model.vision_model.post_layernorm.weight.shape[0])
 
 
-def encode_clip(clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32) -> ClipFeaturesC:
-    """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build)."""
+def encode_clip(clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32,
+                to_intermediate: bool = True) -> ClipFeaturesC:
+    """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build).
+
+    ``to_intermediate=False`` leaves the features on the encoder's device (no round trip to the CPU).
+    """
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
     prep = preprocess_lr if lr else preprocess_hr
@@ -105,7 +109,7 @@ def encode_clip(clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch:
         x, _, pooled = clip_vision.model.vision_model(pixel_values=pix)
         toks.append(x.float())
         clss.append(pooled.float())
-    inter = comfy.model_management.intermediate_device()
+    inter = comfy.model_management.intermediate_device() if to_intermediate else device
     return ClipFeaturesC(torch.cat(toks).to(inter), torch.cat(clss).to(inter))
 
 

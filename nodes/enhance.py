@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -16,17 +20,44 @@ from .validation import check_batch, check_text, schema_problems, verdict
 logger = logging.getLogger(__name__)
 
 
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_TEXT_CACHE_SIZE = 64
+_TEXT_LOCK = threading.Lock()
+
+
+def _encode_text(clip, text: str):
+    """(cond, pooled) of one prompt, memoised per CLIP object and patch state (tokenizer + text encoder skipped
+    for a prompt seen before, e.g. a fixed caption_override / extra_prompt or a repeated caption)."""
+    key = (getattr(getattr(clip, "patcher", None), "patches_uuid", None), text)
+    with _TEXT_LOCK:
+        per_clip = _TEXT_CACHE.get(clip)
+        hit = per_clip.get(key) if per_clip is not None else None
+        if hit is not None:
+            per_clip.move_to_end(key)
+            return hit
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    with _TEXT_LOCK:
+        try:
+            per_clip = _TEXT_CACHE.setdefault(clip, OrderedDict())
+        except TypeError:  # not weak-referenceable: no caching
+            return out
+        per_clip[key] = out
+        while len(per_clip) > _TEXT_CACHE_SIZE:
+            per_clip.popitem(last=False)
+    return out
+
+
 def encode_texts(clip, texts: list[str]):
     """Encode one prompt per image with the user's CLIP; returns (cond (B,L,C), pooled (B,...))."""
     conds, pooled = [], []
     for text in texts:
-        c, p = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        c, p = _encode_text(clip, text)
         conds.append(c)
         pooled.append(p)
     longest = max(c.shape[1] for c in conds)
     if any(c.shape[1] != longest for c in conds):
         # prompts of different 77-token chunk counts: pad with the empty prompt's chunk
-        empty, _ = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        empty, _ = _encode_text(clip, "")
         conds = [torch.cat([c] + [empty] * ((longest - c.shape[1]) // empty.shape[1]), dim=1) for c in conds]
     out_pooled = torch.cat(pooled) if all(p is not None for p in pooled) else None
     return torch.cat(conds), out_pooled

@@ -24,9 +24,16 @@ logger = logging.getLogger(__name__)
 
 
 def _patcher(module):
+    """A ModelPatcher for an XSR stage-1 model, in fp16 where ComfyUI would run fp16 on the load device.
+
+    fp16 halves what the RFA and I2T keep resident during sampling (their nodes cast inputs to the
+    weights' dtype); ComfyUI's model management then loads / frees them like any other model.
+    """
+    device = comfy.model_management.get_torch_device()
+    if comfy.model_management.should_use_fp16(device, prioritize_performance=False):
+        module = module.half()
     return comfy.model_patcher.ModelPatcher(
-        module, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
+        module, load_device=device, offload_device=comfy.model_management.unet_offload_device(),
     )
 
 

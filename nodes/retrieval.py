@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +29,67 @@ THUMB = 256  # side of the reference images this node outputs / previews
 class Retrieval:
     """Reference data for I2T (one row per LR image)."""
 
-    lr_tokens: torch.Tensor  # (B, T, D) CLIP tokens of the LR
-    ref_tokens: torch.Tensor  # (B, K, T, D) CLIP tokens of the references (zeros where missing)
+    lr_tokens: torch.Tensor  # (B, T, D) CLIP tokens of the LR (on the CLIP vision encoder's device)
+    ref_tokens: torch.Tensor  # (B, K, T, D) CLIP tokens of the references (zeros where missing; same device)
     ref_mask: torch.Tensor  # (B, K) bool, False for missing references (DB smaller than K)
     ids: np.ndarray  # (B, K) faiss ids (-1 missing)
     scores: np.ndarray  # (B, K) cosine similarity of the RFA query to each reference
     names: list[list[str]]  # source names of the references
 
 
-def _pil_to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+@dataclass(eq=False)
+class _CachedRef:
+    tokens: torch.Tensor  # (T, D) CLIP tokens on the encoder's device, in the encoder's output dtype (lossless)
+    thumb: torch.Tensor  # (THUMB, THUMB, 3) float32 CPU
+    name: str
+    full: dict  # ComfyUI temp-preview entry of the full-resolution reference (the gallery's enlarged view)
+
+
+class RefCache:
+    """LRU of per-reference work that does not change between prompts: the reference's CLIP tokens (kept on
+    the encoder's device) and its thumbnail, keyed by DB folder + DB signature + encoder fingerprint + row id.
+
+    A repeated reference then costs no image decode, resize or ViT pass. ``XSR_REF_CACHE_SIZE`` (entries,
+    default 128, 0 = off) bounds it: at ViT-L/14 fp16 an entry is ~0.5 MB of VRAM and ~0.8 MB of RAM.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, int(capacity))
+        self._d: OrderedDict[tuple, _CachedRef] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> _CachedRef | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: tuple, value: _CachedRef) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+REF_CACHE = RefCache(int(os.environ.get("XSR_REF_CACHE_SIZE", "128") or 0))
+
+
+def _ref_cache_prefix(refdb, clip_vision) -> tuple:
+    fp = clip_vision_fingerprint(clip_vision)
+    p = next(clip_vision.model.parameters())
+    return (str(refdb.path), refdb.signature(), tuple(sorted(fp.items())), str(p.device), str(p.dtype))
 
 
 def _square(t: torch.Tensor, side: int) -> torch.Tensor:
@@ -47,6 +100,43 @@ def _square(t: torch.Tensor, side: int) -> torch.Tensor:
     r = bicubic_resize(t[None], (nh, nw))[0]
     top, left = (nh - side) // 2, (nw - side) // 2
     return r[top : top + side, left : left + side]
+
+
+def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedRef]:
+    """Tokens + thumbnail of every distinct retrieved row: cached ones from :data:`REF_CACHE`, the others
+    decoded and encoded in ONE batched ViT pass over all LR images' references. The full-resolution
+    preview of a reference (temp folder, kept for the server's life) is written once, when it is cached."""
+    prefix = _ref_cache_prefix(refdb, clip_vision) if REF_CACHE.capacity else None
+    wanted = sorted({int(x) for x in ids.reshape(-1) if x >= 0})
+    out: dict[int, _CachedRef] = {}
+    missing = []
+    for rid in wanted:
+        hit = REF_CACHE.get(prefix + (rid,)) if prefix is not None else None
+        if hit is None:
+            missing.append(rid)
+        else:
+            out[rid] = hit
+    if missing:
+        try:
+            imgs = refdb.load_images(missing)
+            recs = refdb.records(missing)
+        except RefDBError as e:
+            raise ValueError(f"XSR_Retrieve: {e}") from None
+        # decoded bytes go to the encoder's device once; both resizes run there
+        dev = clip_vision.load_device
+        hr = [torch.from_numpy(np.asarray(im.convert("RGB"))).to(dev).float() / 255.0 for im in imgs]
+        tokens = encode_clip(clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False,
+                             to_intermediate=False).tokens
+        out_dtype = next(clip_vision.model.parameters()).dtype
+        thumbs = [_square(x, THUMB).cpu() for x in hr]
+        for rid, x, thumb, rec, tok in zip(missing, hr, thumbs, recs, tokens):
+            full = ui.PreviewImage(x[None].cpu(), cls=cls).values[0]
+            entry = _CachedRef(tok.to(out_dtype), thumb, os.path.basename(rec.path) or f"#{rec.id}", dict(full))
+            out[rid] = entry
+            if prefix is not None:
+                REF_CACHE.put(prefix + (rid,), entry)
+    throw_if_interrupted()
+    return out
 
 
 class XSRRetrieve(io.ComfyNode):
@@ -98,7 +188,7 @@ class XSRRetrieve(io.ComfyNode):
             refdb.check_encoder(clip_vision_fingerprint(clip_vision))
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
-        feats = encode_clip(clip_vision, lr, lr=True)
+        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False)
         comfy.model_management.load_model_gpu(xsr_models.rfa)
         rfa = xsr_models.rfa.model
         p = next(rfa.parameters())
@@ -112,31 +202,24 @@ class XSRRetrieve(io.ComfyNode):
         if refdb.n == 0 or k == 0:
             raise ValueError(f"XSR_Retrieve: the reference DB {refdb.path} is empty; build it from HR images first.")
         throw_if_interrupted()
+        refs = _gather_refs(clip_vision, refdb, ids, cls)
         t, d = feats.tokens.shape[1:]
-        ref_tokens = torch.zeros(b, top_k, t, d)
+        dev = feats.tokens.device
+        ref_tokens = torch.zeros(b, top_k, t, d, device=dev)
         ref_mask = torch.zeros(b, top_k, dtype=torch.bool)
         thumbs, names, lines, fulls = [], [], [], []
         for i in range(b):
             row_names = []
             valid = [j for j in range(k) if ids[i, j] >= 0]
-            try:
-                imgs = refdb.load_images([int(ids[i, j]) for j in valid])
-                recs = refdb.records([int(ids[i, j]) for j in valid])
-            except RefDBError as e:
-                raise ValueError(f"XSR_Retrieve: {e}") from None
-            hr = [_pil_to_tensor(im) for im in imgs]
-            if hr:
-                batch = torch.stack([_square(x, 224) for x in hr])
-                ref_tokens[i, : len(hr)] = encode_clip(clip_vision, batch, lr=False).tokens
-                ref_mask[i, : len(hr)] = True
-            for j, (x, rec) in enumerate(zip(hr, recs)):
-                thumbs.append(_square(x, THUMB))
-                fulls.append(ui.PreviewImage(x[None], cls=cls).values[0])  # the frontend's enlarged view
-                name = os.path.basename(rec.path) or f"#{rec.id}"
-                row_names.append(name)
-                lines.append(f"image {i} ref {j}: {float(scores[i, valid[j]]):.4f} {name}")
+            for n, j in enumerate(valid):
+                ref = refs[int(ids[i, j])]
+                ref_tokens[i, n] = ref.tokens.to(dev)
+                ref_mask[i, n] = True
+                thumbs.append(ref.thumb)
+                fulls.append(ref.full)
+                row_names.append(ref.name)
+                lines.append(f"image {i} ref {n}: {float(scores[i, j]):.4f} {ref.name}")
             names.append(row_names)
-            throw_if_interrupted()
         refs_image = torch.stack(thumbs) if thumbs else torch.zeros(1, THUMB, THUMB, 3)
         result = Retrieval(feats.tokens, ref_tokens, ref_mask, ids, scores, names)
         gallery = [

@@ -96,10 +96,27 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
+def _draft(img: Image.Image, side: int) -> None:
+    """JPEG only: let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale whose shortest side is >= ``side``.
+
+    DCT-domain downscaling skips most of the decode work for large photos; ``draft`` never goes below
+    the requested size, so a later CLIP crop still downsamples (never upsamples) what it gets.
+    """
+    if img.format != "JPEG":
+        return
+    w, h = img.size
+    short = min(w, h)
+    if short < 2 * side:
+        return
+    img.draft("RGB", (-(-w * side // short), -(-h * side // short)))
+
+
 def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, draft_side: int | None = None) -> Image.Image:
     """Open + fully load an image (path or bytes) with EXIF orientation applied, in its own mode.
 
+    ``draft_side``: decode JPEGs at a reduced libjpeg scale whose shortest side stays >= this;
+    ``img.info["xsr_source_size"]`` is always the file's full (W, H) after EXIF rotation.
     Raises :class:`ImageDecodeError` for unreadable, truncated or too large files.
     """
     what = what or (f"image {os.fspath(source)}" if not isinstance(source, bytes) else "image")
@@ -112,8 +129,14 @@ def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
             if w * h > cap:  # from the header, before decoding
                 raise ImageDecodeError(f"{what} is {w}x{h} = {w * h} pixels, above the limit of {cap} "
                                        f"({ENV_MAX_PIXELS}); downscale it first")
+            source = (w, h)
+            if draft_side:
+                _draft(img, draft_side)
             img.load()  # truncated files fail here (LOAD_TRUNCATED_IMAGES stays False)
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap W and H
+                source = (h, w)
             img = ImageOps.exif_transpose(img) or img
+            img.info["xsr_source_size"] = source
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -126,12 +149,13 @@ def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
 
 
 def load_rgb8(source: str | os.PathLike | bytes, *, what: str | None = None,
-              max_pixels: int | None = None) -> Image.Image:
-    """Image file (path or bytes) → loaded 8-bit RGB PIL image (see module docstring)."""
-    img = open_image(source, what=what, max_pixels=max_pixels)
+              max_pixels: int | None = None, draft_side: int | None = None) -> Image.Image:
+    """Image file (path or bytes) → loaded 8-bit RGB PIL image (see module docstring and :func:`open_image`)."""
+    img = open_image(source, what=what, max_pixels=max_pixels, draft_side=draft_side)
     try:
         rgb = to_rgb8(img)
         rgb.load()
+        rgb.info["xsr_source_size"] = img.info["xsr_source_size"]
     except (OSError, ValueError, TypeError) as e:
         raise ImageDecodeError(f"{what or 'image'} cannot be converted to RGB ({type(e).__name__}: {e})") from None
     return rgb

@@ -17,7 +17,7 @@ class BuildConfig:
 
     mode: str = "paths"  # "paths": meta stores source paths; "packed": resized JPEGs stored in the DB
     batch_size: int = 64  # images per encoder forward pass
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoding processes (0: inline)
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))  # decoding processes (0: inline)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "fp16", "bf16", "fp32"
     index: str = "auto"  # "auto" or a faiss index_factory key ("Flat", "IVF1024_HNSW32,SQ8", "HNSW32", ...)

@@ -62,16 +62,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image") -> Image.Image:
+def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image",
+                 draft_side: int | None = None) -> Image.Image:
     """Bytes of an image file → loaded 8-bit RGB PIL image (:func:`xsr_core.image_io.load_rgb8`).
 
-    Raises :class:`ImageSkip` with a reason for anything unusable.
+    ``draft_side``: decode JPEGs at a reduced scale whose shortest side stays >= this; the
+    minimum-side check and ``img.info["xsr_source_size"]`` (W, H after EXIF rotation) still refer to
+    the file's full size. Raises :class:`ImageSkip` with a reason for anything unusable.
     """
     try:
-        rgb = load_rgb8(data, what=what)
+        rgb = load_rgb8(data, what=what, draft_side=draft_side)
     except ImageDecodeError as e:
         raise ImageSkip(str(e).removeprefix(f"{what} ").removeprefix(f"{what}: ")) from None
-    w, h = rgb.size
+    w, h = rgb.info["xsr_source_size"]
     if min(w, h) < min_side:
         raise ImageSkip(f"too small ({w}x{h}; the minimum side is {min_side} px)")
     return rgb

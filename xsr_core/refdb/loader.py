@@ -33,8 +33,10 @@ class _FileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224, raw_max_pixels: int | None = None, roots: Sequence[str] | None = None):
+                 size: int = 224, raw_max_pixels: int | None = None, roots: Sequence[str] | None = None,
+                 draft: bool = True):
         self.items = list(items)
+        self.draft = draft
         self.roots = real_roots(roots) if roots is not None else None  # None: read any path (a user's list file)
         self.min_side = min_side
         self.pack = pack
@@ -57,8 +59,10 @@ class _FileDataset(torch.utils.data.Dataset):
             except OSError as e:
                 raise ImageSkip(f"cannot read ({e.strerror or e})") from None
             sha = sha256_bytes(data)
-            rgb = decode_image(data, min_side=self.min_side, what=path)
-            w, h = rgb.size
+            # no draft when packing: the stored packed copy stays the full-decode one
+            rgb = decode_image(data, min_side=self.min_side, what=path,
+                               draft_side=self.size if self.draft and not self.pack else None)
+            w, h = rgb.info["xsr_source_size"]
             packed = pack_image(rgb, side=self.pack[0], quality=self.pack[1]) if self.pack else None
             arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch shares it without a warning)
             if self.raw_max_pixels and w * h <= self.raw_max_pixels:
@@ -157,15 +161,17 @@ def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> 
 
 def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
                 pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
-                roots: Sequence[str] | None = None) -> torch.utils.data.DataLoader:
+                roots: Sequence[str] | None = None, draft: bool = True) -> torch.utils.data.DataLoader:
     """The build data loader: decoding in ``workers`` processes, batches in the given order.
 
     ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
     the GPU (use :data:`RAW_MAX_PIXELS` when encoding on CUDA; None on CPU). ``roots``: files that
     resolve outside these folders are skipped (None: no check, for the user's own list files).
-    Workers die with this process (:func:`die_with_parent`).
+    Workers die with this process (:func:`die_with_parent`). ``draft``: decode JPEGs at the smallest
+    libjpeg scale that keeps the shortest side >= the CLIP input (never when packing).
     """
-    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots)
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots,
+                      draft=draft)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=functools.partial(_worker_init, os.getpid()), prefetch_factor=4,

@@ -1,0 +1,293 @@
+"""In-process ComfyUI checks of XSR_CUDAGraph (nodes/cudagraph.py), run in a subprocess by test_cudagraph.py.
+
+Usage: python cudagraph_worker.py COMFY_DIR REPO ZOO_MODELS_DIR OUT_JSON {cpu|cuda}
+
+Samples the tiny zoo (checkpoint + ControlNet, CFG, euler) through ``comfy.sample.sample`` eagerly and
+through the CUDA-graph wrappers, and records the differences and the wrappers' decisions.
+``cpu`` uses a replay backend that re-runs the captured closure on the static buffers (the decision
+logic, the per-plan conditioning and the static-buffer protocol are all real; only the CUDA graph is
+replaced); ``cuda`` uses torch.cuda.CUDAGraph.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
+MODE = sys.argv[5]
+sys.path.insert(0, str(COMFY_DIR))
+sys.path.insert(1, str(REPO))
+from bench.bench_e2e import _stub_av
+
+_stub_av()
+import comfy.cli_args
+
+comfy.cli_args.args.cpu = MODE == "cpu"
+import torch
+
+torch.manual_seed(0)
+import comfy.controlnet
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.sd
+from comfy.patcher_extension import WrappersMP
+
+
+def load_package(name: str, init: Path):
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+load_package("xsr_test_support", REPO / "tests/comfy/support/xsr_test_support/__init__.py")
+load_package("comfyui_xsr", REPO / "__init__.py")
+cg = importlib.import_module("comfyui_xsr.nodes.cudagraph")
+binding = importlib.import_module("comfyui_xsr.nodes.comfy_binding")
+core_adapter = importlib.import_module("comfyui_xsr.xsr_core.adapter")
+zoo = importlib.import_module("comfyui_xsr.xsr_core.testing.zoo")
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+log = Records()
+logging.getLogger(cg.__name__).addHandler(log)
+logging.getLogger(cg.__name__).setLevel(logging.INFO)
+
+
+class RerunBackend:
+    """CPU stand-in for CudaGraphBackend: 'replay' re-runs the captured closure and writes into the outputs."""
+
+    device_type = "cpu"
+    captures = 0
+
+    def capture(self, fn):
+        RerunBackend.captures += 1
+        outputs = fn()
+
+        def replay():
+            for dst, src in zip(outputs, fn()):
+                dst.copy_(src)
+
+        return replay, outputs
+
+
+backend = RerunBackend if MODE == "cpu" else None
+device = comfy.model_management.get_torch_device()
+model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+    str(MODELS / "checkpoints" / zoo.CHECKPOINT_NAME), output_vae=True, output_clip=True)
+control = comfy.controlnet.load_controlnet(str(MODELS / "controlnet" / zoo.CONTROLNET_NAME))
+g = torch.Generator().manual_seed(3)
+ctx_dim = model.model.model_config.unet_config["context_dim"]
+pos_ctx = torch.randn(1, 77, ctx_dim, generator=g)
+neg_ctx = torch.randn(1, 77, ctx_dim, generator=g)
+hint = torch.rand(1, 64, 64, 3, generator=g)
+
+
+def conditioning(window=(0.0, 1.0), cnet=True):
+    pos, neg = [[pos_ctx, {}]], [[neg_ctx, {}]]
+    if cnet:
+        c = control.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, window)
+        pos = [[pos_ctx, {"control": c, "control_apply_to_uncond": False}]]
+        neg = [[neg_ctx, {"control": c, "control_apply_to_uncond": False}]]
+    return pos, neg
+
+
+def sample(m, steps=6, size=8, window=(0.0, 1.0), cnet=True, callback=None):
+    pos, neg = conditioning(window, cnet)
+    latent = torch.zeros(1, 4, size, size)
+    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        out = comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7,
+                                  callback=callback, disable_pbar=True)
+    return out.float().cpu()
+
+
+def graph_model(m):
+    gm = cg.apply_cudagraph(m, backend_factory=backend)
+    return gm, gm.get_wrappers(WrappersMP.CALC_COND_BATCH, cg.WRAPPER_KEY)[0].__self__
+
+
+def diff(a, b):
+    return float((a - b).abs().max())
+
+
+res: dict = {"mode": MODE}
+steps_seen = []
+
+# 1. plain SD + ControlNet: same result, one warm-up, then replays; progress callback every step
+eager = sample(model)
+gm, sampling = graph_model(model)
+runs: list = []
+orig_outer = sampling.outer_sample
+
+
+def spy_outer(executor, *a, **k):  # keep the finished run's counters for the report
+    def inner(*aa, **kk):
+        try:
+            return executor(*aa, **kk)
+        finally:
+            runs.append(sampling.run)
+    return orig_outer(inner, *a, **k)
+
+
+gm.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
+gm.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_outer)
+graphed = sample(gm, callback=lambda i, *a: steps_seen.append(i))
+r = runs[-1]
+res["plain"] = {"maxdiff": diff(eager, graphed), "scale": float(eager.abs().max()), "replays": r.replays,
+                "eager_steps": r.eager_steps, "graphs": len(r.graphs), "refused": r.refused,
+                "callback_steps": steps_seen}
+
+# 1b. interrupt from the progress callback while replaying: the run stops at the next step, the next run works
+def interrupt_at_3(i, *a):
+    if i == 3:
+        comfy.model_management.interrupt_current_processing(True)
+
+
+try:
+    sample(gm, callback=interrupt_at_3)
+    res["interrupt"] = {"raised": False}
+except comfy.model_management.InterruptProcessingException:
+    res["interrupt"] = {"raised": True, "replays_before": runs[-1].replays}
+comfy.model_management.interrupt_current_processing(False)
+
+# 2. a second run (new conditioning objects): graphs are per run and re-made
+graphed2 = sample(gm)
+res["second_run"] = {"maxdiff": diff(eager, graphed2), "replays": runs[-1].replays, "graphs": len(runs[-1].graphs)}
+
+# 3. a ControlNet window (0..0.5): steps outside it run eagerly, the rest replay, same result
+eager_w = sample(model, steps=8, window=(0.0, 0.5))
+log.lines.clear()
+graphed_w = sample(gm, steps=8, window=(0.0, 0.5))
+r = runs[-1]
+res["window"] = {"maxdiff": diff(eager_w, graphed_w), "replays": r.replays, "eager_steps": r.eager_steps,
+                 "graphs": len(r.graphs), "log": list(log.lines), "refused": r.refused}
+
+# 4. an unknown wrapper key and an unknown patch: the run is eager (same result), one log line each
+foreign = gm.clone()
+foreign.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "someone_else", lambda executor, *a, **k: executor(*a, **k))
+log.lines.clear()
+res["unknown_wrapper"] = {"maxdiff": diff(eager, sample(foreign)), "refused": runs[-1].refused, "log": list(log.lines)}
+patched_foreign = gm.clone()
+patched_foreign.set_model_attn2_patch(lambda n, c, v, extra: (n, c, v))
+log.lines.clear()
+res["unknown_patch"] = {"maxdiff": diff(eager, sample(patched_foreign)), "refused": runs[-1].refused,
+                        "log": list(log.lines)}
+
+# 5. the XSR AdaIN patches (XSR's own wrappers and patches) are captured
+embed_dim = 24
+ad_cfg = core_adapter.AdaINAdapterConfig.from_unet_config(
+    zoo.TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True)
+adapter = core_adapter.AdaINAdapter(ad_cfg).eval()
+with torch.no_grad():
+    adapter.gates.uniform_(0.3, 0.9, generator=torch.Generator().manual_seed(1))
+ap = comfy.model_patcher.ModelPatcher(adapter, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+runtime = binding.AdaINRuntime(ap, strength=1.0)
+xsr_model = binding.patch_unet(model, runtime)
+xsr_cn = binding.patch_controlnet(control, runtime)
+E = torch.randn(1, 257, embed_dim, generator=g)
+
+
+def sample_xsr(m, steps=6):
+    c = xsr_cn.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, (0.0, 1.0))
+    pos = [[pos_ctx, {"control": c, "control_apply_to_uncond": False,
+                      "model_conds": {binding.XSR_KEY: binding.CONDXSR(E)}}]]
+    neg = [[neg_ctx, {"control": c, "control_apply_to_uncond": False}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7,
+                                   disable_pbar=True).float().cpu()
+
+
+eager_x = sample_xsr(xsr_model)
+gx, sx = graph_model(xsr_model)
+sx_runs: list = []
+orig_x = sx.outer_sample
+
+
+def spy_x(executor, *a, **k):
+    def inner(*aa, **kk):
+        try:
+            return executor(*aa, **kk)
+        finally:
+            sx_runs.append(sx.run)
+    return orig_x(inner, *a, **k)
+
+
+gx.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
+gx.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_x)
+graphed_x = sample_xsr(gx)
+res["xsr"] = {"maxdiff": diff(eager_x, graphed_x), "adapter_effect": diff(eager_x, eager),
+              "replays": sx_runs[-1].replays, "refused": sx_runs[-1].refused,
+              "outermost": next(iter(gx.wrappers[WrappersMP.CALC_COND_BATCH]))}
+
+# 6. recapture on a shape change inside one run, and the lowvram refusal (direct calls)
+calls = []
+
+
+def fake_executor(m, conds, x, t, mo):
+    calls.append(tuple(x.shape))
+    return [x * 2 + t.view(-1, 1, 1, 1), x * 3]
+
+
+s = cg.CudaGraphSampling(backend_factory=RerunBackend if MODE == "cpu" else None)
+s.run = cg._Run()
+dev = torch.device("cpu") if MODE == "cpu" else device
+mo = {"transformer_options": {}}
+log.lines.clear()
+outs = []
+for shape in [(2, 4, 8, 8)] * 3 + [(2, 4, 16, 16)] * 3 + [(2, 4, 8, 8)]:
+    x = torch.randn(shape, device=dev)
+    t = torch.full((shape[0],), 5.0, device=dev)
+    got = s.calc_cond_batch(fake_executor, None, [[], None], x, t, mo)
+    outs.append(max(diff(got[0].cpu(), (x * 2 + 5.0).cpu()), diff(got[1].cpu(), (x * 3).cpu())))
+res["shapes"] = {"graphs": len(s.run.graphs), "replays": s.run.replays, "eager": s.run.eager_steps,
+                 "maxdiff": max(outs), "log": list(log.lines)}
+
+
+class FakeModel:
+    model_lowvram = True
+
+
+class FakePatcher:
+    model = FakeModel()
+    load_device = device
+
+    def loaded_size(self):
+        return 1
+
+    def model_size(self):
+        return 1
+
+    def get_additional_models(self):
+        return []
+
+
+class Holder:
+    current_patcher = FakePatcher()
+
+
+res["lowvram_reason"] = cg.residency_refusal(Holder(), [[], None])
+res["static_none_for_plain"] = cg.static_refusal({"transformer_options": {}}, [[], None])
+
+# 7. the node on this device
+node_out = cg.XSRCUDAGraph.execute(model)
+res["node_passthrough"] = node_out.result[0] is model
+
+OUT.write_text(json.dumps(res, indent=1))
