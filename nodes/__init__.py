@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .adapter import XSRAdaINPatch
+from .adapter import XSRAdaINPatch, XSRApplyAdaIN, XSRLoadAdaINAdapter
 from .enhance import XSREnhance
 from .folder import XSRLoadImageFolder
 from .image import XSRColorFix, XSRPrepareLR
@@ -22,6 +22,8 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     XSRBuildReferenceDB,
     XSREnhance,
     XSRAdaINPatch,
+    XSRLoadAdaINAdapter,
+    XSRApplyAdaIN,
     XSRColorFix,
     XSRLoadImageFolder,
 ]
