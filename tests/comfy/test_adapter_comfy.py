@@ -23,7 +23,7 @@ def worker_results(tmp_path_factory, comfy_dir, tiny_zoo):
     out = tmp_path_factory.mktemp("adapter") / "results.json"
     proc = subprocess.run(
         [sys.executable, str(HERE / "adapter_worker.py"), str(comfy_dir), str(REPO), str(tiny_zoo["root"]), str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=2400,  # minutes on a loaded 2-core machine (compile)
     )
     assert proc.returncode == 0, f"adapter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
@@ -62,9 +62,9 @@ def test_cfg_stays_one_batched_pass_through_the_sampler(worker_results):
     """Real comfy.sample.sample runs: every diffusion-model call carries cond+uncond (batch 2)."""
     cfg = worker_results["cfg"]
     for name in ("plain", "text_only", "strength0", "xsr", "xsr_both"):
-        assert cfg[name] == [2, 2, 2], f"{name}: CFG split into {cfg[name]}"
+        assert cfg[name] == [2, 2], f"{name}: CFG split into {cfg[name]}"
     # the check can fail: E placed in model_conds (the earlier contract) with an unpatched model splits CFG
-    assert cfg["old_contract_text_only"] == [1] * 6
+    assert cfg["old_contract_text_only"] == [1] * 4
     out = worker_results["cfg_outputs"]
     assert out["text_only_equals_plain"] and out["strength0_equals_text_only"]
     assert out["xsr_differs"] > 1e-2
@@ -75,7 +75,10 @@ def test_torch_compile_through_comfyui_helper_matches_eager(worker_results):
     assert c["ok"], c.get("error")
     assert c["frames_compiled"] > 0, "dynamo must actually have compiled the diffusion model"
     assert c["maxdiff"] <= 1e-4 * max(1.0, c["scale"]), c
-    assert c["batches"] == [2, 2, 2]
+    assert c["batches"] == [2, 2]
+    # the XSR site modules add no graph break of their own (ComfyUI's own breaks are the same for the plain model)
+    assert c["graph_breaks"] <= c["plain_graph_breaks"], c
+    assert c["plain_maxdiff"] <= 1e-4 * max(1.0, c["scale"]), c
 
 
 def test_multigpu_clones_refused_clearly_and_copy_keeps_patches(worker_results):
@@ -128,9 +131,20 @@ def _live(comfy) -> dict:
 
 
 def test_load_and_apply_nodes_match_the_one_node_patch(comfy, lr8):
-    one = comfy.output_images(comfy.run(_graph(lr8, 0.8, split=False)), "save")[0]
-    two = comfy.output_images(comfy.run(_graph(lr8, 0.8, split=True)), "save")[0]
-    assert one == two, "XSR_LoadAdaINAdapter + XSR_ApplyAdaIN must give XSR_AdaINPatch's image, byte for byte"
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(g):
+        return np.asarray(Image.open(io.BytesIO(comfy.output_images(comfy.run(g), "save")[0])))
+
+    one, two = pixels(_graph(lr8, 0.8, split=False)), pixels(_graph(lr8, 0.8, split=True))
+    plain = _graph(lr8, 0.8, split=False)
+    plain["apply"]["inputs"]["control_net"], plain["sample"]["inputs"]["model"] = ["cn", 0], ["ckpt", 0]
+    del plain["patch"]
+    assert np.array_equal(one, two), "XSR_LoadAdaINAdapter + XSR_ApplyAdaIN must give XSR_AdaINPatch's pixels exactly"
+    assert not np.array_equal(one, pixels(plain)), "the adapter must act at strength 0.8"
 
 
 @pytest.mark.slow
