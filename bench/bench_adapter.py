@@ -14,10 +14,18 @@ Variants (median step time from CUDA events after warm-up, interleaved over seve
   unet+cn+adapter recompute  the same, recomputing the stats from E inside every step
   unet+cn+adapter rows       one embedding for the cond row only (rows=[True, False]), stats cached
 
-The overhead of each adapter variant is reported against its unpatched base, with the 5 % target.
+The overhead of each adapter variant is reported against its unpatched base, with the 5 % target; the
+"graph" rows replay the same step as a CUDA graph (device time only, launch gaps removed), so eager and
+CUDA-graph figures of plain vs XSR stand side by side in one run.
+
+``--host`` measures the host side of one adapter site instead (any device, tiny tensors, so the figure is
+Python + dispatch overhead, not math): the hot path both bindings run (:class:`AdapterForward.apply`), the
+checked :meth:`AdaINAdapter.apply`, and a plain LayerNorm call for scale; plus the aten ops one site
+dispatches (counted with a TorchDispatchMode; on CUDA the fused path is one Triton launch instead).
 
     python bench/bench_adapter.py                 # on a GPU (writes bench/results/adapter_<device>.{json,md})
     python bench/bench_adapter.py --tiny          # tiny config on CPU, a smoke test of this script
+    python bench/bench_adapter.py --host          # host cost per site (writes adapter_host_<device>.{json,md})
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig  # noqa: E402
-from xsr_core.adapter.diffusers_binding import DiffusersAdapterBinding  # noqa: E402
 from xsr_core.testing.sd15 import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG  # noqa: E402
 
 TINY_UNET_CONFIG = dict(
@@ -54,6 +61,7 @@ TINY_CONTROLNET_CONFIG = dict(
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny U-Net/ControlNet (CPU smoke test)")
+    p.add_argument("--host", action="store_true", help="host-side cost of one adapter site (tiny tensors)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG pair)")
@@ -157,9 +165,15 @@ def device_slug(args) -> str:
     return slug + ("-tiny" if args.tiny else "")
 
 
+def adain_residual(h, mu, sigma, gain, eps):
+    """The unfused float reference: ``h + gain · (AdaIN(h) − h)``."""
+    from xsr_core.adapter import adain
+
+    return h + gain * (adain(h, mu, sigma, eps) - h)
+
+
 def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
     """Fused (Triton) vs eager apply vs the float64 formula on real-size activations of every width."""
-    from xsr_core.adapter import adain_residual
 
     worst = {"triton_rel_err": 0.0, "eager_rel_err": 0.0, "triton_vs_eager_rel": 0.0, "rows_bits_equal": True}
     g = torch.Generator(device=device).manual_seed(3)
@@ -196,8 +210,130 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
     return worst
 
 
+def _identity(h, *args, **kwargs):
+    return h
+
+
+def host_overhead(args) -> int:
+    """Host-side cost of one adapter site: median microseconds per call over every site of the SD1.5 layout."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xsr_core.adapter import AdapterForward
+
+    dev = torch.device(args.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads only add wake-up latency to a host-cost figure
+    torch.manual_seed(0)
+    home = dev
+    adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(SD15_UNET_CONFIG)).to(home, dtype).eval()
+    with torch.no_grad():
+        adapter.gates.fill_(args.gate)
+    sites = [(i, b["id"], site) for i, b in enumerate(adapter.config.blocks) for site in ("norm2", "q", "k", "norm3")]
+    width = {(b["id"], s): (b["inner_dim"] if s in ("q", "k") else b["dim"]) for b in adapter.config.blocks
+             for s in ("norm2", "q", "k", "norm3")}
+    acts = {k: torch.randn(args.batch, 4, w, device=dev, dtype=dtype) for k, w in width.items()}  # tiny: host cost
+    norms = {w: torch.nn.LayerNorm(w, device=dev, dtype=dtype) for w in set(width.values())}
+    rows = [True] + [False] * (args.batch - 1)
+    results = {}
+    with torch.inference_mode():
+        stats = adapter.compute_stats(torch.randn(args.batch, 257, 1024, device=home, dtype=dtype))
+        variants = {
+            "layernorm (scale)": lambda i, bid, site: norms[acts[(bid, site)].shape[-1]](acts[(bid, site)]),
+            "AdapterForward.apply": None,
+            "AdapterForward.apply rows": None,
+            "AdaINAdapter.apply (checked)": lambda i, bid, site: adapter.apply(bid, site, acts[(bid, site)], stats),
+        }
+        for name in variants:
+            if name.startswith("AdapterForward"):
+                st = AdapterForward(stats, 1.0, rows if name.endswith("rows") else None, batch=args.batch,
+                                    fused=adapter.use_triton)
+                variants[name] = (lambda st: lambda i, bid, site: st.apply(i, site, acts[(bid, site)]))(st)
+        for _ in range(3):  # warm-up (plans folded, kernels compiled)
+            for fn in variants.values():
+                for i, bid, site in sites:
+                    fn(i, bid, site)
+        # the binding's own Python per site, without the math: the same calls with adain_apply stubbed out
+        import importlib
+
+        adain_mod = importlib.import_module("xsr_core.adapter.adain")  # the module (the package exports a function adain)
+
+        real_apply = adain_mod.adain_apply
+
+        def python_only(fn):
+            def run(i, bid, site):
+                adain_mod.adain_apply = _identity
+                try:
+                    return fn(i, bid, site)
+                finally:
+                    adain_mod.adain_apply = real_apply
+            return run
+
+        variants["AdapterForward.apply, Python only"] = python_only(variants["AdapterForward.apply"])
+        variants["AdaINAdapter.apply (checked), Python only"] = python_only(variants["AdaINAdapter.apply (checked)"])
+        for name, fn in variants.items():
+            per_round = []
+            for _ in range(args.rounds * 4):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.thread_time()  # CPU time of this thread: host work, robust to other processes' load
+                for i, bid, site in sites:
+                    fn(i, bid, site)
+                per_round.append((time.thread_time() - t0) / len(sites) * 1e6)  # host cost per site
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+            class Count(TorchDispatchMode):
+                n = 0
+
+                def __torch_dispatch__(self, func, types, a=(), kw=None):
+                    Count.n += 1
+                    return func(*a, **(kw or {}))
+
+            with Count():
+                for i, bid, site in sites:
+                    fn(i, bid, site)
+            results[name] = {"host_us_per_site": round(statistics.median(per_round), 2),
+                             "aten_ops_per_site": round(Count.n / len(sites), 2)}
+    triton = bool(adain_mod._TRITON)
+    res = {
+        "benchmark": "adapter_host_overhead",
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else dev.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": {"dtype": args.dtype, "batch": args.batch, "tokens": 4, "sites": len(sites), "gate": args.gate,
+                   "triton": triton, "torch_threads": 1},
+        "results": results,
+        "note": "tiny tensors: the figure is host (Python + dispatch) cost per site; the SD1.5 U-Net + ControlNet "
+                f"step runs {len(sites)} sites; aten ops counted with TorchDispatchMode (a Triton launch is not an "
+                "aten op)",
+    }
+    lines = [f"# AdaIN adapter host cost per site — {res['device']}", "",
+             f"{res['date']} · torch {res['torch']} · `{res['command']}`", "",
+             f"{args.dtype}, batch {args.batch}, 4 tokens, {len(sites)} sites (SD1.5 U-Net + ControlNet), "
+             f"Triton {'on' if triton else 'not available'}", "",
+             "host µs = CPU time of the calling thread per site (median over rounds)", "",
+             "| variant | host µs / site | aten ops / site |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['host_us_per_site']:.1f} | {r['aten_ops_per_site']:.1f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = dev.type if dev.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", res["device"].lower()).strip("-")
+    stem = out / f"adapter_host_{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host:
+        return host_overhead(args)
+    from xsr_core.adapter.diffusers_binding import DiffusersAdapterBinding  # needs diffusers (the --host mode does not)
+
     torch.backends.cuda.matmul.allow_tf32 = True
     unet, controlnet, adapter, inp = build(args)
     cuda = args.device.startswith("cuda")
@@ -222,8 +358,6 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         stats_ms = (time.perf_counter() - t0) / 5 * 1e3
         # accuracy of the fused apply in the run dtype vs the float64 formula, on a real-size activation
-        from xsr_core.adapter import adain_residual
-
         bid = adapter.block_ids[0]
         h = torch.randn(args.batch, unet.config.sample_size ** 2, adapter.config.blocks[0]["dim"],
                         device=inp["x"].device, dtype=inp["x"].dtype) * 2 + 0.5

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .adapter import XSRAdaINPatch
+from .adapter import XSRAdaINPatch, XSRApplyAdaIN, XSRLoadAdaINAdapter
 from .cudagraph import XSRCUDAGraph
 from .enhance import XSREnhance
 from .folder import XSRLoadImageFolder
@@ -24,6 +24,8 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     XSRBuildReferenceDB,
     XSREnhance,
     XSRAdaINPatch,
+    XSRLoadAdaINAdapter,
+    XSRApplyAdaIN,
     XSRCUDAGraph,
     XSRColorFix,
     XSRLoadImageFolder,

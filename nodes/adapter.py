@@ -1,23 +1,196 @@
-"""XSR_AdaINPatch: the AdaIN-patched MODEL + CONTROL_NET (image-independent, cached across prompts)."""
+"""The AdaIN adapter nodes: load the weights once, apply them to the MODEL + CONTROL_NET (image-independent).
+
+- ``XSR_LoadAdaINAdapter`` → an ``XSR_ADAIN_ADAPTER`` (the adapter in its own ModelPatcher);
+- ``XSR_ApplyAdaIN`` (model, control_net, adapter, strength, window, apply_to) → patched models; changing
+  only the strength re-runs this node alone and reuses the loaded adapter;
+- ``XSR_AdaINPatch`` (the original node, inputs unchanged) = load + apply, through a loaded-file cache
+  keyed by path, mtime and size, so it too reuses the adapter when only the strength changes.
+"""
 
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.model_patcher
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
 from comfy_api.latest import io
 
 from ..xsr_core.adapter import AdaINAdapter
-from ..xsr_core.weights import XSRWeightsError, load_model
-from .comfy_binding import APPLY_TO, AdaINRuntime, patch_controlnet, patch_unet
+from ..xsr_core.weights import XSRWeightsError, load_model, read_metadata
+from .comfy_binding import APPLY_TO, AdaINRuntime, make_adapter_patcher, patch_controlnet, patch_unet
 from .common import xsr_file_path, xsr_files
 from .validation import check_finite, collect, schema_problems, verdict
+
+logger = logging.getLogger(__name__)
+
+XSRAdaINAdapterSocket = io.Custom("XSR_ADAIN_ADAPTER")
+_CACHE_SIZE = 2  # loaded adapter files kept (a ModelPatcher each; ComfyUI offloads them like any model)
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """What an XSR_ADAIN_ADAPTER socket carries: the adapter's patcher and the file it came from."""
+
+    patcher: object  # XSRAdapterPatcher; .model is the AdaINAdapter
+    path: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_loaded: OrderedDict[tuple[str, int, int], LoadedAdapter] = OrderedDict()
+
+
+def load_adapter(node: str, path: str) -> LoadedAdapter:
+    """The adapter file at ``path`` in its own ModelPatcher; cached by (path, mtime, size), a few files deep."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{node}: cannot read the adapter file {path}: {e}") from None
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    hit = _loaded.get(key)
+    if hit is not None:
+        _loaded.move_to_end(key)
+        return hit
+    try:
+        adapter = load_model(path, expected=AdaINAdapter)
+        meta = read_metadata(path)
+    except XSRWeightsError as e:
+        raise ValueError(f"{node}: {e}") from None
+    for old in [k for k in _loaded if k[0] == key[0]]:
+        del _loaded[old]  # the file changed on disk: drop its stale copy
+    hit = _loaded[key] = LoadedAdapter(make_adapter_patcher(adapter), path, meta)
+    while len(_loaded) > _CACHE_SIZE:
+        _loaded.popitem(last=False)
+    logger.info("%s: loaded AdaIN adapter %s (%d blocks)", node, path, len(adapter.block_ids))
+    return hit
+
+
+def _identity_check(node: str, loaded: LoadedAdapter, model, control_net, allow_other_controlnet: bool) -> None:
+    """Hook for the trained-ControlNet identity check (nodes/identity.py) where that module exists."""
+    try:
+        from . import identity
+    except ImportError:
+        return
+    identity.check_controlnet(loaded.path, loaded.metadata, control_net, bool(allow_other_controlnet), node=node)
+    identity.check_unet(loaded.path, loaded.metadata, model, node=node)
+
+
+def apply_adapter(node: str, model, control_net, loaded: LoadedAdapter | None, strength: float, start_percent: float,
+                  end_percent: float, apply_to: str, allow_other_controlnet: bool = False):
+    """(patched model, patched control_net); strength 0 gives plain clones (the parity rule, bit for bit)."""
+    if start_percent > end_percent:
+        raise ValueError(f"{node}: start_percent {start_percent} is after end_percent {end_percent}.")
+    if apply_to not in APPLY_TO:
+        raise ValueError(f"{node}: apply_to must be one of {APPLY_TO}, got {apply_to!r}.")
+    if strength == 0.0:
+        # no wrappers, no object patches, no conditioning change: the unpatched graph, bit for bit
+        return model.clone(), control_net.copy()
+    if not isinstance(loaded, LoadedAdapter):
+        raise ValueError(f"{node}: adapter must come from XSR Load AdaIN Adapter, got {type(loaded).__name__}.")
+    _identity_check(node, loaded, model, control_net, allow_other_controlnet)
+    runtime = AdaINRuntime(loaded.patcher, strength=float(strength), start_percent=float(start_percent),
+                           end_percent=float(end_percent), apply_to=apply_to)
+    return patch_unet(model, runtime), patch_controlnet(control_net, runtime)
+
+
+def _common_inputs() -> list:
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                       tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit"),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="sampling progress at which the adapter starts acting"),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="sampling progress at which the adapter stops acting"),
+        io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
+                       tooltip="cond: only the positive branch gets the image embedding (default); "
+                               "both: the negative branch gets it too"),
+    ]
+
+
+def _adapter_combo() -> io.Combo.Input:
+    files = xsr_files()
+    default = "adain_adapter.safetensors" if "adain_adapter.safetensors" in files else None
+    return io.Combo.Input("adapter_name", options=files, default=default,
+                          tooltip="AdaIN adapter weights (.safetensors in models/xsr)")
+
+
+_OUTPUTS = [io.Model.Output("patched_model", display_name="model"),
+            io.ControlNet.Output("patched_control_net", display_name="control_net")]
+
+
+class XSRLoadAdaINAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_LoadAdaINAdapter",
+            display_name="XSR Load AdaIN Adapter",
+            category="xsr",
+            description="Loads the AdaIN adapter weights once (ComfyUI budgets and offloads them with the U-Net). "
+                        "Connect to XSR Apply AdaIN Adapter.",
+            inputs=[_adapter_combo()],
+            outputs=[XSRAdaINAdapterSocket.Output("adapter", display_name="adapter")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        from .loaders import check_weights_file
+
+        problems = schema_problems(cls, kw, skip=("adapter_name",))
+        if kw.get("adapter_name") is not None:
+            collect(problems, check_weights_file, "XSR_LoadAdaINAdapter", "adapter_name", kw["adapter_name"],
+                    "AdaINAdapter")
+        return verdict(problems)
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        path = xsr_file_path("XSR_LoadAdaINAdapter", "adapter_name", adapter_name)
+        return io.NodeOutput(load_adapter("XSR_LoadAdaINAdapter", path))
+
+
+class XSRApplyAdaIN(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XSR_ApplyAdaIN",
+            display_name="XSR Apply AdaIN Adapter (U-Net + ControlNet)",
+            category="xsr",
+            description="Patches the U-Net and the ControlNet with a loaded AdaIN adapter (cross-attention Q/K and "
+                        "LayerNorm statistics moved toward the image embedding that arrives through the positive "
+                        "conditioning from XSR Enhance). Apply the patched ControlNet with the stock "
+                        "ControlNetApplyAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
+                io.ControlNet.Input("control_net", tooltip="the ControlNet trained with this adapter (ControlNetLoader)"),
+                XSRAdaINAdapterSocket.Input("adapter", tooltip="from XSR Load AdaIN Adapter"),
+                *_common_inputs(),
+                io.Boolean.Input("allow_other_controlnet", default=False, optional=True,
+                                 tooltip="run the adapter on a ControlNet other than the one it was trained with"),
+            ],
+            outputs=list(_OUTPUTS),
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kw) -> bool | str:
+        problems = schema_problems(cls, kw)
+        s, e = kw.get("start_percent"), kw.get("end_percent")
+        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
+            problems.append(f"XSR_ApplyAdaIN: start_percent {s} is after end_percent {e}; make start <= end.")
+        return verdict(problems)
+
+    @classmethod
+    def execute(cls, model, control_net, adapter, strength: float, start_percent: float, end_percent: float,
+                apply_to: str, allow_other_controlnet: bool = False) -> io.NodeOutput:
+        check_finite("XSR_ApplyAdaIN", strength=strength, start_percent=start_percent, end_percent=end_percent)
+        return io.NodeOutput(*apply_adapter("XSR_ApplyAdaIN", model, control_net, adapter, strength, start_percent,
+                                            end_percent, apply_to, allow_other_controlnet))
 
 
 class XSRAdaINPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = xsr_files()
-        default = "adain_adapter.safetensors" if "adain_adapter.safetensors" in files else None
         return io.Schema(
             node_id="XSR_AdaINPatch",
             display_name="XSR AdaIN Patch (U-Net + ControlNet)",
@@ -29,20 +202,10 @@ class XSRAdaINPatch(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
                 io.ControlNet.Input("control_net", tooltip="SD1.x ControlNet (ControlNetLoader), e.g. the tile ControlNet"),
-                io.Combo.Input("adapter_name", options=files, default=default,
-                               tooltip="AdaIN adapter weights (.safetensors in models/xsr)"),
-                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit"),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="sampling progress at which the adapter starts acting"),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="sampling progress at which the adapter stops acting"),
-                io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
-                               tooltip="cond: only the positive branch gets the image embedding (default); "
-                                       "both: the negative branch gets it too"),
+                _adapter_combo(),
+                *_common_inputs(),
             ],
-            outputs=[io.Model.Output("patched_model", display_name="model"),
-                     io.ControlNet.Output("patched_control_net", display_name="control_net")],
+            outputs=list(_OUTPUTS),
         )
 
     @classmethod
@@ -60,21 +223,9 @@ class XSRAdaINPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, control_net, adapter_name: str, strength: float, start_percent: float,
                 end_percent: float, apply_to: str) -> io.NodeOutput:
-        check_finite("XSR_AdaINPatch", strength=strength, start_percent=start_percent, end_percent=end_percent)
-        if start_percent > end_percent:
-            raise ValueError(f"XSR_AdaINPatch: start_percent {start_percent} is after end_percent {end_percent}.")
-        path = xsr_file_path("XSR_AdaINPatch", "adapter_name", adapter_name)
-        if strength == 0.0:
-            # the parity rule: strength 0 is the unpatched graph, bit for bit (no wrappers, no batching change)
-            return io.NodeOutput(model.clone(), control_net.copy())
-        try:
-            adapter = load_model(path, expected=AdaINAdapter)
-        except XSRWeightsError as e:
-            raise ValueError(f"XSR_AdaINPatch: {e}") from None
-        patcher = comfy.model_patcher.ModelPatcher(
-            adapter, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device(),
-        )
-        runtime = AdaINRuntime(patcher, strength=float(strength), start_percent=float(start_percent),
-                               end_percent=float(end_percent), apply_to=apply_to)
-        return io.NodeOutput(patch_unet(model, runtime), patch_controlnet(control_net, runtime))
+        node = "XSR_AdaINPatch"
+        check_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
+        path = xsr_file_path(node, "adapter_name", adapter_name)
+        loaded = load_adapter(node, path) if strength != 0.0 else None
+        return io.NodeOutput(*apply_adapter(node, model, control_net, loaded, strength, start_percent, end_percent,
+                                            apply_to))

@@ -1,28 +1,29 @@
 """ComfyUI binding of the AdaIN adapter (DESIGN §2.4): patches with ComfyUI's own signatures.
 
 The adapter math lives in ``xsr_core.adapter`` (pure PyTorch); this module only routes ComfyUI's
-activations through :meth:`AdaINAdapter.apply`. Shape of the design:
+activations through it. Shape of the design:
 
 - The patched MODEL / CONTROL_NET are **image-independent** (patched once, cached across prompts).
-  The per-image embedding E travels inside the positive CONDITIONING as a ``model_conds`` entry
-  ``xsr`` (:class:`CONDXSR`), which ComfyUI batches with the text context. Its ``concat`` returns a
-  memoised :class:`XSRBatch` (a plain object, passed through to the model untouched), so the
-  adapter statistics of a batch are computed once per sampling run, on the adapter's device, and
-  reused at every step: no per-step projector, host sync or host-to-device copy.
-- Conditioning without E (the negative prompt) gets a matching null entry from a
-  ``CALC_COND_BATCH`` wrapper, so positive and negative keep equal keys and are still batched
-  together under CFG (a key on one side only would split CFG into two passes). With
-  ``apply_to="both"`` the null entries carry the positive's E instead.
-- U-Net: a keyed ``DIFFUSION_MODEL`` wrapper takes the batch's XSRBatch from the model kwargs and
-  publishes its statistics (context variable) to
-  ``set_model_attn2_patch`` (pre-cross-attention norm, α), ``set_model_attn2_replace`` (Q/K, β;
-  chaining into any replace already present, e.g. IPAdapter's), and an object patch of each block's
-  ``norm3`` (FFN-path norm, γ: ComfyUI has no hook there).
-- ControlNet: U-Net transformer_options never reach ComfyUI's ControlNet blocks, so the cloned
-  ControlNet gets object patches on its own modules (norm2, attn2.to_q, attn2.to_k, norm3) and a
-  ``get_control`` that publishes E from the batched conditioning.
+  The per-image embedding E travels inside the positive CONDITIONING: its options dict carries a
+  :class:`CONDXSR` under the key ``xsr`` (:func:`attach_embedding`). Only a patched model reads it: its
+  ``CALC_COND_BATCH`` wrapper moves the entry into ``model_conds`` and gives every conditioning without E
+  (the negative prompt) a matching null entry (with ``apply_to="both"``: the positive's E), so positive
+  and negative keep equal keys and ComfyUI still batches CFG into one pass. An unpatched model (the
+  text-only graph, strength 0) never sees the entry, so its CFG batching is untouched too.
+  ``CONDXSR.concat`` returns a memoised :class:`XSRBatch` (passed through to the model untouched), so the
+  adapter statistics of a batch are computed once per sampling run, on the adapter's device.
+- ONE patching mechanism in both models: object patches (``ModelPatcher.add_object_patch``) of every
+  covered block's ``norm2``, ``attn2.to_q``, ``attn2.to_k`` and ``norm3`` modules (:func:`_patch_sites`).
+  They change the modules' outputs and nothing else, so any ``attn2`` patch/replace of another pack
+  (e.g. IPAdapter's ``Attn2Replace`` with its ``.add()``) composes with them in either order: it sees the
+  adapted Q and K exactly as the plain attention would.
+- The per-forward state (plan of folded statistics) is published on a slot shared by the site modules
+  of one :class:`AdaINRuntime`: by an ``APPLY_MODEL`` wrapper for the U-Net (outside a
+  ``torch.compile``-d diffusion model) and by :meth:`XSRControlNet.get_control` for the ControlNet
+  (ComfyUI's ControlNet never sees U-Net transformer_options).
 - The adapter weights live in their own ModelPatcher registered with ``set_additional_models``, so
-  ComfyUI loads/offloads them with the U-Net. Patch objects hold only references (light under clone()).
+  ComfyUI loads/offloads them with the U-Net. Patch objects hold only references (light under clone()),
+  and no cache outside a patcher holds the adapter module (statistics caches are weak-keyed).
 
 Rows of null entries (unconditional branch, or conditioning without E) are returned
 bit-identically, and so is everything at strength 0 or outside [start_percent, end_percent].
@@ -30,36 +31,41 @@ bit-identically, and so is everything at strength 0 or outside [start_percent, e
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import comfy.controlnet
-import comfy.ldm.modules.attention as comfy_attention
-import comfy.model_management
 import comfy.model_patcher
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
-from ..xsr_core.adapter import AdaINAdapter, AdapterStats, parse_block_id
+from ..xsr_core.adapter import AdaINAdapter, AdapterForward, AdapterStats, comfy_block_path
 
 logger = logging.getLogger(__name__)
 
-XSR_KEY = "xsr"  # model_conds entry: CONDXSR (the enhanced image tokens E of one conditioning)
+XSR_KEY = "xsr"  # conditioning option / model_conds entry: CONDXSR (the enhanced image tokens E)
 WRAPPER_KEY = "xsr_adain"
 APPLY_TO = ("cond", "both")
+SITE_MODULES = (("norm2", "norm2"), ("q", "attn2.to_q"), ("k", "attn2.to_k"), ("norm3", "norm3"))
+MULTIGPU_MESSAGE = (
+    "XSR: the AdaIN adapter patches cannot be carried into ComfyUI's multi-GPU clones (MultiGPU work units): "
+    "the patched modules and the adapter weights belong to one device. Sample XSR graphs on one GPU (remove the "
+    "MultiGPU node from this graph)."
+)
 
 
+# ---------------------------------------------------------------------------------------------
+# The conditioning entry
+# ---------------------------------------------------------------------------------------------
 class CONDXSR:
-    """``model_conds`` entry carrying one conditioning's image embedding E (B, N, D), or a null entry.
+    """One conditioning's image embedding E (B, N, D), or a null entry; ComfyUI's COND protocol.
 
-    Follows ComfyUI's COND protocol (process_cond / can_concat / concat / size). ``concat`` returns
-    an :class:`XSRBatch`, memoised per set of parts, so ComfyUI's per-step ``cond_cat`` hands the model
-    the same object at every step of a sampling run.
+    Follows process_cond / can_concat / concat / size. ``concat`` returns an :class:`XSRBatch`, memoised
+    per set of parts, so ComfyUI's per-step ``cond_cat`` hands the model the same object at every step.
     """
 
     def __init__(self, embed: torch.Tensor | None, active: bool = True, batch: int | None = None):
@@ -67,13 +73,13 @@ class CONDXSR:
         self.active = bool(active and embed is not None)
         self.batch = batch if batch is not None else (embed.shape[0] if embed is not None else 1)
         self._memo: dict[tuple, XSRBatch] = {}
-        self._stats: dict[int, tuple[Any, Any]] = {}
+        self._stats: weakref.WeakKeyDictionary[AdaINAdapter, AdapterStats] = weakref.WeakKeyDictionary()
         self._processed: dict[int, CONDXSR] = {}
 
     def __deepcopy__(self, memo):
         return self
 
-    def process_cond(self, batch_size: int, **kwargs) -> "CONDXSR":
+    def process_cond(self, batch_size: int, **kwargs) -> CONDXSR:
         # ComfyUI calls this at every sampling step: hand back the same object so that the concat
         # memo and the statistics computed for it live for the whole run
         hit = self._processed.get(batch_size)
@@ -81,7 +87,7 @@ class CONDXSR:
             hit = self._processed[batch_size] = self._process(batch_size)
         return hit
 
-    def _process(self, batch_size: int) -> "CONDXSR":
+    def _process(self, batch_size: int) -> CONDXSR:
         embed = self.embed
         if embed is not None and embed.shape[0] != batch_size:
             if batch_size % embed.shape[0]:
@@ -90,7 +96,7 @@ class CONDXSR:
             embed = embed.repeat(batch_size // embed.shape[0], 1, 1)
         return CONDXSR(embed, self.active, batch_size)
 
-    def null(self) -> "CONDXSR":
+    def null(self) -> CONDXSR:
         hit = self._processed.get(-1)
         if hit is None:
             hit = self._processed[-1] = CONDXSR(None, False, self.batch)
@@ -99,10 +105,12 @@ class CONDXSR:
     def can_concat(self, other) -> bool:
         return isinstance(other, CONDXSR)
 
-    def concat(self, others) -> "XSRBatch":
+    def concat(self, others) -> XSRBatch:
         key = tuple(id(o) for o in others)
         hit = self._memo.get(key)
         if hit is None or any(a is not b for a, b in zip(hit.parts[1:], others)):
+            if len(self._memo) > 16:
+                self._memo.clear()
             hit = XSRBatch([self, *others])
             self._memo[key] = hit
         return hit
@@ -110,16 +118,15 @@ class CONDXSR:
     def size(self) -> list[int]:
         return [self.batch, 1]
 
-    def stats_for(self, adapter: AdaINAdapter):
-        """This entry's adapter statistics (computed once per adapter, on its device)."""
-        hit = self._stats.get(id(adapter))
-        if hit is None or hit[0] is not adapter:
+    def stats_for(self, adapter: AdaINAdapter) -> AdapterStats:
+        """This entry's adapter statistics (computed once per adapter, on its device; weak-keyed)."""
+        stats = self._stats.get(adapter)
+        if stats is None:
             p = adapter.head.weight
             with torch.no_grad():
                 stats = adapter.compute_stats(self.embed.to(device=p.device, dtype=p.dtype))
-            hit = (adapter, stats)
-            self._stats[id(adapter)] = hit
-        return hit[1]
+            self._stats[adapter] = stats
+        return stats
 
 
 class XSRBatch:
@@ -128,16 +135,15 @@ class XSRBatch:
     def __init__(self, parts: list[CONDXSR]):
         self.parts = parts
         self.rows = tuple(p.active for p in parts for _ in range(p.batch))
-        self._stats: dict[int, tuple[Any, Any]] = {}
+        self._stats: weakref.WeakKeyDictionary[AdaINAdapter, AdapterStats | None] = weakref.WeakKeyDictionary()
 
     def __deepcopy__(self, memo):
         return self
 
-    def stats_for(self, adapter: AdaINAdapter):
-        """AdapterStats with one row per batch row (null rows: zeros, never applied); cached."""
-        hit = self._stats.get(id(adapter))
-        if hit is not None and hit[0] is adapter:
-            return hit[1]
+    def stats_for(self, adapter: AdaINAdapter) -> AdapterStats | None:
+        """AdapterStats with one row per batch row (null rows: zeros, never applied); None if no row is active."""
+        if adapter in self._stats:
+            return self._stats[adapter]
         actives = [p for p in self.parts if p.active]
         if not actives:
             stats = None
@@ -150,26 +156,50 @@ class XSRBatch:
                             for s, p in zip(per, self.parts)])
             sigma = torch.cat([s.sigma if s is not None else ref.sigma.new_ones(p.batch, ref.sigma.shape[1])
                                for s, p in zip(per, self.parts)])
-            stats = AdapterStats(ref.layout, mu, sigma, ref.gates, ref.active, ref.eps)
-        self._stats[id(adapter)] = (adapter, stats)
+            stats = AdapterStats(ref.layout, mu, sigma, ref.gates, ref.active, ref.eps, ref._owners, ref._index_cache)
+        self._stats[adapter] = stats
         return stats
 
 
-@dataclass
-class _Active:
-    """What the patches need during one forward: the adapter, its stats, strength and rows."""
+def attach_embedding(conditioning: list, embed: torch.Tensor) -> list:
+    """A copy of a CONDITIONING whose entries carry the image embedding E (B, N, D) for the adapter.
 
-    runtime: "AdaINRuntime"
-    stats: Any
-    rows: tuple[bool, ...] | None  # which batch rows get the adapter (None: all)
+    The contract: each entry's options dict holds ``XSR_KEY: CONDXSR(E)`` with one E row per latent row of
+    that conditioning (or one row, broadcast). Only a model patched by :func:`patch_unet` reads it.
+    (A CONDXSR placed in ``model_conds`` under the same key is honoured too, but then an unpatched model
+    splits CFG into two passes.)
+    """
+    entry = CONDXSR(embed)
+    return [[c, {**opts, XSR_KEY: entry}] for c, opts in conditioning]
 
 
-_CURRENT: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("xsr_adain_current", default=None)
+def embedding_of(cond: dict) -> CONDXSR | None:
+    """The CONDXSR of one (converted) conditioning dict, from model_conds or the options, else None."""
+    x = cond.get("model_conds", {}).get(XSR_KEY)
+    if isinstance(x, CONDXSR):
+        return x
+    x = cond.get(XSR_KEY)
+    return x if isinstance(x, CONDXSR) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime state
+# ---------------------------------------------------------------------------------------------
+class _Slot:
+    """Holds the state of the forward in progress; read by every site module of one runtime."""
+
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state: AdapterForward | None = None
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 @dataclass(eq=False)
 class AdaINRuntime:
-    """Shared, light state of one XSR_AdaINPatch: the adapter patcher and the user's settings."""
+    """Shared, light state of one applied adapter: the adapter patcher and the user's settings."""
 
     adapter_patcher: comfy.model_patcher.ModelPatcher
     strength: float = 1.0
@@ -177,8 +207,10 @@ class AdaINRuntime:
     end_percent: float = 1.0
     apply_to: str = "cond"
     sigma_range: tuple[float, float] | None = field(default=None)  # (sigma_start, sigma_end) once known
+    slot: _Slot = field(default_factory=_Slot)
+    _last: tuple | None = field(default=None, repr=False)  # (weakref to XSRBatch, adapter ref, AdapterForward)
 
-    def __deepcopy__(self, memo: dict) -> "AdaINRuntime":
+    def __deepcopy__(self, memo: dict) -> AdaINRuntime:
         return self  # shared by every clone of the patched model
 
     @property
@@ -196,122 +228,124 @@ class AdaINRuntime:
         hi, lo = self.sigma_range
         return lo <= s <= hi
 
-    def activate(self, batch: Any, sigma: Any) -> _Active | None:
-        """The per-forward state, or None when nothing is to be applied."""
+    def activate(self, batch: Any, sigma: Any) -> AdapterForward | None:
+        """The per-forward state, or None when nothing is to be applied (memoised per XSRBatch)."""
         if not isinstance(batch, XSRBatch) or self.strength == 0.0 or not self.in_window(sigma):
             return None
-        stats = batch.stats_for(self.adapter)
-        if stats is None:
-            return None
-        rows = None if all(batch.rows) else batch.rows
-        return _Active(self, stats, rows)
+        adapter = self.adapter
+        last = self._last
+        if last is not None and last[0]() is batch and last[1]() is adapter:
+            return last[2]
+        stats = batch.stats_for(adapter)
+        state = None
+        if stats is not None:
+            state = AdapterForward(stats, self.strength, batch.rows, fused=adapter.use_triton)
+        self._last = (weakref.ref(batch), weakref.ref(adapter), state)
+        return state
 
 
-def _apply(block_id: str, site: str, h: torch.Tensor, state: _Active) -> torch.Tensor:
-    adapter = state.runtime.adapter
-    if block_id not in adapter.layout.index:
-        return h
-    rows = state.rows
-    if state.stats.batch not in (1, h.shape[0]):
-        # not the batch the conditioning described (should not happen): leave the activation alone
-        logger.warning("XSR adapter: stats for %d rows, activation has %d; skipped", state.stats.batch, h.shape[0])
-        return h
-    return adapter.apply(block_id, site, h, state.stats, strength=state.runtime.strength, rows=rows)
+class XSRAdapterPatcher(comfy.model_patcher.ModelPatcher):
+    """The adapter's ModelPatcher: ComfyUI budgets/offloads it; multi-GPU deep clones are refused clearly."""
+
+    def deepclone_multigpu(self, *args, **kwargs):
+        raise RuntimeError(MULTIGPU_MESSAGE)
+
+
+def make_adapter_patcher(adapter: AdaINAdapter) -> XSRAdapterPatcher:
+    import comfy.model_management as mm
+
+    return XSRAdapterPatcher(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 # ---------------------------------------------------------------------------------------------
-# U-Net patches
+# Site modules (object patches)
 # ---------------------------------------------------------------------------------------------
-def _unet_block_id(extra_options: dict) -> str | None:
-    block = extra_options.get("block")
-    if block is None:
-        return None
-    return f"unet.{block[0]}.{int(block[1])}.{int(extra_options.get('block_index', 0))}"
+_TWIN_CLASSES: dict[type, type] = {}
 
 
-class Norm2Patch:
-    """``attn2_patch``: AdaIN on the pre-cross-attention LayerNorm output (gate α)."""
-
-    def __call__(self, n, context_attn2, value_attn2, extra_options):
-        state = _CURRENT.get()
-        if state is not None:
-            block_id = _unet_block_id(extra_options)
-            if block_id is not None:
-                n = _apply(block_id, "norm2", n, state)
-        return n, context_attn2, value_attn2
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class QKReplace:
-    """``attn2_replace`` for one block: AdaIN on Q and K (gate β), then the previous replace or attention."""
-
-    def __init__(self, block_id: str, previous: Any = None):
-        self.block_id = block_id
-        self.previous = previous
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, q, k, v, extra_options):
-        state = _CURRENT.get()
-        if state is not None:
-            q = _apply(self.block_id, "q", q, state)
-            k = _apply(self.block_id, "k", k, state)
-        if self.previous is not None:
-            return self.previous(q, k, v, extra_options)
-        return comfy_attention.optimized_attention(
-            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-            transformer_options=extra_options,
-        )
-
-
-def _site_module(original: torch.nn.Module, block_id: str, site: str) -> torch.nn.Module:
+def _site_module(original: torch.nn.Module, slot: _Slot, index: int, site: str) -> torch.nn.Module:
     """A shallow twin of ``original`` whose output goes through the adapter.
 
     The twin shares ``original``'s parameter dict, so weight patches (LoRA), casting and device moves
-    of the original apply to it too; only ``forward`` differs. The adapter state comes from the
-    context variable set by the U-Net wrapper or XSRControlNet.get_control.
+    of the original apply to it too; only ``forward`` differs. The adapter state comes from ``slot``.
     """
     cls = original.__class__
     twin_cls = _TWIN_CLASSES.get(cls)
     if twin_cls is None:
+        base_forward = cls.forward
+
         def forward(self, *args, **kwargs):
-            out = cls.forward(self, *args, **kwargs)
-            state = _CURRENT.get()
+            out = base_forward(self, *args, **kwargs)
+            state = self._xsr_slot.state
             if state is None:
                 return out
-            return _apply(self._xsr_block_id, self._xsr_site, out, state)
+            return state.apply(self._xsr_index, self._xsr_site, out)
 
         twin_cls = type(f"XSR{cls.__name__}", (cls,), {"forward": forward, "__deepcopy__": lambda self, memo: self})
         _TWIN_CLASSES[cls] = twin_cls
     twin = copy.copy(original)
     twin.__class__ = twin_cls
-    twin._xsr_block_id = block_id
+    twin.__dict__["_xsr_original"] = original  # not a submodule: the twin shares original's _modules dict
+    twin._xsr_slot = slot
+    twin._xsr_index = index
     twin._xsr_site = site
     return twin
 
 
-_TWIN_CLASSES: dict[type, type] = {}
+def _site_width(module: torch.nn.Module) -> int | None:
+    if hasattr(module, "out_features"):
+        return int(module.out_features)
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if shape else None
 
 
-def _comfy_block_path(block_id: str) -> str:
-    """Module path of a block's BasicTransformerBlock in ComfyUI's UNetModel / cldm.ControlNet."""
-    _, stage, index, t = parse_block_id(block_id)
-    if stage == "middle":
-        return f"middle_block.1.transformer_blocks.{t}"
-    return f"{stage}_blocks.{index}.1.transformer_blocks.{t}"
+def _patch_sites(patcher: comfy.model_patcher.ModelPatcher, prefix: str, runtime: AdaINRuntime,
+                 block_ids: list[str], what: str) -> None:
+    """Object-patch norm2 / attn2.to_q / attn2.to_k / norm3 of every block in ``block_ids``.
 
-
-def _diffusion_model_wrapper(runtime: AdaINRuntime):
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        state = runtime.activate(kwargs.pop(XSR_KEY, None), transformer_options.get("sigmas"))
-        token = _CURRENT.set(state)
+    ``prefix``: the path of the model inside the patcher (``"diffusion_model."`` for the U-Net, ``""``
+    for a ControlNet's control model). An XSR twin already there (a model patched twice) is replaced.
+    """
+    adapter = runtime.adapter
+    for block_id in block_ids:
+        i = adapter.layout.index[block_id]
+        spec = adapter.config.blocks[i]
+        path = comfy_block_path(block_id)
         try:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            patcher.get_model_object(f"{prefix}{path}")
+        except AttributeError:
+            raise ValueError(
+                f"XSR AdaIN: the adapter covers {what} block {block_id}, which this {what} does not have (no {path}); "
+                "the adapter was trained for another architecture (SD1.x U-Net + ControlNet expected)."
+            ) from None
+        for site, sub in SITE_MODULES:
+            key = f"{prefix}{path}.{sub}"
+            original = patcher.get_model_object(key)
+            original = getattr(original, "_xsr_original", original)
+            want = spec["inner_dim"] if site in ("q", "k") else spec["dim"]
+            have = _site_width(original)
+            if have is not None and have != want:
+                raise ValueError(
+                    f"XSR AdaIN: {what} block {block_id} has {have} channels at {sub}, the adapter expects {want}: "
+                    "the adapter was trained for another base model."
+                )
+            patcher.add_object_patch(key, _site_module(original, runtime.slot, i, site))
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net
+# ---------------------------------------------------------------------------------------------
+def _apply_model_wrapper(runtime: AdaINRuntime):
+    slot = runtime.slot
+
+    def wrapper(executor, x, t, *args, **kwargs):
+        state = runtime.activate(kwargs.pop(XSR_KEY, None), t)
+        prev = slot.state
+        slot.state = state
+        try:
+            return executor(x, t, *args, **kwargs)
         finally:
-            _CURRENT.reset(token)
+            slot.state = prev
 
     return wrapper
 
@@ -322,19 +356,20 @@ def _calc_cond_batch_wrapper(runtime: AdaINRuntime):
             ms = model.model_sampling
             runtime.sigma_range = (float(ms.percent_to_sigma(runtime.start_percent)),
                                    float(ms.percent_to_sigma(runtime.end_percent)))
-        conds = _fill_null_embeddings(conds, runtime.apply_to)
+        conds = _fill_embeddings(conds, runtime.apply_to)
         return executor(model, conds, x_in, timestep, model_options)
 
     return wrapper
 
 
-def _fill_null_embeddings(conds: list, apply_to: str) -> list:
-    """Give every conditioning without E a matching entry (null, or the positive's with "both")."""
+def _fill_embeddings(conds: list, apply_to: str) -> list:
+    """Put every conditioning's E into its model_conds; conditionings without E get a matching entry
+    (null, or the positive's with "both"), so all keys stay equal and CFG stays one batched pass."""
     template = None
     for group in conds:
         for c in group or []:
-            x = c.get("model_conds", {}).get(XSR_KEY)
-            if isinstance(x, CONDXSR) and x.active:
+            x = embedding_of(c)
+            if x is not None and x.active:
                 template = x
                 break
         if template is not None:
@@ -350,41 +385,25 @@ def _fill_null_embeddings(conds: list, apply_to: str) -> list:
         new_group = []
         for c in group:
             mc = c.get("model_conds", {})
-            if XSR_KEY not in mc:
+            entry = embedding_of(c) or filler
+            if mc.get(XSR_KEY) is not entry:
                 c = dict(c)
-                c["model_conds"] = {**mc, XSR_KEY: filler}
+                c["model_conds"] = {**mc, XSR_KEY: entry}
             new_group.append(c)
         out.append(new_group)
     return out
 
 
 def patch_unet(model: comfy.model_patcher.ModelPatcher, runtime: AdaINRuntime) -> comfy.model_patcher.ModelPatcher:
-    """A clone of ``model`` carrying the adapter patches for every U-Net block the adapter covers."""
+    """A clone of ``model`` carrying the adapter's object patches for every U-Net block it covers."""
     m = model.clone()
     m.set_additional_models(WRAPPER_KEY, [runtime.adapter_patcher])
-    adapter = runtime.adapter
-    unet_ids = [b for b in adapter.block_ids if b.startswith("unet.")]
-    if not unet_ids:
-        return m
-    diffusion_model = m.get_model_object("diffusion_model")
-    replace = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    m.set_model_attn2_patch(Norm2Patch())
-    for block_id in unet_ids:
-        _, stage, index, t = parse_block_id(block_id)
-        path = _comfy_block_path(block_id)
-        try:
-            diffusion_model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(
-                f"XSR_AdaINPatch: the adapter covers block {block_id}, which this model does not have "
-                f"(no {path}); the adapter was trained for another U-Net architecture (SD1.x expected)."
-            ) from None
-        previous = replace.get((stage, index, t), replace.get((stage, index)))
-        m.set_model_attn2_replace(QKReplace(block_id, previous), stage, index, t)
-        key = f"diffusion_model.{path}.norm3"
-        m.add_object_patch(key, _site_module(m.get_model_object(key), block_id, "norm3"))
-    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _diffusion_model_wrapper(runtime))
-    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _calc_cond_batch_wrapper(runtime))
+    unet_ids = [b for b in runtime.adapter.block_ids if b.startswith("unet.")]
+    _patch_sites(m, "diffusion_model.", runtime, unet_ids, "U-Net")
+    for kind, factory in ((WrappersMP.APPLY_MODEL, _apply_model_wrapper),
+                          (WrappersMP.CALC_COND_BATCH, _calc_cond_batch_wrapper)):
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)  # a model patched twice: the last patch wins
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, factory(runtime))
     return m
 
 
@@ -394,60 +413,46 @@ def patch_unet(model: comfy.model_patcher.ModelPatcher, runtime: AdaINRuntime) -
 class XSRControlNet(comfy.controlnet.ControlNet):
     """A ComfyUI ControlNet whose transformer blocks go through the adapter.
 
-    ``get_control`` publishes E from the batched conditioning (the same ``xsr_embed``/``xsr_active``
-    entries the U-Net sees); its control model patcher is a clone with object patches on the
-    blocks' norm2, attn2.to_q, attn2.to_k and norm3.
+    ``get_control`` publishes E from the batched conditioning (the same ``xsr`` entry the U-Net sees); its
+    control model patcher is a clone with the same object patches as the U-Net's (:func:`_patch_sites`).
     """
 
     xsr_runtime: AdaINRuntime | None = None
 
     def copy(self):
-        c = XSRControlNet(None, global_average_pooling=self.global_average_pooling, load_device=self.load_device,
-                          manual_cast_dtype=self.manual_cast_dtype)
-        c.control_model = self.control_model
-        c.control_model_wrapped = self.control_model_wrapped
-        self.copy_to(c)
+        c = super().copy()  # whatever this ComfyUI's ControlNet.copy() carries over
+        c.__class__ = XSRControlNet
         c.xsr_runtime = self.xsr_runtime
         return c
 
+    def deepclone_multigpu(self, *args, **kwargs):
+        raise RuntimeError(MULTIGPU_MESSAGE)
+
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         runtime = self.xsr_runtime
-        state = None
-        if runtime is not None:
-            state = runtime.activate(cond.get(XSR_KEY), t)
-        token = _CURRENT.set(state)
+        if runtime is None:
+            return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
+        slot = runtime.slot
+        prev = slot.state
+        slot.state = runtime.activate(cond.get(XSR_KEY), t)
         try:
             return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
         finally:
-            _CURRENT.reset(token)
+            slot.state = prev
 
 
 def patch_controlnet(control_net: Any, runtime: AdaINRuntime) -> XSRControlNet:
     """An XSRControlNet copy of ``control_net`` (never mutated) with the adapter's ControlNet blocks patched."""
     if type(control_net) not in (comfy.controlnet.ControlNet, XSRControlNet):
         raise ValueError(
-            f"XSR_AdaINPatch: control_net is a {type(control_net).__name__}; the AdaIN adapter needs a full SD1.x "
+            f"XSR AdaIN: control_net is a {type(control_net).__name__}; the AdaIN adapter needs a full SD1.x "
             "ControlNet (ControlNetLoader on e.g. control_v11f1e_sd15_tile), not a ControlLoRA/T2I-adapter."
         )
-    c = XSRControlNet(None, global_average_pooling=control_net.global_average_pooling,
-                      load_device=control_net.load_device, manual_cast_dtype=control_net.manual_cast_dtype)
-    c.control_model = control_net.control_model
-    c.control_model_wrapped = control_net.control_model_wrapped.clone()
-    control_net.copy_to(c)
+    c = control_net.copy()
+    c.__class__ = XSRControlNet
     c.xsr_runtime = runtime
-    wrapped = c.control_model_wrapped
+    c.control_model_wrapped = wrapped = control_net.control_model_wrapped.clone()
     wrapped.set_additional_models(WRAPPER_KEY, [runtime.adapter_patcher])
     control_ids = [b for b in runtime.adapter.block_ids if b.startswith("control.")]
-    for block_id in control_ids:
-        path = _comfy_block_path(block_id)
-        try:
-            wrapped.model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(
-                f"XSR_AdaINPatch: the adapter covers ControlNet block {block_id}, which this ControlNet does not "
-                f"have (no {path}): use an SD1.x ControlNet matching the checkpoint."
-            ) from None
-        for site, sub in (("norm2", "norm2"), ("q", "attn2.to_q"), ("k", "attn2.to_k"), ("norm3", "norm3")):
-            key = f"{path}.{sub}"
-            wrapped.add_object_patch(key, _site_module(wrapped.get_model_object(key), block_id, site))
+    _patch_sites(wrapped, "", runtime, control_ids, "ControlNet")
     return c

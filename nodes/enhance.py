@@ -13,7 +13,7 @@ import torch
 import comfy.model_management
 from comfy_api.latest import io, ui
 
-from .comfy_binding import XSR_KEY, CONDXSR
+from .comfy_binding import attach_embedding
 from .common import XSRModels, XSRRefs, throw_if_interrupted
 from .validation import check_batch, check_text, schema_problems, verdict
 
@@ -123,8 +123,11 @@ class XSREnhance(io.ComfyNode):
             texts.append(text)
         cond, pooled = encode_texts(clip, texts)
         E = E.float().to(comfy.model_management.intermediate_device())
-        opts = {"model_conds": {XSR_KEY: CONDXSR(E)}}
+        opts = {}
         if pooled is not None:
             opts["pooled_output"] = pooled
         caption_text = "\n".join(texts)
-        return io.NodeOutput([[cond, opts]], caption_text, ui=ui.PreviewText(caption_text))
+        # E rides in the options (not model_conds): only an XSR-patched model reads it, so a text-only graph
+        # keeps equal positive/negative keys and one batched CFG pass
+        positive = attach_embedding([[cond, opts]], E)
+        return io.NodeOutput(positive, caption_text, ui=ui.PreviewText(caption_text))

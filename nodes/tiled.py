@@ -9,7 +9,7 @@ How it plugs into a stock graph (workflows/xsr_x16_tiled.json):
 
 Each tile is one row of the conditioning, exactly like one LR image of a batch: its own references
 (XSR_Retrieve already answers a batch row by row), its own image embedding E (the ``xsr``
-``model_conds`` entry) and its own caption (XSR_Enhance writes one per row). The full-size latent is
+conditioning entry) and its own caption (XSR_Enhance writes one per row). The full-size latent is
 sampled once by the stock KSampler; XSR_TiledModel's ``CALC_COND_BATCH`` wrapper cuts the latent
 into the tiles at every model call, hands ComfyUI's own ``calc_cond_batch`` a *batch of tiles* with
 the matching conditioning rows (so the adapter binding, ControlNet, CFG batching and hooks all see
@@ -32,8 +32,9 @@ ComfyUI's own estimate (``model.memory_required``, ``get_free_memory``), or the 
 ``tile_batch``. KSampler's progress bar advances once per step, and a step covers all tiles;
 interrupts are checked between tile batches.
 
-Contract with the adapter binding: only the ``xsr`` model_conds key carrying one E row per
-conditioning row (``CONDXSR(E)``, as XSR_Enhance builds it) and ComfyUI's public wrapper API.
+Contract with the adapter binding: only the ``xsr`` key carrying one E row per conditioning row
+(``CONDXSR(E)`` in the conditioning options, as XSR_Enhance attaches it with
+``comfy_binding.attach_embedding``, or in ``model_conds``) and ComfyUI's public wrapper API.
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ class TiledRuntime:
         n = len(self.tiling)
         new = dict(c)
         new["model_conds"] = {k: _slice_entry(k, v, rows, n, batch) for k, v in c.get("model_conds", {}).items()}
+        if isinstance(c.get(XSR_KEY), CONDXSR):  # E in the conditioning options (comfy_binding.attach_embedding)
+            new[XSR_KEY] = _slice_entry(XSR_KEY, c[XSR_KEY], rows, n, batch)
         self._conds[key] = (c, new)
         return new
 

@@ -196,7 +196,7 @@ ad_cfg = core_adapter.AdaINAdapterConfig.from_unet_config(
 adapter = core_adapter.AdaINAdapter(ad_cfg).eval()
 with torch.no_grad():
     adapter.gates.uniform_(0.3, 0.9, generator=torch.Generator().manual_seed(1))
-ap = comfy.model_patcher.ModelPatcher(adapter, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+ap = binding.make_adapter_patcher(adapter)  # what XSR_LoadAdaINAdapter makes
 runtime = binding.AdaINRuntime(ap, strength=1.0)
 xsr_model = binding.patch_unet(model, runtime)
 xsr_cn = binding.patch_controlnet(control, runtime)

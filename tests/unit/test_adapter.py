@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig, adain, adain_residual, cfg_rows
+from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig, adain, adain_apply
 from xsr_core.weights import XSRWeightsError, load_model, save_model
 
 BLOCKS = [
@@ -40,6 +40,11 @@ def act(batch, block, site, seed=1):
 
 def bits(t):
     return t.contiguous().view(torch.int32)
+
+
+def adain_residual(h, mu, sigma, gain, eps=1e-5):
+    """Gated AdaIN ``h + gain · (AdaIN(h) − h)``: the unfused float reference the fused paths must match."""
+    return h + gain * (adain(h, mu, sigma, eps) - h)
 
 
 def test_adain_reference_moves_statistics():
@@ -146,50 +151,45 @@ def test_rows_conventions_and_bit_identical_unselected_rows():
     h = act(4, b, "q")
     h[1, 0, 0] = -0.0  # sign of zero must survive in unselected rows
     with torch.no_grad():
-        full = ad.apply(b["id"], "q", h, ad.compute_stats(E))  # Bs == B, every row
         stats_all = ad.compute_stats(E)
-        stats_sel = ad.compute_stats(E[[0, 2]])
         stats_one = ad.compute_stats(E[:1])
-    selectors = [
-        [True, False, True, False],
-        [0, 2],
-        torch.tensor([True, False, True, False]),
-        torch.tensor([0, 2]),
-    ]
-    for rows in selectors:
-        for stats, ref_rows in ((stats_all, full), (stats_sel, None)):
-            out = ad.apply(b["id"], "q", h, stats, rows=rows)
-            assert torch.equal(bits(out[[1, 3]]), bits(h[[1, 3]])), rows
-            if ref_rows is not None:
-                torch.testing.assert_close(out[[0, 2]], full[[0, 2]])
-        # selected-rows convention: stats row j belongs to the j-th selected row
-        out = ad.apply(b["id"], "q", h, stats_sel, rows=rows)
-        solo = ad.apply(b["id"], "q", h[[2]], ad.compute_stats(E[[2]]))
-        torch.testing.assert_close(out[2:3], solo, rtol=1e-5, atol=1e-5)
+    full = ad.apply(b["id"], "q", h, stats_all)  # Bs == B, every row
+    rows = [True, False, True, False]
+    out = ad.apply(b["id"], "q", h, stats_all, rows=rows)
+    assert torch.equal(bits(out[[1, 3]]), bits(h[[1, 3]]))
+    torch.testing.assert_close(out[[0, 2]], full[[0, 2]])
+    # Bs == 1: one embedding serves every (selected) row
     out = ad.apply(b["id"], "q", h, stats_one, rows=[False, True, False, False])
     torch.testing.assert_close(out[1:2], ad.apply(b["id"], "q", h[1:2], stats_one))
-    assert ad.apply(b["id"], "q", h, stats_sel, rows=[False] * 4) is h
-    with pytest.raises(ValueError, match="rows selects 3"):
-        ad.apply(b["id"], "q", h, stats_sel, rows=[0, 1, 2])
+    assert torch.equal(bits(out[[0, 2, 3]]), bits(h[[0, 2, 3]]))
+    assert ad.apply(b["id"], "q", h, stats_all, rows=[False] * 4) is h
+    assert torch.equal(ad.apply(b["id"], "q", h, stats_all, rows=[True] * 4), full)
     with pytest.raises(ValueError, match="entries"):
         ad.apply(b["id"], "q", h, stats_all, rows=[True, False])
-    with pytest.raises(ValueError, match="increasing"):
-        ad.apply(b["id"], "q", h, stats_sel, rows=[2, 0])
-    # Bs dividing the selected count: repeated per chunk (ComfyUI [cond | uncond] chunks of n rows)
-    tiled = ad.apply(b["id"], "q", h, stats_sel)
-    with torch.no_grad():
-        ref = ad.apply(b["id"], "q", h, ad.compute_stats(E[[0, 2, 0, 2]]))
-    torch.testing.assert_close(tiled, ref, rtol=1e-5, atol=1e-5)
+    # the dropped selector forms are refused by name, not guessed
+    for bad in ([0, 2], torch.tensor([True, False, True, False])):
+        with pytest.raises(ValueError, match="one python bool per activation row"):
+            ad.apply(b["id"], "q", h, stats_all, rows=bad)
     with pytest.raises(ValueError, match="embeddings"):
-        ad.apply(b["id"], "q", h, ad.compute_stats(E[:3]))
+        ad.apply(b["id"], "q", h, ad.compute_stats(E[:2]))
 
 
-def test_cfg_rows():
-    assert cfg_rows([0, 1], 4) == (True, True, False, False)
-    assert cfg_rows([1, 0], 2) == (False, True)
-    assert cfg_rows([1, 0], 4, apply_to=(0, 1)) == (True,) * 4
-    with pytest.raises(ValueError):
-        cfg_rows([0, 1], 3)
+def test_adain_apply_matches_checked_apply_and_plans_skip_zero_gates():
+    ad = make_adapter(gates=torch.tensor([[0.3, 0.0, 1.1], [0.9, 0.4, -0.2], [0.0, 0.0, 0.0]]))
+    with torch.no_grad():
+        stats = ad.compute_stats(torch.randn(2, 5, 32))
+    plan = stats.plan(0.8, (True, False), 2, torch.float32, torch.device("cpu"))
+    assert plan.mask is not None and plan.mask.shape == (2, 1, 1)
+    for i, block in enumerate(BLOCKS):
+        for site in SITES:
+            entry = plan.sites[site][i]
+            h = act(2, block, site)
+            ref = ad.apply(block["id"], site, h, stats, strength=0.8, rows=[True, False])
+            if entry is None:  # zero gate: the plan has nothing to do there
+                assert ref is h and float(ad.gate(block["id"], site).detach()) == 0.0
+                continue
+            assert torch.equal(adain_apply(h, entry, plan.mask, plan.eps), ref)
+    assert stats.plan(0.0, None, 2, torch.float32, torch.device("cpu")).sites["norm2"] == [None] * 3
 
 
 def test_bad_inputs_are_named():

@@ -8,6 +8,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from xsr_core.adapter.blocks import (
     adapter_blocks,
     block_id_from_comfy,
+    comfy_block_path,
     controlnet_blocks,
     make_block_id,
     parse_block_id,
@@ -101,6 +102,10 @@ def test_block_id_helpers():
     assert make_block_id("unet", "input", 1, 0) == "unet.input.1.0"
     assert parse_block_id("control.middle.0.0") == ("control", "middle", 0, 0)
     assert block_id_from_comfy("unet", ("output", 11), 0) == "unet.output.11.0"
+    # the ComfyUI binding's module paths are exactly BlockSpec.comfy_path (one derivation)
+    for b in adapter_blocks(SD15_UNET_CONFIG):
+        assert comfy_block_path(b.id) == b.comfy_path
+    assert comfy_block_path("control.middle.0.1") == "middle_block.1.transformer_blocks.1"
     for bad in ("unet.input.1", "vae.input.1.0", "unet.side.1.0", "unet.input.x.0"):
         with pytest.raises(ValueError):
             parse_block_id(bad)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
-from xsr_core.adapter.diffusers_binding import AdaINAttnProcessor, DiffusersAdapterBinding
+from xsr_core.adapter.diffusers_binding import DiffusersAdapterBinding
 from xsr_core.testing.zoo import TINY_UNET_CONFIG
 from xsr_core.weights import load_model, save_model
 
@@ -141,20 +141,45 @@ def test_save_load_round_trip_gives_identical_outputs(setup, tmp_path):
     assert all_equal(a, b) and not all_equal(a, ref)
 
 
-def test_detach_restores_processors_and_hooks(setup):
+def _hook_count(*models):
+    return sum(len(m._forward_hooks) for model in models for m in model.modules())
+
+
+def test_hooks_leave_processors_alone_and_detach_removes_them(setup):
     unet, controlnet, inp, E, ref = setup
     originals = {n: p for n, p in unet.attn_processors.items()}
     ad = make_adapter(unet, gates=0.5)
     binding = DiffusersAdapterBinding(ad, unet=unet, controlnet=controlnet)
+    assert all(unet.attn_processors[n] is p for n, p in originals.items())  # no processor of ours
     patched = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0")
-    assert isinstance(patched.attn2.processor, AdaINAttnProcessor)
-    assert isinstance(patched.attn1.processor, AttnProcessor2_0) and not isinstance(patched.attn1.processor, AdaINAttnProcessor)
-    assert len(patched.norm2._forward_hooks) == 1
+    for m in (patched.norm2, patched.attn2.to_q, patched.attn2.to_k, patched.norm3):
+        assert len(m._forward_hooks) == 1
+    assert len(patched.attn1.to_q._forward_hooks) == 0 and len(patched.norm1._forward_hooks) == 0
+    assert _hook_count(unet, controlnet) == 4 * 23
     binding.detach()
     binding.detach()  # idempotent
-    assert all(unet.attn_processors[n] is p for n, p in originals.items())
-    assert len(patched.norm2._forward_hooks) == 0 and len(patched.norm3._forward_hooks) == 0
+    assert _hook_count(unet, controlnet) == 0
     assert all_equal(forward(unet, controlnet, inp), ref)
+
+
+def test_q_k_sites_work_with_any_attention_processor(setup):
+    """The q/k hooks sit on to_q/to_k, so the classic AttnProcessor gives what AttnProcessor2_0 gives."""
+    unet, controlnet, inp, E, ref = setup
+    ad = make_adapter(unet, gates=0.5)
+    binding = DiffusersAdapterBinding(ad, unet=unet, controlnet=controlnet)
+    try:
+        with torch.no_grad(), binding.embedding(E):
+            sdpa = forward(unet, controlnet, inp)
+            unet.set_attn_processor(AttnProcessor())
+            controlnet.set_attn_processor(AttnProcessor())
+            classic = forward(unet, controlnet, inp)
+    finally:
+        unet.set_attn_processor(AttnProcessor2_0())
+        controlnet.set_attn_processor(AttnProcessor2_0())
+        binding.detach()
+    assert not all_equal(sdpa, ref)
+    for a, b in zip(sdpa, classic, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_unet_only_binding_and_mismatched_adapter(setup):
@@ -172,7 +197,7 @@ def test_unet_only_binding_and_mismatched_adapter(setup):
                                                              embed_dim=EMBED, proj_hidden=8))
     with pytest.raises(ValueError, match="widths"):
         DiffusersAdapterBinding(other, unet=unet)
-    assert all(not isinstance(p, AdaINAttnProcessor) for p in unet.attn_processors.values())  # rolled back
+    assert _hook_count(unet) == 0  # rolled back
     binding = DiffusersAdapterBinding(ad, unet=unet)
     with pytest.raises(ValueError, match="exactly one"):
         with binding.embedding():

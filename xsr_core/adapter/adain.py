@@ -27,14 +27,13 @@ Mean pooling was chosen over attention pooling because the RFA/I2T stages alread
 ``pool`` config field leaves room for other poolings.
 
 Cost model: :meth:`AdaINAdapter.compute_stats` runs once per image embedding; everything that does not
-depend on the activations (gate·strength·σ, gate·strength·μ, 1 − gate·strength, the rows expansion)
-is folded once per (strength, rows, batch, dtype, device) into a cached plan on the
-:class:`AdapterStats`. One :meth:`AdaINAdapter.apply` call is then, on CUDA without autograd, ONE fused
-Triton kernel (statistics + h·a + b), else the eager reference: ``var_mean`` + five small per-channel
-ops + one ``addcmul`` over h. No host synchronisation either way (the CUDA-graph capture in
-bench/bench_adapter.py checks it). Measured on an H100 (SD1.5 U-Net + ControlNet, fp16, 512 px,
-batch 2, all 92 sites): +4.4 % device time; in eager mode the step is launch-bound and each apply adds
-~0.1 ms of host time (bench/results/adapter_nvidia-h100-80gb-hbm3.md).
+depend on the activations (gate·strength·σ, gate·strength·μ, 1 − gate·strength, the rows mask, which
+sites have a zero gate) is folded once per (strength, rows, batch, dtype, device) into an
+:class:`AdaINPlan` cached on the :class:`AdapterStats`. Applying one site is then :func:`adain_apply` on
+the plan's entry: on CUDA without autograd ONE fused Triton kernel (statistics + h·a + b), else the eager
+reference (``var_mean`` + five small per-channel ops + one ``addcmul`` over h), which is also what
+``torch.compile`` traces. No host synchronisation either way (the CUDA-graph capture in
+bench/bench_adapter.py checks it).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ GATE_NAMES = ("alpha", "beta", "gamma")
 SITE_GATE = {"norm2": 0, "q": 1, "k": 1, "norm3": 2}  # index into GATE_NAMES / the gates' last dim
 POOLS = ("mean",)
 
-Rows = Any  # None | Sequence[bool] (length B) | Sequence[int] (indices) | torch.Tensor (bool (B,) or long (n,))
+Rows = Sequence[bool] | None  # which rows of h get the adapter: None (all) or one bool per row
 
 
 def adain(h: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -70,13 +69,6 @@ def adain(h: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, eps: float = 1
     """
     var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
     return sigma[:, None, :] * (h - mean) / torch.sqrt(var + eps) + mu[:, None, :]
-
-
-def adain_residual(
-    h: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, gain: float | torch.Tensor, eps: float = 1e-5
-) -> torch.Tensor:
-    """Gated AdaIN ``h + gain · (AdaIN(h) − h)`` (``gain`` = gate · strength), unfused reference."""
-    return h + gain * (adain(h, mu, sigma, eps) - h)
 
 
 @dataclasses.dataclass
@@ -156,38 +148,33 @@ class _Layout:
         self.total = off  # width of μ (and of σ)
 
 
-def cfg_rows(cond_or_uncond: Sequence[int], batch: int, apply_to: Sequence[int] = (0,)) -> tuple[bool, ...]:
-    """Rows selector for a batch of ``len(cond_or_uncond)`` equal chunks (ComfyUI's
-    ``extra_options["cond_or_uncond"]``: 0 = cond, 1 = uncond), selecting the chunks whose kind is in
-    ``apply_to``. E.g. ``cfg_rows([1, 0], 4) == (False, False, True, True)``."""
-    n = len(cond_or_uncond)
-    if n == 0 or batch % n:
-        raise ValueError(f"batch {batch} does not split into {n} cond/uncond chunks")
-    per = batch // n
-    return tuple(kind in apply_to for kind in cond_or_uncond for _ in range(per))
+def _rows_key(rows: Rows, batch: int) -> tuple[bool, ...] | None:
+    """Normalise a rows selector: None (every row) or a tuple of ``batch`` bools (ValueError otherwise)."""
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor) or not all(type(r).__name__ in ("bool", "bool_") for r in rows):
+        raise ValueError("rows must be None or a sequence of one python bool per activation row "
+                         f"(e.g. [True, False]), got {rows!r}")
+    key = tuple(bool(r) for r in rows)
+    if len(key) != batch:
+        raise ValueError(f"rows mask has {len(key)} entries but the activation batch is {batch}")
+    return key
 
 
-def _rows_to_tuple(rows: Rows, batch: int) -> tuple[bool, ...]:
-    """Normalise a rows selector to a tuple of ``batch`` bools (raises ValueError on a bad selector)."""
-    if isinstance(rows, torch.Tensor):
-        rows = rows.detach().cpu().tolist()  # one host sync per rows tensor; the plan cache keeps the result
-    rows = list(rows)
-    if rows and all(type(r).__name__ in ("bool", "bool_") for r in rows):  # python or numpy bools
-        rows = [bool(r) for r in rows]
-        if len(rows) != batch:
-            raise ValueError(f"rows mask has {len(rows)} entries but the activation batch is {batch}")
-        return tuple(rows)
-    mask = [False] * batch
-    for r in rows:
-        r = int(r)
-        if not 0 <= r < batch:
-            raise ValueError(f"rows index {r} out of range for activation batch {batch}")
-        if mask[r]:
-            raise ValueError(f"rows index {r} given twice")
-        mask[r] = True
-    if rows and any(int(a) > int(b) for a, b in zip(rows, rows[1:])):
-        raise ValueError(f"rows indices must be increasing (stats rows follow them in order), got {rows}")
-    return tuple(mask)
+class AdaINPlan:
+    """Everything one (strength, rows, batch, dtype, device) needs at apply time, folded once.
+
+    ``sites[site][block_index]`` is ``(k, c, omg)`` shaped (B|1, 1, width) with k = g·s·σ, c = g·s·μ,
+    omg = 1 − g·s, or None where the site's gate was zero when the stats were computed; ``mask`` is
+    (B, 1, 1) bool when rows selects a strict subset, else None.
+    """
+
+    __slots__ = ("sites", "mask", "eps")
+
+    def __init__(self, sites: dict[str, list[Any]], mask: torch.Tensor | None, eps: float):
+        self.sites = sites
+        self.mask = mask
+        self.eps = eps
 
 
 class AdapterStats:
@@ -200,7 +187,7 @@ class AdapterStats:
     - ``gates``: the gate tensor they were computed with (keeps the autograd graph in training).
 
     Immutable by contract: ``copy.deepcopy`` returns the same object (cheap under ComfyUI's
-    ``ModelPatcher.clone``). Folded per-(strength, rows, batch, dtype, device) plans are cached on it.
+    ``ModelPatcher.clone``). Folded :class:`AdaINPlan` s per (strength, rows, batch, dtype, device) are cached on it.
     """
 
     def __init__(self, layout: _Layout, mu: torch.Tensor, sigma: torch.Tensor, gates: torch.Tensor,
@@ -215,8 +202,7 @@ class AdapterStats:
         self.active = active
         self.eps = eps
         self.batch = mu.shape[0]
-        self._plans: dict[Any, dict[str, Any]] = {}
-        self._rows: dict[int, tuple[torch.Tensor, tuple[bool, ...]]] = {}
+        self._plans: dict[Any, AdaINPlan] = {}
 
     def __deepcopy__(self, memo: dict) -> AdapterStats:
         return self
@@ -236,22 +222,8 @@ class AdapterStats:
     def is_active(self, block_id: str, site: str) -> bool:
         return self.active is None or (self.layout.index[block_id], SITE_GATE[site]) in self.active
 
-    def _rows_key(self, rows: Rows, batch: int) -> tuple[bool, ...] | None:
-        if rows is None:
-            return None
-        if isinstance(rows, torch.Tensor):
-            hit = self._rows.get(id(rows))
-            if hit is None or hit[0] is not rows:
-                hit = (rows, _rows_to_tuple(rows, batch))  # holding `rows` keeps its id from being reused
-                self._rows[id(rows)] = hit
-            key = hit[1]
-            if len(key) != batch:
-                raise ValueError(f"rows selects from {len(key)} rows but the activation batch is {batch}")
-            return key
-        return _rows_to_tuple(rows, batch)
-
     def _small_tensor(self, values: tuple, device: torch.device) -> torch.Tensor:
-        # host->device copies of rows masks / positions, cached on the adapter: made once, not per step
+        # host->device copies of rows masks, cached on the adapter: made once, not per step
         key = (values, str(device))
         t = self._index_cache.get(key)
         if t is None:
@@ -261,35 +233,27 @@ class AdapterStats:
         return t
 
     def plan(self, strength: float, rows_key: tuple[bool, ...] | None, batch: int, dtype: torch.dtype,
-             device: torch.device) -> dict[str, Any]:
-        """Per site, per block: (k, c, omg) with k = g·s·σ, c = g·s·μ, omg = 1 − g·s, shaped (B|1, 1, width);
-        plus ``"mask"`` (B, 1, 1) bool when rows selects a strict subset."""
+             device: torch.device) -> AdaINPlan:
+        """The folded :class:`AdaINPlan` for activations of ``batch`` rows in ``dtype`` on ``device`` (cached).
+
+        ``rows_key``: None or a tuple of ``batch`` bools (see :func:`_rows_key`); stats rows Bs must be 1
+        (one embedding for every row) or ``batch`` (one per row).
+        """
         key = (strength, rows_key, batch, dtype, device)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        pos = None
-        bs = self.batch
-        sel = rows_key if rows_key is not None else (True,) * batch
-        n_sel = sum(sel)
-        if bs not in (1, batch):
-            # stats row for the j-th selected row is j % Bs: one per selected row (Bs == n_sel), or
-            # repeated per chunk, e.g. ComfyUI's [cond | uncond] chunks of n rows each with Bs == n
-            if n_sel % bs:
-                raise ValueError(
-                    f"rows selects {n_sel} of {batch} rows but the adapter stats hold {bs} embeddings: give one "
-                    "embedding, one per row, or one per selected row (repeated per chunk when a multiple)"
-                )
-            j, idx = 0, []
-            for on in sel:
-                idx.append(j % bs if on else 0)  # unselected rows take row 0; torch.where discards them
-                j += on
-            pos = self._small_tensor(tuple(idx), self.mu.device)
+        if self.batch not in (1, batch):
+            raise ValueError(
+                f"the adapter stats hold {self.batch} image embeddings but the activation batch is {batch}: give one "
+                "embedding for every row or one per row"
+            )
         small_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        plan: dict[str, Any] = {}
-        if rows_key is not None:
-            plan["mask"] = self._small_tensor(rows_key, device).view(-1, 1, 1)  # (B, 1, 1) bool
+        mask = None
+        if rows_key is not None and not all(rows_key):
+            mask = self._small_tensor(rows_key, device).view(-1, 1, 1)  # (B, 1, 1) bool
         lay = self.layout
+        sites: dict[str, list[Any]] = {}
         for site in SITES:
             off, w = lay.site_offset[site], lay.site_width[site]
             owner = self._owners.get(site)
@@ -299,17 +263,19 @@ class AdapterStats:
             k = gs * self.sigma[:, off: off + w]  # (Bs, W)
             c = gs * self.mu[:, off: off + w]
             omg = (1.0 - gs).unsqueeze(0)  # (1, W)
-            if pos is not None:
-                k, c = k.index_select(0, pos), c.index_select(0, pos)
             k, c, omg = (t.to(device=device, dtype=small_dtype).unsqueeze(1) for t in (k, c, omg))
-            plan[site] = [(k[..., a:b], c[..., a:b], omg[..., a:b]) for a, b in lay.block_slices[site]]
-        self._plans[key] = plan
+            g = SITE_GATE[site]
+            sites[site] = [
+                (k[..., a:b], c[..., a:b], omg[..., a:b])
+                if strength != 0.0 and (self.active is None or (i, g) in self.active) else None
+                for i, (a, b) in enumerate(lay.block_slices[site])
+            ]
+        plan = self._plans[key] = AdaINPlan(sites, mask, self.eps)
         return plan
 
 
 # -- optional fused CUDA kernel (Triton) ---------------------------------------------------------
-# Eager apply is var_mean + 6 small launches (~83 us of host time per apply on the H100 machine, and
-# var_mean alone ~29 us of GPU time at 4096x320). One kernel per apply: each program owns one
+# The eager apply is var_mean + 6 small launches; the step is launch-bound. One kernel per apply: each program owns one
 # batch row and BLOCK_C channels, reads its (N, BLOCK_C) column strip twice (statistics, then
 # h·a + b); the second read hits L2. Statistics are shifted sums in fp32 (shift = first token).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -380,8 +346,7 @@ def _adain_triton(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.
     def bstride(t):  # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
         return 0 if t.shape[0] == 1 else t.stride(0)
 
-    # tiling measured on an H100 (bench/bench_adapter.py era): 16-channel strips, 512-token tiles, 8 warps
-    # ran 2.7x faster than 32x64 tiles over the SD1.5 shapes (~7 us per apply at 512 px batch 2)
+    # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
     block_c = 16 if C >= 16 else triton.next_power_of_2(C)
     block_n = min(512, triton.next_power_of_2(N))
     grid = (B, triton.cdiv(C, block_c))
@@ -389,6 +354,96 @@ def _adain_triton(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.
                  bstride(k), bstride(c), bstride(omg), 1.0 / N, eps,
                  HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
     return out
+
+
+def _adain_eager(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor,
+                 mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if h.is_cuda:
+        var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (B, 1, C): one launch
+    else:  # CPU: var_mean over the token dim is several times slower than two plain passes
+        mean = h.mean(dim=1, keepdim=True)
+        d = h - mean
+        var = (d * d).mean(dim=1, keepdim=True)
+    kr = k * torch.rsqrt(var + eps)  # g·s·σ / std
+    a = kr + omg  # h' = h·a + b
+    b = torch.addcmul(c, kr, mean, value=-1.0)
+    if a.dtype != h.dtype:
+        a, b = a.to(h.dtype), b.to(h.dtype)
+    out = torch.addcmul(b, h, a)
+    if mask is not None:
+        out = torch.where(mask, out, h)
+    return out
+
+
+def adain_apply(h: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                eps: float, fused: bool = True) -> torch.Tensor:
+    """Gated AdaIN of ``h`` (B, N, C) with one :class:`AdaINPlan` entry ``(k, c, omg)``: the hot path.
+
+    No validation here (the plan and the bindings check shapes once). ``fused``: use the Triton kernel when
+    h is a CUDA tensor, no gradient is needed and we are not inside ``torch.compile`` (which traces and
+    fuses the eager ops itself).
+    """
+    global _TRITON
+    k, c, omg = entry
+    if (fused and h.is_cuda and _TRITON is not False and h.dtype in _TRITON_DTYPES
+            and not (torch.is_grad_enabled() and (h.requires_grad or k.requires_grad))
+            and not torch.compiler.is_compiling() and _triton_kernel()):
+        try:
+            return _adain_triton(h, k, c, omg, mask, eps)
+        except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
+            _TRITON = False
+            logger.warning("fused AdaIN kernel unavailable (%s: %s); using the eager path", type(e).__name__, e)
+    return _adain_eager(h, k, c, omg, mask, eps)
+
+
+class AdapterForward:
+    """The adapter state of one forward pass, as both bindings apply it at their sites (the hot path).
+
+    Built once per model call from :class:`AdapterStats`, strength and rows; :meth:`apply` then costs one
+    dict lookup (plan per activation dtype), one list index and :func:`adain_apply` per site. Validation
+    (site widths, batch sizes) happens when the bindings attach and when a plan is first folded.
+    """
+
+    __slots__ = ("stats", "strength", "rows_key", "batch", "fused", "plans")
+
+    def __init__(self, stats: AdapterStats, strength: float = 1.0, rows: Rows = None, batch: int | None = None,
+                 fused: bool = True):
+        self.stats = stats
+        self.strength = float(strength)
+        self.batch = batch if batch is not None else (len(rows) if rows is not None else None)
+        self.rows_key = None
+        if rows is not None:
+            key = _rows_key(rows, len(rows))
+            self.rows_key = None if all(key) else key
+        self.fused = fused
+        self.plans: dict[torch.dtype, AdaINPlan | None] = {}
+
+    def apply(self, index: int, site: str, h: torch.Tensor) -> torch.Tensor:
+        """Site ``site`` of block ``index`` (position in the adapter's layout) on activation ``h`` (B, N, C)."""
+        plan = self.plans.get(h.dtype)
+        if plan is None:
+            plan = self._fold(h)
+        if plan is _NOTHING:
+            return h
+        entry = plan.sites[site][index]
+        if entry is None:
+            return h
+        return adain_apply(h, entry, plan.mask, plan.eps, self.fused)
+
+    def _fold(self, h: torch.Tensor) -> AdaINPlan:
+        batch = h.shape[0]
+        if self.batch is not None and batch != self.batch:
+            raise ValueError(f"the adapter was given rows/embeddings for {self.batch} rows but the activation batch "
+                             f"is {batch}")
+        if self.strength == 0.0 or (self.rows_key is not None and not any(self.rows_key)):
+            plan = _NOTHING  # nothing to fold (no tensor work: gradient checkpointing recomputes identically)
+        else:
+            plan = self.stats.plan(self.strength, self.rows_key, batch, h.dtype, h.device)
+        self.plans[h.dtype] = plan
+        return plan
+
+
+_NOTHING = AdaINPlan({}, None, 0.0)  # AdapterForward's plan when no row or site is to be touched
 
 
 @register
@@ -481,17 +536,13 @@ class AdaINAdapter(nn.Module):
     # -- the patch -------------------------------------------------------------------------------
     def apply(self, block_id: str, site: str, h: torch.Tensor, stats: AdapterStats, strength: float = 1.0,
               rows: Rows = None) -> torch.Tensor:
-        """Gated AdaIN of activation ``h`` (B, N, width) at ``site`` of ``block_id``.
+        """Gated AdaIN of activation ``h`` (B, N, width) at ``site`` of ``block_id`` (checked entry point).
 
         ``strength``: python float multiplying the gate; 0 returns ``h`` itself.
-        ``rows``: which rows of h get the adapter (e.g. the cond half under CFG): None (all), a
-        sequence of B bools, increasing row indices, or a bool/long tensor of the same meaning (a
-        tensor costs one host sync the first time this stats object sees it; reuse the same tensor).
-        Stats rows: Bs == 1 serves every row; Bs == B aligns with h's rows; otherwise the j-th
-        selected row uses stats row ``j % Bs`` (one embedding per selected row, in order, or the same
-        embeddings repeated per chunk, e.g. ComfyUI's cond and uncond chunks of n rows with Bs == n).
+        ``rows``: which rows of h get the adapter (e.g. the cond half under CFG): None (all) or a sequence
+        of B bools. Stats rows: Bs == 1 serves every row; Bs == B aligns with h's rows.
         Unselected rows, zero gates (when the stats recorded them) and strength 0 return h's values
-        bit-identically.
+        bit-identically. The bindings call :func:`adain_apply` on a precomputed plan instead.
         """
         if site not in SITE_GATE:
             raise ValueError(f"unknown adapter site {site!r}; sites are {SITES}")
@@ -505,35 +556,18 @@ class AdaINAdapter(nn.Module):
             raise ValueError("these AdapterStats were computed by a different adapter")
         if h.dim() != 3:
             raise ValueError(f"adapter site {block_id}/{site}: expected h of shape (B, N, C), got {tuple(h.shape)}")
-        rows_key = stats._rows_key(rows, h.shape[0])
+        rows_key = _rows_key(rows, h.shape[0])
         if rows_key is not None:
             if not any(rows_key):
                 return h
             if all(rows_key):
                 rows_key = None
         plan = stats.plan(strength, rows_key, h.shape[0], h.dtype, h.device)
-        k, c, omg = plan[site][i]
-        if k.shape[-1] != h.shape[-1]:
+        entry = plan.sites[site][i]
+        if entry[0].shape[-1] != h.shape[-1]:
             raise ValueError(f"adapter site {block_id}/{site}: h has {h.shape[-1]} channels, the adapter expects "
-                             f"{k.shape[-1]}: the adapter was built for another U-Net config")
-        if (self.use_triton and h.is_cuda and h.stride(-1) == 1 and h.dtype in _TRITON_DTYPES
-                and not (torch.is_grad_enabled() and (h.requires_grad or k.requires_grad)) and _triton_kernel()):
-            try:
-                return _adain_triton(h, k, c, omg, plan.get("mask"), stats.eps)
-            except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
-                global _TRITON
-                _TRITON = False
-                logger.warning("fused AdaIN kernel unavailable (%s: %s); using the eager path", type(e).__name__, e)
-        var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (B, 1, C)
-        kr = k * torch.rsqrt(var + stats.eps)  # g·s·σ / std
-        a = kr + omg  # h' = h·a + b
-        b = torch.addcmul(c, kr, mean, value=-1.0)
-        if a.dtype != h.dtype:
-            a, b = a.to(h.dtype), b.to(h.dtype)
-        out = torch.addcmul(b, h, a)
-        if rows_key is not None:
-            out = torch.where(plan["mask"], out, h)
-        return out
+                             f"{entry[0].shape[-1]}: the adapter was built for another U-Net config")
+        return adain_apply(h, entry, plan.mask, plan.eps, fused=self.use_triton)
 
     # -- conveniences ----------------------------------------------------------------------------
     def gate(self, block_id: str, site: str) -> torch.Tensor:

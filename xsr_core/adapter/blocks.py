@@ -102,6 +102,19 @@ def block_id_from_comfy(model: str, block: Sequence[Any], transformer_index: int
     return make_block_id(model, str(block[0]), int(block[1]), int(transformer_index))
 
 
+def comfy_block_path(block_id: str) -> str:
+    """Module path of a block's ``BasicTransformerBlock`` inside ComfyUI's ``UNetModel`` / ``cldm.ControlNet``.
+
+    ``comfy_block_path("unet.input.1.0") == "input_blocks.1.1.transformer_blocks.0"``; this is the one
+    derivation behind :attr:`BlockSpec.comfy_path` (ComfyUI's ldm layout: entry ``.1`` of an input/output
+    block is its SpatialTransformer, and the middle block is ``[ResBlock, SpatialTransformer, ResBlock]``).
+    """
+    _, stage, index, t = parse_block_id(block_id)
+    if stage == "middle":
+        return f"middle_block.1.transformer_blocks.{t}"
+    return f"{stage}_blocks.{index}.1.transformer_blocks.{t}"
+
+
 def _per_level(value: Any, n: int, name: str) -> list[Any]:
     if isinstance(value, (int, type(None))):
         return [value] * n
@@ -139,7 +152,7 @@ class _Geometry:
         self.context = [int(c) for c in _per_level(ctx, n, "cross_attention_dim")]
         self.mid_type = config.get("mid_block_type", _CROSS_MID)
 
-    def spec(self, model, stage, index, t, level, heads, context, dpath, cpath) -> BlockSpec:
+    def spec(self, model, stage, index, t, level, heads, context, dpath) -> BlockSpec:
         dim = self.channels[level]
         head_dim = dim // heads
         return BlockSpec(
@@ -153,7 +166,7 @@ class _Geometry:
             context_dim=context,
             n_heads=heads,
             diffusers_path=dpath,
-            comfy_path=cpath,
+            comfy_path=comfy_block_path(make_block_id(model, stage, index, t)),
         )
 
 
@@ -167,7 +180,6 @@ def _down_and_mid(g: _Geometry, model: str) -> list[BlockSpec]:
                     out.append(g.spec(
                         model, "input", idx, t, level, g.heads[level], g.context[level],
                         f"down_blocks.{level}.attentions.{j}.transformer_blocks.{t}",
-                        f"input_blocks.{idx}.1.transformer_blocks.{t}",
                     ))
             idx += 1
         if level != g.n - 1:
@@ -180,7 +192,6 @@ def _down_and_mid(g: _Geometry, model: str) -> list[BlockSpec]:
             out.append(g.spec(
                 model, "middle", 0, t, g.n - 1, g.heads[-1], g.context[-1],
                 f"mid_block.attentions.0.transformer_blocks.{t}",
-                f"middle_block.1.transformer_blocks.{t}",
             ))
     return out
 
@@ -211,7 +222,6 @@ def unet_blocks(config: Mapping[str, Any]) -> list[BlockSpec]:
                     out.append(g.spec(
                         "unet", "output", idx, t, level, heads_up[i], ctx_up[i],
                         f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}",
-                        f"output_blocks.{idx}.1.transformer_blocks.{t}",
                     ))
             idx += 1
     return out

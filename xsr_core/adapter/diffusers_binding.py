@@ -1,13 +1,14 @@
 """diffusers binding of the AdaIN adapter (DESIGN §2.4), used by stage-2 training and diffusers inference.
 
-For every block the adapter covers, in a ``UNet2DConditionModel`` and/or a ``ControlNetModel``:
+For every block the adapter covers, in a ``UNet2DConditionModel`` and/or a ``ControlNetModel``, forward
+hooks on four modules replace their output by ``adapter.apply(id, site, out, ...)``:
 
-- ``norm2`` / ``norm3``: forward hooks on the block's LayerNorms replace their output by
-  ``adapter.apply(id, "norm2"|"norm3", out, ...)``;
-- ``q`` / ``k``: ``attn2``'s processor is swapped for :class:`AdaINAttnProcessor`, an
-  ``AttnProcessor2_0`` that applies the adapter to ``to_q`` / ``to_k`` outputs before the head split and
-  otherwise computes exactly what ``AttnProcessor2_0`` computes. When the adapter is inactive for the
-  block it calls the original processor, so outputs are bit-identical to the unpatched model.
+- ``norm2`` / ``norm3``: the block's LayerNorms (sites ``norm2`` / ``norm3``);
+- ``attn2.to_q`` / ``attn2.to_k``: the cross-attention projections (sites ``q`` / ``k``), so Q and K are
+  adapted before the head split whatever attention processor ``attn2`` uses.
+
+These are the same four modules the ComfyUI binding object-patches. A hook returns None when no
+embedding is active, so outputs are then bit-identical to the unpatched model.
 
 The image embedding is supplied per forward pass through a context manager::
 
@@ -25,88 +26,18 @@ Outside any context the patched models behave exactly like the unpatched ones.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from .adain import AdaINAdapter, AdapterStats, Rows
+from .adain import AdaINAdapter, AdapterForward, AdapterStats, Rows
 from .blocks import controlnet_blocks, unet_blocks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Active:
-    stats: AdapterStats
-    strength: float
-    rows: Rows
-
-
-class AdaINAttnProcessor(AttnProcessor2_0):
-    """``AttnProcessor2_0`` with the adapter's ``q`` and ``k`` sites for one block's ``attn2``."""
-
-    def __init__(self, binding: DiffusersAdapterBinding, block_id: str, original: Any):
-        super().__init__()
-        self.binding = binding
-        self.block_id = block_id
-        self.original = original
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        st = self.binding._active
-        if st is None or st.strength == 0.0 or not st.stats.is_active(self.block_id, "q"):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        adapter = self.binding.adapter
-        # AttnProcessor2_0.__call__ for 3-D inputs without spatial/group norm (checked at attach time)
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        query = attn.to_q(hidden_states)  # (B, N, inner)
-        key = attn.to_k(encoder_hidden_states)  # (B, 77, inner)
-        value = attn.to_v(encoder_hidden_states)
-        query = adapter.apply(self.block_id, "q", query, st.stats, st.strength, st.rows)
-        key = adapter.apply(self.block_id, "k", key, st.stats, st.strength, st.rows)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, N, inner)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
 
 class DiffusersAdapterBinding:
@@ -121,9 +52,8 @@ class DiffusersAdapterBinding:
         if unet is None and controlnet is None:
             raise ValueError("DiffusersAdapterBinding needs a unet and/or a controlnet to attach to")
         self.adapter = adapter
-        self._active: _Active | None = None
+        self._active: AdapterForward | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._processors: list[tuple[Attention, Any]] = []
         self.patched_blocks: list[str] = []
         models = {"unet": unet, "control": controlnet}
         paths: dict[str, str] = {}  # block id -> diffusers module path, derived from each model's own config
@@ -165,23 +95,21 @@ class DiffusersAdapterBinding:
                 f"adapter block {bid}: widths (dim {spec['dim']}, inner {spec['inner_dim']}) do not match {path} "
                 f"(norm2 {tuple(block.norm2.normalized_shape)}, to_q {attn.to_q.out_features}): wrong base model"
             )
-        if attn.spatial_norm is not None or attn.group_norm is not None:
-            raise ValueError(f"adapter block {bid}: attn2 with spatial/group norm is not supported")
-        self._hooks.append(block.norm2.register_forward_hook(self._norm_hook(bid, "norm2")))
-        self._hooks.append(block.norm3.register_forward_hook(self._norm_hook(bid, "norm3")))
-        original = attn.processor
-        self._processors.append((attn, original))
-        attn.set_processor(AdaINAttnProcessor(self, bid, original))
+        if getattr(attn, "fused_projections", False):
+            raise ValueError(f"adapter block {bid}: attn2 uses fused projections (to_qkv); call "
+                             "unfuse_qkv_projections() first so to_q / to_k run as their own modules")
+        for module, site in ((block.norm2, "norm2"), (attn.to_q, "q"), (attn.to_k, "k"), (block.norm3, "norm3")):
+            self._hooks.append(module.register_forward_hook(self._site_hook(bid, site)))
         self.patched_blocks.append(bid)
 
-    def _norm_hook(self, bid: str, site: str):
-        adapter = self.adapter
+    def _site_hook(self, bid: str, site: str):
+        index = self.adapter.layout.index[bid]
 
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
             st = self._active
             if st is None:
                 return None
-            return adapter.apply(bid, site, output, st.stats, st.strength, st.rows)
+            return st.apply(index, site, output)
 
         return hook
 
@@ -193,26 +121,25 @@ class DiffusersAdapterBinding:
         """Within the block, patched models use the image embedding ``E`` (or precomputed ``stats``).
 
         Stats are computed once on entry (with gradients when the adapter trains) and yielded. ``rows``
-        and ``strength`` follow :meth:`AdaINAdapter.apply`. Contexts nest; exiting restores the outer one.
+        (None or one bool per batch row) and ``strength`` follow :meth:`AdaINAdapter.apply`; the sites run
+        :class:`AdapterForward` (the hot path the ComfyUI binding uses too). Contexts nest; exiting
+        restores the outer one.
         """
         if (E is None) == (stats is None):
             raise ValueError("binding.embedding() takes exactly one of E (image tokens) or stats")
         if stats is None:
             stats = self.adapter.compute_stats(E)
         prev = self._active
-        self._active = _Active(stats, float(strength), rows)
+        self._active = AdapterForward(stats, strength, rows, fused=self.adapter.use_triton)
         try:
             yield stats
         finally:
             self._active = prev
 
     def detach(self) -> None:
-        """Remove every hook and restore the original attention processors (idempotent)."""
+        """Remove every hook (idempotent)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for attn, original in reversed(self._processors):
-            attn.set_processor(original)
-        self._processors.clear()
         self.patched_blocks = []
         self._active = None

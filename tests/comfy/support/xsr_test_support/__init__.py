@@ -6,15 +6,19 @@ layers = ViT-L/14). The tiny zoo (xsr_core/testing/zoo.py) keeps SD1.5's structu
 channels so the suite runs on 2 CPU cores; without this pack, CheckpointLoaderSimple says "Could not
 detect model type" and CLIPVisionLoader returns None for it. Real SD1.5 / ViT-L/14 files need none of
 this. The harness copies this folder into the test server's custom_nodes/ beside the XSR pack; it is
-never shipped with the pack and defines no nodes.
+never shipped with the pack. Its one node, ``XSRTest_LiveObjects``, reports what the memory tests
+observe: live AdaINAdapter objects (after a full garbage collection) and the server's RSS.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import tempfile
+
+import psutil
 
 import comfy.clip_vision
 import comfy.sd1_clip
@@ -91,4 +95,34 @@ def _load_clip_vision(ckpt_path):
 comfy.clip_vision.load = _load_clip_vision
 logger.info("xsr_test_support: tiny SD1.x model class and tiny CLIP-vision loading registered (TEST ONLY)")
 
-NODE_CLASS_MAPPINGS: dict = {}
+
+
+class XSRTestLiveObjects:
+    """TEST ONLY: counts live objects of the named classes after gc.collect() and reports the RSS."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"class_names": ("STRING", {"default": "AdaINAdapter"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never cached: every prompt measures afresh
+
+    RETURN_TYPES = ()
+    FUNCTION = "measure"
+    OUTPUT_NODE = True
+    CATEGORY = "xsr_test"
+
+    def measure(self, class_names: str):
+        names = {n.strip() for n in class_names.split(",") if n.strip()}
+        gc.collect()
+        counts = dict.fromkeys(sorted(names), 0)
+        for obj in gc.get_objects():
+            name = type(obj).__name__
+            if name in counts:
+                counts[name] += 1
+        rss = psutil.Process().memory_info().rss
+        return {"ui": {"xsr_live": [{"counts": counts, "rss": rss}]}}
+
+
+NODE_CLASS_MAPPINGS: dict = {"XSRTest_LiveObjects": XSRTestLiveObjects}
