@@ -100,7 +100,7 @@ def run_mode(mode: str, flags: list[str], *, comfy: Path, base: Path, fe: Path, 
         for i in range(runs + 1):
             lr = base / "input" / f"lr_{mode}_{i}.png"
             synthetic_image(2000 + i, 256).resize((lr_side, lr_side), Image.BICUBIC).save(lr)
-            g = graphs(lr.name, names, steps, seed=i, compile_=False)["xsr"]
+            g = graphs(lr.name, names, steps, seed=i, mode="eager")["xsr"]
             if pil_loader:
                 g["lr"] = {"class_type": "XSRBench_LoadImagePIL", "inputs": {"image": lr.name}}
             # warm-up (i == 0) with the probes on (first loads); timed runs with them off

@@ -100,7 +100,7 @@ class XSREnhance(io.ComfyNode):
                 extra_prompt: str = "") -> io.NodeOutput:
         check_text("XSR_Enhance", "caption_override", caption_override)
         check_text("XSR_Enhance", "extra_prompt", extra_prompt)
-        check_batch("XSR_Enhance", "refs", int(refs.lr_tokens.shape[0]))
+        check_batch("XSR_Enhance", "refs", int(refs.lr_tokens.shape[0]), tiles_ok=True)
         if clip is None:
             raise ValueError("XSR_Enhance: the 'clip' input is empty: connect the CLIP output of your checkpoint loader "
                              "(a checkpoint without a text encoder cannot be used).")

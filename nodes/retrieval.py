@@ -172,7 +172,7 @@ class XSRRetrieve(io.ComfyNode):
         if top_k > max_refs:  # before any work: the I2T could not take the references afterwards
             raise ValueError(f"XSR_Retrieve: top_k {top_k} is more references than the I2T "
                              f"({xsr_models.names.get('i2t')}) accepts ({max_refs}); set top_k to {max_refs} or less.")
-        check_batch("XSR_Retrieve", "input 'image'", int(image.shape[0]) if image.ndim == 4 else 1)
+        check_batch("XSR_Retrieve", "input 'image'", int(image.shape[0]) if image.ndim == 4 else 1, tiles_ok=True)
         try:
             lr = validate_lr(image, what="XSR_Retrieve input 'image'")
         except LRImageError as e:

@@ -58,6 +58,7 @@ from ..xsr_core.tiling import (
     LATENT_PER_LR, MAX_TILED_LR_SIDE, TILE, WEIGHTINGS, Tiling, TilingError, blend, crop_tiles, tile_weights,
 )
 from .comfy_binding import XSR_KEY, CONDXSR
+from .validation import max_tiles
 from .common import XSRRefs
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ class XSRPrepareLRTiled(io.ComfyNode):
             tiling = Tiling.make(h, w, TILE, int(overlap))
         except TilingError as e:
             raise ValueError(f"XSR_PrepareLRTiled: {e}") from None
+        cap = max_tiles()
+        if len(tiling) > cap:
+            raise ValueError(f"XSR_PrepareLRTiled: a {w}x{h} LR at overlap {overlap} makes {len(tiling)} tiles, above "
+                             f"the cap of {cap} (XSR_MAX_TILES in the server's environment); lower the overlap "
+                             "(the default 8 gives at most 121 tiles) or raise the cap.")
         hint = structure_hint(lr, SCALE)
         lh, lw = tiling.latent_hw
         latent = torch.zeros(1, LATENT_CHANNELS, lh, lw)

@@ -8,7 +8,7 @@ does those checks itself — and adds what ComfyUI does not check: NaN/inf float
 Every problem of a node is reported at once, each naming the node, the input and the fix.
 
 Caps (documented in the README, set in the server's environment):
-``XSR_MAX_BATCH`` (images per batch, default 64), ``XSR_MAX_PROMPT_CHARS`` (caption / prompt text,
+``XSR_MAX_BATCH`` (images per batch, default 64), ``XSR_MAX_TILES`` (tiles of one tiled LR, default 256), ``XSR_MAX_PROMPT_CHARS`` (caption / prompt text,
 default 2000 characters), ``XSR_MAX_IMAGE_PIXELS`` (pixels of a decoded image file, default 64 Mpx,
 see :mod:`xsr_core.image_io`).
 """
@@ -27,6 +27,8 @@ from ..xsr_core.paths import PathConfinementError, confine, env_roots, real_root
 DEFAULT_MAX_BATCH = 64  # the issue's 256-image batch reached 12.5 GB RSS; a quarter of it is the default
 DEFAULT_MAX_PROMPT_CHARS = 2000  # ~26 CLIP chunks of 77 tokens would be 6000+; 2000 chars is a long paragraph
 ENV_MAX_BATCH = "XSR_MAX_BATCH"
+DEFAULT_MAX_TILES = 256  # tiles of one tiled LR: 256 px at overlap <= 16 (225 tiles); the default overlap 8 gives 121
+ENV_MAX_TILES = "XSR_MAX_TILES"
 ENV_MAX_PROMPT_CHARS = "XSR_MAX_PROMPT_CHARS"
 
 
@@ -51,9 +53,18 @@ def max_prompt_chars() -> int:
     return _env_int(ENV_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPT_CHARS)
 
 
-def check_batch(node: str, what: str, n: int) -> None:
-    """Refuse batches above ``XSR_MAX_BATCH`` before any work (a ValueError naming node and input)."""
-    cap = max_batch()
+def max_tiles() -> int:
+    return _env_int(ENV_MAX_TILES, DEFAULT_MAX_TILES)
+
+
+def check_batch(node: str, what: str, n: int, *, tiles_ok: bool = False) -> None:
+    """Refuse batches above ``XSR_MAX_BATCH`` before any work (a ValueError naming node and input).
+
+    ``tiles_ok``: the node also takes the tiles of one tiled LR (XSR_Retrieve, XSR_Enhance), whose count is
+    bounded by ``XSR_MAX_TILES`` instead; these nodes hold per-row tokens only, while the batch that reaches
+    the sampler is bounded by XSR_PrepareLR / the folder node (image batches) or by the tiled model's tile batch.
+    """
+    cap = max(max_batch(), max_tiles()) if tiles_ok else max_batch()
     if n > cap:
         raise ValueError(f"{node}: {what} holds {n} images; the most XSR takes in one batch is {cap} "
                          f"({ENV_MAX_BATCH} in the server's environment). Split the batch (e.g. ImageFromBatch) "

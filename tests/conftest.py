@@ -125,17 +125,27 @@ def comfy(tmp_path_factory, comfy_install, tiny_zoo):
     its log copied to out/ when it holds a traceback."""
     base = prepare_base_dir(tmp_path_factory.mktemp(f"comfy_base_{comfy_install.version}"), REPO, extra_nodes=[SUPPORT])
     models = base / "models"
-    # real per-server folders holding links to the zoo's files: what a server writes (a DB built by a
-    # node, ...) stays in its own base, so the next ComfyUI of the matrix starts from the same zoo
+    # real per-server folders holding hard links of the zoo's files: what a server writes (a DB built by a
+    # node, ...) stays in its own base, so the next ComfyUI of the matrix starts from the same zoo; hard
+    # links (not symlinks) because XSR refuses model files that resolve outside their models folder
+    def _link(src: Path, dst: Path) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     for entry in Path(tiny_zoo["root"]).iterdir():
         dst = models / entry.name
         if entry.is_dir():
             dst.mkdir(exist_ok=True)
             for child in entry.iterdir():
                 if not (dst / child.name).exists():
-                    (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+                    if child.is_dir():
+                        shutil.copytree(child, dst / child.name, copy_function=_link)
+                    else:
+                        _link(child, dst / child.name)
         elif not dst.exists():
-            dst.symlink_to(entry)
+            _link(entry, dst)
     server = ComfyServer(comfy_dir=comfy_install.path, base_dir=base, pythonpath=comfy_install.pythonpath)
     server.start()
     try:
