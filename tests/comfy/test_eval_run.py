@@ -63,10 +63,13 @@ def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir
     manifest = json.loads((out / "run.json").read_text())
     assert sorted(m["seed"] for m in manifest["images"].values()) == list(range(6))
 
-    # metrics against the HR crops the LR came from (resized to the SR size)
+    # the exact HR crops the LRs were made from are saved beside the outputs
+    for p in outs:
+        assert Image.open(out / "hr_crop" / p.name).size == (128, 128) and Image.open(out / "lr" / p.name).size == (8, 8)
+    # metrics against the HR originals: the same x16 crop is applied (and checked against the saved crops)
     table_dir = tmp_path / "metrics"
     res = subprocess.run([sys.executable, "-m", "xsr_core", "eval", "metrics", "--sr", str(out), "--hr", str(hr),
-                          "--resize-hr", "--metrics", "psnr,ssim", "--out", str(table_dir)],
+                          "--metrics", "psnr,ssim", "--out", str(table_dir)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     md = (table_dir / "metrics.md").read_text()

@@ -3,10 +3,14 @@
     python -m xsr_core.eval run --input TEST_DIR --out SR_DIR [--workflow workflows/xsr_x16.json]
         [--models /path/to/ComfyUI/models] [--set KSampler.steps=50 ...] [--seed 0] [--input-kind auto|hr|lr]
 
-- Input: a folder of HR test images (the 32x32 LR is made exactly as in training: shortest side to
-  512 + centre crop, then ``xsr_core.imaging.make_lr``, antialiased bicubic /16) or of LR images.
+- Input: a folder of HR test images (the 32x32 LR is made exactly as in training, by
+  :func:`xsr_core.imaging.hr_lr_pair`: shortest side to 512 + centre crop with PyTorch bicubic, then
+  ``make_lr``, antialiased PyTorch bicubic /16) or of LR images. The exact HR crop that was degraded
+  is saved as ``SR_DIR/hr_crop/<name>.png`` and the LR as ``SR_DIR/lr/<name>.png``, so
+  ``eval metrics --sr SR_DIR`` scores against the very pixels the LR came from.
 - The workflow (UI format as saved by the frontend, or API format) is run once per image through a
-  ComfyUI server this command starts (``$COMFYUI_PATH`` or the one from scripts/setup.sh), with its
+  ComfyUI server this command starts (``$COMFYUI_PATH``, the ComfyUI whose ``custom_nodes`` holds
+  this pack, or the one from scripts/setup.sh), with its
   single LoadImage node fed the LR and its single SaveImage node's output written to
   ``SR_DIR/<same name>.png``.
 - Resumable: an image whose output exists is skipped (outputs are written atomically), so killing the
@@ -32,12 +36,12 @@ from PIL import Image
 
 from .. import MAX_LR_SIDE, SCALE
 from ..comfy_server import ComfyServer, find_comfyui, prepare_base_dir
-from ..imaging import make_lr
+from ..imaging import HR_SIDE, hr_lr_pair
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-HR_SIDE = 512
+HR_CROP_DIR, LR_DIR = "hr_crop", "lr"  # sub-folders of SR_DIR (eval metrics skips them)
 
 
 class RunError(ValueError):
@@ -53,18 +57,23 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]  # (1, H, W, 3)
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray((x[0].numpy() * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def hr_crop_and_lr(img: Image.Image, side: int = HR_SIDE, scale: int = SCALE) -> tuple[Image.Image, Image.Image]:
+    """The evaluation degradation = the training one (:func:`xsr_core.imaging.hr_lr_pair`): (HR crop, LR)."""
+    crop, lr = hr_lr_pair(_to_tensor(img), side, scale)
+    return _to_pil(crop), _to_pil(lr)
+
+
 def hr_to_lr(img: Image.Image, side: int = HR_SIDE, scale: int = SCALE) -> Image.Image:
-    """The evaluation degradation: HR -> shortest side ``side`` + centre crop -> antialiased bicubic /16."""
-    img = img.convert("RGB")
-    w, h = img.size
-    s = side / min(w, h)
-    img = img.resize((max(side, round(w * s)), max(side, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-    lr = make_lr(x, scale)[0]
-    return Image.fromarray((lr.numpy() * 255).round().clip(0, 255).astype(np.uint8))
+    """The LR of :func:`hr_crop_and_lr`."""
+    return hr_crop_and_lr(img, side, scale)[1]
 
 
 def load_workflow(path: Path, server: ComfyServer | None) -> dict[str, Any]:
@@ -122,7 +131,8 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"images": {}}
     wf_bytes = Path(workflow).read_bytes()
     manifest.update({"workflow": str(workflow), "workflow_sha256": hashlib.sha256(wf_bytes).hexdigest(),
-                     "input": str(input_dir), "seed_base": seed, "overrides": list(overrides)})
+                     "input": str(input_dir), "seed_base": seed, "overrides": list(overrides), "hr_side": hr_side,
+                     "scale": SCALE, "hr_crop_dir": HR_CROP_DIR, "geometry": "xsr_core.imaging.hr_lr_pair"})
     todo = [(i, p) for i, p in enumerate(files) if not (out_dir / p.relative_to(input_dir).with_suffix(".png")).is_file()]
     logger.info("%d images, %d done, %d to run", len(files), len(files) - len(todo), len(todo))
     if not todo:
@@ -151,7 +161,10 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
                 rel = path.relative_to(input_dir)
                 img = Image.open(path)
                 kind = input_kind if input_kind != "auto" else ("lr" if max(img.size) <= MAX_LR_SIDE else "hr")
-                lr = img.convert("RGB") if kind == "lr" else hr_to_lr(img, hr_side)
+                if kind == "lr":
+                    lr, crop = img.convert("RGB"), None
+                else:
+                    crop, lr = hr_crop_and_lr(img, hr_side)
                 lr_path = Path(tmp) / f"lr_{i:06d}.png"
                 lr.save(lr_path)
                 name = server.upload_image(lr_path, name=f"xsr_eval_{i:06d}.png")
@@ -167,9 +180,18 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
                 dst = out_dir / rel.with_suffix(".png")
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 part = dst.with_suffix(".png.part")
+                entry_m = {"seed": seed + i, "output": str(dst.relative_to(out_dir)), "lr_from": kind}
+                if crop is not None:  # the exact HR pixels the LR was made from, and the LR itself
+                    for sub, im in ((HR_CROP_DIR, crop), (LR_DIR, lr)):
+                        p = out_dir / sub / rel.with_suffix(".png")
+                        p.parent.mkdir(parents=True, exist_ok=True)
+                        im.save(p.with_suffix(".part.png"))
+                        os.replace(p.with_suffix(".part.png"), p)
+                    entry_m.update(hr_crop=f"{HR_CROP_DIR}/{rel.with_suffix('.png').as_posix()}",
+                                   lr=f"{LR_DIR}/{rel.with_suffix('.png').as_posix()}")
                 part.write_bytes(data[0])
-                os.replace(part, dst)
-                manifest["images"][str(rel)] = {"seed": seed + i, "output": str(dst.relative_to(out_dir)), "lr_from": kind}
+                os.replace(part, dst)  # written last: its presence marks a finished image
+                manifest["images"][str(rel)] = entry_m
                 tmp_m = manifest_path.with_suffix(".json.part")
                 tmp_m.write_text(json.dumps(manifest, indent=1))
                 os.replace(tmp_m, manifest_path)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import AdaINAdapter, AdaINAdapterConfig
-from ..imaging import bicubic_resize
+from ..imaging import bicubic_resize, resize_center_crop
 from ..models.i2t import load_i2t
 from ..weights import save_model
 from .config import AdapterTrainConfig
@@ -216,8 +216,8 @@ class AdapterDataset(torch.utils.data.Dataset):
         hr = load_png(self.data / it["hr"])[None]  # (1, H, W, 3)
         lr = load_png(self.data / it["lr"])[None]
         r = self.resolution
-        if hr.shape[1:3] != (r, r):
-            hr = bicubic_resize(hr, (r, r), antialias=True)
+        if hr.shape[1:3] != (r, r):  # a --resolution below the prepared 512: the same x16 geometry, never a squash
+            hr = resize_center_crop(hr, r)
         hint = bicubic_resize(lr, (r, r), antialias=False)  # the ControlNet structure hint (LR bicubic-upsampled)
         return {"pixels": hr[0].permute(2, 0, 1) * 2 - 1, "hint": hint[0].permute(2, 0, 1), "E": self.E[i].float(),
                 "caption": it.get("caption") or "", "index": torch.tensor(i)}

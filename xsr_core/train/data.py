@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..imaging import bicubic_resize, make_lr
+from ..imaging import crop_hr, make_lr
 
 logger = logging.getLogger(__name__)
 
@@ -158,15 +158,9 @@ def load_degradation(spec: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
 
 
 def center_crop_hr(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → [1, size, size, 3] float 0..1: shortest side → size (antialiased bicubic), centre crop."""
+    """RGB PIL image → [1, size, size, 3] float 0..1: :func:`xsr_core.imaging.crop_hr` (the x16 geometry)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div(255.0)[None]  # (1, H, W, 3)
-    h, w = x.shape[1:3]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    if (nh, nw) != (h, w):
-        x = bicubic_resize(x, (nh, nw), antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top : top + size, left : left + size]
+    return crop_hr(x, size)
 
 
 def _to_png(x: torch.Tensor, path: Path) -> None:
@@ -503,8 +497,7 @@ class _CropDataset(torch.utils.data.Dataset):
         if hr_p.is_file() and lr_p.is_file():
             return None
         img = decode_image(Path(it["source"]).read_bytes(), min_side=1, what=it["source"])
-        hr = center_crop_hr(img, cfg.hr_size)
-        hr = (hr * 255).round() / 255  # what the PNG holds: the LR is made from exactly the stored HR
+        hr = center_crop_hr(img, cfg.hr_size)  # 8-bit rounded: the LR is made from exactly the stored HR
         lr = load_degradation(cfg.degradation)(hr, cfg.scale)
         side = cfg.hr_size // cfg.scale
         if tuple(lr.shape) != (1, side, side, 3):
