@@ -7,9 +7,10 @@ import comfy.model_patcher
 from comfy_api.latest import io
 
 from ..xsr_core.adapter import AdaINAdapter
-from ..xsr_core.weights import XSRWeightsError, load_model
+from ..xsr_core.weights import XSRWeightsError, load_model, read_metadata
 from .comfy_binding import APPLY_TO, AdaINRuntime, patch_controlnet, patch_unet
 from .common import xsr_file_path, xsr_files
+from .identity import check_controlnet, check_unet
 
 
 class XSRAdaINPatch(io.ComfyNode):
@@ -27,7 +28,8 @@ class XSRAdaINPatch(io.ComfyNode):
                         "across images. Apply the patched ControlNet with the stock ControlNetApplyAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input("control_net", tooltip="SD1.x ControlNet (ControlNetLoader), e.g. the tile ControlNet"),
+                io.ControlNet.Input("control_net", tooltip="the XSR ControlNet trained with this adapter "
+                                    "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)"),
                 io.Combo.Input("adapter_name", options=files, default=default,
                                tooltip="AdaIN adapter weights (.safetensors in models/xsr)"),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
@@ -39,6 +41,9 @@ class XSRAdaINPatch(io.ComfyNode):
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
                                tooltip="cond: only the positive branch gets the image embedding (default); "
                                        "both: the negative branch gets it too"),
+                io.Boolean.Input("allow_other_controlnet", default=False, optional=True,
+                                 tooltip="run the adapter on a ControlNet other than the one it was trained with "
+                                         "(e.g. the stock tile ControlNet); off = such a ControlNet is an error"),
             ],
             outputs=[io.Model.Output("patched_model", display_name="model"),
                      io.ControlNet.Output("patched_control_net", display_name="control_net")],
@@ -46,7 +51,7 @@ class XSRAdaINPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, control_net, adapter_name: str, strength: float, start_percent: float,
-                end_percent: float, apply_to: str) -> io.NodeOutput:
+                end_percent: float, apply_to: str, allow_other_controlnet: bool = False) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"XSR_AdaINPatch: start_percent {start_percent} is after end_percent {end_percent}.")
         path = xsr_file_path("XSR_AdaINPatch", "adapter_name", adapter_name)
@@ -55,8 +60,11 @@ class XSRAdaINPatch(io.ComfyNode):
             return io.NodeOutput(model.clone(), control_net.copy())
         try:
             adapter = load_model(path, expected=AdaINAdapter)
+            meta = read_metadata(path)
         except XSRWeightsError as e:
             raise ValueError(f"XSR_AdaINPatch: {e}") from None
+        check_controlnet(path, meta, control_net, bool(allow_other_controlnet))
+        check_unet(path, meta, model)
         patcher = comfy.model_patcher.ModelPatcher(
             adapter, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device(),

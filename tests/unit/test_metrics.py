@@ -242,7 +242,7 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
     res = {k: M.compute_metrics(sets[k], sets["hr"], metrics="clip_i", weights_dir=tmp_path / "w")["metrics"]["clip_i"] for k in ("same", "blur3")}
     assert res["same"]["value"] == pytest.approx(1.0, abs=1e-5)
     assert res["blur3"]["value"] < 1.0 - 1e-6
-    assert res["same"]["column"] == "CLIP-Score" and "image–HR image cosine" in res["same"]["variant"]
+    assert res["same"]["column"] == "CLIP-I" and "SR image–HR image cosine" in res["same"]["variant"]
 
     # CLIP-T: a tiny tokenizer stand-in (character codes) through the same scorer class.
     def tok(texts, **_: object) -> dict[str, torch.Tensor]:
@@ -291,7 +291,7 @@ def test_missing_weights_fail_early_with_names_folders_urls(sets: dict[str, Path
         assert wf.name in msg and wf.url in msg
     assert "openai/clip-vit-large-patch14" in msg and "huggingface-cli download" in msg
     assert str(Path(torch.hub.get_dir()) / "pyiqa") in msg and str(Path(torch.hub.get_dir()) / "checkpoints") in msg
-    for label in ("FID", "DISTS", "LPIPS", "CLIP-I", "CLIP-T", "MANIQA (KonIQ-10k)", "MANIQA (PIPAL)", "MUSIQ"):
+    for label in ("FID", "DISTS", "LPIPS", "CLIP-I", "CLIP-Score", "MANIQA (KonIQ-10k)", "MANIQA (PIPAL)", "MUSIQ"):
         assert label in msg
     assert not built
 
@@ -409,8 +409,11 @@ def test_plumbing_json_and_table_with_injected_factories(sets: dict[str, Path], 
     assert positions == sorted(positions)
     assert all(f"| {name} |" in table for name, _ in PAPER_ROWS)
     ours = next(line for line in table.splitlines() if "XSR test" in line)
-    assert ours.split("|")[2:8] == [" 0.00 ", " 0.0000 ", " 0.0000 ", " 0.7500 ", " 0.5000 ", " 60.00 "]
-    assert "CLIP-T (image–text)" in table and "PSNR (dB)" in table and "CLIP-Score: CLIP-I" in table
+    assert ours.split("|")[2:8] == [" 0.00 ", " 0.0000 ", " 0.0000 ", " 0.2500 ", " 0.5000 ", " 60.00 "]
+    # the paper's CLIP-Score column is the SR↔text cosine; the SR↔HR image cosine is a named extra column
+    assert "CLIP-I (SR↔HR image cosine) | 0.7500" in table and "PSNR (dB)" in table
+    assert "- CLIP-Score: CLIP-Score in the paper's sense = CLIP-T" in table
+    assert M.parse_metric_list("clip_score,clip_image") == ["clip_i", "clip_t"]
 
 
 def test_format_table_missing_columns_and_secondary_variant() -> None:

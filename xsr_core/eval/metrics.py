@@ -26,11 +26,12 @@ Library per metric, and why
   unpickles). pyiqa's import needs OpenCV (``opencv-python-headless``).
 - CLIP-I and CLIP-T — transformers ``CLIPModel`` (OpenAI ViT-L/14, the encoder XSR already uses),
   loaded with ``local_files_only=True``. CLIP-I = cosine(CLIP(SR), CLIP(HR)) image embeddings;
-  CLIP-T = cosine(CLIP(SR), CLIP(caption)) with captions from ``--captions``; both are raw cosines
-  (no 100x or 2.5x scaling, no clamp). The paper's "CLIP-Score" (~0.7 on ImageNet, which has no
-  captions) matches an image–image cosine, so **the table's CLIP-Score column is CLIP-I**; CLIP-T
-  is reported as an extra column. (Hessel et al.'s CLIP-S = 2.5·max(cos, 0) with ViT-B/32 is a
-  different number.)
+  CLIP-T = cosine(CLIP(SR), CLIP(caption)) with the SR image's text condition (``--captions``, or
+  the ``captions.jsonl`` ``eval run`` writes: the caption each SR image was generated with); both are
+  raw cosines (no 100x or 2.5x scaling, no clamp). **The table's CLIP-Score column is CLIP-T**, the
+  paper's sense ("agreement of the SR image with its text condition"; key ``clip_t``, alias
+  ``clip_score``); the SR↔HR image cosine is the extra column **CLIP-I** (key ``clip_i``, alias
+  ``clip_image``). (Hessel et al.'s CLIP-S = 2.5·max(cos, 0) with ViT-B/32 is a different number.)
 
 Weights are never downloaded. Each metric lists the files it needs (:class:`WeightFile`); they are
 looked up in ``weights_dir`` and then in the library's own cache (torch hub ``checkpoints/`` for
@@ -569,15 +570,16 @@ METRICS: dict[str, MetricSpec] = {
             True, (W_ALEXNET,), build_lpips,
         ),
         MetricSpec(
-            "clip_i", "CLIP-Score", "CLIP-I",
-            "CLIP-I: image–HR image cosine with OpenAI CLIP ViT-L/14 (transformers CLIPModel "
+            "clip_i", "CLIP-I", "CLIP-I (SR↔HR image cosine)",
+            "CLIP-I: SR image–HR image cosine with OpenAI CLIP ViT-L/14 (transformers CLIPModel "
             "openai/clip-vit-large-patch14, projected embeddings; bicubic short side 224 + centre crop)",
             False, (W_CLIP_IMAGE,), build_clip_i,
         ),
         MetricSpec(
-            "clip_t", "CLIP-T", "CLIP-T (image–text)",
-            "CLIP-Score (CLIP-T): image–text cosine with OpenAI ViT-L/14 (openai/clip-vit-large-patch14), "
-            "captions from --captions, raw cosine (no 2.5x / 100x scaling, no clamp)",
+            "clip_t", "CLIP-Score", "CLIP-Score = CLIP-T (SR↔text condition)",
+            "CLIP-Score in the paper's sense = CLIP-T: SR image–its text condition cosine with OpenAI ViT-L/14 "
+            "(openai/clip-vit-large-patch14), captions from --captions or the eval-run folder's captions.jsonl, "
+            "raw cosine (no 2.5x / 100x scaling, no clamp)",
             False, (W_CLIP_TEXT,), build_clip_t, needs_captions=True,
         ),
         MetricSpec(
@@ -613,6 +615,9 @@ METRICS: dict[str, MetricSpec] = {
     )
 }
 
+# Distinct names for the two CLIP variants (#11.7).
+METRIC_ALIASES = {"clip_score": "clip_t", "clip_image": "clip_i"}
+
 # The default set: the paper's six columns, then PSNR and SSIM (+ CLIP-T when captions are given).
 DEFAULT_METRICS: tuple[str, ...] = ("fid", "dists", "lpips", "clip_i", "maniqa", "musiq", "psnr", "ssim")
 
@@ -624,6 +629,7 @@ def parse_metric_list(metrics: str | Sequence[str] | None, *, have_captions: boo
     else:
         items = metrics.split(",") if isinstance(metrics, str) else list(metrics)
         keys = [m.strip().lower().replace("-", "_") for m in items if m.strip()]
+        keys = [METRIC_ALIASES.get(k, k) for k in keys]
         unknown = [k for k in keys if k not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
@@ -669,6 +675,7 @@ def check_weights(
 
 
 RUN_SIDE_DIRS = ("hr_crop", "lr")  # what `eval run` writes beside its SR outputs (xsr_core.eval.run)
+RUN_CAPTIONS = "captions.jsonl"  # eval run: {"image", "caption"} = the XSR_Enhance text of each SR image
 
 
 def read_run_manifest(sr_dir: str | Path) -> dict[str, Any] | None:
@@ -939,9 +946,11 @@ def compute_metrics(
             "image scored ~10 dB. HR images are now centre-cropped by the x16 geometry (xsr_core.imaging.crop_hr) "
             "automatically; drop the flag (or leave --hr out to use the crops `eval run` saved)."
         )
+    manifest = read_run_manifest(sr_dir)
+    if captions is None and manifest is not None and (Path(sr_dir) / RUN_CAPTIONS).is_file():
+        captions = Path(sr_dir) / RUN_CAPTIONS  # the text condition each SR image was generated with
     keys = parse_metric_list(metrics, have_captions=captions is not None)
     device = torch.device(device)
-    manifest = read_run_manifest(sr_dir)
     if hr_dir is None:
         if manifest is None or not (Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")).is_dir():
             raise MetricInputError(f"--hr is needed: {sr_dir} is not an `eval run` folder with saved HR crops")
@@ -957,7 +966,8 @@ def compute_metrics(
     caption_map: dict[str, str] | None = None
     if any(METRICS[k].needs_captions for k in keys):
         if captions is None:
-            raise MetricInputError("clip_t (image–text CLIP-Score) needs --captions FILE")
+            raise MetricInputError("clip_t (CLIP-Score, SR image vs its text condition) needs --captions FILE (an "
+                                   "`eval run` folder has them in captions.jsonl)")
         raw = captions if isinstance(captions, Mapping) else read_captions(captions)
         caption_map = match_captions(names, raw, source=str(captions) if not isinstance(captions, Mapping) else "captions")
     for k in keys:

@@ -101,6 +101,55 @@ def unique_node(api: dict, class_type: str, what: str) -> str:
     return ids[0]
 
 
+# --model ROLE=FILE: the model-file inputs of the shipped workflows, by role (instead of one --set each)
+MODEL_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "ckpt": (("CheckpointLoaderSimple", "ckpt_name"),),
+    "controlnet": (("ControlNetLoader", "control_net_name"),),
+    "clip_vision": (("CLIPVisionLoader", "clip_name"),),
+    "rfa": (("XSR_LoadModels", "rfa_name"),),
+    "i2t": (("XSR_LoadModels", "i2t_name"),),
+    "adapter": (("XSR_AdaINPatch", "adapter_name"),),
+    "refdb": (("XSR_LoadReferenceDB", "db_name"),),
+}
+
+
+def parse_model_names(items: list[str]) -> dict[str, str]:
+    """``ROLE=FILE`` items (or a JSON file ``{role: file}`` given as ``@path``) → {role: file}."""
+    out: dict[str, str] = {}
+    for item in items:
+        if item.startswith("@"):
+            try:
+                data = json.loads(Path(item[1:]).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise RunError(f"--model {item}: cannot read a JSON object of role -> file ({e})") from None
+            if not isinstance(data, dict):
+                raise RunError(f"--model {item}: expected a JSON object of role -> file")
+            pairs = [(str(k), str(v)) for k, v in data.items()]
+        else:
+            role, sep, name = item.partition("=")
+            if not sep or not name:
+                raise RunError(f"--model {item!r}: expected ROLE=FILE with ROLE one of {', '.join(MODEL_ROLES)}")
+            pairs = [(role, name)]
+        for role, name in pairs:
+            if role not in MODEL_ROLES:
+                raise RunError(f"--model {role}=...: unknown role; choose from {', '.join(MODEL_ROLES)}")
+            out[role] = name
+    return out
+
+
+def apply_model_names(api: dict, names: dict[str, str]) -> None:
+    """Set the model-file inputs of ``api`` named by role (a role whose node is absent is an error)."""
+    for role, name in names.items():
+        hit = False
+        for class_type, inp in MODEL_ROLES[role]:
+            for node in api.values():
+                if node["class_type"] == class_type:
+                    node["inputs"][inp] = name
+                    hit = True
+        if not hit:
+            raise RunError(f"--model {role}={name}: the workflow has no {' / '.join(c for c, _ in MODEL_ROLES[role])} node")
+
+
 def apply_overrides(api: dict, overrides: list[str]) -> None:
     """``NODE.INPUT=VALUE`` where NODE is a node id or a class_type (all nodes of it); VALUE is JSON or text."""
     for item in overrides:
@@ -119,8 +168,19 @@ def apply_overrides(api: dict, overrides: list[str]) -> None:
             api[t]["inputs"][inp] = value
 
 
+def _write_captions(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """``captions.jsonl``: the caption (XSR_Enhance text) each SR image was generated with."""
+    rows = [json.dumps({"image": m["output"], "caption": m["caption"]})
+            for m in manifest["images"].values() if m.get("caption") is not None]
+    if rows:
+        part = out_dir / "captions.jsonl.part"
+        part.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        os.replace(part, out_dir / "captions.jsonl")
+
+
 def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workflow: str | os.PathLike,
                models: str | os.PathLike | None = None, overrides: list[str] = (), seed: int = 0,
+               model_names: dict[str, str] | None = None,
                input_kind: str = "auto", hr_side: int = HR_SIDE, workdir: str | os.PathLike | None = None, extra_nodes: list[Path] = (),
                timeout: float = 3600) -> dict[str, Any]:
     """Run ``workflow`` on every image of ``input_dir``; returns the run manifest (also in out/run.json)."""
@@ -132,6 +192,7 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
     wf_bytes = Path(workflow).read_bytes()
     manifest.update({"workflow": str(workflow), "workflow_sha256": hashlib.sha256(wf_bytes).hexdigest(),
                      "input": str(input_dir), "seed_base": seed, "overrides": list(overrides), "hr_side": hr_side,
+                     "models": dict(model_names or {}),
                      "scale": SCALE, "hr_crop_dir": HR_CROP_DIR, "geometry": "xsr_core.imaging.hr_lr_pair"})
     todo = [(i, p) for i, p in enumerate(files) if not (out_dir / p.relative_to(input_dir).with_suffix(".png")).is_file()]
     logger.info("%d images, %d done, %d to run", len(files), len(files) - len(todo), len(todo))
@@ -152,10 +213,12 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
             server_args = ["--extra-model-paths-config", str(cfg)]
         with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
             api = load_workflow(Path(workflow), server)
+            apply_model_names(api, dict(model_names or {}))
             apply_overrides(api, list(overrides))
             load_id = unique_node(api, "LoadImage", "the LR input")
             save_id = unique_node(api, "SaveImage", "the SR output")
             samplers = [k for k, v in api.items() if "seed" in v["inputs"] or "noise_seed" in v["inputs"]]
+            enhancers = [k for k, v in api.items() if v["class_type"] == "XSR_Enhance"]
             start = time.monotonic()
             for n, (i, path) in enumerate(tqdm(todo, desc="xsr eval run", unit="img"), 1):
                 rel = path.relative_to(input_dir)
@@ -181,6 +244,9 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 part = dst.with_suffix(".png.part")
                 entry_m = {"seed": seed + i, "output": str(dst.relative_to(out_dir)), "lr_from": kind}
+                texts = [t for k in enhancers for t in (entry.get("outputs", {}).get(k, {}).get("text") or [])]
+                if len(enhancers) == 1 and texts:  # the text condition of this SR image (CLIP-Score, eval metrics)
+                    entry_m["caption"] = str(texts[0])
                 if crop is not None:  # the exact HR pixels the LR was made from, and the LR itself
                     for sub, im in ((HR_CROP_DIR, crop), (LR_DIR, lr)):
                         p = out_dir / sub / rel.with_suffix(".png")
@@ -195,6 +261,7 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
                 tmp_m = manifest_path.with_suffix(".json.part")
                 tmp_m.write_text(json.dumps(manifest, indent=1))
                 os.replace(tmp_m, manifest_path)
+                _write_captions(out_dir, manifest)
                 logger.debug("%s done (%d/%d, %.1f s/img)", rel, n, len(todo), (time.monotonic() - start) / n)
     return manifest
 
@@ -207,6 +274,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     parser.add_argument("--workflow", default=str(REPO / "workflows" / "xsr_x16.json"),
                         help="workflow JSON (UI or API format); default: workflows/xsr_x16.json")
     parser.add_argument("--models", default=None, help="a ComfyUI models/ folder to use (extra_model_paths)")
+    parser.add_argument("--model", dest="model_names", action="append", default=[], metavar="ROLE=FILE",
+                        help=f"model file by role ({', '.join(MODEL_ROLES)}), e.g. --model ckpt=my_sd15.safetensors; "
+                             "repeatable, or @names.json holding {role: file}")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override a node input: NODE.INPUT=VALUE (NODE = id or class_type), repeatable")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i gets seed + i")
@@ -215,12 +285,20 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     parser.add_argument("--hr-side", type=int, default=HR_SIDE,
                         help=f"HR inputs are centre-cropped to this square before the /{SCALE} degradation (paper: 512)")
     parser.add_argument("--extra-node", action="append", default=[], help="another custom node folder to load")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xsr-eval] %(message)s")
+    from ..comfy_server import ComfyError
+
     try:
         m = run_folder(ns.input, ns.out, workflow=ns.workflow, models=ns.models, overrides=ns.overrides, seed=ns.seed,
-                       input_kind=ns.input_kind, hr_side=ns.hr_side, extra_nodes=[Path(p) for p in ns.extra_node])
-    except RunError as e:
-        parser.exit(2, f"xsr eval run: error: {e}\n")
+                       model_names=parse_model_names(ns.model_names), input_kind=ns.input_kind, hr_side=ns.hr_side,
+                       extra_nodes=[Path(p) for p in ns.extra_node])
+    except (RunError, ComfyError, OSError) as e:
+        if ns.verbose:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        more = " (-v for the full message and traceback)" if "\n" in str(e).strip() else " (-v for the traceback)"
+        parser.exit(2, f"xsr eval run: error: {first}{more}\n")
     print(f"{len(m['images'])} SR images in {ns.out}")
     return 0

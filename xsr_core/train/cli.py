@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rfa", help="rfa run folder (or rfa.safetensors)")
     e.add_argument("--i2t", help="i2t run folder (or i2t.safetensors)")
     e.add_argument("--adapter", help="adapter run folder (holds final/adain_adapter.safetensors + final/controlnet)")
-    e.add_argument("--name", default="xsr", help="ControlNet file name stem (default: xsr -> xsr_controlnet.safetensors)")
+    e.add_argument("--name", default=None, help="ControlNet file name stem (default: xsr -> xsr_controlnet.safetensors for "
+                   "the adain variant, xsr_text_only -> xsr_text_only_controlnet.safetensors for the text-only one)")
     return parser
 
 

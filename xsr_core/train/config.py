@@ -129,19 +129,30 @@ class AdapterTrainConfig(EngineConfig):
     rfa: str = ""  # trained RFA weights: retrieves the references the I2T reads
     num_refs: int = 4  # K references per image
     resolution: int = 512  # HR training resolution (prepared data is 512)
-    controlnet_train: str = "all"  # "all", "none", or comma-separated name substrings of trainable ControlNet params
+    controlnet_train: str = "attention"  # "attention" (attn projections + zero convs; default), "zero_convs", "all",
+    # "none", or comma-separated name substrings of the ControlNet parameters to train
     adapter_proj_hidden: int = 256  # AdaINAdapterConfig.proj_hidden
     p_drop_text: float = 0.1  # classifier-free dropout of the text condition (empty prompt)
     p_drop_image: float = 0.1  # classifier-free dropout of the image embedding E (adapter off for that row)
     ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); exported weights are the EMA ones
     gradient_checkpointing: bool = False  # recompute U-Net/ControlNet activations in backward
     noise_offset: float = 0.0  # optional noise offset
+    variant: str = "adain"  # "adain": the full model (adapter + ControlNet); "text_only": the paper's Ours_Base
+    # (ControlNet + text condition only: no image embedding, no adapter)
+    caption_source: str = "blip2"  # stage-2 text condition: "blip2" (prepared captions) or "i2t" (the trained I2T's)
 
     def __post_init__(self) -> None:
         self._check_engine()
-        for name in ("pretrained", "i2t", "rfa"):
+        if self.variant not in ("adain", "text_only"):
+            raise ValueError(f"variant must be 'adain' or 'text_only', got {self.variant!r}")
+        if self.caption_source not in ("blip2", "i2t"):
+            raise ValueError(f"caption_source must be 'blip2' or 'i2t', got {self.caption_source!r}")
+        needs = ["pretrained"] + (["i2t", "rfa"] if self.variant == "adain" or self.caption_source == "i2t" else [])
+        for name in needs:
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required for `train adapter`")
+                why = "" if name == "pretrained" else (" (the adain variant needs E from the I2T over RFA references)"
+                                                       if self.variant == "adain" else " (--caption_source i2t)")
+                raise ValueError(f"--{name} is required for `train adapter`{why}")
         for name in ("p_drop_text", "p_drop_image"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
