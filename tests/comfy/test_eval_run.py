@@ -31,7 +31,8 @@ def test_hr_to_lr_is_the_training_degradation():
 
 def _cmd(hr, out, wf, models):
     return [sys.executable, "-m", "xsr_core", "eval", "run", "--input", str(hr), "--out", str(out), "--workflow", str(wf),
-            "--models", str(models), "--hr-side", "128", "--extra-node", str(SUPPORT), "--set", "KSampler.steps=2"]
+            "--models", str(models), "--hr-side", "128", "--extra-node", str(SUPPORT), "--set", "KSampler.steps=2",
+            "--allow-unexcluded-db"]  # the demo DB was not deduplicated against these images
 
 
 def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir):

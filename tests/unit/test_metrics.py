@@ -149,6 +149,13 @@ def test_eval_run_folder_scores_against_saved_crops_and_refuses_other_hr(tmp_pat
         M.compute_metrics(sr, tmp_path / "hr", metrics="psnr")
     with pytest.raises(M.MetricInputError, match="--hr is needed"):
         M.compute_metrics(tmp_path / "hr", None, metrics="psnr")
+    # a run made with a reference DB not deduplicated against its test images is refused unless allowed
+    run = json.loads((sr / "run.json").read_text())
+    run["refdb_exclusion"] = {"allowed": True, "dbs": {"xsr_refdb": {"checked": 2, "not_excluded": 2}}}
+    (sr / "run.json").write_text(json.dumps(run))
+    with pytest.raises(M.MetricInputError, match="not deduplicated"):
+        M.compute_metrics(sr, None, metrics="psnr")
+    assert M.compute_metrics(sr, None, metrics="psnr", allow_unexcluded_db=True)["n_images"] == 2
 
 
 def test_captions_formats_and_missing(tmp_path: Path) -> None:

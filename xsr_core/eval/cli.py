@@ -38,6 +38,8 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights-dir", help="folder searched first for weight files (see the error message for names)")
     p.add_argument("--resize-hr", action="store_true", help=argparse.SUPPRESS)  # removed: gives a clear error
     p.add_argument("--skip-unmatched", action="store_true", help="leave out images present in only one folder instead of failing")
+    p.add_argument("--allow-unexcluded-db", action="store_true",
+                   help="score an `eval run` folder made with a reference DB not deduplicated against its test images")
     p.add_argument("--label", help="name of this run's row in the table")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -60,6 +62,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             resize_hr=args.resize_hr,
             skip_unmatched=args.skip_unmatched,
+            allow_unexcluded_db=args.allow_unexcluded_db,
         )
     except (MissingWeightsError, MetricInputError, ValueError, OSError) as exc:
         if args.traceback:

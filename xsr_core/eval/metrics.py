@@ -904,6 +904,7 @@ def compute_metrics(
     batch_size: int = 8,
     resize_hr: bool = False,
     skip_unmatched: bool = False,
+    allow_unexcluded_db: bool = False,
 ) -> dict[str, Any]:
     """Compute the Table-1 metrics of SR images against same-named HR images.
 
@@ -924,6 +925,8 @@ def compute_metrics(
         batch_size: images per forward pass.
         resize_hr: removed (it squashed non-square HR images); True raises a MetricInputError.
         skip_unmatched: leave out images present in only one folder instead of raising.
+        allow_unexcluded_db: score an ``eval run`` folder whose reference DB was not deduplicated
+            against its test images (run with ``--allow-unexcluded-db``) instead of raising.
 
     Returns:
         A JSON-ready dict: ``metrics`` {key: {value, variant, n, column, label, lower_better,
@@ -947,6 +950,14 @@ def compute_metrics(
             "automatically; drop the flag (or leave --hr out to use the crops `eval run` saved)."
         )
     manifest = read_run_manifest(sr_dir)
+    excl = (manifest or {}).get("refdb_exclusion") or {}
+    leaks = {db: r["not_excluded"] for db, r in (excl.get("dbs") or {}).items() if r.get("not_excluded")}
+    if leaks and not allow_unexcluded_db:
+        raise MetricInputError(
+            f"{sr_dir} was produced with a reference DB not deduplicated against its test images ({leaks} images "
+            "not excluded; `eval run --allow-unexcluded-db`): its scores are not comparable. Pass "
+            "--allow-unexcluded-db to score it anyway."
+        )
     if captions is None and manifest is not None and (Path(sr_dir) / RUN_CAPTIONS).is_file():
         captions = Path(sr_dir) / RUN_CAPTIONS  # the text condition each SR image was generated with
     keys = parse_metric_list(metrics, have_captions=captions is not None)
@@ -1015,6 +1026,7 @@ def compute_metrics(
         "hr_dir": str(hr_dir),
         "n_images": len(pairs),
         "hr_cropped": cropped,
+        "refdb_exclusion": excl or None,
         "hr_geometry": "xsr_core.imaging.crop_hr (shortest side -> SR side, centre crop) where sizes differ",
         "device": str(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

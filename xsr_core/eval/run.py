@@ -178,9 +178,58 @@ def _write_captions(out_dir: Path, manifest: dict[str, Any]) -> None:
         os.replace(part, out_dir / "captions.jsonl")
 
 
+def db_test_exclusion(db_dir: Path) -> set[str] | None:
+    """SHA-256s of the files a reference DB was deduplicated against (``train prepare``'s test split, or
+    ``refdb build --exclude``); None when it records none."""
+    from ..train.data import TEST_EXCLUSION
+
+    p = db_dir / TEST_EXCLUSION
+    if p.is_file():
+        return set(json.loads(p.read_text()).get("test_sha256", []))
+    try:
+        from ..refdb.store import Manifest
+
+        with Manifest(db_dir) as man:
+            hashes = set(man.exclude_hashes())
+    except Exception:  # no build manifest (a copied DB without build/)
+        return None
+    return hashes or None
+
+
+def check_refdb_exclusion(api: dict, files: list[Path], models_root: Path | None, allow: bool) -> dict[str, Any]:
+    """Refuse a reference DB that was not deduplicated against these test images (unless ``allow``).
+
+    Every HR test file's SHA-256 must be in the DB's exclusion record; the CLS-cosine dedup of
+    ``train prepare`` then guarantees no near-duplicate of it is a reference.
+    """
+    names = [v["inputs"].get("db_name") for v in api.values() if v["class_type"] == "XSR_LoadReferenceDB"]
+    report: dict[str, Any] = {"allowed": allow, "dbs": {}}
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        db_dir = models_root / "xsr_refdb" / name if models_root else None
+        if db_dir is None or not db_dir.is_dir():
+            msg = (f"cannot find the reference DB {name!r} ({db_dir or 'no models folder'}) to check that it excludes "
+                   "the test images")
+        else:
+            excluded = db_test_exclusion(db_dir)
+            hashes = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+            missing = [p.name for p, h in hashes.items() if excluded is None or h not in excluded]
+            report["dbs"][name] = {"checked": len(files), "not_excluded": len(missing)}
+            if not missing:
+                continue
+            msg = (f"the reference DB {name!r} was not deduplicated against {len(missing)} of the {len(files)} test "
+                   f"images (e.g. {missing[:3]}): it may hold them or near-duplicates, which inflates every metric. "
+                   "Use the DB `train prepare` built for this test split, or `refdb build --exclude TEST_DIR`")
+        if not allow:
+            raise RunError(msg + "; or pass --allow-unexcluded-db to run anyway")
+        logger.warning("%s (allowed by --allow-unexcluded-db)", msg)
+    return report
+
+
 def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workflow: str | os.PathLike,
                models: str | os.PathLike | None = None, overrides: list[str] = (), seed: int = 0,
-               model_names: dict[str, str] | None = None,
+               model_names: dict[str, str] | None = None, allow_unexcluded_db: bool = False,
                input_kind: str = "auto", hr_side: int = HR_SIDE, workdir: str | os.PathLike | None = None, extra_nodes: list[Path] = (),
                timeout: float = 3600) -> dict[str, Any]:
     """Run ``workflow`` on every image of ``input_dir``; returns the run manifest (also in out/run.json)."""
@@ -215,6 +264,9 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
             api = load_workflow(Path(workflow), server)
             apply_model_names(api, dict(model_names or {}))
             apply_overrides(api, list(overrides))
+            models_root = Path(models) if models else find_comfyui(REPO) / "models"
+            hr_files = [p for _, p in todo if input_kind == "hr" or (input_kind == "auto" and max(Image.open(p).size) > MAX_LR_SIDE)]
+            manifest["refdb_exclusion"] = check_refdb_exclusion(api, hr_files, models_root, allow_unexcluded_db)
             load_id = unique_node(api, "LoadImage", "the LR input")
             save_id = unique_node(api, "SaveImage", "the SR output")
             samplers = [k for k, v in api.items() if "seed" in v["inputs"] or "noise_seed" in v["inputs"]]
@@ -285,6 +337,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     parser.add_argument("--hr-side", type=int, default=HR_SIDE,
                         help=f"HR inputs are centre-cropped to this square before the /{SCALE} degradation (paper: 512)")
     parser.add_argument("--extra-node", action="append", default=[], help="another custom node folder to load")
+    parser.add_argument("--allow-unexcluded-db", action="store_true",
+                        help="run even when the reference DB was not deduplicated against these test images")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xsr-eval] %(message)s")
@@ -293,6 +347,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     try:
         m = run_folder(ns.input, ns.out, workflow=ns.workflow, models=ns.models, overrides=ns.overrides, seed=ns.seed,
                        model_names=parse_model_names(ns.model_names), input_kind=ns.input_kind, hr_side=ns.hr_side,
+                       allow_unexcluded_db=ns.allow_unexcluded_db,
                        extra_nodes=[Path(p) for p in ns.extra_node])
     except (RunError, ComfyError, OSError) as e:
         if ns.verbose:

@@ -67,6 +67,9 @@ class PrepareConfig:
     workers: int = 0  # image decoding processes
     blip2_batch_size: int = 8  # BLIP-2 captioning batch
     refdb_mode: str = "paths"  # reference DB mode ("paths" or "packed")
+    dedup_threshold: float = 0.95  # reference images whose CLIP CLS cosine to a test image is >= this are left out
+    # of the DB (near-duplicates: re-encodes, resizes, crops of a test photo); the same default as
+    # `refdb build --exclude`. 1.0 keeps all but exact duplicates.
 
     def __post_init__(self) -> None:
         parse_split(self.split)
@@ -76,6 +79,8 @@ class PrepareConfig:
             raise ValueError("shard_size, batch_size, blip2_batch_size must be >= 1 and workers >= 0")
         if self.min_side < 1:
             raise ValueError("min_side must be >= 1")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ValueError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -528,16 +533,27 @@ def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str 
         if split_items:
             build_clip_cache(out, split, split_items, encoder, cfg)
     refs = [it for it in items if it["split"] == "reference"]
-    info_db = None
+    tests = [it for it in items if it["split"] == "test"]
+    info_db, dedup = None, None
     if refs:
         (out / "reference.txt").write_text("".join(f"{it['hr']}\n" for it in refs))
+        # dedup by content: every reference whose CLS cosine to a test image (its source file) is
+        # >= dedup_threshold is left out of the DB (build_db's exclusion)
         info_db = build_db(out / "refdb", encoder_path, list_file=out / "reference.txt",
+                           exclude=[it["source"] for it in tests],
                            config=BuildConfig(mode=cfg.refdb_mode, device=dev, workers=cfg.workers,
-                                              batch_size=cfg.batch_size, progress=False))
+                                              batch_size=cfg.batch_size, progress=False,
+                                              exclude_threshold=cfg.dedup_threshold))
+        dedup = {"threshold": cfg.dedup_threshold, "test_images": len(tests),
+                 "excluded_references": int(info_db["counts"]["excluded"])}
+        write_test_exclusion(out / "refdb", [it["sha256"] for it in tests], cfg.dedup_threshold,
+                             dedup["excluded_references"])
+        logger.info("reference DB: %d of %d reference images left out as near-duplicates of test images "
+                    "(CLS cosine >= %g)", dedup["excluded_references"], len(refs), cfg.dedup_threshold)
     info = {
         "config": asdict(cfg), "encoder": str(Path(encoder_path).resolve()), "fingerprint": encoder.fingerprint,
         "clip_dim": encoder.dim, "num_tokens": None, "splits": dict(zip(SPLITS, sizes)),
-        "skipped": [{"path": p, "reason": r} for p, r in bad], "refdb": info_db is not None,
+        "skipped": [{"path": p, "reason": r} for p, r in bad], "refdb": info_db is not None, "dedup": dedup,
     }
     first = next(iter(cache_dir(out, "train").glob("shard-*.safetensors")), None)
     if first is not None:
@@ -548,6 +564,17 @@ def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str 
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
     logger.info("prepared %s: %s", out, info["splits"])
     return info
+
+
+TEST_EXCLUSION = "test_exclusion.json"  # in a reference DB folder: the test images it was deduplicated against
+
+
+def write_test_exclusion(db_dir: Path, test_sha256: list[str], threshold: float, excluded: int) -> Path:
+    """Record in the DB folder which test images (SHA-256 of their files) it excludes (read by the eval commands)."""
+    p = Path(db_dir) / TEST_EXCLUSION
+    p.write_text(json.dumps({"format": "xsr-test-exclusion/1", "threshold": threshold, "excluded_references": excluded,
+                             "test_sha256": sorted(test_sha256)}, indent=1))
+    return p
 
 
 def read_prepare_info(data: str | os.PathLike) -> dict[str, Any]:
