@@ -734,40 +734,15 @@ def pair_images(sr_dir: str | Path, hr_dir: str | Path, *, skip_unmatched: bool 
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
-    """Read captions keyed by image name (relative path or file name, extension optional).
+    """Captions keyed by image name (relative path or file name, extension optional), in any format of
+    :mod:`xsr_core.captions` (``.json`` {name: caption}, ``.jsonl``, ``.csv``, ``name<TAB>caption`` lines)."""
+    from ..captions import CaptionFileError
+    from ..captions import read_captions as _read
 
-    Formats: ``.json`` {name: caption}; ``.jsonl`` lines {"file"|"image"|"name": ..,
-    "caption"|"text": ..}; anything else: ``name<TAB>caption`` lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MetricInputError(f"captions file {path} not found")
-    out: dict[str, str] = {}
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise MetricInputError(f"{path}: expected a JSON object {{image name: caption}}")
-        out = {str(k): str(v) for k, v in data.items()}
-    elif path.suffix.lower() == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            name = row.get("file", row.get("image", row.get("name")))
-            cap = row.get("caption", row.get("text"))
-            if name is None or cap is None:
-                raise MetricInputError(f"{path}:{i}: needs a file/image/name key and a caption/text key")
-            out[str(name)] = str(cap)
-    else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise MetricInputError(f"{path}:{i}: expected 'name<TAB>caption'")
-            name, cap = line.split("\t", 1)
-            out[name.strip()] = cap.strip()
-    return out
+    try:
+        return _read(path)
+    except CaptionFileError as e:
+        raise MetricInputError(str(e)) from None
 
 
 def match_captions(names: Sequence[str], captions: Mapping[str, str], source: str = "captions") -> dict[str, str]:

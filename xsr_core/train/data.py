@@ -24,7 +24,6 @@ Real-scale cost of the token cache: 2 x 257 x 1024 x 2 bytes ≈ 1.05 MB per ima
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -229,32 +228,17 @@ def scan_images(paths: list[str], cfg: PrepareConfig) -> tuple[list[tuple[str, s
 # ------------------------------------------------------------------------------ captions
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
-    """Captions from JSONL (``{"image": ..., "caption": ...}`` per line) or CSV (header image,caption).
+    """Captions of ``--captions`` (JSONL, CSV, JSON or TSV: :mod:`xsr_core.captions`), as {image key: caption}.
 
     The image key may be an absolute path, a path relative to the image folder, or a file name.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"caption file {path} does not exist")
-    out: dict[str, str] = {}
-    keys = ("image", "file", "path", "filename", "file_name")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{n}: not valid JSON ({e})") from None
-    for n, row in enumerate(rows, 1):
-        key = next((row[k] for k in keys if k in row), None)
-        if key is None or "caption" not in row:
-            raise PrepareError(f"{path}: row {n} needs an image key ({'/'.join(keys)}) and a 'caption'")
-        out[str(key)] = str(row["caption"]).strip()
-    return out
+    from ..captions import CaptionFileError
+    from ..captions import read_captions as _read
+
+    try:
+        return _read(path)
+    except CaptionFileError as e:
+        raise PrepareError(str(e)) from None
 
 
 def match_captions(items: list[dict[str, Any]], captions: dict[str, str], root: Path | None) -> list[str]:
