@@ -70,8 +70,12 @@ def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir
     # metrics against the HR originals: the same x16 crop is applied (and checked against the saved crops)
     table_dir = tmp_path / "metrics"
     res = subprocess.run([sys.executable, "-m", "xsr_core", "eval", "metrics", "--sr", str(out), "--hr", str(hr),
-                          "--metrics", "psnr,ssim", "--out", str(table_dir)],
+                          "--metrics", "psnr,ssim", "--out", str(table_dir), "--allow-unexcluded-db"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     md = (table_dir / "metrics.md").read_text()
+    # without the flag, a run made with a DB not deduplicated against its inputs is refused in one line
+    res = subprocess.run([sys.executable, "-m", "xsr_core", "eval", "metrics", "--sr", str(out), "--metrics", "psnr"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "not deduplicated" in res.stderr and "Traceback" not in res.stderr
     assert "FID" in md and "PSNR" in md and "SeeSR" in md
