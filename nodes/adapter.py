@@ -20,6 +20,7 @@ from ..xsr_core.adapter import AdaINAdapter
 from ..xsr_core.weights import XSRWeightsError, load_model, read_metadata
 from .comfy_binding import APPLY_TO, AdaINRuntime, make_adapter_patcher, patch_controlnet, patch_unet
 from .common import xsr_file_path, xsr_files
+from .identity import check_controlnet, check_unet
 from .validation import check_finite, collect, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,9 @@ def load_adapter(node: str, path: str) -> LoadedAdapter:
 
 
 def _identity_check(node: str, loaded: LoadedAdapter, model, control_net, allow_other_controlnet: bool) -> None:
-    """Hook for the trained-ControlNet identity check (nodes/identity.py) where that module exists."""
-    try:
-        from . import identity
-    except ImportError:
-        return
-    identity.check_controlnet(loaded.path, loaded.metadata, control_net, bool(allow_other_controlnet), node=node)
-    identity.check_unet(loaded.path, loaded.metadata, model, node=node)
+    """The adapter runs on the ControlNet (and base U-Net) it was trained with (fingerprints in its metadata)."""
+    check_controlnet(loaded.path, loaded.metadata, control_net, bool(allow_other_controlnet), node=node)
+    check_unet(loaded.path, loaded.metadata, model, node=node)
 
 
 def apply_adapter(node: str, model, control_net, loaded: LoadedAdapter | None, strength: float, start_percent: float,
@@ -108,6 +105,13 @@ def _common_inputs() -> list:
                        tooltip="cond: only the positive branch gets the image embedding (default); "
                                "both: the negative branch gets it too"),
     ]
+
+
+def _allow_other_input() -> io.Boolean.Input:
+    return io.Boolean.Input("allow_other_controlnet", default=False, optional=True,
+                            tooltip="run the adapter on a ControlNet other than the one it was trained with "
+                                    "(e.g. the stock tile ControlNet, stage 2's initialisation); off = such a "
+                                    "ControlNet is an error")
 
 
 def _adapter_combo() -> io.Combo.Input:
@@ -166,8 +170,7 @@ class XSRApplyAdaIN(io.ComfyNode):
                 io.ControlNet.Input("control_net", tooltip="the ControlNet trained with this adapter (ControlNetLoader)"),
                 XSRAdaINAdapterSocket.Input("adapter", tooltip="from XSR Load AdaIN Adapter"),
                 *_common_inputs(),
-                io.Boolean.Input("allow_other_controlnet", default=False, optional=True,
-                                 tooltip="run the adapter on a ControlNet other than the one it was trained with"),
+                _allow_other_input(),
             ],
             outputs=list(_OUTPUTS),
         )
@@ -201,9 +204,11 @@ class XSRAdaINPatch(io.ComfyNode):
                         "across images. Apply the patched ControlNet with the stock ControlNetApplyAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input("control_net", tooltip="SD1.x ControlNet (ControlNetLoader), e.g. the tile ControlNet"),
+                io.ControlNet.Input("control_net", tooltip="the XSR ControlNet trained with this adapter "
+                                    "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)"),
                 _adapter_combo(),
                 *_common_inputs(),
+                _allow_other_input(),
             ],
             outputs=list(_OUTPUTS),
         )
@@ -222,10 +227,10 @@ class XSRAdaINPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, control_net, adapter_name: str, strength: float, start_percent: float,
-                end_percent: float, apply_to: str) -> io.NodeOutput:
+                end_percent: float, apply_to: str, allow_other_controlnet: bool = False) -> io.NodeOutput:
         node = "XSR_AdaINPatch"
         check_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
         path = xsr_file_path(node, "adapter_name", adapter_name)
         loaded = load_adapter(node, path) if strength != 0.0 else None
         return io.NodeOutput(*apply_adapter(node, model, control_net, loaded, strength, start_percent, end_percent,
-                                            apply_to))
+                                            apply_to, allow_other_controlnet))

@@ -15,7 +15,7 @@ import torch
 import comfy.model_management
 from comfy_api.latest import io, ui
 
-from ..xsr_core.imaging import LRImageError, bicubic_resize, validate_lr
+from ..xsr_core.imaging import LRImageError, resize_center_crop, validate_lr
 from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
 from .common import XSRModels, XSRRefDB, XSRRefs, clip_vision_fingerprint, clip_vision_width, encode_clip, throw_if_interrupted
@@ -94,12 +94,7 @@ def _ref_cache_prefix(refdb, clip_vision) -> tuple:
 
 def _square(t: torch.Tensor, side: int) -> torch.Tensor:
     """Resize (shortest side) + centre crop an [H,W,3] image to side x side for the reference batch."""
-    h, w, _ = t.shape
-    s = side / min(h, w)
-    nh, nw = max(side, round(h * s)), max(side, round(w * s))
-    r = bicubic_resize(t[None], (nh, nw))[0]
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return r[top : top + side, left : left + side]
+    return resize_center_crop(t[None], side)[0]
 
 
 def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedRef]:

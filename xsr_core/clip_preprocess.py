@@ -20,9 +20,8 @@ float32 on the input's device. The build data loader runs steps 1-3 in its worke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .imaging import ensure_rgb
+from .imaging import ensure_rgb, resize_center_crop_chw
 
 # Changing anything in this module's math must change this string: it is part of every encoder
 # fingerprint, so reference DBs built with the old preprocessing are refused instead of silently
@@ -36,15 +35,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _resize_crop(bchw: torch.Tensor, size: int) -> torch.Tensor:
     """Shortest side → ``size`` (bicubic, antialias), centre crop; float (B,C,size,size), unclamped."""
-    h, w = bchw.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        new = (max(size, round(scale * h)), max(size, round(scale * w)))
-        bchw = F.interpolate(bchw, size=new, mode="bicubic", antialias=True, align_corners=False)
-        top = (bchw.shape[-2] - size) // 2
-        left = (bchw.shape[-1] - size) // 2
-        bchw = bchw[..., top : top + size, left : left + size]
-    return bchw
+    return resize_center_crop_chw(bchw, size)
 
 
 def resize_crop_u8(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:

@@ -51,10 +51,14 @@ def free_port() -> int:
 
 
 def find_comfyui(repo_root: str | Path | None = None) -> Path:
-    """The ComfyUI folder: ``$COMFYUI_PATH``, else the one ``scripts/setup.sh`` recorded in the venv."""
+    """The ComfyUI folder: ``$COMFYUI_PATH``, else the ComfyUI whose ``custom_nodes/`` holds this pack,
+    else the one ``scripts/setup.sh`` recorded in the venv."""
     env = os.environ.get("COMFYUI_PATH")
     candidates = [Path(env)] if env else []
     root = Path(repo_root) if repo_root else Path(__file__).resolve().parents[1]
+    for pack in (root, root.resolve()):  # a custom_nodes install (a clone or a symlink into it)
+        if pack.parent.name == "custom_nodes":
+            candidates.append(pack.parent.parent)
     recorded = root / ".venv" / "comfyui_path"
     if recorded.is_file():
         candidates.append(Path(recorded.read_text().strip()))

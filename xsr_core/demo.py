@@ -45,7 +45,7 @@ def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, ref
             "caption_override": "", "extra_prompt": "high quality, detailed"}},
         "patch": {"class_type": "XSR_AdaINPatch", "inputs": {
             "model": ["ckpt", 0], "control_net": ["cn", 0], "adapter_name": adapter, "strength": strength,
-            "start_percent": 0.0, "end_percent": 1.0, "apply_to": "cond"}},
+            "start_percent": 0.0, "end_percent": 1.0, "apply_to": "cond", "allow_other_controlnet": False}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry, low quality"}},
         "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
             "positive": ["enhance", 0], "negative": ["neg", 0], "control_net": ["patch", 1], "image": ["prep", 0],
@@ -86,7 +86,7 @@ def xsr_tiled_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: st
 # model file names the shipped workflows use (README "Model files") -> tiny zoo names
 SHIPPED_NAMES = {
     "ckpt": "v1-5-pruned-emaonly.safetensors",
-    "controlnet": "control_v11f1e_sd15_tile_fp16.safetensors",
+    "controlnet": "xsr_controlnet.safetensors",
     "clip_vision": "clip_vision_l.safetensors",
     "refdb": "xsr_refdb",
 }

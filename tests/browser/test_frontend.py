@@ -27,9 +27,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 NAMES = ["xsr_x16", "xsr_x16_text_only", "xsr_x16_batch_folder"]
-ZOO = {"v1-5-pruned-emaonly.safetensors": CHECKPOINT_NAME, "control_v11f1e_sd15_tile_fp16.safetensors": CONTROLNET_NAME,
+ZOO = {"v1-5-pruned-emaonly.safetensors": CHECKPOINT_NAME, "xsr_controlnet.safetensors": CONTROLNET_NAME,
+       "xsr_text_only_controlnet.safetensors": CONTROLNET_NAME,
        "clip_vision_l.safetensors": CLIP_VISION_NAME, "xsr_refdb": DEMO_REFDB}
-REAL_MODELS = {"v1-5-pruned-emaonly.safetensors", "control_v11f1e_sd15_tile_fp16.safetensors", "clip_vision_l.safetensors"}
+REAL_MODELS = {"v1-5-pruned-emaonly.safetensors", "clip_vision_l.safetensors"}  # the XSR ControlNet has no URL
 XSS = "<img src=x onerror=window.__xss=1>"
 # console errors that concern this pack (the offline frontend logs its own: 404 templates, CSP-blocked registry calls)
 OURS = re.compile(r"xsr", re.I)

@@ -31,7 +31,8 @@ def test_hr_to_lr_is_the_training_degradation():
 
 def _cmd(hr, out, wf, models):
     return [sys.executable, "-m", "xsr_core", "eval", "run", "--input", str(hr), "--out", str(out), "--workflow", str(wf),
-            "--models", str(models), "--hr-side", "128", "--extra-node", str(SUPPORT), "--set", "KSampler.steps=2"]
+            "--models", str(models), "--hr-side", "128", "--extra-node", str(SUPPORT), "--set", "KSampler.steps=2",
+            "--allow-unexcluded-db"]  # the demo DB was not deduplicated against these images
 
 
 def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir):
@@ -63,11 +64,18 @@ def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir
     manifest = json.loads((out / "run.json").read_text())
     assert sorted(m["seed"] for m in manifest["images"].values()) == list(range(6))
 
-    # metrics against the HR crops the LR came from (resized to the SR size)
+    # the exact HR crops the LRs were made from are saved beside the outputs
+    for p in outs:
+        assert Image.open(out / "hr_crop" / p.name).size == (128, 128) and Image.open(out / "lr" / p.name).size == (8, 8)
+    # metrics against the HR originals: the same x16 crop is applied (and checked against the saved crops)
     table_dir = tmp_path / "metrics"
     res = subprocess.run([sys.executable, "-m", "xsr_core", "eval", "metrics", "--sr", str(out), "--hr", str(hr),
-                          "--resize-hr", "--metrics", "psnr,ssim", "--out", str(table_dir)],
+                          "--metrics", "psnr,ssim", "--out", str(table_dir), "--allow-unexcluded-db"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     md = (table_dir / "metrics.md").read_text()
+    # without the flag, a run made with a DB not deduplicated against its inputs is refused in one line
+    res = subprocess.run([sys.executable, "-m", "xsr_core", "eval", "metrics", "--sr", str(out), "--metrics", "psnr"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "not deduplicated" in res.stderr and "Traceback" not in res.stderr
     assert "FID" in md and "PSNR" in md and "SeeSR" in md

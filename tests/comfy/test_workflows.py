@@ -18,12 +18,14 @@ pytestmark = pytest.mark.comfy
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 # real model file names in the shipped workflows -> tiny zoo names
 SD15 = "v1-5-pruned-emaonly.safetensors"
-TILE = "control_v11f1e_sd15_tile_fp16.safetensors"
+TILE = "xsr_controlnet.safetensors"  # the ControlNet trained with the adapter (train export)
+TEXT_ONLY_CN = "xsr_text_only_controlnet.safetensors"
 CLIPV = "clip_vision_l.safetensors"
 REFDB = "xsr_refdb"
 LR_NAME = "xsr_lr.png"
 LR_FOLDER = "xsr_lr"
-ZOO_NAMES = {SD15: CHECKPOINT_NAME, TILE: CONTROLNET_NAME, CLIPV: CLIP_VISION_NAME, REFDB: DEMO_REFDB}
+ZOO_NAMES = {SD15: CHECKPOINT_NAME, TILE: CONTROLNET_NAME, TEXT_ONLY_CN: CONTROLNET_NAME, CLIPV: CLIP_VISION_NAME,
+             REFDB: DEMO_REFDB}
 
 
 def load(name: str) -> dict:

@@ -86,16 +86,76 @@ def test_unmatched_files_are_listed(tmp_path: Path) -> None:
     assert [p[0] for p in pairs] == ["img01"]
 
 
-def test_size_mismatch_errors_unless_resize_hr(tmp_path: Path) -> None:
-    names = _write_set(tmp_path / "hr", n=2, size=128)
+def _textured_hr(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A non-square HR image with fine texture (period-3/5 stripes + noise) that any squash or shift destroys."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 3.0) * 60, np.sin(yy / 5.0) * 60, np.sin((xx + yy) / 4.0) * 60], -1) + 128
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def test_perfect_sr_of_non_square_hr_is_perfect_never_squashed(tmp_path: Path, empty_caches: None) -> None:
+    """#11.5: SR = the x16 crop of a 500x375 / 375x500 HR scores PSNR >= 50 dB and LPIPS ~ 0 against the raw HR."""
+    from xsr_core.eval.run import hr_crop_and_lr
+
+    (tmp_path / "hr").mkdir()
     (tmp_path / "sr").mkdir()
-    for name in names:  # the SR is the HR at half size: same content, different size
-        Image.open(tmp_path / "hr" / f"{name}.png").resize((64, 64), Image.BICUBIC).save(tmp_path / "sr" / f"{name}.png")
-    with pytest.raises(M.MetricInputError, match="--resize-hr"):
+    for i, (w, h) in enumerate([(500, 375), (375, 500), (640, 480)]):
+        hr = _textured_hr(w, h, seed=i)
+        hr.save(tmp_path / "hr" / f"im{i}.jpg", quality=100)  # any extension pairs
+        crop, lr = hr_crop_and_lr(Image.open(tmp_path / "hr" / f"im{i}.jpg"), 512)
+        assert crop.size == (512, 512) and lr.size == (32, 32)
+        crop.save(tmp_path / "sr" / f"im{i}.png")
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    _random_torchvision_features("alexnet", wdir / M.W_ALEXNET.name)
+    res = M.compute_metrics(tmp_path / "sr", tmp_path / "hr", metrics="psnr,lpips", weights_dir=wdir)
+    assert res["hr_cropped"] == 3
+    assert res["metrics"]["psnr"]["value"] >= 50.0
+    assert res["metrics"]["lpips"]["value"] == pytest.approx(0.0, abs=1e-6)
+    # the old squash would have scored far worse: the crop geometry is what makes it perfect
+    squashed = np.asarray(Image.open(tmp_path / "hr" / "im0.jpg").resize((512, 512), Image.BICUBIC), dtype=np.float64)
+    mse = ((squashed - np.asarray(Image.open(tmp_path / "sr" / "im0.png"), dtype=np.float64)) ** 2).mean()
+    assert 10 * np.log10(255.0**2 / mse) < 20
+    with pytest.raises(M.MetricInputError, match="--resize-hr was removed"):
+        M.compute_metrics(tmp_path / "sr", tmp_path / "hr", metrics="psnr", resize_hr=True)
+    # a non-square SR next to a differently sized HR cannot be explained by the crop: a clear error
+    Image.open(tmp_path / "sr" / "im0.png").crop((0, 0, 512, 400)).save(tmp_path / "sr" / "im0.png")
+    with pytest.raises(M.MetricInputError, match="not square"):
         M.compute_metrics(tmp_path / "sr", tmp_path / "hr", metrics="psnr")
-    res = M.compute_metrics(tmp_path / "sr", tmp_path / "hr", metrics="psnr", resize_hr=True)
-    assert res["hr_resized"] is True
-    assert 15 < res["metrics"]["psnr"]["value"] < 100  # same content, resized: close but not equal
+
+
+def test_eval_run_folder_scores_against_saved_crops_and_refuses_other_hr(tmp_path: Path) -> None:
+    """An `eval run` folder (run.json + hr_crop/ + lr/): --hr may be left out; a different HR set is an error."""
+    from xsr_core.eval.run import hr_crop_and_lr
+
+    sr = tmp_path / "sr"
+    (tmp_path / "hr").mkdir()
+    images = {}
+    for i in range(2):
+        _textured_hr(300 + 40 * i, 200, seed=i).save(tmp_path / "hr" / f"a{i}.png")
+        crop, lr = hr_crop_and_lr(Image.open(tmp_path / "hr" / f"a{i}.png"), 128)
+        for sub, im in (("hr_crop", crop), ("lr", lr), ("", crop)):
+            (sr / sub).mkdir(parents=True, exist_ok=True)
+            im.save(sr / sub / f"a{i}.png")
+        images[f"a{i}.png"] = {"output": f"a{i}.png", "hr_crop": f"hr_crop/a{i}.png", "lr": f"lr/a{i}.png"}
+    (sr / "run.json").write_text(json.dumps({"images": images, "hr_crop_dir": "hr_crop", "hr_side": 128}))
+    res = M.compute_metrics(sr, None, metrics="psnr")  # side folders are not SR outputs
+    assert res["n_images"] == 2 and res["metrics"]["psnr"]["value"] == M.PSNR_CAP_DB
+    res = M.compute_metrics(sr, tmp_path / "hr", metrics="psnr")  # originals: the same crop is applied
+    assert res["hr_cropped"] == 2 and res["metrics"]["psnr"]["value"] == M.PSNR_CAP_DB
+    _textured_hr(300, 200, seed=9).save(tmp_path / "hr" / "a0.png")  # not the image the run degraded
+    with pytest.raises(M.MetricInputError, match="does not give the HR crop"):
+        M.compute_metrics(sr, tmp_path / "hr", metrics="psnr")
+    with pytest.raises(M.MetricInputError, match="--hr is needed"):
+        M.compute_metrics(tmp_path / "hr", None, metrics="psnr")
+    # a run made with a reference DB not deduplicated against its test images is refused unless allowed
+    run = json.loads((sr / "run.json").read_text())
+    run["refdb_exclusion"] = {"allowed": True, "dbs": {"xsr_refdb": {"checked": 2, "not_excluded": 2}}}
+    (sr / "run.json").write_text(json.dumps(run))
+    with pytest.raises(M.MetricInputError, match="not deduplicated"):
+        M.compute_metrics(sr, None, metrics="psnr")
+    assert M.compute_metrics(sr, None, metrics="psnr", allow_unexcluded_db=True)["n_images"] == 2
 
 
 def test_captions_formats_and_missing(tmp_path: Path) -> None:
@@ -189,7 +249,7 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
     res = {k: M.compute_metrics(sets[k], sets["hr"], metrics="clip_i", weights_dir=tmp_path / "w")["metrics"]["clip_i"] for k in ("same", "blur3")}
     assert res["same"]["value"] == pytest.approx(1.0, abs=1e-5)
     assert res["blur3"]["value"] < 1.0 - 1e-6
-    assert res["same"]["column"] == "CLIP-Score" and "image–HR image cosine" in res["same"]["variant"]
+    assert res["same"]["column"] == "CLIP-I" and "SR image–HR image cosine" in res["same"]["variant"]
 
     # CLIP-T: a tiny tokenizer stand-in (character codes) through the same scorer class.
     def tok(texts, **_: object) -> dict[str, torch.Tensor]:
@@ -238,7 +298,7 @@ def test_missing_weights_fail_early_with_names_folders_urls(sets: dict[str, Path
         assert wf.name in msg and wf.url in msg
     assert "openai/clip-vit-large-patch14" in msg and "huggingface-cli download" in msg
     assert str(Path(torch.hub.get_dir()) / "pyiqa") in msg and str(Path(torch.hub.get_dir()) / "checkpoints") in msg
-    for label in ("FID", "DISTS", "LPIPS", "CLIP-I", "CLIP-T", "MANIQA (KonIQ-10k)", "MANIQA (PIPAL)", "MUSIQ"):
+    for label in ("FID", "DISTS", "LPIPS", "CLIP-I", "CLIP-Score", "MANIQA (KonIQ-10k)", "MANIQA (PIPAL)", "MUSIQ"):
         assert label in msg
     assert not built
 
@@ -356,8 +416,11 @@ def test_plumbing_json_and_table_with_injected_factories(sets: dict[str, Path], 
     assert positions == sorted(positions)
     assert all(f"| {name} |" in table for name, _ in PAPER_ROWS)
     ours = next(line for line in table.splitlines() if "XSR test" in line)
-    assert ours.split("|")[2:8] == [" 0.00 ", " 0.0000 ", " 0.0000 ", " 0.7500 ", " 0.5000 ", " 60.00 "]
-    assert "CLIP-T (image–text)" in table and "PSNR (dB)" in table and "CLIP-Score: CLIP-I" in table
+    assert ours.split("|")[2:8] == [" 0.00 ", " 0.0000 ", " 0.0000 ", " 0.2500 ", " 0.5000 ", " 60.00 "]
+    # the paper's CLIP-Score column is the SR↔text cosine; the SR↔HR image cosine is a named extra column
+    assert "CLIP-I (SR↔HR image cosine) | 0.7500" in table and "PSNR (dB)" in table
+    assert "- CLIP-Score: CLIP-Score in the paper's sense = CLIP-T" in table
+    assert M.parse_metric_list("clip_score,clip_image") == ["clip_i", "clip_t"]
 
 
 def test_format_table_missing_columns_and_secondary_variant() -> None:

@@ -20,6 +20,9 @@ N_IMAGES = 56
 SPLIT = "0.65,0.15,0.2"
 TINY_RFA = {"width": 64, "depth": 2, "heads": 4}
 TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}
+# the tiny random CLIP puts these synthetic images within CLS cosine 0.95 of each other: the real-CLIP default
+# test-set dedup threshold would empty the reference DB, so only near-exact copies are excluded here
+DEDUP = 0.999
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,7 +37,7 @@ def world(tiny_zoo, tmp_path_factory):
     imgs = write_image_set(root / "imgs", n=N_IMAGES)
     data = root / "data"
     info = prepare(data, tiny_zoo["clip_vision"], images=str(imgs), captions=str(imgs / "captions.jsonl"),
-                   config=PrepareConfig(split=SPLIT, device="cpu"))
+                   config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP))
     clip_tok = root / "cliptok"
     train_tiny_clip_tokenizer(clip_tok)
     return {"root": root, "imgs": imgs, "data": data, "info": info, "zoo": tiny_zoo, "clip_tok": clip_tok,
@@ -111,7 +114,7 @@ def test_prepare_is_resumable_and_deterministic(world, tmp_path):
     shard = next((data / "cache" / "clip" / "train").glob("shard-*.safetensors"))
     mtime = shard.stat().st_mtime_ns
     prepare(data, world["zoo"]["clip_vision"], images=str(world["imgs"]), captions=str(world["imgs"] / "captions.jsonl"),
-            config=PrepareConfig(split=SPLIT, device="cpu"))
+            config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP))
     assert (data / "items.jsonl").read_text() == before
     assert shard.stat().st_mtime_ns == mtime  # complete shard not rewritten
 
@@ -363,3 +366,28 @@ def test_adapter_stage_prediction_types(world):
         stage(batch)
     stage.end_step()
     stage.binding.detach()
+
+
+def test_adapter_caption_source_i2t_and_scope_counts(world, rfa_run, i2t_run, tmp_path):
+    """--caption_source i2t trains on the I2T's cached greedy captions; the named ControlNet scopes count params."""
+    from diffusers import ControlNetModel
+
+    from xsr_core.train.adapter import AdapterDataset, controlnet_scope_counts, train_adapter
+
+    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "capi2t", max_steps=1, caption_source="i2t"))
+    assert res["step"] == 1
+    folder = next((world["data"] / "cache").glob("E-*"))
+    caps = json.loads((folder / "captions-i2t-train.json").read_text())
+    assert len(caps) == world["info"]["splits"]["train"] and all(isinstance(c, str) for c in caps)
+    ds = AdapterDataset(world["data"], "train", folder, 64, caps)
+    assert ds[0]["caption"] == caps[0]
+    info = json.loads((tmp_path / "capi2t" / "final" / "xsr_stage2.json").read_text())
+    assert info["caption_source"] == "i2t" and info["controlnet_train"] == "attention" and info["variant"] == "adain"
+    cn = ControlNetModel.from_pretrained(str(tmp_path / "capi2t" / "final" / "controlnet"))
+    counts = controlnet_scope_counts(cn)
+    assert counts["none"] == 0 < counts["zero_convs"] < counts["attention"] < counts["all"]
+    with pytest.raises(ValueError, match="caption_source"):
+        _adapter_cfg(world, rfa_run, i2t_run, tmp_path / "x", caption_source="blip3")
+    with pytest.raises(ValueError, match="--i2t is required"):
+        AdapterTrainConfig(data="/d", output_dir="/o", pretrained="p", caption_source="i2t", variant="text_only")
+    AdapterTrainConfig(data="/d", output_dir="/o", pretrained="p", variant="text_only")  # needs no I2T / RFA

@@ -21,7 +21,7 @@ def test_rfa_ddp_two_cpu_processes(tiny_zoo, tmp_path):
     imgs = write_image_set(tmp_path / "imgs", n=12, size=128)
     data = tmp_path / "data"
     prepare(data, tiny_zoo["clip_vision"], images=str(imgs), captions=str(imgs / "captions.jsonl"),
-            config=PrepareConfig(split="8,2,2", min_side=64, device="cpu"))
+            config=PrepareConfig(split="8,2,2", min_side=64, device="cpu", dedup_threshold=0.999))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

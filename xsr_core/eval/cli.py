@@ -23,8 +23,10 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--sr", required=True, help="folder of SR outputs (recursive; paired by relative name)")
-    p.add_argument("--hr", required=True, help="folder of HR ground-truth images")
-    p.add_argument("--captions", help="captions for CLIP-T: .json {name: caption}, .jsonl, or name<TAB>caption lines")
+    p.add_argument("--hr", help="folder of HR ground-truth images (any size: a square SR is scored against the x16 "
+                   "crop of its HR, never a squash); default for an `eval run` folder: its saved SR_DIR/hr_crop")
+    p.add_argument("--captions", help="the SR images' text conditions for CLIP-Score (CLIP-T): .json {name: caption}, "
+                   ".jsonl, or name<TAB>caption lines; default for an `eval run` folder: its captions.jsonl")
     p.add_argument("--out", help="folder for metrics.json and metrics.md (default: print only)")
     p.add_argument(
         "--metrics",
@@ -34,11 +36,14 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1, cpu (default cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--weights-dir", help="folder searched first for weight files (see the error message for names)")
-    p.add_argument("--resize-hr", action="store_true", help="resize HR to the SR size when they differ (bicubic, antialiased) instead of failing")
+    p.add_argument("--resize-hr", action="store_true", help=argparse.SUPPRESS)  # removed: gives a clear error
     p.add_argument("--skip-unmatched", action="store_true", help="leave out images present in only one folder instead of failing")
+    p.add_argument("--allow-unexcluded-db", action="store_true",
+                   help="score an `eval run` folder made with a reference DB not deduplicated against its test images")
     p.add_argument("--label", help="name of this run's row in the table")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error instead of one line")
     p.set_defaults(handler=_run_metrics)
 
 
@@ -57,8 +62,11 @@ def _run_metrics(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             resize_hr=args.resize_hr,
             skip_unmatched=args.skip_unmatched,
+            allow_unexcluded_db=args.allow_unexcluded_db,
         )
-    except (MissingWeightsError, MetricInputError, ValueError) as exc:
+    except (MissingWeightsError, MetricInputError, ValueError, OSError) as exc:
+        if args.traceback:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.out:
@@ -68,6 +76,38 @@ def _run_metrics(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(format_table(results, label=args.label))
+    return 0
+
+
+def _add_table_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table",
+        help="several metrics.json files as rows of one table (e.g. text-only base and full AdaIN, Table 1)",
+        description="Render metrics.json files written by `eval metrics --out` side by side, under the paper's rows.",
+    )
+    p.add_argument("results", nargs="+", metavar="METRICS_JSON[=LABEL]", help="a metrics.json, optionally =row label")
+    p.add_argument("--out", help="write the table to this markdown file too")
+    p.add_argument("--no-paper-rows", action="store_true", help="leave out the paper's rows")
+    p.set_defaults(handler=_run_table)
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .paper import format_rows
+
+    runs = []
+    for item in args.results:
+        path, _, label = item.partition("=")
+        try:
+            runs.append((label or None, json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: {path}: cannot read a metrics.json ({exc})", file=sys.stderr)
+            return 2
+    table = format_rows(runs, paper_rows=not args.no_paper_rows)
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table)
     return 0
 
 
@@ -90,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xsr_core.eval", description="XSR evaluation tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_metrics_parser(sub)
+    _add_table_parser(sub)
     _add_run_parser(sub)
     return parser
 

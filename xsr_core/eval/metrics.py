@@ -26,11 +26,12 @@ Library per metric, and why
   unpickles). pyiqa's import needs OpenCV (``opencv-python-headless``).
 - CLIP-I and CLIP-T — transformers ``CLIPModel`` (OpenAI ViT-L/14, the encoder XSR already uses),
   loaded with ``local_files_only=True``. CLIP-I = cosine(CLIP(SR), CLIP(HR)) image embeddings;
-  CLIP-T = cosine(CLIP(SR), CLIP(caption)) with captions from ``--captions``; both are raw cosines
-  (no 100x or 2.5x scaling, no clamp). The paper's "CLIP-Score" (~0.7 on ImageNet, which has no
-  captions) matches an image–image cosine, so **the table's CLIP-Score column is CLIP-I**; CLIP-T
-  is reported as an extra column. (Hessel et al.'s CLIP-S = 2.5·max(cos, 0) with ViT-B/32 is a
-  different number.)
+  CLIP-T = cosine(CLIP(SR), CLIP(caption)) with the SR image's text condition (``--captions``, or
+  the ``captions.jsonl`` ``eval run`` writes: the caption each SR image was generated with); both are
+  raw cosines (no 100x or 2.5x scaling, no clamp). **The table's CLIP-Score column is CLIP-T**, the
+  paper's sense ("agreement of the SR image with its text condition"; key ``clip_t``, alias
+  ``clip_score``); the SR↔HR image cosine is the extra column **CLIP-I** (key ``clip_i``, alias
+  ``clip_image``). (Hessel et al.'s CLIP-S = 2.5·max(cos, 0) with ViT-B/32 is a different number.)
 
 Weights are never downloaded. Each metric lists the files it needs (:class:`WeightFile`); they are
 looked up in ``weights_dir`` and then in the library's own cache (torch hub ``checkpoints/`` for
@@ -569,15 +570,16 @@ METRICS: dict[str, MetricSpec] = {
             True, (W_ALEXNET,), build_lpips,
         ),
         MetricSpec(
-            "clip_i", "CLIP-Score", "CLIP-I",
-            "CLIP-I: image–HR image cosine with OpenAI CLIP ViT-L/14 (transformers CLIPModel "
+            "clip_i", "CLIP-I", "CLIP-I (SR↔HR image cosine)",
+            "CLIP-I: SR image–HR image cosine with OpenAI CLIP ViT-L/14 (transformers CLIPModel "
             "openai/clip-vit-large-patch14, projected embeddings; bicubic short side 224 + centre crop)",
             False, (W_CLIP_IMAGE,), build_clip_i,
         ),
         MetricSpec(
-            "clip_t", "CLIP-T", "CLIP-T (image–text)",
-            "CLIP-Score (CLIP-T): image–text cosine with OpenAI ViT-L/14 (openai/clip-vit-large-patch14), "
-            "captions from --captions, raw cosine (no 2.5x / 100x scaling, no clamp)",
+            "clip_t", "CLIP-Score", "CLIP-Score = CLIP-T (SR↔text condition)",
+            "CLIP-Score in the paper's sense = CLIP-T: SR image–its text condition cosine with OpenAI ViT-L/14 "
+            "(openai/clip-vit-large-patch14), captions from --captions or the eval-run folder's captions.jsonl, "
+            "raw cosine (no 2.5x / 100x scaling, no clamp)",
             False, (W_CLIP_TEXT,), build_clip_t, needs_captions=True,
         ),
         MetricSpec(
@@ -613,6 +615,9 @@ METRICS: dict[str, MetricSpec] = {
     )
 }
 
+# Distinct names for the two CLIP variants (#11.7).
+METRIC_ALIASES = {"clip_score": "clip_t", "clip_image": "clip_i"}
+
 # The default set: the paper's six columns, then PSNR and SSIM (+ CLIP-T when captions are given).
 DEFAULT_METRICS: tuple[str, ...] = ("fid", "dists", "lpips", "clip_i", "maniqa", "musiq", "psnr", "ssim")
 
@@ -624,6 +629,7 @@ def parse_metric_list(metrics: str | Sequence[str] | None, *, have_captions: boo
     else:
         items = metrics.split(",") if isinstance(metrics, str) else list(metrics)
         keys = [m.strip().lower().replace("-", "_") for m in items if m.strip()]
+        keys = [METRIC_ALIASES.get(k, k) for k in keys]
         unknown = [k for k in keys if k not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
@@ -668,11 +674,28 @@ def check_weights(
 # --------------------------------------------------------------------------------------------
 
 
-def _list_images(folder: Path) -> dict[str, Path]:
+RUN_SIDE_DIRS = ("hr_crop", "lr")  # what `eval run` writes beside its SR outputs (xsr_core.eval.run)
+RUN_CAPTIONS = "captions.jsonl"  # eval run: {"image", "caption"} = the XSR_Enhance text of each SR image
+
+
+def read_run_manifest(sr_dir: str | Path) -> dict[str, Any] | None:
+    """``run.json`` of an ``eval run`` output folder, or None."""
+    p = Path(sr_dir) / "run.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MetricInputError(f"{p}: corrupt eval-run manifest ({e})") from None
+
+
+def _list_images(folder: Path, skip: Sequence[str] = ()) -> dict[str, Path]:
     if not folder.is_dir():
         raise MetricInputError(f"{folder} is not a folder")
     found: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
+        if skip and path.relative_to(folder).parts[0] in skip:
+            continue
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
             key = path.relative_to(folder).with_suffix("").as_posix()
             if key in found:
@@ -692,7 +715,8 @@ def pair_images(sr_dir: str | Path, hr_dir: str | Path, *, skip_unmatched: bool 
     Returns sorted (name, sr_path, hr_path). Unmatched files raise :class:`MetricInputError` listing
     them, unless ``skip_unmatched`` (then they are logged and left out).
     """
-    sr, hr = _list_images(Path(sr_dir)), _list_images(Path(hr_dir))
+    skip = RUN_SIDE_DIRS if read_run_manifest(sr_dir) is not None else ()
+    sr, hr = _list_images(Path(sr_dir), skip), _list_images(Path(hr_dir))
     only_sr, only_hr = sorted(set(sr) - set(hr)), sorted(set(hr) - set(sr))
     if only_sr or only_hr:
         msg = (
@@ -710,40 +734,15 @@ def pair_images(sr_dir: str | Path, hr_dir: str | Path, *, skip_unmatched: bool 
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
-    """Read captions keyed by image name (relative path or file name, extension optional).
+    """Captions keyed by image name (relative path or file name, extension optional), in any format of
+    :mod:`xsr_core.captions` (``.json`` {name: caption}, ``.jsonl``, ``.csv``, ``name<TAB>caption`` lines)."""
+    from ..captions import CaptionFileError
+    from ..captions import read_captions as _read
 
-    Formats: ``.json`` {name: caption}; ``.jsonl`` lines {"file"|"image"|"name": ..,
-    "caption"|"text": ..}; anything else: ``name<TAB>caption`` lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MetricInputError(f"captions file {path} not found")
-    out: dict[str, str] = {}
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise MetricInputError(f"{path}: expected a JSON object {{image name: caption}}")
-        out = {str(k): str(v) for k, v in data.items()}
-    elif path.suffix.lower() == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            name = row.get("file", row.get("image", row.get("name")))
-            cap = row.get("caption", row.get("text"))
-            if name is None or cap is None:
-                raise MetricInputError(f"{path}:{i}: needs a file/image/name key and a caption/text key")
-            out[str(name)] = str(cap)
-    else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise MetricInputError(f"{path}:{i}: expected 'name<TAB>caption'")
-            name, cap = line.split("\t", 1)
-            out[name.strip()] = cap.strip()
-    return out
+    try:
+        return _read(path)
+    except CaptionFileError as e:
+        raise MetricInputError(str(e)) from None
 
 
 def match_captions(names: Sequence[str], captions: Mapping[str, str], source: str = "captions") -> dict[str, str]:
@@ -781,36 +780,65 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def check_sizes(pairs: Sequence[tuple[str, Path, Path]], *, resize_hr: bool) -> bool:
-    """Raise on SR/HR size mismatches unless ``resize_hr``; return whether any HR will be resized."""
-    mismatched = []
+def check_sizes(pairs: Sequence[tuple[str, Path, Path]]) -> int:
+    """Check SR/HR sizes; return how many HR images will get the x16 crop (never a squash).
+
+    Equal sizes are used as they are. An HR image of another size next to a square SR image gets
+    :func:`xsr_core.imaging.crop_hr` at the SR side (shortest side resized, centre crop: exactly the
+    crop ``eval run`` and ``train prepare`` degrade). Anything else is a :class:`MetricInputError`.
+    """
+    cropped, bad = 0, []
     for name, sp, hp in pairs:
         s, h = _image_size(sp), _image_size(hp)
-        if s != h:
-            mismatched.append(f"{name}: SR {s[0]}x{s[1]} vs HR {h[0]}x{h[1]}")
-    if mismatched and not resize_hr:
+        if s == h:
+            continue
+        if s[0] != s[1]:
+            bad.append(f"{name}: SR {s[0]}x{s[1]} vs HR {h[0]}x{h[1]}")
+        else:
+            cropped += 1
+    if bad:
         raise MetricInputError(
-            f"{len(mismatched)} SR/HR pair(s) differ in size: {mismatched[:10]}. Pass --resize-hr to "
-            f"resize each HR to its SR size (bicubic, antialiased), or fix the inputs."
+            f"{len(bad)} SR/HR pair(s) differ in size and the SR is not square, so the x16 crop cannot "
+            f"explain them: {bad[:10]}. Score against the HR crops `eval run` saved (--hr SR_DIR/hr_crop, "
+            f"or leave --hr out) or give same-size pairs."
         )
-    if mismatched:
-        logger.warning("resizing %d HR image(s) to the SR size (bicubic, antialiased)", len(mismatched))
-    return bool(mismatched)
+    if cropped:
+        logger.info("%d HR image(s) centre-cropped to the SR side (xsr_core.imaging.crop_hr)", cropped)
+    return cropped
+
+
+def _hr_for(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """HR (3,H,W) matched to SR (3,S,S) by the x16 geometry (a no-op when the sizes agree)."""
+    if hr.shape == sr.shape:
+        return hr
+    from ..imaging import crop_hr
+
+    return crop_hr(hr.permute(1, 2, 0)[None], sr.shape[-1])[0].permute(2, 0, 1).contiguous()
 
 
 def iter_batches(
-    pairs: Sequence[tuple[str, Path, Path]], batch_size: int, *, resize_hr: bool
+    pairs: Sequence[tuple[str, Path, Path]], batch_size: int, *, saved_crops: Mapping[str, Path] | None = None
 ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """Yield (names, SR (B,3,H,W), HR (B,3,H,W)); a batch holds consecutive pairs of one SR size."""
+    """Yield (names, SR (B,3,H,W), HR (B,3,H,W)); a batch holds consecutive pairs of one SR size.
+
+    ``saved_crops`` {name: the HR crop ``eval run`` saved}: the HR given for that name must give
+    exactly that crop (else :class:`MetricInputError`: the HR folder is not the one the run degraded).
+    """
     names: list[str] = []
     srs: list[torch.Tensor] = []
     hrs: list[torch.Tensor] = []
     for name, sp, hp in pairs:
-        sr, hr = load_image(sp), load_image(hp)
-        if hr.shape != sr.shape:
-            if not resize_hr:
-                raise MetricInputError(f"{name}: SR {tuple(sr.shape)} vs HR {tuple(hr.shape)}; pass --resize-hr")
-            hr = F.interpolate(hr[None], size=sr.shape[-2:], mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+        sr = load_image(sp)
+        hr = _hr_for(sr, load_image(hp))
+        saved = (saved_crops or {}).get(name)
+        if saved is not None:
+            ref = load_image(saved)
+            if ref.shape != hr.shape or (ref - hr).abs().max() > 0.5 / 255:
+                raise MetricInputError(
+                    f"{name}: HR {hp} does not give the HR crop `eval run` degraded ({saved}); the HR folder is "
+                    f"not the run's input (or another --hr-side was used). Leave --hr out to score against the "
+                    f"saved crops."
+                )
         if srs and (sr.shape != srs[0].shape or len(srs) == batch_size):
             yield names, torch.stack(srs), torch.stack(hrs)
             names, srs, hrs = [], [], []
@@ -840,7 +868,7 @@ def _versions() -> dict[str, str]:
 
 def compute_metrics(
     sr_dir: str | Path,
-    hr_dir: str | Path,
+    hr_dir: str | Path | None = None,
     metrics: str | Sequence[str] | None = None,
     captions: str | Path | Mapping[str, str] | None = None,
     device: str | torch.device = "cpu",
@@ -850,12 +878,15 @@ def compute_metrics(
     batch_size: int = 8,
     resize_hr: bool = False,
     skip_unmatched: bool = False,
+    allow_unexcluded_db: bool = False,
 ) -> dict[str, Any]:
     """Compute the Table-1 metrics of SR images against same-named HR images.
 
     Args:
         sr_dir: folder of SR outputs (searched recursively).
-        hr_dir: folder of HR ground truth; pairs by relative path without extension.
+        hr_dir: folder of HR ground truth; pairs by relative path without extension. None: the HR
+            crops ``eval run`` saved in ``sr_dir/hr_crop``. HR images of another size than their
+            (square) SR get the x16 crop (:func:`xsr_core.imaging.crop_hr`), never a squash.
         metrics: keys (list or comma string) from :data:`METRICS`; default :data:`DEFAULT_METRICS`
             (+ ``clip_t`` when captions are given).
         captions: a captions file (see :func:`read_captions`) or a {name: caption} mapping; needed by
@@ -866,9 +897,10 @@ def compute_metrics(
         factories: {metric key: factory(ctx) -> Metric} overriding the default builders (those
             metrics skip the weight check); for tests and custom networks.
         batch_size: images per forward pass.
-        resize_hr: resize an HR whose size differs from its SR to the SR size (bicubic,
-            antialiased) instead of raising.
+        resize_hr: removed (it squashed non-square HR images); True raises a MetricInputError.
         skip_unmatched: leave out images present in only one folder instead of raising.
+        allow_unexcluded_db: score an ``eval run`` folder whose reference DB was not deduplicated
+            against its test images (run with ``--allow-unexcluded-db``) instead of raising.
 
     Returns:
         A JSON-ready dict: ``metrics`` {key: {value, variant, n, column, label, lower_better,
@@ -885,21 +917,48 @@ def compute_metrics(
     unknown = sorted(set(factories) - set(METRICS))
     if unknown:
         raise ValueError(f"factories for unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    if resize_hr:
+        raise MetricInputError(
+            "--resize-hr was removed: it squashed each HR image to the SR size, so a perfect SR of a non-square "
+            "image scored ~10 dB. HR images are now centre-cropped by the x16 geometry (xsr_core.imaging.crop_hr) "
+            "automatically; drop the flag (or leave --hr out to use the crops `eval run` saved)."
+        )
+    manifest = read_run_manifest(sr_dir)
+    excl = (manifest or {}).get("refdb_exclusion") or {}
+    leaks = {db: r["not_excluded"] for db, r in (excl.get("dbs") or {}).items() if r.get("not_excluded")}
+    if leaks and not allow_unexcluded_db:
+        raise MetricInputError(
+            f"{sr_dir} was produced with a reference DB not deduplicated against its test images ({leaks} images "
+            "not excluded; `eval run --allow-unexcluded-db`): its scores are not comparable. Pass "
+            "--allow-unexcluded-db to score it anyway."
+        )
+    if captions is None and manifest is not None and (Path(sr_dir) / RUN_CAPTIONS).is_file():
+        captions = Path(sr_dir) / RUN_CAPTIONS  # the text condition each SR image was generated with
     keys = parse_metric_list(metrics, have_captions=captions is not None)
     device = torch.device(device)
+    if hr_dir is None:
+        if manifest is None or not (Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")).is_dir():
+            raise MetricInputError(f"--hr is needed: {sr_dir} is not an `eval run` folder with saved HR crops")
+        hr_dir = Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")
+    saved_crops: dict[str, Path] = {}
+    if manifest is not None and Path(hr_dir).resolve() != (Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")).resolve():
+        for rel, m in manifest.get("images", {}).items():
+            if m.get("hr_crop") and (Path(sr_dir) / m["hr_crop"]).is_file():
+                saved_crops[Path(rel).with_suffix("").as_posix()] = Path(sr_dir) / m["hr_crop"]
 
     pairs = pair_images(sr_dir, hr_dir, skip_unmatched=skip_unmatched)
     names = [p[0] for p in pairs]
     caption_map: dict[str, str] | None = None
     if any(METRICS[k].needs_captions for k in keys):
         if captions is None:
-            raise MetricInputError("clip_t (image–text CLIP-Score) needs --captions FILE")
+            raise MetricInputError("clip_t (CLIP-Score, SR image vs its text condition) needs --captions FILE (an "
+                                   "`eval run` folder has them in captions.jsonl)")
         raw = captions if isinstance(captions, Mapping) else read_captions(captions)
         caption_map = match_captions(names, raw, source=str(captions) if not isinstance(captions, Mapping) else "captions")
     for k in keys:
         if len(pairs) < METRICS[k].min_images:
             raise MetricInputError(f"{METRICS[k].label} needs at least {METRICS[k].min_images} images, got {len(pairs)}")
-    resized = check_sizes(pairs, resize_hr=resize_hr)
+    cropped = check_sizes(pairs)
     resolved = check_weights(keys, weights_dir, skip=tuple(factories))
 
     built: dict[str, Metric] = {}
@@ -910,7 +969,7 @@ def compute_metrics(
             built[k] = factories.get(k, METRICS[k].factory)(ctx)
 
     done = 0
-    for batch_names, sr, hr in iter_batches(pairs, batch_size, resize_hr=resize_hr):
+    for batch_names, sr, hr in iter_batches(pairs, batch_size, saved_crops=saved_crops):
         sr, hr = sr.to(device), hr.to(device)
         caps = [caption_map[n] for n in batch_names] if caption_map is not None else None
         for k, metric in built.items():
@@ -940,7 +999,9 @@ def compute_metrics(
         "sr_dir": str(sr_dir),
         "hr_dir": str(hr_dir),
         "n_images": len(pairs),
-        "hr_resized": resized,
+        "hr_cropped": cropped,
+        "refdb_exclusion": excl or None,
+        "hr_geometry": "xsr_core.imaging.crop_hr (shortest side -> SR side, centre crop) where sizes differ",
         "device": str(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),

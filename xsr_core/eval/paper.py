@@ -10,7 +10,7 @@ column naming the exact metric variant used.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # The paper's columns, in the paper's order.
@@ -41,7 +41,8 @@ PAPER_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
 PAPER_NOTE = (
     "Paper rows: ImageNet x16 (32->512), 2k test images, as reported (DESIGN.md §3). The paper does "
     "not name its metric variants; its MANIQA column mixes checkpoints (KonIQ vs PIPAL give different "
-    "ranges) and its CLIP-Score semantics are not stated, so compare those two columns with care."
+    "ranges) and its CLIP-Score is described as the agreement of the SR image with its text condition (here "
+    "CLIP-T, ViT-L/14, raw cosine), so compare those two columns with care."
 )
 
 
@@ -83,39 +84,63 @@ def format_table(results: Mapping[str, Any], *, label: str | None = None, paper_
     Columns this run did not compute show "—". A second table lists extra metrics, and a footnote
     names the exact variant behind every value.
     """
-    metrics: Mapping[str, Mapping[str, Any]] = results.get("metrics", {})
-    n = results.get("n_images")
-    label = label or (f"this run ({n} images)" if n is not None else "this run")
-    assigned, extras = table_assignment(metrics)
+    return format_rows([(label, results)], paper_rows=paper_rows)
 
+
+def format_rows(runs: Sequence[tuple[str | None, Mapping[str, Any]]], *, paper_rows: bool = True) -> str:
+    """Several runs side by side (e.g. the two Table-1 rows: text-only base and full AdaIN), one row each.
+
+    ``runs``: (label or None, results). Extra metrics get one column per run; the variant footnote lists
+    every variant used by any run (a column computed with different variants in different runs is
+    flagged).
+    """
+    rows = []
+    for label, results in runs:
+        n = results.get("n_images")
+        rows.append((label or (f"this run ({n} images)" if n is not None else "this run"), results.get("metrics", {})))
     header = "| model | " + " | ".join(f"{c}{'↓' if LOWER_BETTER[c] else '↑'}" for c in PAPER_COLUMNS) + " |"
     lines = [header, "|---" * (len(PAPER_COLUMNS) + 1) + "|"]
     if paper_rows:
         for name, row in PAPER_ROWS:
             cells = [_fmt(row.get(c), DECIMALS[c]) for c in PAPER_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    cells = []
-    for c in PAPER_COLUMNS:
-        key = assigned.get(c)
-        cells.append(_fmt(metrics[key]["value"], DECIMALS[c]) if key else "—")
-    lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
-
-    if extras:
-        lines += ["", "| extra metric | value | n | better |", "|---|---|---|---|"]
+    assigned_all, extras_all, variants = [], [], {}
+    for label, metrics in rows:
+        assigned, extras = table_assignment(metrics)
+        assigned_all.append(assigned)
+        for key in extras:
+            if key not in extras_all:
+                extras_all.append(key)
+        cells = [_fmt(metrics[assigned[c]]["value"], DECIMALS[c]) if c in assigned else "—" for c in PAPER_COLUMNS]
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+        for c, key in assigned.items():
+            variants.setdefault(c, {}).setdefault(metrics[key]["variant"], []).append(label)
         for key in extras:
             e = metrics[key]
-            arrow = "lower" if e.get("lower_better") else "higher"
-            lines.append(f"| {e.get('label', key)} | {_fmt(e['value'], int(e.get('decimals', 4)))} | {e.get('n', '')} | {arrow} |")
+            variants.setdefault(e.get("label", key), {}).setdefault(e["variant"], []).append(label)
 
-    lines += ["", "Variants used in this run:"]
-    for c in PAPER_COLUMNS:
-        key = assigned.get(c)
-        if key:
-            lines.append(f"- {c}: {metrics[key]['variant']} (n={metrics[key].get('n')})")
-        else:
-            lines.append(f"- {c}: not computed")
-    for key in extras:
-        lines.append(f"- {metrics[key].get('label', key)}: {metrics[key]['variant']}")
+    if extras_all:
+        labels = [label for label, _ in rows]
+        lines += ["", "| extra metric | " + " | ".join(labels) + " | better |", "|---" * (len(labels) + 2) + "|"]
+        for key in extras_all:
+            first = next(m[key] for _, m in rows if key in m)
+            cells = [_fmt(m[key]["value"], int(m[key].get("decimals", 4))) if key in m else "—" for _, m in rows]
+            arrow = "lower" if first.get("lower_better") else "higher"
+            lines.append(f"| {first.get('label', key)} | " + " | ".join(cells) + f" | {arrow} |")
+
+    lines += ["", "Variants used:"]
+    names = list(PAPER_COLUMNS) + [k for k in variants if k not in PAPER_COLUMNS]
+    for c in names:
+        vs = variants.get(c)
+        if not vs:
+            if c in PAPER_COLUMNS:
+                lines.append(f"- {c}: not computed")
+            continue
+        if len(vs) == 1:
+            lines.append(f"- {c}: {next(iter(vs))}")
+        else:  # runs disagree on the variant: say so instead of comparing apples and pears silently
+            for v, who in vs.items():
+                lines.append(f"- {c} (**differs between runs**; {', '.join(who)}): {v}")
     if paper_rows:
         lines += ["", PAPER_NOTE]
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import AdaINAdapter, AdaINAdapterConfig
-from ..imaging import bicubic_resize
+from ..imaging import bicubic_resize, resize_center_crop
 from ..models.i2t import load_i2t
 from ..weights import save_model
 from .config import AdapterTrainConfig
@@ -149,7 +149,7 @@ def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
         return cn
     if not p.is_file():
         raise FileNotFoundError(f"--controlnet {p} does not exist")
-    from ..testing.zoo import unet_diffusers_to_ldm
+    from ..ldm_keys import unet_diffusers_to_ldm
 
     expected = unet_diffusers_to_ldm(fresh.state_dict(), dict(fresh.config), controlnet=True)
     shapes = {k.removeprefix("control_model."): v for k, v in _header_shapes(p).items()}
@@ -195,17 +195,55 @@ def build_embedding_cache(cfg: AdapterTrainConfig, device: torch.device, splits=
     return folder
 
 
+@torch.no_grad()
+def build_i2t_caption_cache(cfg: AdapterTrainConfig, e_folder: Path, device: torch.device, splits=("train", "test"),
+                            max_new_tokens: int = 32) -> dict[str, list[str]]:
+    """The trained I2T's greedy captions of every item (``--caption_source i2t``), cached beside E.
+
+    They are decoded from the cached E exactly as XSR_Enhance decodes at inference (greedy), so stage 2
+    then trains on the text condition it will see in ComfyUI. Cached as ``captions-i2t-<split>.json``.
+    """
+    from safetensors.torch import load_file
+
+    out: dict[str, list[str]] = {}
+    i2t = tok = None
+    for split in splits:
+        path = e_folder / f"captions-i2t-{split}.json"
+        if path.is_file():
+            out[split] = json.loads(path.read_text())
+            continue
+        if i2t is None:
+            i2t, tok = load_i2t(cfg.i2t, device=device)
+        E = load_file(str(e_folder / f"{split}.safetensors"))["E"]
+        caps: list[str] = []
+        for s in range(0, len(E), 32):
+            caps += i2t.generate_caption(E[s : s + 32].float().to(device), tok, max_new_tokens=max_new_tokens,
+                                         use_cuda_graph=False)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(caps))
+        os.replace(tmp, path)
+        out[split] = caps
+    return out
+
+
 # ------------------------------------------------------------------------------ data
 
 class AdapterDataset(torch.utils.data.Dataset):
-    def __init__(self, data: str | os.PathLike, split: str, e_folder: Path, resolution: int):
+    """(HR pixels, LR hint, E, caption) rows of one split; ``e_folder`` None = no E (the text-only variant);
+    ``captions`` replaces the prepared (BLIP-2 / user) captions (``--caption_source i2t``)."""
+
+    def __init__(self, data: str | os.PathLike, split: str, e_folder: Path | None, resolution: int,
+                 captions: list[str] | None = None):
         from safetensors.torch import load_file
 
         self.data = Path(data)
         self.items = load_items(data, split)
-        self.E = load_file(str(e_folder / f"{split}.safetensors"))["E"]
-        if len(self.E) != len(self.items):
+        self.E = load_file(str(e_folder / f"{split}.safetensors"))["E"] if e_folder is not None else None
+        if self.E is not None and len(self.E) != len(self.items):
             raise ValueError(f"{e_folder}: {len(self.E)} embeddings for {len(self.items)} {split} items; delete it and rerun")
+        if captions is not None and len(captions) != len(self.items):
+            raise ValueError(f"{len(captions)} I2T captions for {len(self.items)} {split} items; delete the caption cache")
+        self.captions = captions
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -216,11 +254,14 @@ class AdapterDataset(torch.utils.data.Dataset):
         hr = load_png(self.data / it["hr"])[None]  # (1, H, W, 3)
         lr = load_png(self.data / it["lr"])[None]
         r = self.resolution
-        if hr.shape[1:3] != (r, r):
-            hr = bicubic_resize(hr, (r, r), antialias=True)
+        if hr.shape[1:3] != (r, r):  # a --resolution below the prepared 512: the same x16 geometry, never a squash
+            hr = resize_center_crop(hr, r)
         hint = bicubic_resize(lr, (r, r), antialias=False)  # the ControlNet structure hint (LR bicubic-upsampled)
-        return {"pixels": hr[0].permute(2, 0, 1) * 2 - 1, "hint": hint[0].permute(2, 0, 1), "E": self.E[i].float(),
-                "caption": it.get("caption") or "", "index": torch.tensor(i)}
+        row = {"pixels": hr[0].permute(2, 0, 1) * 2 - 1, "hint": hint[0].permute(2, 0, 1), "index": torch.tensor(i),
+               "caption": self.captions[i] if self.captions is not None else (it.get("caption") or "")}
+        if self.E is not None:
+            row["E"] = self.E[i].float()
+        return row
 
 
 class AdapterCollate:
@@ -228,18 +269,33 @@ class AdapterCollate:
         self.clip_tok = clip_tok
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        out = {k: torch.stack([r[k] for r in rows]) for k in ("pixels", "hint", "E", "index")}
+        out = {k: torch.stack([r[k] for r in rows]) for k in ("pixels", "hint", "E", "index") if k in rows[0]}
         out["clip_ids"], out["clip_mask"] = clip_tokenize(self.clip_tok, [r["caption"] for r in rows])
         return out
 
 
 # ------------------------------------------------------------------------------ stage
 
+# Named ControlNet fine-tuning scopes (--controlnet_train). "attention" is the default "part of the ControlNet"
+# (DESIGN §2.4; why in xsr_core/train/README.md): the attention projections of every ControlNet transformer
+# block (self- and cross-attention: where the AdaIN adapter moves Q/K and the norm statistics, so these
+# weights co-adapt with it) plus the zero convolutions (how much of the control signal reaches the U-Net).
+# The ResNet blocks and the hint encoder keep the tile ControlNet's LR-structure features.
+CONTROLNET_SCOPES: dict[str, tuple[str, ...]] = {
+    "attention": (".attn1.", ".attn2.", "controlnet_down_blocks.", "controlnet_mid_block."),
+    "zero_convs": ("controlnet_down_blocks.", "controlnet_mid_block."),
+}
+
+
 def select_controlnet_params(controlnet: nn.Module, spec: str) -> int:
-    """Set requires_grad on the ControlNet per ``spec`` ("all", "none", or name substrings); returns #params."""
+    """Set requires_grad on the ControlNet per ``spec``; returns the number of trainable parameters.
+
+    ``spec``: "all", "none", a named scope of :data:`CONTROLNET_SCOPES` ("attention" = the default),
+    or comma-separated name substrings of the parameters to train.
+    """
     controlnet.requires_grad_(spec == "all")
     if spec not in ("all", "none"):
-        pats = [s.strip() for s in spec.split(",") if s.strip()]
+        pats = CONTROLNET_SCOPES.get(spec) or tuple(s.strip() for s in spec.split(",") if s.strip())
         for name, p in controlnet.named_parameters():
             p.requires_grad_(any(s in name for s in pats))
     n = sum(p.numel() for p in controlnet.parameters() if p.requires_grad)
@@ -248,10 +304,22 @@ def select_controlnet_params(controlnet: nn.Module, spec: str) -> int:
     return n
 
 
-class AdapterStage(nn.Module):
-    """Trainable: ``adapter`` + ``controlnet``. Frozen (plain attributes): unet, vae, text encoder."""
+def controlnet_scope_counts(controlnet: nn.Module) -> dict[str, int]:
+    """Trainable parameters of every named scope ("all", "none", :data:`CONTROLNET_SCOPES`); leaves all frozen.
 
-    def __init__(self, adapter: AdaINAdapter, controlnet: nn.Module, base: dict[str, Any], cfg: AdapterTrainConfig):
+    Works on a meta-device model, so the real SD1.5 ControlNet's numbers cost nothing to compute:
+    ``ControlNetModel.from_config(SD15_CONTROLNET_CONFIG)`` under ``torch.device("meta")``.
+    """
+    counts = {spec: select_controlnet_params(controlnet, spec) for spec in ("all", *CONTROLNET_SCOPES, "none")}
+    controlnet.requires_grad_(False)
+    return counts
+
+
+class AdapterStage(nn.Module):
+    """Trainable: ``adapter`` (None for the text-only variant) + ``controlnet``. Frozen (plain attributes):
+    unet, vae, text encoder."""
+
+    def __init__(self, adapter: AdaINAdapter | None, controlnet: nn.Module, base: dict[str, Any], cfg: AdapterTrainConfig):
         super().__init__()
         from ..adapter.diffusers_binding import DiffusersAdapterBinding
 
@@ -260,7 +328,8 @@ class AdapterStage(nn.Module):
         self.cfg = cfg
         for k in ("unet", "vae", "text_encoder", "scheduler"):
             object.__setattr__(self, k, base[k])
-        object.__setattr__(self, "binding", DiffusersAdapterBinding(adapter, unet=base["unet"], controlnet=controlnet))
+        binding = DiffusersAdapterBinding(adapter, unet=base["unet"], controlnet=controlnet) if adapter is not None else None
+        object.__setattr__(self, "binding", binding)
         self._ctx: contextlib.ExitStack | None = None
         self.register_buffer("empty_text", torch.zeros(0), persistent=False)
 
@@ -294,6 +363,8 @@ class AdapterStage(nn.Module):
         sched = self.scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (B,), device=lat.device).long()
         noisy = sched.add_noise(lat, noise, t)
+        if self.adapter is None:  # text-only base (Ours_Base): ControlNet + text, no image embedding
+            return self._denoise_loss(lat, noise, noisy, t, text, batch["hint"], dtype)
         rows = (torch.rand(B) >= c.p_drop_image).tolist()
         stats = self.adapter.compute_stats(batch["E"])
         if any(rows):
@@ -305,7 +376,14 @@ class AdapterStage(nn.Module):
                 stats.plan(1.0, key, B, dt, lat.device)
         self._ctx = contextlib.ExitStack()
         self._ctx.enter_context(self.binding.embedding(stats=stats, rows=rows))  # left open for backward (checkpointing)
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["hint"].to(noisy.dtype),
+        out = self._denoise_loss(lat, noise, noisy, t, text, batch["hint"], dtype)
+        # zero-weight touch: every adapter parameter is part of the graph even when all rows dropped E (DDP)
+        touch = 0.0 * (stats.mu.sum() + stats.sigma.sum() + self.adapter.gates.sum())
+        return {"loss": out["loss"] + touch, "mse": out["mse"]}
+
+    def _denoise_loss(self, lat, noise, noisy, t, text, hint, dtype) -> dict[str, torch.Tensor]:
+        unet, sched = self.unet, self.scheduler
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=hint.to(noisy.dtype),
                                     return_dict=False)
         pred = unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=[d.to(dtype) for d in down],
                     mid_block_additional_residual=mid.to(dtype)).sample
@@ -316,9 +394,7 @@ class AdapterStage(nn.Module):
         else:
             raise ValueError(f"unsupported scheduler prediction_type {sched.config.prediction_type!r}")
         mse = F.mse_loss(pred.float(), target.float())
-        # zero-weight touch: every adapter parameter is part of the graph even when all rows dropped E (DDP)
-        touch = 0.0 * (stats.mu.sum() + stats.sigma.sum() + self.adapter.gates.sum())
-        return {"loss": mse + touch, "mse": mse.detach()}
+        return {"loss": mse, "mse": mse.detach()}
 
     def end_step(self) -> None:
         if self._ctx is not None:
@@ -327,41 +403,66 @@ class AdapterStage(nn.Module):
 
 
 def make_evaluator(stage_cfg: AdapterTrainConfig, dataset: AdapterDataset, collate: AdapterCollate, n: int = 8):
-    """Deterministic validation loss: fixed images, noise and timesteps (spread over the schedule)."""
+    """Deterministic validation loss: fixed images, noise and timesteps (spread over the schedule).
+
+    With E (the adain variant) it also reports ``val_mse_shuffled_e``: the same batch, noise and timesteps
+    with each image's E replaced by another image's (rolled by one). A lower ``val_mse`` than that shows
+    the adapter uses the image embedding, not just its presence.
+    """
     batch = collate([dataset[i] for i in range(min(n, len(dataset)))])
 
-    def evaluate(stage: AdapterStage, step: int) -> dict[str, float]:
-        dev = next(stage.parameters()).device
-        b = {k: v.to(dev) for k, v in batch.items()}
+    def _loss(stage: AdapterStage, b: dict[str, torch.Tensor]) -> float:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234)
             c = stage.cfg
             saved = (c.p_drop_text, c.p_drop_image)
             c.p_drop_text = c.p_drop_image = 0.0
             try:
-                loss = stage(b)["mse"].item()
+                return stage(b)["mse"].item()
             finally:
                 stage.end_step()
                 c.p_drop_text, c.p_drop_image = saved
-        return {"val_mse": loss}
+
+    def evaluate(stage: AdapterStage, step: int) -> dict[str, float]:
+        dev = next(stage.parameters()).device
+        b = {k: v.to(dev) for k, v in batch.items()}
+        res = {"val_mse": _loss(stage, b)}
+        if "E" in b and stage.adapter is not None and b["E"].shape[0] > 1:
+            res["val_mse_shuffled_e"] = _loss(stage, {**b, "E": b["E"].roll(1, dims=0)})
+        return res
 
     return evaluate
 
 
+STAGE2_INFO = "xsr_stage2.json"  # final/: variant, ControlNet scope, base U-Net fingerprint (read by export)
+
+
 def train_adapter(cfg: AdapterTrainConfig) -> dict[str, Any]:
-    """Train stage 2; writes ``final/adain_adapter.safetensors`` and ``final/controlnet/`` (diffusers)."""
+    """Train stage 2; writes ``final/controlnet/`` (diffusers), ``final/xsr_stage2.json`` and, for the adain
+    variant, ``final/adain_adapter.safetensors`` (the text-only variant, Ours_Base, has no adapter)."""
+    from .. import fingerprint as wfp
+
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
     base = load_base(cfg)
     controlnet = load_controlnet(cfg.controlnet, base["unet"])
     n_cn = select_controlnet_params(controlnet, cfg.controlnet_train)
     info = read_prepare_info(cfg.data)
-    adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=info["clip_dim"],
-                                                               proj_hidden=cfg.adapter_proj_hidden))
-    if accelerator.is_main_process:
-        build_embedding_cache(cfg, accelerator.device)
-    accelerator.wait_for_everyone()
-    e_folder = build_embedding_cache(cfg, accelerator.device)
+    adapter = None
+    if cfg.variant == "adain":
+        adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=info["clip_dim"],
+                                                                   proj_hidden=cfg.adapter_proj_hidden))
+    e_folder, captions = None, {}
+    if cfg.variant == "adain" or cfg.caption_source == "i2t":
+        if accelerator.is_main_process:
+            build_embedding_cache(cfg, accelerator.device)
+        accelerator.wait_for_everyone()
+        e_folder = build_embedding_cache(cfg, accelerator.device)
+        if cfg.caption_source == "i2t":
+            if accelerator.is_main_process:
+                build_i2t_caption_cache(cfg, e_folder, accelerator.device)
+            accelerator.wait_for_everyone()
+            captions = build_i2t_caption_cache(cfg, e_folder, accelerator.device)
     if cfg.gradient_checkpointing:
         base["unet"].enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
@@ -370,18 +471,29 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict[str, Any]:
     stage.place_frozen(accelerator.device, weight_dtype)
     ids, mask = clip_tokenize(base["tokenizer"], [""])
     stage.set_empty_prompt(ids, mask)
-    logger.info("stage 2: adapter %d params, ControlNet %d trainable params",
-                sum(p.numel() for p in adapter.parameters()), n_cn)
+    n_total = sum(p.numel() for p in controlnet.parameters())
+    logger.info("stage 2 (%s, captions: %s): adapter %d params; ControlNet scope %r trains %d of %d params (%.1f%%)",
+                cfg.variant, cfg.caption_source, sum(p.numel() for p in adapter.parameters()) if adapter else 0,
+                cfg.controlnet_train, n_cn, n_total, 100.0 * n_cn / max(1, n_total))
     collate = AdapterCollate(base["tokenizer"])
-    dataset = AdapterDataset(cfg.data, "train", e_folder, cfg.resolution)
+    e_used = e_folder if cfg.variant == "adain" else None
+    dataset = AdapterDataset(cfg.data, "train", e_used, cfg.resolution, captions.get("train"))
     evaluate = None
     if accelerator.is_main_process and load_items(cfg.data, "test"):
-        evaluate = make_evaluator(cfg, AdapterDataset(cfg.data, "test", e_folder, cfg.resolution), collate)
+        evaluate = make_evaluator(cfg, AdapterDataset(cfg.data, "test", e_used, cfg.resolution, captions.get("test")),
+                                  collate)
     result = train_loop(cfg, accelerator, stage, dataset, collate, evaluate=evaluate, ema_decay=cfg.ema_decay)
     if accelerator.is_main_process:
         final = Path(cfg.output_dir) / "final"
         mod = result["module"]
-        result["path"] = save_model(mod.adapter.eval(), final / "adain_adapter.safetensors")
+        unet_fp = wfp.dumps(wfp.fingerprint_diffusers(base["unet"], controlnet=False))
+        if mod.adapter is not None:
+            result["path"] = save_model(mod.adapter.eval(), final / "adain_adapter.safetensors",
+                                        extra_metadata={"xsr.base_unet_fingerprint": unet_fp, "xsr.variant": cfg.variant})
         mod.controlnet.save_pretrained(str(final / "controlnet"), safe_serialization=True)
-    stage.binding.detach()
+        (final / STAGE2_INFO).write_text(json.dumps({
+            "variant": cfg.variant, "caption_source": cfg.caption_source, "controlnet_train": cfg.controlnet_train,
+            "controlnet_trainable_params": n_cn, "controlnet_params": n_total, "base_unet_fingerprint": unet_fp}, indent=1))
+    if stage.binding is not None:
+        stage.binding.detach()
     return result

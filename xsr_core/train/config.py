@@ -68,11 +68,35 @@ class EngineConfig:
             raise ValueError("eval_steps, num_workers and lr_warmup_steps must be >= 0")
 
 
+# --model presets (a name instead of a JSON object of model-config overrides). "paper" = the model classes'
+# defaults (DESIGN §2.1/§2.3 sizes); "tiny" = the CPU-trial sizes the tests use. Parameters with ViT-L/14
+# tokens (clip_dim 1024), from a meta-device build: RFA paper 52,759,552 (fp32 file ≈ 211 MB), tiny 251,008
+# (≈ 1 MB); I2T paper 148,863,744 (≈ 595 MB, of which the distilgpt2 decoder 81,912,576), tiny 82,147,232
+# (≈ 329 MB: the decoder is the --decoder_dir GPT-2 either way). See xsr_core/train/README.md.
+MODEL_PRESETS: dict[str, dict[str, dict]] = {
+    "rfa": {"paper": {}, "tiny": {"width": 64, "depth": 2, "heads": 4}},
+    "i2t": {"paper": {}, "tiny": {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}},
+}
+
+
+def _resolve_model(stage: str, model: Any) -> dict:
+    if isinstance(model, str):
+        presets = MODEL_PRESETS[stage]
+        if model not in presets:
+            raise ValueError(f"--model {model!r}: not a preset ({', '.join(presets)}) nor a JSON object of {stage} "
+                             "config fields")
+        return dict(presets[model])
+    if not isinstance(model, dict):
+        raise ValueError(f"model must be a preset name ({', '.join(MODEL_PRESETS[stage])}) or a dict of config fields")
+    return model
+
+
 @dataclass
 class RFATrainConfig(EngineConfig):
     """Stage 1a: RFA on cached LR/HR CLIP tokens (L_align), recall@k against the reference DB."""
 
-    model: dict = field(default_factory=dict)  # RFAConfig overrides (clip_dim/num_patches/out_dim come from the data)
+    model: dict = field(default_factory=dict)  # RFAConfig overrides (clip_dim/num_patches/out_dim come from the data),
+    # or a preset name: "paper" (default sizes) / "tiny" (CPU trials); see MODEL_PRESETS
     w_contrastive: float = 0.0  # optional in-batch InfoNCE term weight (0 = the paper's L2 only)
     temperature: float = 0.05  # InfoNCE temperature
     eval_split: str = "test"  # split whose LR queries measure retrieval recall
@@ -82,8 +106,7 @@ class RFATrainConfig(EngineConfig):
         self._check_engine()
         if self.w_contrastive < 0 or self.temperature <= 0:
             raise ValueError("w_contrastive must be >= 0 and temperature > 0")
-        if not isinstance(self.model, dict):
-            raise ValueError("model must be a dict of RFAConfig fields")
+        self.model = _resolve_model("rfa", self.model)
         _parse_ks(self.recall_k)
 
 
@@ -96,7 +119,8 @@ class I2TTrainConfig(EngineConfig):
     pretrained: str = ""  # SD1.x diffusers folder (its text_encoder/ and tokenizer/ are used, frozen)
     clip_tokenizer: str = ""  # CLIP tokenizer folder when the diffusers folder has none
     num_refs: int = 4  # K references per image
-    model: dict = field(default_factory=dict)  # I2TConfig overrides (clip_dim/num_tokens/decoder come from data)
+    model: dict = field(default_factory=dict)  # I2TConfig overrides (clip_dim/num_tokens/decoder come from data),
+    # or a preset name: "paper" / "tiny"; see MODEL_PRESETS
     w_token: float = 1.0  # weight of the token cosine loss
     w_ce: float = 1.0  # weight of the caption cross-entropy
     w_text: float = 1.0  # weight of the soft CLIP-text cosine (0 disables the soft path)
@@ -113,6 +137,7 @@ class I2TTrainConfig(EngineConfig):
                 raise ValueError(f"--{name} is required for `train i2t`")
         if self.num_refs < 0:
             raise ValueError("num_refs must be >= 0")
+        self.model = _resolve_model("i2t", self.model)
         if min(self.w_token, self.w_ce, self.w_text) < 0 or self.tau <= 0:
             raise ValueError("loss weights must be >= 0 and tau > 0")
 
@@ -129,19 +154,30 @@ class AdapterTrainConfig(EngineConfig):
     rfa: str = ""  # trained RFA weights: retrieves the references the I2T reads
     num_refs: int = 4  # K references per image
     resolution: int = 512  # HR training resolution (prepared data is 512)
-    controlnet_train: str = "all"  # "all", "none", or comma-separated name substrings of trainable ControlNet params
+    controlnet_train: str = "attention"  # "attention" (attn projections + zero convs; default), "zero_convs", "all",
+    # "none", or comma-separated name substrings of the ControlNet parameters to train
     adapter_proj_hidden: int = 256  # AdaINAdapterConfig.proj_hidden
     p_drop_text: float = 0.1  # classifier-free dropout of the text condition (empty prompt)
     p_drop_image: float = 0.1  # classifier-free dropout of the image embedding E (adapter off for that row)
     ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); exported weights are the EMA ones
     gradient_checkpointing: bool = False  # recompute U-Net/ControlNet activations in backward
     noise_offset: float = 0.0  # optional noise offset
+    variant: str = "adain"  # "adain": the full model (adapter + ControlNet); "text_only": the paper's Ours_Base
+    # (ControlNet + text condition only: no image embedding, no adapter)
+    caption_source: str = "blip2"  # stage-2 text condition: "blip2" (prepared captions) or "i2t" (the trained I2T's)
 
     def __post_init__(self) -> None:
         self._check_engine()
-        for name in ("pretrained", "i2t", "rfa"):
+        if self.variant not in ("adain", "text_only"):
+            raise ValueError(f"variant must be 'adain' or 'text_only', got {self.variant!r}")
+        if self.caption_source not in ("blip2", "i2t"):
+            raise ValueError(f"caption_source must be 'blip2' or 'i2t', got {self.caption_source!r}")
+        needs = ["pretrained"] + (["i2t", "rfa"] if self.variant == "adain" or self.caption_source == "i2t" else [])
+        for name in needs:
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required for `train adapter`")
+                why = "" if name == "pretrained" else (" (the adain variant needs E from the I2T over RFA references)"
+                                                       if self.variant == "adain" else " (--caption_source i2t)")
+                raise ValueError(f"--{name} is required for `train adapter`{why}")
         for name in ("p_drop_text", "p_drop_image"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -208,6 +244,17 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def _json_or_name(text: str) -> Any:
+    """A JSON object, or a bare word (a preset name, resolved by the config)."""
+    t = text.strip()
+    if t.startswith("{"):
+        try:
+            return json.loads(t)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    return t
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--name`` option per dataclass field (default None = "not given"), plus ``--config``."""
     parser.add_argument("--config", default=None, help="YAML/JSON file of options; command-line flags override it")
@@ -218,7 +265,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if typ is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=None, help=help_)
         elif typ is dict:
-            parser.add_argument(f"--{f.name}", type=json.loads, default=None, help=help_ + " JSON object")
+            parser.add_argument(f"--{f.name}", type=_json_or_name, default=None,
+                                help=help_ + " JSON object" + (" or a preset name (tiny, paper)" if f.name == "model" else ""))
         else:
             parser.add_argument(f"--{f.name}", type=typ, default=None, help=help_)
 

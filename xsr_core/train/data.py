@@ -24,7 +24,6 @@ Real-scale cost of the token cache: 2 x 257 x 1024 x 2 bytes ≈ 1.05 MB per ima
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -40,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..image_io import load_rgb8
-from ..imaging import bicubic_resize, make_lr
+from ..imaging import crop_hr, make_lr
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,9 @@ class PrepareConfig:
     workers: int = 0  # image decoding processes
     blip2_batch_size: int = 8  # BLIP-2 captioning batch
     refdb_mode: str = "paths"  # reference DB mode ("paths" or "packed")
+    dedup_threshold: float = 0.95  # reference images whose CLIP CLS cosine to a test image is >= this are left out
+    # of the DB (near-duplicates: re-encodes, resizes, crops of a test photo); the same default as
+    # `refdb build --exclude`. 1.0 keeps all but exact duplicates.
 
     def __post_init__(self) -> None:
         parse_split(self.split)
@@ -77,6 +79,8 @@ class PrepareConfig:
             raise ValueError("shard_size, batch_size, blip2_batch_size must be >= 1 and workers >= 0")
         if self.min_side < 1:
             raise ValueError("min_side must be >= 1")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ValueError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -159,15 +163,9 @@ def load_degradation(spec: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
 
 
 def center_crop_hr(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → [1, size, size, 3] float 0..1: shortest side → size (antialiased bicubic), centre crop."""
+    """RGB PIL image → [1, size, size, 3] float 0..1: :func:`xsr_core.imaging.crop_hr` (the x16 geometry)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div(255.0)[None]  # (1, H, W, 3)
-    h, w = x.shape[1:3]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    if (nh, nw) != (h, w):
-        x = bicubic_resize(x, (nh, nw), antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top : top + size, left : left + size]
+    return crop_hr(x, size)
 
 
 def _to_png(x: torch.Tensor, path: Path) -> None:
@@ -230,32 +228,17 @@ def scan_images(paths: list[str], cfg: PrepareConfig) -> tuple[list[tuple[str, s
 # ------------------------------------------------------------------------------ captions
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
-    """Captions from JSONL (``{"image": ..., "caption": ...}`` per line) or CSV (header image,caption).
+    """Captions of ``--captions`` (JSONL, CSV, JSON or TSV: :mod:`xsr_core.captions`), as {image key: caption}.
 
     The image key may be an absolute path, a path relative to the image folder, or a file name.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"caption file {path} does not exist")
-    out: dict[str, str] = {}
-    keys = ("image", "file", "path", "filename", "file_name")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{n}: not valid JSON ({e})") from None
-    for n, row in enumerate(rows, 1):
-        key = next((row[k] for k in keys if k in row), None)
-        if key is None or "caption" not in row:
-            raise PrepareError(f"{path}: row {n} needs an image key ({'/'.join(keys)}) and a 'caption'")
-        out[str(key)] = str(row["caption"]).strip()
-    return out
+    from ..captions import CaptionFileError
+    from ..captions import read_captions as _read
+
+    try:
+        return _read(path)
+    except CaptionFileError as e:
+        raise PrepareError(str(e)) from None
 
 
 def match_captions(items: list[dict[str, Any]], captions: dict[str, str], root: Path | None) -> list[str]:
@@ -503,8 +486,7 @@ class _CropDataset(torch.utils.data.Dataset):
         if hr_p.is_file() and lr_p.is_file():
             return None
         img = decode_image(Path(it["source"]).read_bytes(), min_side=1, what=it["source"])
-        hr = center_crop_hr(img, cfg.hr_size)
-        hr = (hr * 255).round() / 255  # what the PNG holds: the LR is made from exactly the stored HR
+        hr = center_crop_hr(img, cfg.hr_size)  # 8-bit rounded: the LR is made from exactly the stored HR
         lr = load_degradation(cfg.degradation)(hr, cfg.scale)
         side = cfg.hr_size // cfg.scale
         if tuple(lr.shape) != (1, side, side, 3):
@@ -535,16 +517,27 @@ def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str 
         if split_items:
             build_clip_cache(out, split, split_items, encoder, cfg)
     refs = [it for it in items if it["split"] == "reference"]
-    info_db = None
+    tests = [it for it in items if it["split"] == "test"]
+    info_db, dedup = None, None
     if refs:
         (out / "reference.txt").write_text("".join(f"{it['hr']}\n" for it in refs))
+        # dedup by content: every reference whose CLS cosine to a test image (its source file) is
+        # >= dedup_threshold is left out of the DB (build_db's exclusion)
         info_db = build_db(out / "refdb", encoder_path, list_file=out / "reference.txt",
+                           exclude=[it["source"] for it in tests],
                            config=BuildConfig(mode=cfg.refdb_mode, device=dev, workers=cfg.workers,
-                                              batch_size=cfg.batch_size, progress=False))
+                                              batch_size=cfg.batch_size, progress=False,
+                                              exclude_threshold=cfg.dedup_threshold))
+        dedup = {"threshold": cfg.dedup_threshold, "test_images": len(tests),
+                 "excluded_references": int(info_db["counts"]["excluded"])}
+        write_test_exclusion(out / "refdb", [it["sha256"] for it in tests], cfg.dedup_threshold,
+                             dedup["excluded_references"])
+        logger.info("reference DB: %d of %d reference images left out as near-duplicates of test images "
+                    "(CLS cosine >= %g)", dedup["excluded_references"], len(refs), cfg.dedup_threshold)
     info = {
         "config": asdict(cfg), "encoder": str(Path(encoder_path).resolve()), "fingerprint": encoder.fingerprint,
         "clip_dim": encoder.dim, "num_tokens": None, "splits": dict(zip(SPLITS, sizes)),
-        "skipped": [{"path": p, "reason": r} for p, r in bad], "refdb": info_db is not None,
+        "skipped": [{"path": p, "reason": r} for p, r in bad], "refdb": info_db is not None, "dedup": dedup,
     }
     first = next(iter(cache_dir(out, "train").glob("shard-*.safetensors")), None)
     if first is not None:
@@ -555,6 +548,17 @@ def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str 
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
     logger.info("prepared %s: %s", out, info["splits"])
     return info
+
+
+TEST_EXCLUSION = "test_exclusion.json"  # in a reference DB folder: the test images it was deduplicated against
+
+
+def write_test_exclusion(db_dir: Path, test_sha256: list[str], threshold: float, excluded: int) -> Path:
+    """Record in the DB folder which test images (SHA-256 of their files) it excludes (read by the eval commands)."""
+    p = Path(db_dir) / TEST_EXCLUSION
+    p.write_text(json.dumps({"format": "xsr-test-exclusion/1", "threshold": threshold, "excluded_references": excluded,
+                             "test_sha256": sorted(test_sha256)}, indent=1))
+    return p
 
 
 def read_prepare_info(data: str | os.PathLike) -> dict[str, Any]:

@@ -302,6 +302,7 @@ def train_loop(
 
     show = accelerator.is_local_main_process and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not show, desc="train")
+    t_start, step0 = time.monotonic(), step
     batches_iter = _batch_stream(dataset, collate, cfg, bs, steps_per_epoch, step * accum, rank, world)
     if evaluate is not None and accelerator.is_main_process and step == 0 and cfg.eval_steps:
         model.eval()
@@ -343,6 +344,12 @@ def train_loop(
             history.append(row)
             running = {}
             bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if not show and accelerator.is_main_process:  # no terminal (a log file, CI): one progress line per log_steps
+                el = time.monotonic() - t_start
+                per = el / max(1, step - step0)
+                losses = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "lr"))
+                logger.info("step %d/%d (%.0f%%) %s lr %.3g | %.2f s/step, ETA %.0f s", step, cfg.max_steps,
+                            100.0 * step / cfg.max_steps, losses, lr, per, per * (cfg.max_steps - step))
             if accelerator.is_main_process:
                 with open(root / "log.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -356,6 +363,7 @@ def train_loop(
                 model.eval()
                 last_eval = evaluate(raw, step)
                 evals.append({"step": step, **last_eval})
+                logger.info("step %d eval: %s", step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
                 model.train()
                 with open(root / "log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "eval": last_eval}) + "\n")

@@ -14,9 +14,10 @@ SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("fine stripes", "checks", "coarse stripes", "dots")
 
 
-def _texture(kind: int, size: int) -> np.ndarray:
-    """A zero-mean high-frequency pattern (size, size): invisible after the /16 downscale."""
-    yy, xx = np.mgrid[0:size, 0:size]
+def _texture(kind: int, size: int | tuple[int, int]) -> np.ndarray:
+    """A zero-mean high-frequency pattern (size, size) or (h, w): invisible after the /16 downscale."""
+    h, w = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w]
     if kind == 0:
         t = np.sign(np.sin(2 * np.pi * xx / 8.0))
     elif kind == 1:
@@ -28,28 +29,36 @@ def _texture(kind: int, size: int) -> np.ndarray:
     return t - t.mean()
 
 
-def make_image(seed: int, size: int = 512, texture: int | None = None) -> tuple[Image.Image, str]:
+def make_image(seed: int, size: int = 512, texture: int | None = None, colour: int | None = None,
+               wh: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
     """One seeded image and its caption.
 
     A coloured shape over a gradient, overlaid with a zero-mean fine texture. The texture is a
     function of the shape's colour (``texture=None``): HR detail that the 32x32 LR does not show but
     that is *predictable* from what it shows, which is exactly what the RFA can learn and the raw
     LR CLIP embedding cannot see. ``texture=k`` forces another texture (a retrieval distractor with
-    the same LR).
+    the same LR); ``colour=c`` forces the class (colour index; default drawn from ``seed``);
+    ``wh=(w, h)`` makes a non-square image (default ``size`` x ``size``).
     """
     rng = np.random.default_rng(seed)
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    w, h = wh or (size, size)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
     g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
     g = (g - g.min()) / max(1e-6, np.ptp(g))
     img = Image.fromarray((c0 * (1 - g) + c1 * g).astype(np.uint8))
     d = ImageDraw.Draw(img)
     names = list(COLOURS)
     ci = int(rng.integers(len(names)))
+    ci = ci if colour is None else colour
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    r = int(rng.integers(size // 6, size // 3))
-    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    side = min(w, h)
+    r = int(rng.integers(side // 6, side // 3))
+    if w == h:  # the original draw (keeps square images byte-identical to earlier versions)
+        cx, cy = (int(v) for v in rng.integers(r, w - r, 2))
+    else:
+        cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
     fill = COLOURS[names[ci]]
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -58,7 +67,7 @@ def make_image(seed: int, size: int = 512, texture: int | None = None) -> tuple[
     else:
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     kind = ci % len(TEXTURES) if texture is None else texture
-    arr = np.asarray(img, dtype=np.float32) + 40.0 * _texture(kind, size)[..., None]
+    arr = np.asarray(img, dtype=np.float32) + 40.0 * _texture(kind, (h, w))[..., None]
     arr = np.clip(arr, 0, 255).astype(np.uint8)
     return Image.fromarray(arr), f"a {names[ci]} {shape} with {TEXTURES[kind]} on a gradient background"
 
@@ -72,4 +81,56 @@ def write_image_set(out: str | os.PathLike, n: int = 40, size: int = 512, seed: 
             img, caption = make_image(seed * 100_003 + i, size)
             img.save(out / f"img_{i:04d}.png")
             f.write(json.dumps({"image": f"img_{i:04d}.png", "caption": caption}) + "\n")
+    return out
+
+
+N_CLASSES = 4
+TEXTURE_AMPLITUDE = 70.0  # strong enough to dominate the HR image's CLIP embedding, still gone at 32x32
+
+
+def make_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> tuple[Image.Image, str]:
+    """One image of class ``cls`` (0..3): the class fixes the shape's colour (visible at 32x32) and a strong
+    texture over the whole image (destroyed by the /16 LR); the gradient background (random colours: what
+    dominates the raw 32x32 image), the shape's kind, size and position vary per image."""
+    rng = np.random.default_rng(seed)
+    w, h = wh
+    names = list(COLOURS)
+    c0, c1 = rng.uniform(70, 185, 3), rng.uniform(70, 185, 3)  # class-independent background: a confounder at 32x32
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+    g = (g - g.min()) / max(1e-6, np.ptp(g))
+    img = Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    side = min(w, h)
+    r = int(rng.integers(side // 5, side // 3))
+    cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
+    fill = COLOURS[names[cls]]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    arr = np.asarray(img, dtype=np.float32) + TEXTURE_AMPLITUDE * _texture(cls % len(TEXTURES), (h, w))[..., None]
+    caption = f"a {names[cls]} {shape} with {TEXTURES[cls % len(TEXTURES)]}"
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), caption
+
+
+def write_class_set(out: str | os.PathLike, n: int = 48, seed: int = 0,
+                    sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512))) -> Path:
+    """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_class_image` in 4 balanced classes +
+    ``captions.jsonl``: the HR detail (the class texture) of an image is only recoverable from images
+    of its class. Used by the learning proof (tests/comfy/test_train_roundtrip.py).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            cls = i % N_CLASSES
+            img, caption = make_class_image(cls, seed * 100_003 + i, sizes[i % len(sizes)])
+            name = f"c{cls}_{i:04d}.png"
+            img.save(out / name)
+            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
     return out
