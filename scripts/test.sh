@@ -14,6 +14,12 @@ if [[ -z "${XSR_CHROMIUM:-}" ]] && ! command -v chromium >/dev/null; then
     else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi
 fi
 VENV="${XSR_VENV:-$ROOT/.venv}"
+# Lint and formatting (pyproject's [tool.ruff]; ruff comes with the test extra) before the tests.
+[[ -x "$VENV/bin/ruff" ]] || { echo "[xsr-test] $VENV/bin/ruff is missing: run scripts/setup.sh (test extra)" >&2; exit 1; }
+if ! { "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .; }; then
+    echo "[xsr-test] ruff check/format failed; to fix: ruff format . && ruff check --fix ." >&2
+    exit 1
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 XSR_COMFYUI_MATRIX="${XSR_COMFYUI_MATRIX:-$VENV/comfyui_matrix.json}"
 # no path arguments: pyproject's testpaths (tests/)
 exec "$VENV/bin/python" -m pytest -ra --durations=15 "$@"
