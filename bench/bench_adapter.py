@@ -49,11 +49,11 @@ if str(ROOT) not in sys.path:
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig  # noqa: E402
 from xsr_core.testing.sd15 import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG  # noqa: E402
 
-TINY_UNET_CONFIG = dict(
-    SD15_UNET_CONFIG, block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8
-)
+TINY_UNET_CONFIG = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8)
 TINY_CONTROLNET_CONFIG = dict(
-    SD15_CONTROLNET_CONFIG, block_out_channels=[32, 64, 128, 128], cross_attention_dim=32,
+    SD15_CONTROLNET_CONFIG,
+    block_out_channels=[32, 64, 128, 128],
+    cross_attention_dim=32,
     conditioning_embedding_out_channels=[16, 32, 32, 32],
 )
 
@@ -114,8 +114,9 @@ def unet_step(unet, inp):
 
 def full_step(unet, controlnet, inp):
     down, mid = controlnet(inp["x"], inp["t"], inp["ctx"], controlnet_cond=inp["hint"], return_dict=False)
-    return unet(inp["x"], inp["t"], inp["ctx"], down_block_additional_residuals=down,
-                mid_block_additional_residual=mid).sample
+    return unet(
+        inp["x"], inp["t"], inp["ctx"], down_block_additional_residuals=down, mid_block_additional_residual=mid
+    ).sample
 
 
 def time_steps(fn, steps: int, warmup: int, cuda: bool) -> tuple[list[float], list[float]]:
@@ -177,12 +178,12 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
 
     worst = {"triton_rel_err": 0.0, "eager_rel_err": 0.0, "triton_vs_eager_rel": 0.0, "rows_bits_equal": True}
     g = torch.Generator(device=device).manual_seed(3)
-    tokens = {320: latent ** 2, 640: (latent // 2) ** 2, 1280: (latent // 4) ** 2}
+    tokens = {320: latent**2, 640: (latent // 2) ** 2, 1280: (latent // 4) ** 2}
     rows = [True] + [False] * (batch - 1)
     for spec in adapter.config.blocks:
         for site in ("norm2", "q", "k", "norm3"):
             w = spec["inner_dim"] if site in ("q", "k") else spec["dim"]
-            n = 77 if site == "k" else tokens.get(spec["dim"], latent ** 2)
+            n = 77 if site == "k" else tokens.get(spec["dim"], latent**2)
             h = (torch.randn(batch, n, w, generator=g, device=device, dtype=torch.float32) * 2 + 0.5).to(dtype)
             mu, sigma = stats.get(spec["id"], site)
             gain = float(adapter.gate(spec["id"], site))
@@ -193,8 +194,10 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
                 outs[use] = adapter.apply(spec["id"], site, h, stats).double()
                 if use:
                     part = adapter.apply(spec["id"], site, h, stats1, rows=rows)
-                    same = torch.equal(part[1:].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                                       h[1:].view(torch.int16 if dtype != torch.float32 else torch.int32))
+                    same = torch.equal(
+                        part[1:].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                        h[1:].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                    )
                     worst["rows_bits_equal"] &= bool(same)
             adapter.use_triton = True
 
@@ -229,8 +232,11 @@ def host_overhead(args) -> int:
     with torch.no_grad():
         adapter.gates.fill_(args.gate)
     sites = [(i, b["id"], site) for i, b in enumerate(adapter.config.blocks) for site in ("norm2", "q", "k", "norm3")]
-    width = {(b["id"], s): (b["inner_dim"] if s in ("q", "k") else b["dim"]) for b in adapter.config.blocks
-             for s in ("norm2", "q", "k", "norm3")}
+    width = {
+        (b["id"], s): (b["inner_dim"] if s in ("q", "k") else b["dim"])
+        for b in adapter.config.blocks
+        for s in ("norm2", "q", "k", "norm3")
+    }
     acts = {k: torch.randn(args.batch, 4, w, device=dev, dtype=dtype) for k, w in width.items()}  # tiny: host cost
     norms = {w: torch.nn.LayerNorm(w, device=dev, dtype=dtype) for w in set(width.values())}
     rows = [True] + [False] * (args.batch - 1)
@@ -245,8 +251,9 @@ def host_overhead(args) -> int:
         }
         for name in variants:
             if name.startswith("AdapterForward"):
-                st = AdapterForward(stats, 1.0, rows if name.endswith("rows") else None, batch=args.batch,
-                                    fused=adapter.use_triton)
+                st = AdapterForward(
+                    stats, 1.0, rows if name.endswith("rows") else None, batch=args.batch, fused=adapter.use_triton
+                )
                 variants[name] = (lambda st: lambda i, bid, site: st.apply(i, site, acts[(bid, site)]))(st)
         for _ in range(3):  # warm-up (plans folded, kernels compiled)
             for fn in variants.values():
@@ -255,7 +262,9 @@ def host_overhead(args) -> int:
         # the binding's own Python per site, without the math: the same calls with adain_apply stubbed out
         import importlib
 
-        adain_mod = importlib.import_module("xsr_core.adapter.adain")  # the module (the package exports a function adain)
+        adain_mod = importlib.import_module(
+            "xsr_core.adapter.adain"
+        )  # the module (the package exports a function adain)
 
         real_apply = adain_mod.adain_apply
 
@@ -266,6 +275,7 @@ def host_overhead(args) -> int:
                     return fn(i, bid, site)
                 finally:
                     adain_mod.adain_apply = real_apply
+
             return run
 
         variants["AdapterForward.apply, Python only"] = python_only(variants["AdapterForward.apply"])
@@ -292,28 +302,45 @@ def host_overhead(args) -> int:
             with Count():
                 for i, bid, site in sites:
                     fn(i, bid, site)
-            results[name] = {"host_us_per_site": round(statistics.median(per_round), 2),
-                             "aten_ops_per_site": round(Count.n / len(sites), 2)}
+            results[name] = {
+                "host_us_per_site": round(statistics.median(per_round), 2),
+                "aten_ops_per_site": round(Count.n / len(sites), 2),
+            }
     triton = bool(adain_mod._TRITON)
     res = {
         "benchmark": "adapter_host_overhead",
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else dev.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "config": {"dtype": args.dtype, "batch": args.batch, "tokens": 4, "sites": len(sites), "gate": args.gate,
-                   "triton": triton, "torch_threads": 1},
+        "config": {
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "tokens": 4,
+            "sites": len(sites),
+            "gate": args.gate,
+            "triton": triton,
+            "torch_threads": 1,
+        },
         "results": results,
         "note": "tiny tensors: the figure is host (Python + dispatch) cost per site; the SD1.5 U-Net + ControlNet "
-                f"step runs {len(sites)} sites; aten ops counted with TorchDispatchMode (a Triton launch is not an "
-                "aten op)",
+        f"step runs {len(sites)} sites; aten ops counted with TorchDispatchMode (a Triton launch is not an "
+        "aten op)",
     }
-    lines = [f"# AdaIN adapter host cost per site — {res['device']}", "",
-             f"{res['date']} · torch {res['torch']} · `{res['command']}`", "",
-             f"{args.dtype}, batch {args.batch}, 4 tokens, {len(sites)} sites (SD1.5 U-Net + ControlNet), "
-             f"Triton {'on' if triton else 'not available'}", "",
-             "host µs = CPU time of the calling thread per site (median over rounds)", "",
-             "| variant | host µs / site | aten ops / site |", "|---|---|---|"]
+    lines = [
+        f"# AdaIN adapter host cost per site — {res['device']}",
+        "",
+        f"{res['date']} · torch {res['torch']} · `{res['command']}`",
+        "",
+        f"{args.dtype}, batch {args.batch}, 4 tokens, {len(sites)} sites (SD1.5 U-Net + ControlNet), "
+        f"Triton {'on' if triton else 'not available'}",
+        "",
+        "host µs = CPU time of the calling thread per site (median over rounds)",
+        "",
+        "| variant | host µs / site | aten ops / site |",
+        "|---|---|---|",
+    ]
     for name, r in results.items():
         lines.append(f"| {name} | {r['host_us_per_site']:.1f} | {r['aten_ops_per_site']:.1f} |")
     md = "\n".join(lines) + "\n"
@@ -359,19 +386,30 @@ def main(argv=None) -> int:
         stats_ms = (time.perf_counter() - t0) / 5 * 1e3
         # accuracy of the fused apply in the run dtype vs the float64 formula, on a real-size activation
         bid = adapter.block_ids[0]
-        h = torch.randn(args.batch, unet.config.sample_size ** 2, adapter.config.blocks[0]["dim"],
-                        device=inp["x"].device, dtype=inp["x"].dtype) * 2 + 0.5
+        h = (
+            torch.randn(
+                args.batch,
+                unet.config.sample_size**2,
+                adapter.config.blocks[0]["dim"],
+                device=inp["x"].device,
+                dtype=inp["x"].dtype,
+            )
+            * 2
+            + 0.5
+        )
         mu, sigma = stats.get(bid, "norm2")
         ref = adain_residual(h.double(), mu.double(), sigma.double(), args.gate, adapter.config.eps)
         apply_rel_err = float((adapter.apply(bid, "norm2", h, stats).double() - ref).norm() / ref.norm())
-        checks = kernel_checks(adapter, stats, stats1, args.batch, unet.config.sample_size, inp["x"].device,
-                               inp["x"].dtype)
+        checks = kernel_checks(
+            adapter, stats, stats1, args.batch, unet.config.sample_size, inp["x"].device, inp["x"].dtype
+        )
         print(f"kernel checks: {checks}", file=sys.stderr)
 
         def with_binding(fn):
             def run():
                 with binding.embedding(stats=stats):
                     fn()
+
             return run
 
         def recompute():
@@ -440,12 +478,18 @@ def main(argv=None) -> int:
         med = statistics.median(ts)
         base = None if name in plain or name == "graph unet+cn" else base_of.get(name, "unet+cn")
         over = None if base is None else 100.0 * (med / statistics.median(times[base]) - 1.0)
-        rows_out.append({
-            "variant": name, "median_ms": round(med, 3), "p10_ms": round(sorted(ts)[len(ts) // 10], 3),
-            "p90_ms": round(sorted(ts)[(9 * len(ts)) // 10], 3), "n": len(ts), "base": base,
-            "host_median_ms": round(statistics.median(host[name]), 3),
-            "overhead_pct": None if over is None else round(over, 2),
-        })
+        rows_out.append(
+            {
+                "variant": name,
+                "median_ms": round(med, 3),
+                "p10_ms": round(sorted(ts)[len(ts) // 10], 3),
+                "p90_ms": round(sorted(ts)[(9 * len(ts)) // 10], 3),
+                "n": len(ts),
+                "base": base,
+                "host_median_ms": round(statistics.median(host[name]), 3),
+                "overhead_pct": None if over is None else round(over, 2),
+            }
+        )
 
     import diffusers
 
@@ -459,9 +503,15 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {
-            "model": "tiny" if args.tiny else "sd15", "dtype": args.dtype, "batch": args.batch,
-            "latent": unet.config.sample_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-            "gate": args.gate, "adapter_blocks": len(adapter.block_ids),
+            "model": "tiny" if args.tiny else "sd15",
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "latent": unet.config.sample_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "gate": args.gate,
+            "adapter_blocks": len(adapter.block_ids),
             "apply_calls_per_full_step": 4 * len(adapter.block_ids),
             "adapter_params_M": round(sum(p.numel() for p in adapter.parameters()) / 1e6, 2),
         },
@@ -491,8 +541,10 @@ def main(argv=None) -> int:
     for r in rows_out:
         ov = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.2f} % vs {r['base']}"
         ok = "" if r["overhead_pct"] is None else ("yes" if r["overhead_pct"] <= 5.0 else "no")
-        lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['host_median_ms']:.2f} | {ov} | {ok} |")
+        lines.append(
+            f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['host_median_ms']:.2f} | {ov} | {ok} |"
+        )
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)

@@ -51,11 +51,21 @@ def _stub_av() -> None:
     """PyAV is only needed by ComfyUI's video types; the GPU image lacks it. Stub it for this benchmark."""
     try:
         import av  # noqa: F401
+
         return
     except ImportError:
         pass
-    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video", "av.video.frame",
-                 "av.audio", "av.audio.frame", "av.error"):
+    for name in (
+        "av",
+        "av.container",
+        "av.subtitles",
+        "av.subtitles.stream",
+        "av.video",
+        "av.video.frame",
+        "av.audio",
+        "av.audio.frame",
+        "av.error",
+    ):
         mod = types.ModuleType(name)
         mod.__path__ = []  # package-like
         sys.modules[name] = mod
@@ -86,10 +96,26 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
     half = torch.float16 if device == "cuda" else torch.float32
     unet_cfg = dict(zoo.TINY_UNET_CONFIG) if tiny else SD15_UNET
     text_cfg = dict(zoo.TINY_TEXT_CONFIG) if tiny else CLIP_L_TEXT
-    vis_cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "image_size": 224, "patch_size": 14, "projection_dim": 32} if tiny else CLIP_L_VISION
-    names = {"unet": "sd15_unet.safetensors", "cn": "sd15_controlnet.safetensors", "vae": "sd_vae.safetensors",
-             "clip": "clip_l.safetensors", "cv": "clip_vit_l14.safetensors"}
+    vis_cfg = (
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 14,
+            "projection_dim": 32,
+        }
+        if tiny
+        else CLIP_L_VISION
+    )
+    names = {
+        "unet": "sd15_unet.safetensors",
+        "cn": "sd15_controlnet.safetensors",
+        "vae": "sd_vae.safetensors",
+        "clip": "clip_l.safetensors",
+        "cv": "clip_vit_l14.safetensors",
+    }
     for sub in ("diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
         (models / sub).mkdir(parents=True, exist_ok=True)
 
@@ -112,12 +138,17 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
         save(unet, models / "diffusion_models" / names["unet"])
         save(zoo.randomize_(ControlNetModel.from_unet(unet), 1), models / "controlnet" / names["cn"])
         save(zoo.randomize_(AutoencoderKL(**SD_VAE), 2), models / "vae" / names["vae"])
-        save(zoo.randomize_(CLIPTextModel(CLIPTextConfig(**text_cfg)), 3), models / "text_encoders" / names["clip"],
-             "text_model.")
+        save(
+            zoo.randomize_(CLIPTextModel(CLIPTextConfig(**text_cfg)), 3),
+            models / "text_encoders" / names["clip"],
+            "text_model.",
+        )
     del unet
     cv = zoo.randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**vis_cfg)), 4)
     sd = {k: v.to(half).contiguous() for k, v in cv.state_dict().items() if v.is_floating_point()}
-    sd = {(k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k): v for k, v in sd.items()}
+    sd = {
+        (k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k): v for k, v in sd.items()
+    }
     meta = {"xsr.clip_vision_config": json.dumps(vis_cfg)} if tiny else None
     save_file(sd, str(models / "clip_vision" / names["cv"]), metadata=meta)
     del cv
@@ -129,8 +160,14 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
     dec = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}
     if tiny:
         dec.update(n_embd=32, n_layer=2, n_head=2)
-    i2t_cfg = I2TConfig(clip_dim=d, width=32 if tiny else 1024, depth=1 if tiny else 4, heads=2 if tiny else 16,
-                        decoder=dec, clip_text_dim=text_cfg["hidden_size"])
+    i2t_cfg = I2TConfig(
+        clip_dim=d,
+        width=32 if tiny else 1024,
+        depth=1 if tiny else 4,
+        heads=2 if tiny else 16,
+        decoder=dec,
+        clip_text_dim=text_cfg["hidden_size"],
+    )
     save_i2t(I2T(i2t_cfg), models / "xsr" / "i2t.safetensors", tok)
     ad = AdaINAdapter(AdaINAdapterConfig.from_unet_config(unet_cfg, embed_dim=d, include_controlnet=True))
     with torch.no_grad():
@@ -138,16 +175,27 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
     save_model(ad, models / "xsr" / "adain_adapter.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_images(tmp, 64 if tiny else 256, size=256)
-        build_db(models / "xsr_refdb" / "bench", models / "clip_vision" / names["cv"], images=tmp,
-                 config=BuildConfig(mode="packed", workers=0, device=device, progress=False))
+        build_db(
+            models / "xsr_refdb" / "bench",
+            models / "clip_vision" / names["cv"],
+            images=tmp,
+            config=BuildConfig(mode="packed", workers=0, device=device, progress=False),
+        )
     return names
 
 
 def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str) -> dict[str, dict]:
     from xsr_core.demo import xsr_graph
 
-    xsr = xsr_graph(lr_name, ckpt=names.get("ckpt", "unused"), controlnet=names["cn"], clip_vision=names["cv"], refdb="bench",
-                    steps=steps, seed=seed)
+    xsr = xsr_graph(
+        lr_name,
+        ckpt=names.get("ckpt", "unused"),
+        controlnet=names["cn"],
+        clip_vision=names["cv"],
+        refdb="bench",
+        steps=steps,
+        seed=seed,
+    )
     loaders = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}},
         "clipl": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}},
@@ -157,7 +205,10 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
 
     def add_mode(g):
         if mode == "compile":
-            g["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"}}
+            g["compile"] = {
+                "class_type": "TorchCompileModel",
+                "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"},
+            }
             g["sample"]["inputs"]["model"] = ["compile", 0]
         elif mode == "cudagraph":
             g["cudagraph"] = {"class_type": "XSR_CUDAGraph", "inputs": {"model": g["sample"]["inputs"]["model"]}}
@@ -180,24 +231,51 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
 
     base = {
         "lr": xsr["lr"],
-        "up": {"class_type": "ImageScale", "inputs": {"image": ["lr", 0], "upscale_method": "bicubic", "width": 512,
-                                                     "height": 512, "crop": "disabled"}},
+        "up": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["lr", 0],
+                "upscale_method": "bicubic",
+                "width": 512,
+                "height": 512,
+                "crop": "disabled",
+            },
+        },
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
         "ckpt": {"class_type": "none", "inputs": {}},
         "cn": xsr["cn"],
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a high quality, detailed photo"}},
+        "pos": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"clip": ["ckpt", 1], "text": "a high quality, detailed photo"},
+        },
         "neg": xsr["neg"],
-        "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {**xsr["apply"]["inputs"], "positive": ["pos", 0],
-                                                                     "control_net": ["cn", 0], "image": ["up", 0]}},
-        "sample": {"class_type": "KSampler", "inputs": {**xsr["sample"]["inputs"], "model": ["ckpt", 0], "latent_image": ["lat", 0]}},
+        "apply": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {**xsr["apply"]["inputs"], "positive": ["pos", 0], "control_net": ["cn", 0], "image": ["up", 0]},
+        },
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {**xsr["sample"]["inputs"], "model": ["ckpt", 0], "latent_image": ["lat", 0]},
+        },
         "decode": xsr["decode"],
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "bench_base"}},
     }
     return {"baseline": relink(base), "xsr": relink(xsr)}
 
 
-NODE_COLUMNS = ["XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_AdaINPatch", "XSR_CUDAGraph", "CLIPTextEncode",
-                "ControlNetApplyAdvanced", "KSampler", "VAEDecode", "XSR_ColorFix", "SaveImage"]
+NODE_COLUMNS = [
+    "XSR_PrepareLR",
+    "XSR_Retrieve",
+    "XSR_Enhance",
+    "XSR_AdaINPatch",
+    "XSR_CUDAGraph",
+    "CLIPTextEncode",
+    "ControlNetApplyAdvanced",
+    "KSampler",
+    "VAEDecode",
+    "XSR_ColorFix",
+    "SaveImage",
+]
 
 
 def comfy_version() -> str:
@@ -243,7 +321,16 @@ def main(argv=None) -> int:
     folder_paths.set_output_directory(str(work / "output"))
     folder_paths.set_input_directory(str(work / "input"))
     folder_paths.set_temp_directory(str(work / "temp"))
-    for sub in ("checkpoints", "diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
+    for sub in (
+        "checkpoints",
+        "diffusion_models",
+        "controlnet",
+        "vae",
+        "text_encoders",
+        "clip_vision",
+        "xsr",
+        "xsr_refdb",
+    ):
         folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
     cn_dir = work / "custom_nodes"
     cn_dir.mkdir(exist_ok=True)
@@ -271,7 +358,9 @@ def main(argv=None) -> int:
         def queue_updated(self):
             pass
 
-    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(
+        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+    )
     from PIL import Image
 
     import comfy.model_management as mm
@@ -307,7 +396,8 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t
         resident = sorted(
             (type(lm.model.model).__name__, round(lm.model.loaded_size() / 2**20))
-            for lm in mm.current_loaded_models if lm.model is not None and lm.model.loaded_size() > 0
+            for lm in mm.current_loaded_models
+            if lm.model is not None and lm.model.loaded_size() > 0
         )
         row = {"node": unique_id, "s": dt, "resident_mib": resident}
         if device == "cuda":
@@ -335,9 +425,16 @@ def main(argv=None) -> int:
         return time.perf_counter() - t, [dict(r, **{"class": prompt[r["node"]]["class_type"]}) for r in trace]
 
     steps_list = [int(s) for s in args.steps.split(",")]
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "date": datetime.date.today().isoformat(),
-               "torch": torch.__version__, "comfyui": comfy_version(), "command": " ".join(["python", "bench/bench_e2e.py", *(argv or sys.argv[1:])]),
-               "tiny": args.tiny, "rows": [], "checks": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "comfyui": comfy_version(),
+        "command": " ".join(["python", "bench/bench_e2e.py", *(argv or sys.argv[1:])]),
+        "tiny": args.tiny,
+        "rows": [],
+        "checks": [],
+    }
     modes = [m for m in args.modes.split(",") if m]
     if args.compile and "compile" not in modes:
         modes.append("compile")
@@ -373,10 +470,18 @@ def main(argv=None) -> int:
                 for tr in traces:
                     for r in tr:
                         nodes.setdefault(r["class"], []).append(r["s"])
-                row = {"graph": kind, "steps": steps, "compile": mode == "compile", "mode": mode,
-                       "median_s": statistics.median(times) if times else None, "runs": times, "peak_vram_gib": peak,
-                       "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
-                       "resident": traces[-1] if traces else None, "error": err}
+                row = {
+                    "graph": kind,
+                    "steps": steps,
+                    "compile": mode == "compile",
+                    "mode": mode,
+                    "median_s": statistics.median(times) if times else None,
+                    "runs": times,
+                    "peak_vram_gib": peak,
+                    "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
+                    "resident": traces[-1] if traces else None,
+                    "error": err,
+                }
                 results["rows"].append(row)
                 save_partial()
                 print(json.dumps({k: v for k, v in row.items() if k != "resident"}), flush=True)
@@ -390,8 +495,13 @@ def main(argv=None) -> int:
                     run(graphs(lr, names, steps, seed=123, mode=mode)[kind])
                     lat[mode] = captured["latent"]
                 d = float((lat["eager"] - lat["cudagraph"]).abs().max())
-                chk = {"graph": kind, "steps": steps, "check": "latent max abs diff eager vs cudagraph", "value": d,
-                       "latent_max_abs": float(lat["eager"].abs().max())}
+                chk = {
+                    "graph": kind,
+                    "steps": steps,
+                    "check": "latent max abs diff eager vs cudagraph",
+                    "value": d,
+                    "latent_max_abs": float(lat["eager"].abs().max()),
+                }
                 results["checks"].append(chk)
                 save_partial()
                 print(json.dumps(chk), flush=True)
@@ -400,45 +510,74 @@ def main(argv=None) -> int:
         if cache is not None:
             results["ref_cache"] = {"hits": cache.hits, "misses": cache.misses, "capacity": cache.capacity}
     save_partial()
-    lines = [f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
-             "", f"`{results['command']}`", "",
-             "| mode | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
+        "",
+        f"`{results['command']}`",
+        "",
+        "| mode | steps | baseline s | XSR s | overhead | peak VRAM (XSR) GiB |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def fmt(v, f="{:.3f}"):
         return "-" if v is None else f.format(v)
 
     for steps in steps_list:
         for mode in modes:
-            b = next(r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["mode"] == mode)
+            b = next(
+                r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["mode"] == mode
+            )
             x = next(r for r in results["rows"] if r["graph"] == "xsr" and r["steps"] == steps and r["mode"] == mode)
             ov = x["median_s"] / b["median_s"] - 1 if x["median_s"] and b["median_s"] else None
             x["overhead"] = ov
-            lines.append(f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
-                         f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |")
+            lines.append(
+                f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
+                f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |"
+            )
     for r in results["rows"]:
         if r["error"]:
             lines.append(f"\n{r['graph']} {r['mode']} {r['steps']} steps failed: `{r['error']}`")
-    lines += ["", "Per node, median ms (CUDA synchronised around each node):", "",
-              "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " |", "|---" * (3 + len(NODE_COLUMNS)) + "|"]
+    lines += [
+        "",
+        "Per node, median ms (CUDA synchronised around each node):",
+        "",
+        "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " |",
+        "|---" * (3 + len(NODE_COLUMNS)) + "|",
+    ]
     for r in results["rows"]:
-        lines.append(f"| {r['graph']} | {r['mode']} | {r['steps']} | "
-                     + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS) + " |")
+        lines.append(
+            f"| {r['graph']} | {r['mode']} | {r['steps']} | "
+            + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS)
+            + " |"
+        )
     if results["checks"]:
         lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]
         for c in results["checks"]:
-            lines.append(f"| {c['check']} | {c['graph']} | {c['steps']} | {c['value']:.3g} | {c['latent_max_abs']:.3g} |")
+            lines.append(
+                f"| {c['check']} | {c['graph']} | {c['steps']} | {c['value']:.3g} | {c['latent_max_abs']:.3g} |"
+            )
     if "ref_cache" in results:
         rc = results["ref_cache"]
-        lines += ["", f"XSR_Retrieve reference cache over the whole run: {rc['hits']} hits, {rc['misses']} misses "
-                  f"(capacity {rc['capacity']}; the bench DB holds 256 images, so references repeat across prompts)."]
+        lines += [
+            "",
+            f"XSR_Retrieve reference cache over the whole run: {rc['hits']} hits, {rc['misses']} misses "
+            f"(capacity {rc['capacity']}; the bench DB holds 256 images, so references repeat across prompts).",
+        ]
     xr = next((r for r in results["rows"] if r["graph"] == "xsr" and r["resident"]), None)
     if xr:
-        lines += ["", f"Resident on the GPU after each node (XSR graph, {xr['mode']}, {xr['steps']} steps, last run; "
-                  "ComfyUI loaded models in MiB, allocated and the node's own peak in GiB):", "",
-                  "| node | resident models | allocated | node peak |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Resident on the GPU after each node (XSR graph, {xr['mode']}, {xr['steps']} steps, last run; "
+            "ComfyUI loaded models in MiB, allocated and the node's own peak in GiB):",
+            "",
+            "| node | resident models | allocated | node peak |",
+            "|---|---|---|---|",
+        ]
         for r in xr["resident"]:
             res_s = ", ".join(f"{n} {m}" for n, m in r["resident_mib"]) or "-"
-            lines.append(f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | {fmt(r.get('node_peak_gib'), '{:.2f}')} |")
+            lines.append(
+                f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | {fmt(r.get('node_peak_gib'), '{:.2f}')} |"
+            )
     md = "\n".join(lines) + "\n"
     print(md)
     (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))

@@ -32,9 +32,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               num_channels=3, image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-               layer_norm_eps=1e-5)
+VIT_L14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 
 
 def _write_jpeg(args: tuple[str, int, int]) -> None:
@@ -83,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--size", type=int, default=512, help="shortest side of the generated JPEGs")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="loader processes (default: one per core, one core left to the main process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="loader processes (default: one per core, one core left to the main process)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--tiny", action="store_true", help="tiny encoder (CPU smoke test)")
@@ -133,8 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         res["crop_on"] = "device" if raw else "workers"
 
         # (c) loader alone (with the crop on the device when that is where `refdb build` does it)
-        loader = make_loader(items, batches, workers=args.workers, min_side=1, pack=None,
-                             pin_memory=device.type == "cuda", raw_max_pixels=raw)
+        loader = make_loader(
+            items,
+            batches,
+            workers=args.workers,
+            min_side=1,
+            pack=None,
+            pin_memory=device.type == "cuda",
+            raw_max_pixels=raw,
+        )
         t = time.time()
         n_seen = 0
         for b in loader:
@@ -144,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         res["loader_only_img_s"] = n_seen / (time.time() - t)
 
         # (c') the same loader with full-size JPEG decoding (no libjpeg draft), side by side
-        loader = make_loader(items, batches, workers=args.workers, min_side=1, pack=None,
-                             pin_memory=device.type == "cuda", raw_max_pixels=raw, draft=False)
+        loader = make_loader(
+            items,
+            batches,
+            workers=args.workers,
+            min_side=1,
+            pack=None,
+            pin_memory=device.type == "cuda",
+            raw_max_pixels=raw,
+            draft=False,
+        )
         t = time.time()
         n_seen = 0
         for b in loader:
@@ -155,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         res["loader_only_full_decode_img_s"] = n_seen / (time.time() - t)
 
         # (a) full pipeline, as in `refdb build` (loader workers started fresh, timed end to end)
-        loader = make_loader(items, batches, workers=args.workers, min_side=1, pack=None,
-                             pin_memory=device.type == "cuda", raw_max_pixels=raw)
+        loader = make_loader(
+            items,
+            batches,
+            workers=args.workers,
+            min_side=1,
+            pack=None,
+            pin_memory=device.type == "cuda",
+            raw_max_pixels=raw,
+        )
         t = time.time()
         first = None
         n_done = 0
@@ -170,26 +205,46 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         total = time.time() - t
         res["pipeline_img_s"] = n_done / total
-        res["pipeline_steady_img_s"] = (n_done - first[1]) / max(1e-9, time.time() - first[0]) if n_done > first[1] else None
+        res["pipeline_steady_img_s"] = (
+            (n_done - first[1]) / max(1e-9, time.time() - first[0]) if n_done > first[1] else None
+        )
         res["pipeline_s"] = total
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
-    meta = dict(device=f"{dev_name}, {os.cpu_count()} CPU cores", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-                torch=torch.__version__, encoder="tiny" if args.tiny else "ViT-L/14 (random weights)",
-                precision=str(dtype).replace("torch.", ""), n=len(paths), image_short_side=args.size,
-                mean_jpeg_kb=mean_kb, batch_size=args.batch_size, workers=args.workers)
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}"
+    )
+    meta = dict(
+        device=f"{dev_name}, {os.cpu_count()} CPU cores",
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+        torch=torch.__version__,
+        encoder="tiny" if args.tiny else "ViT-L/14 (random weights)",
+        precision=str(dtype).replace("torch.", ""),
+        n=len(paths),
+        image_short_side=args.size,
+        mean_jpeg_kb=mean_kb,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("bench_embed_tiny" if args.tiny else "bench_embed")
     (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, results=res), indent=1))
-    md = [f"# Reference-DB embedding throughput ({meta['date']})", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
-          "| measure | img/s |", "|---|---|",
-          f"| full pipeline (loader workers + encoder), end to end | {res['pipeline_img_s']:.0f} |",
-          f"| full pipeline, after the first batch | {res['pipeline_steady_img_s'] or float('nan'):.0f} |",
-          f"| encoder alone (resident batch) | {res['encoder_only_img_s']:.0f} |",
-          f"| loader alone (draft JPEG decode + hash + CLIP crop on {res['crop_on']}) | {res['loader_only_img_s']:.0f} |",
-          f"| loader alone, full-size JPEG decode (before) | {res['loader_only_full_decode_img_s']:.0f} |"]
+    md = [
+        f"# Reference-DB embedding throughput ({meta['date']})",
+        "",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        "",
+        "| measure | img/s |",
+        "|---|---|",
+        f"| full pipeline (loader workers + encoder), end to end | {res['pipeline_img_s']:.0f} |",
+        f"| full pipeline, after the first batch | {res['pipeline_steady_img_s'] or float('nan'):.0f} |",
+        f"| encoder alone (resident batch) | {res['encoder_only_img_s']:.0f} |",
+        f"| loader alone (draft JPEG decode + hash + CLIP crop on {res['crop_on']}) | {res['loader_only_img_s']:.0f} |",
+        f"| loader alone, full-size JPEG decode (before) | {res['loader_only_full_decode_img_s']:.0f} |",
+    ]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -138,16 +138,26 @@ def main(argv=None) -> dict:
             eos = i2t_cfg.decoder["eos_token_id"]
             bench(
                 f"caption_{N}tok_hf_generate_b1",
-                lambda: i2t.decoder.generate(inputs_embeds=prefix, attention_mask=mask, do_sample=False,
-                                             max_new_tokens=N, min_new_tokens=N, eos_token_id=eos, pad_token_id=eos),
-                iters=max(3, args.iters // 5), note="baseline: transformers generate",
+                lambda: i2t.decoder.generate(
+                    inputs_embeds=prefix,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=N,
+                    min_new_tokens=N,
+                    eos_token_id=eos,
+                    pad_token_id=eos,
+                ),
+                iters=max(3, args.iters // 5),
+                note="baseline: transformers generate",
             )
 
         def total() -> torch.Tensor:
             e = i2t(lr1, refs)
             return i2t.generate_tokens(e, max_new_tokens=N, min_new_tokens=N, use_cuda_graph=cuda)
 
-        tot = bench(f"i2t_total_k4_{N}tok_b1", total, note="enhancer + prefix + caption" + (" (CUDA graph)" if cuda else ""))
+        tot = bench(
+            f"i2t_total_k4_{N}tok_b1", total, note="enhancer + prefix + caption" + (" (CUDA graph)" if cuda else "")
+        )
 
     result = {
         "device": device_name(device),

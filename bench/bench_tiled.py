@@ -35,8 +35,16 @@ def tiled_graph(lr_name: str, names: dict[str, str], steps: int, seed: int, tile
     """The xsr_x16_tiled prompt on the benchmark's model files (separate loaders for the real sizes)."""
     from xsr_core.demo import xsr_tiled_graph
 
-    g = xsr_tiled_graph(lr_name, ckpt=names.get("ckpt", "unused"), controlnet=names["cn"], clip_vision=names["cv"],
-                        refdb="bench", steps=steps, seed=seed, tile_batch=tile_batch)
+    g = xsr_tiled_graph(
+        lr_name,
+        ckpt=names.get("ckpt", "unused"),
+        controlnet=names["cn"],
+        clip_vision=names["cv"],
+        refdb="bench",
+        steps=steps,
+        seed=seed,
+        tile_batch=tile_batch,
+    )
     if "ckpt" in names:  # tiny: the zoo's single-file checkpoint
         return g
     del g["ckpt"]
@@ -60,7 +68,16 @@ def setup_comfy(comfy: str, work: Path, models: Path, tiny: bool):
     folder_paths.set_output_directory(str(work / "output"))
     folder_paths.set_input_directory(str(work / "input"))
     folder_paths.set_temp_directory(str(work / "temp"))
-    for sub in ("checkpoints", "diffusion_models", "controlnet", "vae", "text_encoders", "clip_vision", "xsr", "xsr_refdb"):
+    for sub in (
+        "checkpoints",
+        "diffusion_models",
+        "controlnet",
+        "vae",
+        "text_encoders",
+        "clip_vision",
+        "xsr",
+        "xsr_refdb",
+    ):
         folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
     cn_dir = work / "custom_nodes"
     cn_dir.mkdir(exist_ok=True)
@@ -88,7 +105,9 @@ def setup_comfy(comfy: str, work: Path, models: Path, tiny: bool):
         def queue_updated(self):
             pass
 
-    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(
+        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+    )
     cuda = torch.cuda.is_available()
 
     def run(prompt) -> float:
@@ -115,9 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="LR sizes, N (square) or WxH; default 64,128,256 (tiny: 64x8,96x8)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; tiny: 2)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per size after one warm-up (the largest size: 1)")
-    ap.add_argument("--tile-batch", default=None,
-                    help="XSR_TiledModel tile_batch values to compare, e.g. 0,4 (default 0,4: auto from free VRAM, and "
-                         "4 tiles per call for a bounded VRAM peak; tiny: 2)")
+    ap.add_argument(
+        "--tile-batch",
+        default=None,
+        help="XSR_TiledModel tile_batch values to compare, e.g. 0,4 (default 0,4: auto from free VRAM, and "
+        "4 tiles per call for a bounded VRAM peak; tiny: 2)",
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
@@ -164,10 +186,18 @@ def main(argv=None) -> int:
         synthetic_image(2000 + counter[0], 512).resize((w, h), Image.BICUBIC).save(inp / name)
         return name
 
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-               "command": " ".join(["python", "bench/bench_tiled.py", *(argv if argv is not None else sys.argv[1:])]),
-               "tiny": args.tiny, "steps": steps, "cfg": 7.0, "sampler": "euler", "tile_batches": tile_batches, "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "bench/bench_tiled.py", *(argv if argv is not None else sys.argv[1:])]),
+        "tiny": args.tiny,
+        "steps": steps,
+        "cfg": 7.0,
+        "sampler": "euler",
+        "tile_batches": tile_batches,
+        "rows": [],
+    }
     largest = max(w * h for w, h in sizes)
     first = True
     for tile_batch in tile_batches:
@@ -183,14 +213,27 @@ def main(argv=None) -> int:
                 if i >= warm:
                     times.append(dt)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-            row = {"lr": f"{w}x{h}", "out": f"{w * 16}x{h * 16}", "tiles": len(Tiling.make(h, w)), "tile_batch": tile_batch,
-                   "median_s": statistics.median(times), "runs": times, "peak_vram_gib": peak}
+            row = {
+                "lr": f"{w}x{h}",
+                "out": f"{w * 16}x{h * 16}",
+                "tiles": len(Tiling.make(h, w)),
+                "tile_batch": tile_batch,
+                "median_s": statistics.median(times),
+                "runs": times,
+                "peak_vram_gib": peak,
+            }
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    lines = [f"# Tiled x16, ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}", "",
-             f"`{results['command']}`", "",
-             f"{steps} steps, CFG 7, euler, overlap 8 LR px; whole prompt per image; tile_batch 0 = auto from free VRAM.", "",
-             "| LR | output | tiles | tile_batch | median s | peak VRAM GiB |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Tiled x16, ComfyUI in-process — {results['device']}, {results['date']}, torch {results['torch']}",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"{steps} steps, CFG 7, euler, overlap 8 LR px; whole prompt per image; tile_batch 0 = auto from free VRAM.",
+        "",
+        "| LR | output | tiles | tile_batch | median s | peak VRAM GiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
         pk = f"{r['peak_vram_gib']:.2f}" if r["peak_vram_gib"] is not None else "-"
         lines.append(f"| {r['lr']} | {r['out']} | {r['tiles']} | {r['tile_batch']} | {r['median_s']:.2f} | {pk} |")

@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO))
 from xsr_core.testing.sd15 import CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402
 
 
-
 def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt: bool):
     from diffusers import (
         AutoencoderKL,
@@ -57,8 +56,13 @@ def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         embed = 1024
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3)
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          prediction_type="epsilon")
+    sched = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+    )
     for m in (unet, vae, text):
         m.requires_grad_(False).eval()
     if grad_ckpt:
@@ -81,8 +85,10 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
     raw = acc.unwrap_model(model)
     g = torch.Generator().manual_seed(acc.process_index)
     batch_data = {
-        "pixels": torch.rand(batch, 3, res, res, generator=g) * 2 - 1, "hint": torch.rand(batch, 3, res, res, generator=g),
-        "E": torch.randn(batch, 257, embed, generator=g), "clip_ids": torch.randint(0, 49407, (batch, 77), generator=g),
+        "pixels": torch.rand(batch, 3, res, res, generator=g) * 2 - 1,
+        "hint": torch.rand(batch, 3, res, res, generator=g),
+        "E": torch.randn(batch, 257, embed, generator=g),
+        "clip_ids": torch.randint(0, 49407, (batch, 77), generator=g),
     }
     batch_data = {k: v.to(acc.device) for k, v in batch_data.items()}
     cuda = acc.device.type == "cuda"
@@ -98,10 +104,17 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
         opt.zero_grad(set_to_none=True)
 
     dt_s = _timed(acc, step, warmup, steps)
-    out = {"stage": "2", "batch_per_process": batch, "processes": acc.num_processes, "grad_ckpt": grad_ckpt,
-           "resolution": res, "img_per_s": batch * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if cuda else None,
-           "trainable_params_m": sum(p.numel() for p in params) / 1e6}
+    out = {
+        "stage": "2",
+        "batch_per_process": batch,
+        "processes": acc.num_processes,
+        "grad_ckpt": grad_ckpt,
+        "resolution": res,
+        "img_per_s": batch * acc.num_processes * steps / dt_s,
+        "s_per_step": dt_s / steps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if cuda else None,
+        "trainable_params_m": sum(p.numel() for p in params) / 1e6,
+    }
     raw.binding.detach()
     acc.free_memory(model, opt)  # accelerate keeps references to every prepared object otherwise
     return out
@@ -120,7 +133,13 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
         from xsr_core.testing.tiny_models import tiny_i2t_config, tiny_rfa_config
 
         rcfg, icfg, T, D, B = tiny_rfa_config(32, 256), tiny_i2t_config(400, 32, 257), 257, 32, 4
-        text_cfg = {**CLIP_L_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        text_cfg = {
+            **CLIP_L_TEXT_CONFIG,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        }
     else:
         rcfg, icfg, T, D, B = RFAConfig(), I2TConfig(), 257, 1024, 128
         text_cfg = CLIP_L_TEXT_CONFIG
@@ -134,21 +153,26 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
         if name == "rfa":
             model = RFA(rcfg)
             tgt = torch.randn(bs, D, device=dev)
+
             def fn(m, lr_t=lr_t, tgt=tgt):
                 return {"loss": torch.nn.functional.mse_loss(m(lr_t).float(), tgt)}
         else:
             model = I2T(icfg)
             text = CLIPTextModel(CLIPTextConfig(**text_cfg)).to(dev).requires_grad_(False).eval()
             V = icfg.decoder["vocab_size"]
-            soft = SoftCLIPText(text, torch.randn(V, text_cfg["hidden_size"]) * 0.02, bos_token_id=49406, eos_token_id=49407)
+            soft = SoftCLIPText(
+                text, torch.randn(V, text_cfg["hidden_size"]) * 0.02, bos_token_id=49406, eos_token_id=49407
+            )
             refs = torch.randn(bs, 4, T, D, device=dev)
             hr = torch.randn(bs, T, D, device=dev)
             L = min(24, icfg.max_caption_tokens)
             ids = torch.randint(0, V, (bs, L), device=dev)
             mask = torch.ones_like(ids)
             target = torch.randn(bs, text_cfg["hidden_size"], device=dev)
+
             def fn(m, a=(lr_t, hr, ids, mask, refs), soft=soft, target=target):
                 return m.training_losses(*a, soft_text=soft, text_target=target)
+
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model, opt = acc.prepare(model, opt)
         raw = acc.unwrap_model(model)
@@ -161,9 +185,16 @@ def bench_stage1(acc, tiny: bool, steps: int, warmup: int) -> list[dict]:
             opt.zero_grad(set_to_none=True)
 
         dt_s = _timed(acc, step, warmup, steps)
-        results.append({"stage": f"1-{name}", "batch_per_process": bs, "processes": acc.num_processes,
-                        "img_per_s": bs * acc.num_processes * steps / dt_s, "s_per_step": dt_s / steps,
-                        "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None})
+        results.append(
+            {
+                "stage": f"1-{name}",
+                "batch_per_process": bs,
+                "processes": acc.num_processes,
+                "img_per_s": bs * acc.num_processes * steps / dt_s,
+                "s_per_step": dt_s / steps,
+                "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+            }
+        )
         acc.free_memory(model, opt)
         _release(acc)
     return results
@@ -246,20 +277,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_results(out: Path, device: str, rows: list[dict], acc, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "processes": acc.num_processes,
-            "mixed_precision": acc.mixed_precision, "torch": torch.__version__, "tiny": args.tiny}
-    stem = f"train_{device}" + ("_tiny" if args.tiny else "") + (f"_x{acc.num_processes}" if acc.num_processes > 1 else "")
+    meta = {
+        "device": device,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision,
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+    }
+    stem = (
+        f"train_{device}" + ("_tiny" if args.tiny else "") + (f"_x{acc.num_processes}" if acc.num_processes > 1 else "")
+    )
     (out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
-    lines = [f"# Training throughput — {device}", "", *(f"- {k}: `{v}`" for k, v in meta.items()), "",
-             "| stage | batch/proc | procs | grad ckpt | res | img/s | s/step | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput — {device}",
+        "",
+        *(f"- {k}: `{v}`" for k, v in meta.items()),
+        "",
+        "| stage | batch/proc | procs | grad ckpt | res | img/s | s/step | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("oom"):
-            lines.append(f"| {r['stage']} | {r['batch_per_process']} | | {r.get('grad_ckpt', '')} | {r.get('resolution', '')} | OOM | | |")
+            lines.append(
+                f"| {r['stage']} | {r['batch_per_process']} | | {r.get('grad_ckpt', '')} | {r.get('resolution', '')} | OOM | | |"
+            )
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
-        lines.append(f"| {r['stage']} | {r['batch_per_process']} | {r['processes']} | {r.get('grad_ckpt', '')} | "
-                     f"{r.get('resolution', '')} | {r['img_per_s']:.1f} | {r['s_per_step']:.3f} | {mem} |")
+        lines.append(
+            f"| {r['stage']} | {r['batch_per_process']} | {r['processes']} | {r.get('grad_ckpt', '')} | "
+            f"{r.get('resolution', '')} | {r['img_per_s']:.1f} | {r['s_per_step']:.3f} | {mem} |"
+        )
     lines += ["", "Target: stage 2 >= 40 img/s at 512 px on one H100 (bf16)."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json/.md")

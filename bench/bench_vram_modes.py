@@ -75,24 +75,41 @@ def checks(state: dict, gpu: bool) -> list[str]:
     return problems
 
 
-def run_mode(mode: str, flags: list[str], *, comfy: Path, base: Path, fe: Path, names: dict, steps: int, runs: int,
-             gpu: bool, pythonpath: tuple[str, ...], lr_side: int = 32, pil_loader: bool = False) -> dict:
+def run_mode(
+    mode: str,
+    flags: list[str],
+    *,
+    comfy: Path,
+    base: Path,
+    fe: Path,
+    names: dict,
+    steps: int,
+    runs: int,
+    gpu: bool,
+    pythonpath: tuple[str, ...],
+    lr_side: int = 32,
+    pil_loader: bool = False,
+) -> dict:
     from bench_e2e import graphs
     from PIL import Image
 
     from xsr_core.testing.synthetic import synthetic_image
 
     extra = [*flags, "--front-end-root", str(fe), "--preview-method", "none"]
-    server = ComfyServer(comfy_dir=comfy, base_dir=base, extra_args=extra, cpu=not gpu, pythonpath=pythonpath,
-                         startup_timeout=300)
+    server = ComfyServer(
+        comfy_dir=comfy, base_dir=base, extra_args=extra, cpu=not gpu, pythonpath=pythonpath, startup_timeout=300
+    )
     row = {"mode": mode, "flags": flags, "ok": False}
     t_start = time.perf_counter()
     try:
         server.start()
         row["startup_s"] = round(time.perf_counter() - t_start, 2)
         log = server.log_text()
-        row["log_dynamic_vram"] = [ln.strip() for ln in log.splitlines()
-                                   if any(s in ln.lower() for s in ("dynamic", "aimdo", "vram state", "set vram"))][:8]
+        row["log_dynamic_vram"] = [
+            ln.strip()
+            for ln in log.splitlines()
+            if any(s in ln.lower() for s in ("dynamic", "aimdo", "vram state", "set vram"))
+        ][:8]
         failed = [ln.strip() for ln in log.splitlines() if "(IMPORT FAILED)" in ln]  # custom nodes (ours, the probe)
         if failed:
             raise ComfyError("a custom node failed to import: " + "; ".join(failed) + "\n" + server.log_tail(60))
@@ -112,14 +129,24 @@ def run_mode(mode: str, flags: list[str], *, comfy: Path, base: Path, fe: Path, 
             states.append(st)
             if i > 0:
                 times.append(dt)
-        row.update({
-            "median_s": round(statistics.median(times), 3) if times else None, "runs_s": [round(t, 3) for t in times],
-            "torch_peak_allocated_mib": max((s["torch_peak_allocated_mib"] or 0) for s in states[1:] or states) if gpu else None,
-            "device_peak_used_mib": max((s["device_peak_used_mib"] or 0) for s in states[1:] or states) if gpu else None,
-            "device_base_used_mib": states[-1]["device_base_used_mib"] if gpu else None,
-            "vram_state": states[0]["vram_state"], "aimdo_enabled": states[0]["aimdo_enabled"],
-            "calls": states[0]["calls"], "loads": states[0]["loads"], "loaded_after": states[-1]["loaded"],
-        })
+        row.update(
+            {
+                "median_s": round(statistics.median(times), 3) if times else None,
+                "runs_s": [round(t, 3) for t in times],
+                "torch_peak_allocated_mib": max((s["torch_peak_allocated_mib"] or 0) for s in states[1:] or states)
+                if gpu
+                else None,
+                "device_peak_used_mib": max((s["device_peak_used_mib"] or 0) for s in states[1:] or states)
+                if gpu
+                else None,
+                "device_base_used_mib": states[-1]["device_base_used_mib"] if gpu else None,
+                "vram_state": states[0]["vram_state"],
+                "aimdo_enabled": states[0]["aimdo_enabled"],
+                "calls": states[0]["calls"],
+                "loads": states[0]["loads"],
+                "loaded_after": states[-1]["loaded"],
+            }
+        )
         row["problems"] = checks(states[0], gpu)
         row["ok"] = not row["problems"]
     except ComfyError as e:
@@ -131,22 +158,36 @@ def run_mode(mode: str, flags: list[str], *, comfy: Path, base: Path, fe: Path, 
 
 
 def write_report(results: dict, out: Path, tag: str) -> None:
-    lines = [f"# XSR x16 in ComfyUI {results['comfyui']} per VRAM mode (real main.py, HTTP) — {results['device']}, "
-             f"{results['date']}, torch {results['torch']}", "", f"`{results['command']}`", "",
-             f"{results['steps']} steps, CFG 7, euler, {16 * results['lr_side']} px; median of {results['runs']} runs with a new LR each, after one "
-             "warm-up. Peak VRAM: torch's peak allocated in the server process / device-wide peak used (mem_get_info, "
-             "includes comfy-aimdo's mappings and the CUDA context) during the timed runs. " + results.get("note", ""), "",
-             "| mode | flags | ok | s / image | torch peak GiB | device peak GiB | XSR models as ComfyUI holds them | problems |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# XSR x16 in ComfyUI {results['comfyui']} per VRAM mode (real main.py, HTTP) — {results['device']}, "
+        f"{results['date']}, torch {results['torch']}",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"{results['steps']} steps, CFG 7, euler, {16 * results['lr_side']} px; median of {results['runs']} runs with a new LR each, after one "
+        "warm-up. Peak VRAM: torch's peak allocated in the server process / device-wide peak used (mem_get_info, "
+        "includes comfy-aimdo's mappings and the CUDA context) during the timed runs. " + results.get("note", ""),
+        "",
+        "| mode | flags | ok | s / image | torch peak GiB | device peak GiB | XSR models as ComfyUI holds them | problems |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
-        held = sorted({f"{m['model']} ({m['patcher']}{', dynamic' if m['dynamic'] else ''}, {m['load_device']}, "
-                       f"{m['loaded_mib']:.0f}/{m['total_mib']:.0f} MiB)"
-                       for load in r.get("loads", []) for m in load["loaded"] if m["model"] in XSR_MODELS})
+        held = sorted(
+            {
+                f"{m['model']} ({m['patcher']}{', dynamic' if m['dynamic'] else ''}, {m['load_device']}, "
+                f"{m['loaded_mib']:.0f}/{m['total_mib']:.0f} MiB)"
+                for load in r.get("loads", [])
+                for m in load["loaded"]
+                if m["model"] in XSR_MODELS
+            }
+        )
         gib = lambda v: f"{v / 1024:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         probs = "; ".join(r.get("problems", [])) or (r.get("error", "").splitlines() or [""])[0][:200] or "none"
-        lines.append(f"| {r['mode']} | `{' '.join(r['flags']) or '(none)'}` | {'✔' if r['ok'] else '✘'} | "
-                     f"{r.get('median_s') if r.get('median_s') is not None else '-'} | {gib(r.get('torch_peak_allocated_mib'))} | "
-                     f"{gib(r.get('device_peak_used_mib'))} | {'<br>'.join(held) or '-'} | {probs} |")
+        lines.append(
+            f"| {r['mode']} | `{' '.join(r['flags']) or '(none)'}` | {'✔' if r['ok'] else '✘'} | "
+            f"{r.get('median_s') if r.get('median_s') is not None else '-'} | {gib(r.get('torch_peak_allocated_mib'))} | "
+            f"{gib(r.get('device_peak_used_mib'))} | {'<br>'.join(held) or '-'} | {probs} |"
+        )
     (out / f"vram_modes_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"vram_modes_{tag}.md").write_text("\n".join(lines) + "\n")
 
@@ -157,14 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--runs", type=int, default=2, help="timed runs per mode (after one warm-up with the probes on)")
-    ap.add_argument("--tiny", action="store_true", help="tiny widths, --cpu (smoke test of this script; modes "
-                    "other than default conflict with --cpu)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny widths, --cpu (smoke test of this script; modes other than default conflict with --cpu)",
+    )
     ap.add_argument("--lr-side", type=int, default=32, help="LR side (x16 output); 8 for a quick CPU smoke test")
     ap.add_argument("--pythonpath", default="", help="extra import folders for the server (os.pathsep-separated)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--pil-loader", action="store_true",
-                    help="load the LR with the probe pack's PIL loader instead of LoadImage (0.33's LoadImage needs PyAV)")
+    ap.add_argument(
+        "--pil-loader",
+        action="store_true",
+        help="load the LR with the probe pack's PIL loader instead of LoadImage (0.33's LoadImage needs PyAV)",
+    )
     ap.add_argument("--note", default="", help="a sentence for the report (e.g. which packages were stubbed)")
     args = ap.parse_args(argv)
     import torch
@@ -182,20 +229,57 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     fe = stub_frontend(work / "frontend")
     pythonpath = tuple(p for p in args.pythonpath.split(os.pathsep) if p)
-    results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "date": datetime.date.today().isoformat(),
-               "comfyui": comfyui_version(comfy), "torch": torch.__version__,
-               "command": " ".join(["python", "bench/bench_vram_modes.py", *(argv if argv is not None else sys.argv[1:])]),
-               "tiny": args.tiny, "steps": args.steps, "runs": args.runs, "lr_side": args.lr_side, "pil_loader": args.pil_loader, "note": args.note, "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "comfyui": comfyui_version(comfy),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "bench/bench_vram_modes.py", *(argv if argv is not None else sys.argv[1:])]),
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "runs": args.runs,
+        "lr_side": args.lr_side,
+        "pil_loader": args.pil_loader,
+        "note": args.note,
+        "rows": [],
+    }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
     for mode in args.modes.split(","):
         flags = MODES[mode]
-        row = run_mode(mode, flags, comfy=comfy, base=base, fe=fe, names=names, steps=args.steps, runs=args.runs,
-                       gpu=gpu, pythonpath=pythonpath, lr_side=args.lr_side, pil_loader=args.pil_loader)
+        row = run_mode(
+            mode,
+            flags,
+            comfy=comfy,
+            base=base,
+            fe=fe,
+            names=names,
+            steps=args.steps,
+            runs=args.runs,
+            gpu=gpu,
+            pythonpath=pythonpath,
+            lr_side=args.lr_side,
+            pil_loader=args.pil_loader,
+        )
         results["rows"].append(row)
-        print(json.dumps({k: row.get(k) for k in ("mode", "ok", "median_s", "torch_peak_allocated_mib",
-                                                  "device_peak_used_mib", "problems", "error")})[:3000], flush=True)
+        print(
+            json.dumps(
+                {
+                    k: row.get(k)
+                    for k in (
+                        "mode",
+                        "ok",
+                        "median_s",
+                        "torch_peak_allocated_mib",
+                        "device_peak_used_mib",
+                        "problems",
+                        "error",
+                    )
+                }
+            )[:3000],
+            flush=True,
+        )
         write_report(results, out, tag)  # after every mode: a run cut short keeps what it measured
     print((out / f"vram_modes_{tag}.md").read_text())
     if not args.workdir:

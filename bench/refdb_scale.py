@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def synth(n: int, dim: int, seed: int, *, n_clusters: int = 2000, rank: int = 64, world_seed: int = 1234,
-          chunk: int = 100_000) -> np.ndarray:
+def synth(
+    n: int, dim: int, seed: int, *, n_clusters: int = 2000, rank: int = 64, world_seed: int = 1234, chunk: int = 100_000
+) -> np.ndarray:
     """n clustered unit vectors; ``world_seed`` fixes centres/basis, ``seed`` the samples."""
     w = np.random.default_rng(world_seed)
     centres = w.standard_normal((n_clusters, dim), dtype=np.float32)
@@ -68,18 +69,27 @@ def _latency(index, queries: np.ndarray, k: int, threads: int) -> tuple[float, f
         index.search(q[None], k)
         cpu.append((time.process_time() - c) * 1e3)
         wall.append((time.perf_counter() - t) * 1e3)
-    return (float(np.percentile(wall, 50)), float(np.percentile(wall, 99)), float(np.percentile(cpu, 50)),
-            float(np.percentile(cpu, 99)))
+    return (
+        float(np.percentile(wall, 50)),
+        float(np.percentile(wall, 99)),
+        float(np.percentile(cpu, 50)),
+        float(np.percentile(cpu, 99)),
+    )
 
 
-def run_case(n: int, dim: int, key: str, nq: int, k: int, sweep: list[int], cache_dir: str | None,
-             q: mp.Queue) -> None:
+def run_case(n: int, dim: int, key: str, nq: int, k: int, sweep: list[int], cache_dir: str | None, q: mp.Queue) -> None:
     """Child process: generate, build, measure; put a result dict (or an error) on ``q``."""
     try:
         import faiss
 
-        from xsr_core.refdb.index import build_index, choose_index, plan_for_key, read_index, set_search_params, \
-            write_index
+        from xsr_core.refdb.index import (
+            build_index,
+            choose_index,
+            plan_for_key,
+            read_index,
+            set_search_params,
+            write_index,
+        )
 
         faiss.omp_set_num_threads(2)
         t = time.time()
@@ -128,13 +138,36 @@ def run_case(n: int, dim: int, key: str, nq: int, k: int, sweep: list[int], cach
                 recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, gt)]))
                 p50_1, p99_1, cpu50_1, cpu99_1 = _latency(index, xq, k, 1)
                 p50_2, p99_2, _, _ = _latency(index, xq, k, 2)
-                rows.append(dict(params=s, recall_at_k=recall, p50_ms_1t=p50_1, p99_ms_1t=p99_1,
-                                 cpu_p50_ms_1t=cpu50_1, cpu_p99_ms_1t=cpu99_1,
-                                 p50_ms_2t=p50_2, p99_ms_2t=p99_2, is_plan_default=(s == plan.search_params)))
+                rows.append(
+                    dict(
+                        params=s,
+                        recall_at_k=recall,
+                        p50_ms_1t=p50_1,
+                        p99_ms_1t=p99_1,
+                        cpu_p50_ms_1t=cpu50_1,
+                        cpu_p99_ms_1t=cpu99_1,
+                        p50_ms_2t=p50_2,
+                        p99_ms_2t=p99_2,
+                        is_plan_default=(s == plan.search_params),
+                    )
+                )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        q.put(dict(n=n, dim=dim, key=plan.key, requested=key, est_bytes=plan.est_bytes, index_bytes=size,
-                   build_s=build_s, gen_s=gen_s, peak_rss_bytes=peak, raw_vectors_bytes=n * dim * 4,
-                   train_size=plan.train_size, results=rows))
+        q.put(
+            dict(
+                n=n,
+                dim=dim,
+                key=plan.key,
+                requested=key,
+                est_bytes=plan.est_bytes,
+                index_bytes=size,
+                build_s=build_s,
+                gen_s=gen_s,
+                peak_rss_bytes=peak,
+                raw_vectors_bytes=n * dim * 4,
+                train_size=plan.train_size,
+                results=rows,
+            )
+        )
     except Exception as e:  # reported in the table, the bench goes on
         import traceback
 
@@ -157,30 +190,39 @@ def extrapolate_10m(cases: list[dict], dim: int) -> list[str]:
     scanned10 = plan.search_params["nprobe"] * 10_000_000 / nlist10
     ratio = scanned10 / scanned
     pq = choose_index(10_000_000, dim, max_memory_bytes=4 << 30)
-    return ["", "## 10M (extrapolated, not built here)", "",
-            f"- auto choice with >= 16 GiB budget: `{plan.key}` {json.dumps(plan.search_params)}, estimated "
-            f"{plan.est_bytes / 2**30:.1f} GiB; with a 4 GiB budget: `{pq.key}` ({pq.est_bytes / 2**30:.1f} GiB, "
-            "PQ recall not measured: tune nprobe / add a refine stage on real data).",
-            f"- codes scanned per query: {scanned10:.0f} vs {scanned:.0f} measured at {c['n']:,} "
-            f"(x{ratio:.2f}); the HNSW coarse search grows ~log(nlist). Estimated CPU p50 (1 thread): "
-            f"~{r['cpu_p50_ms_1t'] * ratio:.1f} ms, from the measured {r['cpu_p50_ms_1t']:.2f} ms.",
-            f"- build: k-means of {nlist10} centroids on {48 * nlist10:,} training vectors is "
-            f"~{(nlist10 / nlist) ** 2:.0f}x the {c['n']:,} case's training work ({c['build_s']:.0f} s here, "
-            "mostly k-means): train on a GPU (faiss-gpu) or with fewer lists for 10M on a CPU."]
+    return [
+        "",
+        "## 10M (extrapolated, not built here)",
+        "",
+        f"- auto choice with >= 16 GiB budget: `{plan.key}` {json.dumps(plan.search_params)}, estimated "
+        f"{plan.est_bytes / 2**30:.1f} GiB; with a 4 GiB budget: `{pq.key}` ({pq.est_bytes / 2**30:.1f} GiB, "
+        "PQ recall not measured: tune nprobe / add a refine stage on real data).",
+        f"- codes scanned per query: {scanned10:.0f} vs {scanned:.0f} measured at {c['n']:,} "
+        f"(x{ratio:.2f}); the HNSW coarse search grows ~log(nlist). Estimated CPU p50 (1 thread): "
+        f"~{r['cpu_p50_ms_1t'] * ratio:.1f} ms, from the measured {r['cpu_p50_ms_1t']:.2f} ms.",
+        f"- build: k-means of {nlist10} centroids on {48 * nlist10:,} training vectors is "
+        f"~{(nlist10 / nlist) ** 2:.0f}x the {c['n']:,} case's training work ({c['build_s']:.0f} s here, "
+        "mostly k-means): train on a GPU (faiss-gpu) or with fewer lists for 10M on a CPU.",
+    ]
 
 
 def render(meta: dict, cases: list[dict], dim: int, k: int, queries: int) -> list[str]:
-    lines = [f"# Reference DB index scaling ({meta['date']})", "",
-             f"- device: {meta['device']}", f"- command: `{meta['command']}`", f"- faiss {meta['faiss']}, "
-             f"{dim}-d, top-{k}, {queries} queries, data: {meta['data']}",
-             "- latency: single-query `search` calls on the index as `ReferenceDB.open` reads it (memory-mapped "
-             "read-only when >= 256 MiB), after one warm-up pass over the queries; RSS: peak of the case's process "
-             "(includes the raw float32 vectors and the queries)",
-             "- CPU ms: process CPU time per query with 1 thread = the cost on an idle core (wall times on this "
-             "shared 2-core machine include waiting for a core)", "",
-             "| N | index | params | build s | index MiB | peak RSS GiB | recall@4 | p50 ms 1t | p99 ms 1t | "
-             "CPU p50 ms 1t | CPU p99 ms 1t | p50 ms 2t | p99 ms 2t |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Reference DB index scaling ({meta['date']})",
+        "",
+        f"- device: {meta['device']}",
+        f"- command: `{meta['command']}`",
+        f"- faiss {meta['faiss']}, {dim}-d, top-{k}, {queries} queries, data: {meta['data']}",
+        "- latency: single-query `search` calls on the index as `ReferenceDB.open` reads it (memory-mapped "
+        "read-only when >= 256 MiB), after one warm-up pass over the queries; RSS: peak of the case's process "
+        "(includes the raw float32 vectors and the queries)",
+        "- CPU ms: process CPU time per query with 1 thread = the cost on an idle core (wall times on this "
+        "shared 2-core machine include waiting for a core)",
+        "",
+        "| N | index | params | build s | index MiB | peak RSS GiB | recall@4 | p50 ms 1t | p99 ms 1t | "
+        "CPU p50 ms 1t | CPU p99 ms 1t | p50 ms 2t | p99 ms 2t |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in cases:
         if "error" in c:
             lines.append(f"| {c['n']} | {c['key']} | error: {c['error']} | | | | | | | | | | |")
@@ -191,7 +233,8 @@ def render(meta: dict, cases: list[dict], dim: int, k: int, queries: int) -> lis
                 f"| {c['n']:,} | {c['key']} | {json.dumps(r['params'])}{star} | {c['build_s']:.1f} | "
                 f"{c['index_bytes'] / 2**20:.0f} | {c['peak_rss_bytes'] / 2**30:.2f} | {r['recall_at_k']:.3f} | "
                 f"{r['p50_ms_1t']:.2f} | {r['p99_ms_1t']:.2f} | {r['cpu_p50_ms_1t']:.2f} | {r['cpu_p99_ms_1t']:.2f} | "
-                f"{r['p50_ms_2t']:.2f} | {r['p99_ms_2t']:.2f} |")
+                f"{r['p50_ms_2t']:.2f} | {r['p99_ms_2t']:.2f} |"
+            )
     return lines + extrapolate_10m(cases, dim)
 
 
@@ -202,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", nargs="+", default=["auto"], help="faiss keys to compare ('auto' = choose_index)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--sweep", type=int, nargs="*", default=[4, 8, 16, 32],
-                   help="nprobe (IVF) / efSearch (HNSW) values tried besides the plan's")
+    p.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        default=[4, 8, 16, 32],
+        help="nprobe (IVF) / efSearch (HNSW) values tried besides the plan's",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--cache", default=None, help="keep built indexes here and reuse them (build_s from the first run)")
     p.add_argument("--name", default="refdb_scale")
@@ -220,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         for key in args.keys:
             q = ctx.Queue()
-            proc = ctx.Process(target=run_case, args=(n, args.dim, key, args.queries, args.k, args.sweep, args.cache, q))
+            proc = ctx.Process(
+                target=run_case, args=(n, args.dim, key, args.queries, args.k, args.sweep, args.cache, q)
+            )
             t = time.time()
             proc.start()
             res = q.get()
@@ -234,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         device=f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-        faiss=faiss.__version__, numpy=np.__version__, k=args.k, queries=args.queries,
+        faiss=faiss.__version__,
+        numpy=np.__version__,
+        k=args.k,
+        queries=args.queries,
         data="synthetic clustered unit vectors (2000 clusters, shared rank-64 within-cluster variation of norm ~0.5 + isotropic noise 0.1)",
     )
     out = Path(args.out)

@@ -75,8 +75,17 @@ def _identity_check(node: str, loaded: LoadedAdapter, model, control_net, allow_
     check_unet(loaded.path, loaded.metadata, model, node=node)
 
 
-def apply_adapter(node: str, model, control_net, loaded: LoadedAdapter | None, strength: float, start_percent: float,
-                  end_percent: float, apply_to: str, allow_other_controlnet: bool = False):
+def apply_adapter(
+    node: str,
+    model,
+    control_net,
+    loaded: LoadedAdapter | None,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+    apply_to: str,
+    allow_other_controlnet: bool = False,
+):
     """(patched model, patched control_net); strength 0 gives plain clones (the parity rule, bit for bit)."""
     if start_percent > end_percent:
         raise ValueError(f"{node}: start_percent {start_percent} is after end_percent {end_percent}.")
@@ -88,41 +97,75 @@ def apply_adapter(node: str, model, control_net, loaded: LoadedAdapter | None, s
     if not isinstance(loaded, LoadedAdapter):
         raise ValueError(f"{node}: adapter must come from XSR Load AdaIN Adapter, got {type(loaded).__name__}.")
     _identity_check(node, loaded, model, control_net, allow_other_controlnet)
-    runtime = AdaINRuntime(loaded.patcher, strength=float(strength), start_percent=float(start_percent),
-                           end_percent=float(end_percent), apply_to=apply_to)
+    runtime = AdaINRuntime(
+        loaded.patcher,
+        strength=float(strength),
+        start_percent=float(start_percent),
+        end_percent=float(end_percent),
+        apply_to=apply_to,
+    )
     return patch_unet(model, runtime), patch_controlnet(control_net, runtime)
 
 
 def _common_inputs() -> list:
     return [
-        io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                       tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit"),
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="sampling progress at which the adapter starts acting"),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="sampling progress at which the adapter stops acting"),
-        io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
-                       tooltip="cond: only the positive branch gets the image embedding (default); "
-                               "both: the negative branch gets it too"),
+        io.Float.Input(
+            "strength",
+            default=1.0,
+            min=0.0,
+            max=2.0,
+            step=0.05,
+            tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit",
+        ),
+        io.Float.Input(
+            "start_percent",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="sampling progress at which the adapter starts acting",
+        ),
+        io.Float.Input(
+            "end_percent",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="sampling progress at which the adapter stops acting",
+        ),
+        io.Combo.Input(
+            "apply_to",
+            options=list(APPLY_TO),
+            default="cond",
+            tooltip="cond: only the positive branch gets the image embedding (default); "
+            "both: the negative branch gets it too",
+        ),
     ]
 
 
 def _allow_other_input() -> io.Boolean.Input:
-    return io.Boolean.Input("allow_other_controlnet", default=False, optional=True,
-                            tooltip="run the adapter on a ControlNet other than the one it was trained with "
-                                    "(e.g. the stock tile ControlNet, stage 2's initialisation); off = such a "
-                                    "ControlNet is an error")
+    return io.Boolean.Input(
+        "allow_other_controlnet",
+        default=False,
+        optional=True,
+        tooltip="run the adapter on a ControlNet other than the one it was trained with "
+        "(e.g. the stock tile ControlNet, stage 2's initialisation); off = such a "
+        "ControlNet is an error",
+    )
 
 
 def _adapter_combo() -> io.Combo.Input:
     files = xsr_files()
     default = "adain_adapter.safetensors" if "adain_adapter.safetensors" in files else None
-    return io.Combo.Input("adapter_name", options=files, default=default,
-                          tooltip="AdaIN adapter weights (.safetensors in models/xsr)")
+    return io.Combo.Input(
+        "adapter_name", options=files, default=default, tooltip="AdaIN adapter weights (.safetensors in models/xsr)"
+    )
 
 
-_OUTPUTS = [io.Model.Output("patched_model", display_name="model"),
-            io.ControlNet.Output("patched_control_net", display_name="control_net")]
+_OUTPUTS = [
+    io.Model.Output("patched_model", display_name="model"),
+    io.ControlNet.Output("patched_control_net", display_name="control_net"),
+]
 
 
 class XSRLoadAdaINAdapter(io.ComfyNode):
@@ -133,7 +176,7 @@ class XSRLoadAdaINAdapter(io.ComfyNode):
             display_name="XSR Load AdaIN Adapter",
             category="xsr",
             description="Loads the AdaIN adapter weights once (ComfyUI budgets and offloads them with the U-Net). "
-                        "Connect to XSR Apply AdaIN Adapter.",
+            "Connect to XSR Apply AdaIN Adapter.",
             inputs=[_adapter_combo()],
             outputs=[XSRAdaINAdapterSocket.Output("adapter", display_name="adapter")],
         )
@@ -144,8 +187,9 @@ class XSRLoadAdaINAdapter(io.ComfyNode):
 
         problems = schema_problems(cls, kw, skip=("adapter_name",))
         if kw.get("adapter_name") is not None:
-            collect(problems, check_weights_file, "XSR_LoadAdaINAdapter", "adapter_name", kw["adapter_name"],
-                    "AdaINAdapter")
+            collect(
+                problems, check_weights_file, "XSR_LoadAdaINAdapter", "adapter_name", kw["adapter_name"], "AdaINAdapter"
+            )
         return verdict(problems)
 
     @classmethod
@@ -162,12 +206,14 @@ class XSRApplyAdaIN(io.ComfyNode):
             display_name="XSR Apply AdaIN Adapter (U-Net + ControlNet)",
             category="xsr",
             description="Patches the U-Net and the ControlNet with a loaded AdaIN adapter (cross-attention Q/K and "
-                        "LayerNorm statistics moved toward the image embedding that arrives through the positive "
-                        "conditioning from XSR Enhance). Apply the patched ControlNet with the stock "
-                        "ControlNetApplyAdvanced.",
+            "LayerNorm statistics moved toward the image embedding that arrives through the positive "
+            "conditioning from XSR Enhance). Apply the patched ControlNet with the stock "
+            "ControlNetApplyAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input("control_net", tooltip="the ControlNet trained with this adapter (ControlNetLoader)"),
+                io.ControlNet.Input(
+                    "control_net", tooltip="the ControlNet trained with this adapter (ControlNetLoader)"
+                ),
                 XSRAdaINAdapterSocket.Input("adapter", tooltip="from XSR Load AdaIN Adapter"),
                 *_common_inputs(),
                 _allow_other_input(),
@@ -184,11 +230,31 @@ class XSRApplyAdaIN(io.ComfyNode):
         return verdict(problems)
 
     @classmethod
-    def execute(cls, model, control_net, adapter, strength: float, start_percent: float, end_percent: float,
-                apply_to: str, allow_other_controlnet: bool = False) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        control_net,
+        adapter,
+        strength: float,
+        start_percent: float,
+        end_percent: float,
+        apply_to: str,
+        allow_other_controlnet: bool = False,
+    ) -> io.NodeOutput:
         check_finite("XSR_ApplyAdaIN", strength=strength, start_percent=start_percent, end_percent=end_percent)
-        return io.NodeOutput(*apply_adapter("XSR_ApplyAdaIN", model, control_net, adapter, strength, start_percent,
-                                            end_percent, apply_to, allow_other_controlnet))
+        return io.NodeOutput(
+            *apply_adapter(
+                "XSR_ApplyAdaIN",
+                model,
+                control_net,
+                adapter,
+                strength,
+                start_percent,
+                end_percent,
+                apply_to,
+                allow_other_controlnet,
+            )
+        )
 
 
 class XSRAdaINPatch(io.ComfyNode):
@@ -199,13 +265,16 @@ class XSRAdaINPatch(io.ComfyNode):
             display_name="XSR AdaIN Patch (U-Net + ControlNet)",
             category="xsr",
             description="Patches the U-Net and the ControlNet with the gated AdaIN adapter (cross-attention Q/K and "
-                        "LayerNorm statistics moved toward the image embedding). The image embedding itself arrives "
-                        "through the positive conditioning from XSR Enhance, so these patched models are reused "
-                        "across images. Apply the patched ControlNet with the stock ControlNetApplyAdvanced.",
+            "LayerNorm statistics moved toward the image embedding). The image embedding itself arrives "
+            "through the positive conditioning from XSR Enhance, so these patched models are reused "
+            "across images. Apply the patched ControlNet with the stock ControlNetApplyAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input("control_net", tooltip="the XSR ControlNet trained with this adapter "
-                                    "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)"),
+                io.ControlNet.Input(
+                    "control_net",
+                    tooltip="the XSR ControlNet trained with this adapter "
+                    "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)",
+                ),
                 _adapter_combo(),
                 *_common_inputs(),
                 _allow_other_input(),
@@ -226,11 +295,23 @@ class XSRAdaINPatch(io.ComfyNode):
         return verdict(problems)
 
     @classmethod
-    def execute(cls, model, control_net, adapter_name: str, strength: float, start_percent: float,
-                end_percent: float, apply_to: str, allow_other_controlnet: bool = False) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        control_net,
+        adapter_name: str,
+        strength: float,
+        start_percent: float,
+        end_percent: float,
+        apply_to: str,
+        allow_other_controlnet: bool = False,
+    ) -> io.NodeOutput:
         node = "XSR_AdaINPatch"
         check_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
         path = xsr_file_path(node, "adapter_name", adapter_name)
         loaded = load_adapter(node, path) if strength != 0.0 else None
-        return io.NodeOutput(*apply_adapter(node, model, control_net, loaded, strength, start_percent, end_percent,
-                                            apply_to, allow_other_controlnet))
+        return io.NodeOutput(
+            *apply_adapter(
+                node, model, control_net, loaded, strength, start_percent, end_percent, apply_to, allow_other_controlnet
+            )
+        )

@@ -91,8 +91,10 @@ class CONDXSR:
         embed = self.embed
         if embed is not None and embed.shape[0] != batch_size:
             if batch_size % embed.shape[0]:
-                raise ValueError(f"XSR: {embed.shape[0]} image embeddings cannot be spread over a batch of {batch_size} "
-                                 "latents; use one LR image per latent (XSR_PrepareLR makes the matching latent).")
+                raise ValueError(
+                    f"XSR: {embed.shape[0]} image embeddings cannot be spread over a batch of {batch_size} "
+                    "latents; use one LR image per latent (XSR_PrepareLR makes the matching latent)."
+                )
             embed = embed.repeat(batch_size // embed.shape[0], 1, 1)
         return CONDXSR(embed, self.active, batch_size)
 
@@ -152,10 +154,15 @@ class XSRBatch:
         else:
             per = [p.stats_for(adapter) if p.active else None for p in self.parts]
             ref = next(s for s in per if s is not None)
-            mu = torch.cat([s.mu if s is not None else ref.mu.new_zeros(p.batch, ref.mu.shape[1])
-                            for s, p in zip(per, self.parts)])
-            sigma = torch.cat([s.sigma if s is not None else ref.sigma.new_ones(p.batch, ref.sigma.shape[1])
-                               for s, p in zip(per, self.parts)])
+            mu = torch.cat(
+                [s.mu if s is not None else ref.mu.new_zeros(p.batch, ref.mu.shape[1]) for s, p in zip(per, self.parts)]
+            )
+            sigma = torch.cat(
+                [
+                    s.sigma if s is not None else ref.sigma.new_ones(p.batch, ref.sigma.shape[1])
+                    for s, p in zip(per, self.parts)
+                ]
+            )
             stats = AdapterStats(ref.layout, mu, sigma, ref.gates, ref.active, ref.eps, ref._owners, ref._index_cache)
         self._stats[adapter] = stats
         return stats
@@ -299,8 +306,9 @@ def _site_width(module: torch.nn.Module) -> int | None:
     return int(shape[-1]) if shape else None
 
 
-def _patch_sites(patcher: comfy.model_patcher.ModelPatcher, prefix: str, runtime: AdaINRuntime,
-                 block_ids: list[str], what: str) -> None:
+def _patch_sites(
+    patcher: comfy.model_patcher.ModelPatcher, prefix: str, runtime: AdaINRuntime, block_ids: list[str], what: str
+) -> None:
     """Object-patch norm2 / attn2.to_q / attn2.to_k / norm3 of every block in ``block_ids``.
 
     ``prefix``: the path of the model inside the patcher (``"diffusion_model."`` for the U-Net, ``""``
@@ -354,8 +362,10 @@ def _calc_cond_batch_wrapper(runtime: AdaINRuntime):
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         if runtime.sigma_range is None:
             ms = model.model_sampling
-            runtime.sigma_range = (float(ms.percent_to_sigma(runtime.start_percent)),
-                                   float(ms.percent_to_sigma(runtime.end_percent)))
+            runtime.sigma_range = (
+                float(ms.percent_to_sigma(runtime.start_percent)),
+                float(ms.percent_to_sigma(runtime.end_percent)),
+            )
         conds = _fill_embeddings(conds, runtime.apply_to)
         return executor(model, conds, x_in, timestep, model_options)
 
@@ -400,8 +410,10 @@ def patch_unet(model: comfy.model_patcher.ModelPatcher, runtime: AdaINRuntime) -
     m.set_additional_models(WRAPPER_KEY, [runtime.adapter_patcher])
     unet_ids = [b for b in runtime.adapter.block_ids if b.startswith("unet.")]
     _patch_sites(m, "diffusion_model.", runtime, unet_ids, "U-Net")
-    for kind, factory in ((WrappersMP.APPLY_MODEL, _apply_model_wrapper),
-                          (WrappersMP.CALC_COND_BATCH, _calc_cond_batch_wrapper)):
+    for kind, factory in (
+        (WrappersMP.APPLY_MODEL, _apply_model_wrapper),
+        (WrappersMP.CALC_COND_BATCH, _calc_cond_batch_wrapper),
+    ):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)  # a model patched twice: the last patch wins
         m.add_wrapper_with_key(kind, WRAPPER_KEY, factory(runtime))
     return m

@@ -94,8 +94,9 @@ def clip_vision_width(clip_vision: Any) -> int:
     return int(clip_vision.model.vision_model.post_layernorm.weight.shape[0])
 
 
-def encode_clip(clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32,
-                to_intermediate: bool = True) -> ClipFeaturesC:
+def encode_clip(
+    clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32, to_intermediate: bool = True
+) -> ClipFeaturesC:
     """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build).
 
     ``to_intermediate=False`` leaves the features on the encoder's device (no round trip to the CPU).

@@ -282,8 +282,12 @@ class CudaGraphSampling:
         finally:
             run, self.run = self.run, None
             if run is not None and (run.replays or run.graphs):
-                logger.debug("XSR_CUDAGraph: %d graph(s), %d replays, %d eager steps", len(run.graphs),
-                             run.replays, run.eager_steps)
+                logger.debug(
+                    "XSR_CUDAGraph: %d graph(s), %d replays, %d eager steps",
+                    len(run.graphs),
+                    run.replays,
+                    run.eager_steps,
+                )
 
     def _log_once(self, run: _Run, key: str, msg: str, *args) -> None:
         if key not in run.logged:
@@ -327,16 +331,19 @@ class CudaGraphSampling:
                 return executor(model, conds, x_in, timestep, model_options)
             if len(run.graphs) >= MAX_GRAPHS_PER_RUN:
                 run.eager_steps += 1
-                self._log_once(run, "max", "more than %d plans in one run: the others run eagerly",
-                               MAX_GRAPHS_PER_RUN)
+                self._log_once(run, "max", "more than %d plans in one run: the others run eagerly", MAX_GRAPHS_PER_RUN)
                 return executor(model, conds, x_in, timestep, model_options)
             reason = residency_refusal(model, conds)
             if reason is not None:
                 self._refuse(run, reason)
                 return executor(model, conds, x_in, timestep, model_options)
             if run.graphs:
-                self._log_once(run, ("recapture", plan.key), "new input shape %s or window state: capturing "
-                               "another graph", tuple(x_in.shape))
+                self._log_once(
+                    run,
+                    ("recapture", plan.key),
+                    "new input shape %s or window state: capturing another graph",
+                    tuple(x_in.shape),
+                )
             try:
                 graph = self._capture(run, plan, executor, model, conds, x_in, timestep, model_options)
             except comfy.model_management.InterruptProcessingException:
@@ -368,7 +375,8 @@ class CudaGraphSampling:
         free = comfy.model_management.get_free_memory(x_in.device)
         mm_get_free = comfy.model_management.get_free_memory
         comfy.model_management.get_free_memory = lambda dev=None, torch_free_too=False: (
-            (free, free) if torch_free_too else free)
+            (free, free) if torch_free_too else free
+        )
         try:
             replay, outputs = run.backend.capture(lambda: executor(model, conds_c, static_x, static_t, model_options))
         finally:
@@ -406,10 +414,10 @@ class XSRCUDAGraph(io.ComfyNode):
             display_name="XSR CUDA Graph Sampling",
             category="xsr",
             description="Captures each sampling step (ControlNet + U-Net + AdaIN adapter, cond and uncond batched) "
-                        "as a CUDA graph on the second step and replays it, which removes the kernel-launch overhead "
-                        "that dominates SD1.5 steps on fast GPUs. Falls back to eager sampling, with one log line, "
-                        "where a graph would not be faithful (lowvram / offloaded models, hooks, unknown patches or "
-                        "wrappers); steps outside a ControlNet's start/end window run eagerly. No effect on CPU.",
+            "as a CUDA graph on the second step and replays it, which removes the kernel-launch overhead "
+            "that dominates SD1.5 steps on fast GPUs. Falls back to eager sampling, with one log line, "
+            "where a graph would not be faithful (lowvram / offloaded models, hooks, unknown patches or "
+            "wrappers); steps outside a ControlNet's start/end window run eagerly. No effect on CPU.",
             inputs=[io.Model.Input("model", tooltip="the MODEL going into the sampler (after XSR AdaIN Patch)")],
             outputs=[io.Model.Output()],
         )
@@ -418,7 +426,8 @@ class XSRCUDAGraph(io.ComfyNode):
     def execute(cls, model) -> io.NodeOutput:
         device = comfy.model_management.get_torch_device()
         if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-            logger.info("XSR_CUDAGraph: the sampling device is %s, not CUDA: the model is passed through unchanged",
-                        device)
+            logger.info(
+                "XSR_CUDAGraph: the sampling device is %s, not CUDA: the model is passed through unchanged", device
+            )
             return io.NodeOutput(model)
         return io.NodeOutput(apply_cudagraph(model))

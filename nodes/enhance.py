@@ -71,23 +71,40 @@ class XSREnhance(io.ComfyNode):
             display_name="XSR Enhance (I2T)",
             category="xsr",
             description="Fuses the LR with its references into the enhanced image embedding (for the AdaIN adapter) and "
-                        "generates a caption with the distilled GPT-2; returns the positive conditioning encoded with "
-                        "your CLIP and carrying the image embedding.",
+            "generates a caption with the distilled GPT-2; returns the positive conditioning encoded with "
+            "your CLIP and carrying the image embedding.",
             inputs=[
                 XSRModels.Input("xsr_models", tooltip="from XSR Load Models"),
                 XSRRefs.Input("refs", tooltip="from XSR Retrieve References"),
                 io.Clip.Input("clip", tooltip="the text encoder of your SD checkpoint (CheckpointLoaderSimple)"),
-                io.Int.Input("max_tokens", default=32, min=4, max=75, tooltip="longest generated caption, in GPT-2 tokens"),
+                io.Int.Input(
+                    "max_tokens", default=32, min=4, max=75, tooltip="longest generated caption, in GPT-2 tokens"
+                ),
                 io.Int.Input("num_beams", default=1, min=1, max=8, tooltip="1 = greedy decoding; more = beam search"),
-                io.String.Input("caption_override", multiline=True, default="", optional=True,
-                                tooltip="if not empty, used instead of the generated caption (edit the text here)"),
-                io.String.Input("extra_prompt", multiline=True, default="", optional=True,
-                                tooltip="appended to the caption, e.g. 'high quality, detailed'"),
+                io.String.Input(
+                    "caption_override",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="if not empty, used instead of the generated caption (edit the text here)",
+                ),
+                io.String.Input(
+                    "extra_prompt",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="appended to the caption, e.g. 'high quality, detailed'",
+                ),
             ],
             outputs=[
-                io.Conditioning.Output("positive", display_name="positive",
-                                       tooltip="text conditioning + image embedding (for KSampler / ControlNetApplyAdvanced)"),
-                io.String.Output("caption", display_name="caption", tooltip="the prompt actually used, one line per image"),
+                io.Conditioning.Output(
+                    "positive",
+                    display_name="positive",
+                    tooltip="text conditioning + image embedding (for KSampler / ControlNetApplyAdvanced)",
+                ),
+                io.String.Output(
+                    "caption", display_name="caption", tooltip="the prompt actually used, one line per image"
+                ),
             ],
         )
 
@@ -96,23 +113,31 @@ class XSREnhance(io.ComfyNode):
         return verdict(schema_problems(cls, kw))
 
     @classmethod
-    def execute(cls, xsr_models, refs, clip, max_tokens: int, num_beams: int, caption_override: str = "",
-                extra_prompt: str = "") -> io.NodeOutput:
+    def execute(
+        cls, xsr_models, refs, clip, max_tokens: int, num_beams: int, caption_override: str = "", extra_prompt: str = ""
+    ) -> io.NodeOutput:
         check_text("XSR_Enhance", "caption_override", caption_override)
         check_text("XSR_Enhance", "extra_prompt", extra_prompt)
         check_batch("XSR_Enhance", "refs", int(refs.lr_tokens.shape[0]), tiles_ok=True)
         if clip is None:
-            raise ValueError("XSR_Enhance: the 'clip' input is empty: connect the CLIP output of your checkpoint loader "
-                             "(a checkpoint without a text encoder cannot be used).")
+            raise ValueError(
+                "XSR_Enhance: the 'clip' input is empty: connect the CLIP output of your checkpoint loader "
+                "(a checkpoint without a text encoder cannot be used)."
+            )
         comfy.model_management.load_model_gpu(xsr_models.i2t)
         i2t = xsr_models.i2t.model
         p = next(i2t.parameters())
         if refs.lr_tokens.shape[-1] != i2t.config.clip_dim:
-            raise ValueError(f"XSR_Enhance: references carry {refs.lr_tokens.shape[-1]}-d CLIP tokens, the I2T expects "
-                             f"{i2t.config.clip_dim}-d; use the same XSR models in XSR Retrieve and XSR Enhance.")
+            raise ValueError(
+                f"XSR_Enhance: references carry {refs.lr_tokens.shape[-1]}-d CLIP tokens, the I2T expects "
+                f"{i2t.config.clip_dim}-d; use the same XSR models in XSR Retrieve and XSR Enhance."
+            )
         with torch.no_grad():
-            E = i2t(refs.lr_tokens.to(p.device, p.dtype), refs.ref_tokens.to(p.device, p.dtype),
-                    ref_mask=refs.ref_mask.to(p.device))
+            E = i2t(
+                refs.lr_tokens.to(p.device, p.dtype),
+                refs.ref_tokens.to(p.device, p.dtype),
+                ref_mask=refs.ref_mask.to(p.device),
+            )
             throw_if_interrupted()
             captions = i2t.generate_caption(E, xsr_models.tokenizer, max_new_tokens=max_tokens, num_beams=num_beams)
         texts = []

@@ -31,18 +31,26 @@ def resolve_input_subfolder(folder: str) -> str:
     root = os.path.realpath(folder_paths.get_input_directory())
     name = (folder or "").strip().strip("/\\")
     if not name:
-        raise ValueError("XSR_LoadImageFolder: 'folder' is empty; name a subfolder of ComfyUI's input directory "
-                         f"({root}), e.g. 'xsr_lr'.")
+        raise ValueError(
+            "XSR_LoadImageFolder: 'folder' is empty; name a subfolder of ComfyUI's input directory "
+            f"({root}), e.g. 'xsr_lr'."
+        )
     if os.path.isabs(folder.strip()):
-        raise ValueError(f"XSR_LoadImageFolder: 'folder' must be relative to ComfyUI's input directory ({root}), "
-                         f"got the absolute path '{folder}'.")
+        raise ValueError(
+            f"XSR_LoadImageFolder: 'folder' must be relative to ComfyUI's input directory ({root}), "
+            f"got the absolute path '{folder}'."
+        )
     path = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"XSR_LoadImageFolder: 'folder' '{folder}' points outside ComfyUI's input directory ({root}); "
-                         "use a subfolder of it.")
+        raise ValueError(
+            f"XSR_LoadImageFolder: 'folder' '{folder}' points outside ComfyUI's input directory ({root}); "
+            "use a subfolder of it."
+        )
     if not os.path.isdir(path):
-        raise ValueError(f"XSR_LoadImageFolder: the folder '{name}' does not exist in ComfyUI's input directory "
-                         f"({root}); create {path} and put the LR images (up to {MAX_LR_SIDE} px per side) in it.")
+        raise ValueError(
+            f"XSR_LoadImageFolder: the folder '{name}' does not exist in ComfyUI's input directory "
+            f"({root}); create {path} and put the LR images (up to {MAX_LR_SIDE} px per side) in it."
+        )
     return path
 
 
@@ -70,14 +78,22 @@ class XSRLoadImageFolder(io.ComfyNode):
             display_name="XSR Load LR Image Folder",
             category="xsr",
             description="Loads every image of a subfolder of ComfyUI's input directory (sorted by file name) as one "
-                        f"IMAGE batch of LR images (same size, at most {MAX_LR_SIDE} px per side) for batch x16 "
-                        "super-resolution.",
+            f"IMAGE batch of LR images (same size, at most {MAX_LR_SIDE} px per side) for batch x16 "
+            "super-resolution.",
             inputs=[
-                io.String.Input("folder", default="xsr_lr",
-                                tooltip="subfolder of ComfyUI's input directory holding the LR images (png, jpg, webp...)"),
-                io.Int.Input("limit", default=0, min=0, max=4096,
-                             tooltip="load at most this many images (first by sorted name); 0 = all. A batch holds "
-                                     f"at most XSR_MAX_BATCH images (default {DEFAULT_MAX_BATCH})"),
+                io.String.Input(
+                    "folder",
+                    default="xsr_lr",
+                    tooltip="subfolder of ComfyUI's input directory holding the LR images (png, jpg, webp...)",
+                ),
+                io.Int.Input(
+                    "limit",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    tooltip="load at most this many images (first by sorted name); 0 = all. A batch holds "
+                    f"at most XSR_MAX_BATCH images (default {DEFAULT_MAX_BATCH})",
+                ),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="the LR images as one batch, sorted by name"),
@@ -113,7 +129,9 @@ class XSRLoadImageFolder(io.ComfyNode):
         if limit > 0:
             names = names[:limit]
         if not names:
-            raise ValueError(f"XSR_LoadImageFolder: no images ({', '.join(IMAGE_EXTS)}) in {path}; put the LR images there.")
+            raise ValueError(
+                f"XSR_LoadImageFolder: no images ({', '.join(IMAGE_EXTS)}) in {path}; put the LR images there."
+            )
         check_batch("XSR_LoadImageFolder", f"folder '{folder}'", len(names))
         images = []
         for name in names:
@@ -127,7 +145,9 @@ class XSRLoadImageFolder(io.ComfyNode):
         sizes = {tuple(t.shape[:2]) for t in images}
         if len(sizes) > 1:
             listing = ", ".join(f"{n} {t.shape[1]}x{t.shape[0]}" for n, t in zip(names, images))
-            raise ValueError(f"XSR_LoadImageFolder: the images in {path} must all have the same size to form one batch "
-                             f"({listing}); resize them to one size (e.g. 32x32) or split them into folders.")
+            raise ValueError(
+                f"XSR_LoadImageFolder: the images in {path} must all have the same size to form one batch "
+                f"({listing}); resize them to one size (e.g. 32x32) or split them into folders."
+            )
         logger.info("XSR_LoadImageFolder: %d images from %s", len(names), path)
         return io.NodeOutput(torch.stack(images), "\n".join(names))

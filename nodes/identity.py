@@ -73,8 +73,14 @@ def _warn_once(key: tuple, msg: str, *args: Any) -> None:
         logger.warning(msg, *args)
 
 
-def check_controlnet(adapter_path: str, adapter_meta: dict[str, str], control_net: Any, allow_other: bool,
-                     *, node: str = "XSR_AdaINPatch") -> None:
+def check_controlnet(
+    adapter_path: str,
+    adapter_meta: dict[str, str],
+    control_net: Any,
+    allow_other: bool,
+    *,
+    node: str = "XSR_AdaINPatch",
+) -> None:
     """Raise ValueError when ``control_net`` is not the ControlNet the adapter was trained with.
 
     ``allow_other``: warn once instead. Adapters exported before fingerprints existed (or random test
@@ -86,9 +92,13 @@ def check_controlnet(adapter_path: str, adapter_meta: dict[str, str], control_ne
         return
     text = adapter_meta.get(META_CONTROLNET)
     if not text:
-        _warn_once(("nofp", adapter_path), "%s: %s records no ControlNet fingerprint (exported by an older XSR or not "
-                   "by `train export`); cannot check that the ControlNet is the one it was trained with",
-                   node, adapter_path)
+        _warn_once(
+            ("nofp", adapter_path),
+            "%s: %s records no ControlNet fingerprint (exported by an older XSR or not "
+            "by `train export`); cannot check that the ControlNet is the one it was trained with",
+            node,
+            adapter_path,
+        )
         return
     want = wfp.loads(text, source=adapter_path)
     have = live_fingerprint(module)
@@ -96,17 +106,23 @@ def check_controlnet(adapter_path: str, adapter_meta: dict[str, str], control_ne
         return
     trained_name = adapter_meta.get(META_CONTROLNET_FILE, "xsr_controlnet.safetensors")
     found = controlnet_file_name(have)
-    connected = (f"models/controlnet/{found}" if found else
-                 f"a ControlNet not found in models/controlnet ({wfp.describe(have)})")
-    msg = (f"{node}: the adapter {os.path.basename(adapter_path)} was trained with the ControlNet "
-           f"models/controlnet/{trained_name} ({wfp.describe(want)}), but control_net is {connected}. "
-           f"Load {trained_name} (written by `python -m xsr_core.train export` beside the adapter) in the "
-           f"ControlNetLoader; the tile ControlNet is only stage 2's initialisation. To run the adapter on "
-           f"another ControlNet anyway, set allow_other_controlnet = true.")
+    connected = (
+        f"models/controlnet/{found}" if found else f"a ControlNet not found in models/controlnet ({wfp.describe(have)})"
+    )
+    msg = (
+        f"{node}: the adapter {os.path.basename(adapter_path)} was trained with the ControlNet "
+        f"models/controlnet/{trained_name} ({wfp.describe(want)}), but control_net is {connected}. "
+        f"Load {trained_name} (written by `python -m xsr_core.train export` beside the adapter) in the "
+        f"ControlNetLoader; the tile ControlNet is only stage 2's initialisation. To run the adapter on "
+        f"another ControlNet anyway, set allow_other_controlnet = true."
+    )
     if not allow_other:
         raise ValueError(msg)
-    _warn_once(("allow", adapter_path, want.get("id"), have.get("id")),
-               "%s (allowed by allow_other_controlnet: results are not the trained model's)", msg.split(" To run")[0])
+    _warn_once(
+        ("allow", adapter_path, want.get("id"), have.get("id")),
+        "%s (allowed by allow_other_controlnet: results are not the trained model's)",
+        msg.split(" To run")[0],
+    )
 
 
 def check_unet(adapter_path: str, adapter_meta: dict[str, str], model: Any, *, node: str = "XSR_AdaINPatch") -> None:
@@ -117,6 +133,11 @@ def check_unet(adapter_path: str, adapter_meta: dict[str, str], model: Any, *, n
         return
     want, have = wfp.loads(text, source=adapter_path), live_fingerprint(module)
     if not wfp.same_weights(want, have):
-        _warn_once(("unet", adapter_path, have.get("id")),
-                   "%s: the adapter %s was trained on another base U-Net (%s; this one: %s); it may work less well",
-                   node, os.path.basename(adapter_path), wfp.describe(want), wfp.describe(have))
+        _warn_once(
+            ("unet", adapter_path, have.get("id")),
+            "%s: the adapter %s was trained on another base U-Net (%s; this one: %s); it may work less well",
+            node,
+            os.path.basename(adapter_path),
+            wfp.describe(want),
+            wfp.describe(have),
+        )

@@ -35,8 +35,12 @@ class XSRPrepareLR(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output("hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"),
-                io.Latent.Output("latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"),
+                io.Image.Output(
+                    "hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"
+                ),
+                io.Latent.Output(
+                    "latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"
+                ),
                 io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB"),
             ],
         )
@@ -48,8 +52,10 @@ class XSRPrepareLR(io.ComfyNode):
             lr = validate_lr(image, what="XSR_PrepareLR input 'image'")
         except LRImageError as e:
             if image.ndim == 4 and MAX_LR_SIDE < max(image.shape[1:3]) <= MAX_TILED_LR_SIDE:
-                raise ValueError(f"{e} For LR images up to {MAX_TILED_LR_SIDE} px use the tiled workflow "
-                                 "(workflows/xsr_x16_tiled.json: XSR Prepare LR Tiles + XSR Tiled Diffusion).") from None
+                raise ValueError(
+                    f"{e} For LR images up to {MAX_TILED_LR_SIDE} px use the tiled workflow "
+                    "(workflows/xsr_x16_tiled.json: XSR Prepare LR Tiles + XSR Tiled Diffusion)."
+                ) from None
             raise ValueError(str(e)) from None
         hint = structure_hint(lr, SCALE)
         b, h, w, _ = hint.shape
@@ -65,12 +71,16 @@ class XSRColorFix(io.ComfyNode):
             display_name="XSR Color Fix",
             category="xsr",
             description="Corrects the colours of the SR result toward the LR input: 'wavelet' keeps the SR's detail "
-                        "and takes the LR's low frequencies (StableSR); 'adain' matches per-channel mean and std.",
+            "and takes the LR's low frequencies (StableSR); 'adain' matches per-channel mean and std.",
             inputs=[
                 io.Image.Input("image", tooltip="the SR result (e.g. VAEDecode output)"),
                 io.Image.Input("lr", tooltip="the LR input the result was made from"),
-                io.Combo.Input("method", options=list(METHODS), default="wavelet",
-                               tooltip="wavelet: low frequencies from the LR; adain: mean/std matching"),
+                io.Combo.Input(
+                    "method",
+                    options=list(METHODS),
+                    default="wavelet",
+                    tooltip="wavelet: low frequencies from the LR; adain: mean/std matching",
+                ),
             ],
             outputs=[io.Image.Output("fixed", display_name="image")],
         )

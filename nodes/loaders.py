@@ -15,8 +15,15 @@ from ..xsr_core.models.i2t import load_i2t
 from ..xsr_core.models.rfa import RFA
 from ..xsr_core.refdb import RefDBError, ReferenceDB, db_signature
 from ..xsr_core.paths import PathConfinementError, confine, env_roots
-from ..xsr_core.weights import (XSRWeightsError, check_against_header, check_config_values, config_from_dict, describe,
-                                load_model, registered_classes)
+from ..xsr_core.weights import (
+    XSRWeightsError,
+    check_against_header,
+    check_config_values,
+    config_from_dict,
+    describe,
+    load_model,
+    registered_classes,
+)
 from .common import REFDB_FOLDER, LoadedXSR, XSRModels, XSRRefDB, refdb_names, xsr_file_path, xsr_files
 from .validation import check_folder_name, collect, folder_roots, schema_problems, verdict
 
@@ -33,7 +40,9 @@ def _patcher(module):
     if comfy.model_management.should_use_fp16(device, prioritize_performance=False):
         module = module.half()
     return comfy.model_patcher.ModelPatcher(
-        module, load_device=device, offload_device=comfy.model_management.unet_offload_device(),
+        module,
+        load_device=device,
+        offload_device=comfy.model_management.unet_offload_device(),
     )
 
 
@@ -46,12 +55,20 @@ class XSRLoadModels(io.ComfyNode):
             display_name="XSR Load Models (RFA + I2T)",
             category="xsr",
             description="Loads the XSR stage-1 weights from models/xsr: the Reference-Finding Aligner and the "
-                        "I2T embedding enhancer with its distilled GPT-2 caption decoder (tokenizer inside the file).",
+            "I2T embedding enhancer with its distilled GPT-2 caption decoder (tokenizer inside the file).",
             inputs=[
-                io.Combo.Input("rfa_name", options=files, default="rfa.safetensors" if "rfa.safetensors" in files else None,
-                               tooltip="RFA weights (.safetensors in models/xsr): predicts the HR CLIP embedding used for retrieval"),
-                io.Combo.Input("i2t_name", options=files, default="i2t.safetensors" if "i2t.safetensors" in files else None,
-                               tooltip="I2T weights (.safetensors in models/xsr): embedding enhancer + caption decoder"),
+                io.Combo.Input(
+                    "rfa_name",
+                    options=files,
+                    default="rfa.safetensors" if "rfa.safetensors" in files else None,
+                    tooltip="RFA weights (.safetensors in models/xsr): predicts the HR CLIP embedding used for retrieval",
+                ),
+                io.Combo.Input(
+                    "i2t_name",
+                    options=files,
+                    default="i2t.safetensors" if "i2t.safetensors" in files else None,
+                    tooltip="I2T weights (.safetensors in models/xsr): embedding enhancer + caption decoder",
+                ),
             ],
             outputs=[XSRModels.Output("xsr_models", display_name="xsr_models")],
         )
@@ -100,8 +117,9 @@ def check_weights_file(node: str, input_name: str, name: str, expected: str) -> 
         check_config_values(cfg, source=str(path))
         model_cls = registered_classes().get(cls_name)
         if model_cls is None:
-            raise XSRWeightsError(f"{path}: model class {cls_name!r} is unknown to this XSR version; "
-                                  "update the node pack")
+            raise XSRWeightsError(
+                f"{path}: model class {cls_name!r} is unknown to this XSR version; update the node pack"
+            )
         # the declared model, built on the meta device, against the header's tensor shapes (no allocation)
         check_against_header(model_cls, config_from_dict(model_cls.config_class, cfg, source=str(path)), path)
     except (XSRWeightsError, TypeError) as e:
@@ -118,8 +136,12 @@ _CHECKED_FILES: set[tuple] = set()  # (path, mtime_ns, size, class) of weight fi
 def node_read_roots() -> list[str]:
     """Where a DB opened by a node may read source images (paths mode): ComfyUI's input and output
     folders, the reference-DB folders, and ``XSR_ALLOWED_ROOTS``."""
-    return [folder_paths.get_input_directory(), folder_paths.get_output_directory(), *folder_roots(REFDB_FOLDER),
-            *env_roots()]
+    return [
+        folder_paths.get_input_directory(),
+        folder_paths.get_output_directory(),
+        *folder_roots(REFDB_FOLDER),
+        *env_roots(),
+    ]
 
 
 _DB_CACHE: dict[str, ReferenceDB] = {}
@@ -164,9 +186,14 @@ class XSRLoadReferenceDB(io.ComfyNode):
             display_name="XSR Load Reference DB",
             category="xsr",
             description="Opens a reference database (faiss index + metadata) from models/xsr_refdb. "
-                        "Cached; reloaded when its files change.",
-            inputs=[io.Combo.Input("db_name", options=refdb_names(),
-                                   tooltip="a DB folder in models/xsr_refdb (built by XSR_BuildReferenceDB or the CLI)")],
+            "Cached; reloaded when its files change.",
+            inputs=[
+                io.Combo.Input(
+                    "db_name",
+                    options=refdb_names(),
+                    tooltip="a DB folder in models/xsr_refdb (built by XSR_BuildReferenceDB or the CLI)",
+                )
+            ],
             outputs=[XSRRefDB.Output("refdb", display_name="refdb")],
         )
 

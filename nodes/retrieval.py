@@ -18,7 +18,15 @@ from comfy_api.latest import io, ui
 from ..xsr_core.imaging import LRImageError, resize_center_crop, validate_lr
 from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
-from .common import XSRModels, XSRRefDB, XSRRefs, clip_vision_fingerprint, clip_vision_width, encode_clip, throw_if_interrupted
+from .common import (
+    XSRModels,
+    XSRRefDB,
+    XSRRefs,
+    clip_vision_fingerprint,
+    clip_vision_width,
+    encode_clip,
+    throw_if_interrupted,
+)
 from .validation import check_batch, check_folder_name, collect, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
@@ -120,8 +128,9 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedR
         # decoded bytes go to the encoder's device once; both resizes run there
         dev = clip_vision.load_device
         hr = [torch.from_numpy(np.asarray(im.convert("RGB"))).to(dev).float() / 255.0 for im in imgs]
-        tokens = encode_clip(clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False,
-                             to_intermediate=False).tokens
+        tokens = encode_clip(
+            clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False, to_intermediate=False
+        ).tokens
         out_dtype = next(clip_vision.model.parameters()).dtype
         thumbs = [_square(x, THUMB).cpu() for x in hr]
         for rid, x, thumb, rec, tok in zip(missing, hr, thumbs, recs, tokens):
@@ -142,7 +151,7 @@ class XSRRetrieve(io.ComfyNode):
             display_name="XSR Retrieve References",
             category="xsr",
             description="Aligns the LR's CLIP embedding to the missing HR one (RFA) and retrieves the top-K most "
-                        "similar HR references from the reference DB. Each LR image of a batch gets its own references.",
+            "similar HR references from the reference DB. Each LR image of a batch gets its own references.",
             inputs=[
                 io.Image.Input("image", tooltip="LR image(s), at most 64 px per side (32x32 in the paper)"),
                 io.ClipVision.Input("clip_vision", tooltip="the CLIP vision encoder the DB was built with (ViT-L/14)"),
@@ -151,7 +160,9 @@ class XSRRetrieve(io.ComfyNode):
                 io.Int.Input("top_k", default=4, min=1, max=16, tooltip="references per LR image (the paper uses 4)"),
             ],
             outputs=[
-                io.Image.Output("references", display_name="references", tooltip=f"the B*K references, {THUMB}x{THUMB}"),
+                io.Image.Output(
+                    "references", display_name="references", tooltip=f"the B*K references, {THUMB}x{THUMB}"
+                ),
                 XSRRefs.Output("refs", display_name="refs", tooltip="reference data for XSR Enhance"),
                 io.String.Output("scores", display_name="scores", tooltip="similarity scores and source names"),
             ],
@@ -165,8 +176,10 @@ class XSRRetrieve(io.ComfyNode):
     def execute(cls, image, clip_vision, xsr_models, refdb, top_k: int) -> io.NodeOutput:
         max_refs = int(getattr(xsr_models.i2t.model.config, "max_refs", top_k))
         if top_k > max_refs:  # before any work: the I2T could not take the references afterwards
-            raise ValueError(f"XSR_Retrieve: top_k {top_k} is more references than the I2T "
-                             f"({xsr_models.names.get('i2t')}) accepts ({max_refs}); set top_k to {max_refs} or less.")
+            raise ValueError(
+                f"XSR_Retrieve: top_k {top_k} is more references than the I2T "
+                f"({xsr_models.names.get('i2t')}) accepts ({max_refs}); set top_k to {max_refs} or less."
+            )
         check_batch("XSR_Retrieve", "input 'image'", int(image.shape[0]) if image.ndim == 4 else 1, tiles_ok=True)
         try:
             lr = validate_lr(image, what="XSR_Retrieve input 'image'")
@@ -219,7 +232,8 @@ class XSRRetrieve(io.ComfyNode):
         result = Retrieval(feats.tokens, ref_tokens, ref_mask, ids, scores, names)
         gallery = [
             {"image": i, "rank": j, "score": float(scores[i, j]), "name": names[i][j]}
-            for i in range(b) for j in range(len(names[i]))
+            for i in range(b)
+            for j in range(len(names[i]))
         ]
         for entry, full in zip(gallery, fulls):
             entry["full"] = dict(full)
@@ -265,20 +279,29 @@ class XSRBuildReferenceDB(io.ComfyNode):
             display_name="XSR Build Reference DB",
             category="xsr",
             description="Builds (or resumes building) a reference database in models/xsr_refdb from a folder of HR "
-                        "images, with the CLIP vision encoder you will query it with. Interrupting keeps the work "
-                        "done; queueing again continues. For millions of images use `python -m xsr_core.refdb build`.",
+            "images, with the CLIP vision encoder you will query it with. Interrupting keeps the work "
+            "done; queueing again continues. For millions of images use `python -m xsr_core.refdb build`.",
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="the CLIP vision encoder XSR Retrieve will use (ViT-L/14)"),
-                io.String.Input("images_folder", default="xsr_references",
-                                tooltip="subfolder of ComfyUI's input folder holding the HR reference images "
-                                        "(searched recursively)"),
+                io.String.Input(
+                    "images_folder",
+                    default="xsr_references",
+                    tooltip="subfolder of ComfyUI's input folder holding the HR reference images "
+                    "(searched recursively)",
+                ),
                 io.String.Input("db_name", default="my_refdb", tooltip="name of the new DB folder in models/xsr_refdb"),
-                io.Combo.Input("mode", options=["packed", "paths"], default="packed",
-                               tooltip="packed: resized copies stored in the DB (portable); paths: the DB points at "
-                                       "the original files (small, but they must stay in place)"),
+                io.Combo.Input(
+                    "mode",
+                    options=["packed", "paths"],
+                    default="packed",
+                    tooltip="packed: resized copies stored in the DB (portable); paths: the DB points at "
+                    "the original files (small, but they must stay in place)",
+                ),
             ],
-            outputs=[XSRRefDB.Output("refdb", display_name="refdb"),
-                     io.String.Output("report", display_name="report", tooltip="what was indexed or skipped")],
+            outputs=[
+                XSRRefDB.Output("refdb", display_name="refdb"),
+                io.String.Output("report", display_name="report", tooltip="what was indexed or skipped"),
+            ],
         )
 
     @classmethod
@@ -311,13 +334,21 @@ class XSRBuildReferenceDB(io.ComfyNode):
             bar["bar"].update_absolute(done, total)
 
         # chunk = batch: every encoded batch is committed, so an interrupt keeps finished work at any size
-        cfg = BuildConfig(mode=mode, workers=0, device="cpu" if clip_vision.load_device.type == "cpu" else "auto",
-                          progress=False, batch_size=32, chunk_size=32)
+        cfg = BuildConfig(
+            mode=mode,
+            workers=0,
+            device="cpu" if clip_vision.load_device.type == "cpu" else "auto",
+            progress=False,
+            batch_size=32,
+            chunk_size=32,
+        )
         try:
             info = build_db(out, ComfyClipEncoder(clip_vision), images=src, config=cfg, progress_callback=progress)
         except RefDBError as e:
             raise ValueError(f"XSR_BuildReferenceDB: {e}") from None
         counts = info.get("counts", {})
-        report = (f"{db_name}: {info.get('n')} references, index {info.get('index', {}).get('key')}, mode {mode}; "
-                  f"{counts.get('skipped', 0)} files skipped (details in {out}/report.json)")
+        report = (
+            f"{db_name}: {info.get('n')} references, index {info.get('index', {}).get('key')}, mode {mode}; "
+            f"{counts.get('skipped', 0)} files skipped (details in {out}/report.json)"
+        )
         return io.NodeOutput(open_refdb(out), report)

@@ -55,7 +55,15 @@ from comfy_api.latest import io, ui
 from ..xsr_core import SCALE
 from ..xsr_core.imaging import LRImageError, bicubic_resize, structure_hint, validate_lr
 from ..xsr_core.tiling import (
-    LATENT_PER_LR, MAX_TILED_LR_SIDE, TILE, WEIGHTINGS, Tiling, TilingError, blend, crop_tiles, tile_weights,
+    LATENT_PER_LR,
+    MAX_TILED_LR_SIDE,
+    TILE,
+    WEIGHTINGS,
+    Tiling,
+    TilingError,
+    blend,
+    crop_tiles,
+    tile_weights,
 )
 from .comfy_binding import XSR_KEY, CONDXSR
 from .validation import max_tiles
@@ -83,16 +91,30 @@ class XSRPrepareLRTiled(io.ComfyNode):
                 "tiling for XSR Tiled Diffusion."
             ),
             inputs=[
-                io.Image.Input("image", tooltip=f"one LR image, 4 to {MAX_TILED_LR_SIDE} px per side (RGB, RGBA or grayscale)"),
-                io.Int.Input("overlap", default=8, min=0, max=TILE - 8, step=1,
-                             tooltip=f"minimum overlap of neighbouring tiles in LR px (x{SCALE} in the output); "
-                                     "more overlap: smoother blending, more tiles"),
+                io.Image.Input(
+                    "image", tooltip=f"one LR image, 4 to {MAX_TILED_LR_SIDE} px per side (RGB, RGBA or grayscale)"
+                ),
+                io.Int.Input(
+                    "overlap",
+                    default=8,
+                    min=0,
+                    max=TILE - 8,
+                    step=1,
+                    tooltip=f"minimum overlap of neighbouring tiles in LR px (x{SCALE} in the output); "
+                    "more overlap: smoother blending, more tiles",
+                ),
             ],
             outputs=[
-                io.Image.Output("hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the whole LR (ControlNet hint)"),
-                io.Latent.Output("latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"),
+                io.Image.Output(
+                    "hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the whole LR (ControlNet hint)"
+                ),
+                io.Latent.Output(
+                    "latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"
+                ),
                 io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB (for XSR Color Fix)"),
-                io.Image.Output("tiles", display_name="tiles", tooltip="the LR tiles as a batch, row-major (for XSR Retrieve)"),
+                io.Image.Output(
+                    "tiles", display_name="tiles", tooltip="the LR tiles as a batch, row-major (for XSR Retrieve)"
+                ),
                 XSRTiles.Output("tiling", display_name="tiling", tooltip="the tile geometry (for XSR Tiled Diffusion)"),
             ],
         )
@@ -104,8 +126,10 @@ class XSRPrepareLRTiled(io.ComfyNode):
         except LRImageError as e:
             raise ValueError(str(e)) from None
         if lr.shape[0] != 1:
-            raise ValueError(f"XSR_PrepareLRTiled: got a batch of {lr.shape[0]} images; the tiled path takes one LR "
-                             "image per run (queue them one by one, or use the batch-folder workflow for many small images).")
+            raise ValueError(
+                f"XSR_PrepareLRTiled: got a batch of {lr.shape[0]} images; the tiled path takes one LR "
+                "image per run (queue them one by one, or use the batch-folder workflow for many small images)."
+            )
         _, h, w, _ = lr.shape
         try:
             tiling = Tiling.make(h, w, TILE, int(overlap))
@@ -113,14 +137,23 @@ class XSRPrepareLRTiled(io.ComfyNode):
             raise ValueError(f"XSR_PrepareLRTiled: {e}") from None
         cap = max_tiles()
         if len(tiling) > cap:
-            raise ValueError(f"XSR_PrepareLRTiled: a {w}x{h} LR at overlap {overlap} makes {len(tiling)} tiles, above "
-                             f"the cap of {cap} (XSR_MAX_TILES in the server's environment); lower the overlap "
-                             "(the default 8 gives at most 121 tiles) or raise the cap.")
+            raise ValueError(
+                f"XSR_PrepareLRTiled: a {w}x{h} LR at overlap {overlap} makes {len(tiling)} tiles, above "
+                f"the cap of {cap} (XSR_MAX_TILES in the server's environment); lower the overlap "
+                "(the default 8 gives at most 121 tiles) or raise the cap."
+            )
         hint = structure_hint(lr, SCALE)
         lh, lw = tiling.latent_hw
         latent = torch.zeros(1, LATENT_CHANNELS, lh, lw)
-        logger.info("XSR tiled: %dx%d LR -> %d tiles (%dx%d grid, overlap %d px)", w, h, len(tiling), tiling.rows,
-                    tiling.cols, overlap)
+        logger.info(
+            "XSR tiled: %dx%d LR -> %d tiles (%dx%d grid, overlap %d px)",
+            w,
+            h,
+            len(tiling),
+            tiling.rows,
+            tiling.cols,
+            overlap,
+        )
         return io.NodeOutput(hint, {"samples": latent}, lr, tiling.crop_lr(lr), tiling)
 
 
@@ -134,21 +167,27 @@ def _slice_entry(name: str, entry: Any, rows: torch.Tensor, n_tiles: int, batch:
         if embed is None or embed.shape[0] in (1, batch) and embed.shape[0] != n_tiles:
             return entry  # null entry, or one E for every tile: ComfyUI repeats it to the batch
         if embed.shape[0] != n_tiles:
-            raise ValueError(f"XSR_TiledModel: the conditioning carries {embed.shape[0]} image embeddings but the tiling "
-                             f"has {n_tiles} tiles; feed XSR Retrieve with the 'tiles' output of the same "
-                             "XSR_PrepareLRTiled node that made the tiling.")
+            raise ValueError(
+                f"XSR_TiledModel: the conditioning carries {embed.shape[0]} image embeddings but the tiling "
+                f"has {n_tiles} tiles; feed XSR Retrieve with the 'tiles' output of the same "
+                "XSR_PrepareLRTiled node that made the tiling."
+            )
         return CONDXSR(embed[rows.to(embed.device)])
     if isinstance(entry, comfy.conds.CONDNoiseShape):
-        raise ValueError(f"XSR_TiledModel: the model takes a latent-shaped conditioning '{name}' (inpainting / "
-                         "instruct-pix2pix models), which the tiled path does not cut into tiles; use an SD1.x "
-                         "text-to-image checkpoint.")
+        raise ValueError(
+            f"XSR_TiledModel: the model takes a latent-shaped conditioning '{name}' (inpainting / "
+            "instruct-pix2pix models), which the tiled path does not cut into tiles; use an SD1.x "
+            "text-to-image checkpoint."
+        )
     cond = getattr(entry, "cond", None)
     if isinstance(cond, torch.Tensor) and hasattr(entry, "_copy_with"):
         if cond.shape[0] == n_tiles:
             return entry._copy_with(cond[rows.to(cond.device)])
         if cond.shape[0] not in (1, batch):
-            raise ValueError(f"XSR_TiledModel: conditioning '{name}' has {cond.shape[0]} rows, the tiling {n_tiles} "
-                             "tiles; one row per tile (from XSR Enhance on the tiles) or one row for all is expected.")
+            raise ValueError(
+                f"XSR_TiledModel: conditioning '{name}' has {cond.shape[0]} rows, the tiling {n_tiles} "
+                "tiles; one row per tile (from XSR Enhance on the tiles) or one row for all is expected."
+            )
     return entry
 
 
@@ -187,7 +226,9 @@ class TiledRuntime:
         key = (str(device), dtype)
         w = self._weights.get(key)
         if w is None:
-            w = self._weights[key] = tile_weights(self.tiling, LATENT_PER_LR, self.weighting).to(device=device, dtype=dtype)
+            w = self._weights[key] = tile_weights(self.tiling, LATENT_PER_LR, self.weighting).to(
+                device=device, dtype=dtype
+            )
         return w
 
     def group_size(self, model, x_in: torch.Tensor, conds: list) -> int:
@@ -210,8 +251,10 @@ class TiledRuntime:
         if hit is not None and hit[0] is c:
             return hit[1]
         if "area" in c or "mask" in c:
-            raise ValueError("XSR_TiledModel: area or mask conditioning (ConditioningSetArea/SetMask) is not supported "
-                             "by the tiled path; the tiles already give every region its own conditioning.")
+            raise ValueError(
+                "XSR_TiledModel: area or mask conditioning (ConditioningSetArea/SetMask) is not supported "
+                "by the tiled path; the tiles already give every region its own conditioning."
+            )
         rows = torch.tensor(index).repeat_interleave(batch)
         n = len(self.tiling)
         new = dict(c)
@@ -225,10 +268,16 @@ class TiledRuntime:
         hit = self._hints.get(id(ctrl))
         if hit is not None and hit[0] is ctrl:
             return hit[1]
-        if not isinstance(ctrl, comfy.controlnet.ControlNet) or getattr(ctrl, "vae", None) is not None \
-                or getattr(ctrl, "latent_format", None) is not None or len(getattr(ctrl, "extra_concat_orig", ())) > 0:
-            raise ValueError(f"XSR_TiledModel: {type(ctrl).__name__} is not supported by the tiled path; use an SD1.x "
-                             "ControlNet (ControlNetLoader, e.g. the tile ControlNet) whose hint is an image.")
+        if (
+            not isinstance(ctrl, comfy.controlnet.ControlNet)
+            or getattr(ctrl, "vae", None) is not None
+            or getattr(ctrl, "latent_format", None) is not None
+            or len(getattr(ctrl, "extra_concat_orig", ())) > 0
+        ):
+            raise ValueError(
+                f"XSR_TiledModel: {type(ctrl).__name__} is not supported by the tiled path; use an SD1.x "
+                "ControlNet (ControlNetLoader, e.g. the tile ControlNet) whose hint is an image."
+            )
         cr = ctrl.compression_ratio
         h, w = x_in.shape[-2:]
         # the steps of ComfyUI's ControlNet.get_control, at the full latent size
@@ -262,7 +311,9 @@ class TiledRuntime:
             conds_t = [None if grp is None else [self.cond_for(c, index, batch) for c in grp] for grp in conds]
             for ctrl in controls:
                 full = self.full_hint(ctrl, x_in)
-                ctrl.cond_hint = crop_tiles(full, tiling, list(index), LATENT_PER_LR * ctrl.compression_ratio, batch=batch)
+                ctrl.cond_hint = crop_tiles(
+                    full, tiling, list(index), LATENT_PER_LR * ctrl.compression_ratio, batch=batch
+                )
             try:
                 res = executor(model, conds_t, x_t, t_t, model_options)
             finally:
@@ -288,18 +339,27 @@ class XSRTiledModel(io.ComfyNode):
             display_name="XSR Tiled Diffusion (x16)",
             category="xsr",
             description="Makes the stock KSampler denoise the full x16 latent as overlapping 512x512 tiles in one "
-                        "sampling run: every tile gets its own conditioning row (references, image embedding, "
-                        "caption from XSR Retrieve/Enhance on the tiles) and its crop of the ControlNet hint, and the "
-                        "per-tile predictions are blended at every step (no seams). Works on the XSR-patched model "
-                        "or any SD1.x MODEL.",
+            "sampling run: every tile gets its own conditioning row (references, image embedding, "
+            "caption from XSR Retrieve/Enhance on the tiles) and its crop of the ControlNet hint, and the "
+            "per-tile predictions are blended at every step (no seams). Works on the XSR-patched model "
+            "or any SD1.x MODEL.",
             inputs=[
                 io.Model.Input("model", tooltip="the (XSR AdaIN-patched) MODEL"),
                 XSRTiles.Input("tiling", tooltip="from XSR Prepare LR Tiles"),
-                io.Combo.Input("weighting", options=list(WEIGHTINGS), default="cosine",
-                               tooltip="cosine: feathered overlaps, tile interiors untouched; gaussian: Mixture of "
-                                       "Diffusers; constant: MultiDiffusion's plain average"),
-                io.Int.Input("tile_batch", default=0, min=0, max=256,
-                             tooltip="tiles per model call; 0 = as many as fit in free VRAM"),
+                io.Combo.Input(
+                    "weighting",
+                    options=list(WEIGHTINGS),
+                    default="cosine",
+                    tooltip="cosine: feathered overlaps, tile interiors untouched; gaussian: Mixture of "
+                    "Diffusers; constant: MultiDiffusion's plain average",
+                ),
+                io.Int.Input(
+                    "tile_batch",
+                    default=0,
+                    min=0,
+                    max=256,
+                    tooltip="tiles per model call; 0 = as many as fit in free VRAM",
+                ),
             ],
             outputs=[io.Model.Output("tiled_model", display_name="model")],
         )
@@ -332,13 +392,17 @@ class XSRTilePreview(io.ComfyNode):
             display_name="XSR Tile References Preview",
             category="xsr",
             description="Shows the tile grid with the top reference of every tile; click a tile for all its "
-                        "references, scores and caption.",
+            "references, scores and caption.",
             inputs=[
                 XSRTiles.Input("tiling", tooltip="from XSR Prepare LR Tiles"),
                 XSRRefs.Input("refs", tooltip="from XSR Retrieve (run on the tiles)"),
                 io.Image.Input("references", tooltip="the 'references' output of the same XSR Retrieve"),
-                io.String.Input("caption", force_input=True, optional=True,
-                                tooltip="the 'caption' output of XSR Enhance (one line per tile)"),
+                io.String.Input(
+                    "caption",
+                    force_input=True,
+                    optional=True,
+                    tooltip="the 'caption' output of XSR Enhance (one line per tile)",
+                ),
             ],
             outputs=[],
             is_output_node=True,
@@ -348,8 +412,10 @@ class XSRTilePreview(io.ComfyNode):
     def execute(cls, tiling: Tiling, refs, references: torch.Tensor, caption: str | None = None) -> io.NodeOutput:
         n = len(tiling)
         if len(refs.names) != n:
-            raise ValueError(f"XSR_TilePreview: the references are for {len(refs.names)} images, the tiling has {n} "
-                             "tiles; connect the XSR Retrieve that ran on this tiling's 'tiles'.")
+            raise ValueError(
+                f"XSR_TilePreview: the references are for {len(refs.names)} images, the tiling has {n} "
+                "tiles; connect the XSR Retrieve that ran on this tiling's 'tiles'."
+            )
         tiles, flat = [], 0
         for i in range(n):
             valid = [j for j in range(refs.ids.shape[1]) if refs.ids[i, j] >= 0]
@@ -359,13 +425,17 @@ class XSRTilePreview(io.ComfyNode):
                 flat += 1
             tiles.append({"refs": items})
         if references.shape[0] < flat:
-            raise ValueError(f"XSR_TilePreview: 'references' holds {references.shape[0]} images, the refs {flat}; connect "
-                             "the 'references' output of the same XSR Retrieve.")
+            raise ValueError(
+                f"XSR_TilePreview: 'references' holds {references.shape[0]} images, the refs {flat}; connect "
+                "the 'references' output of the same XSR Retrieve."
+            )
         lines = [ln for ln in (caption or "").split("\n")]
         captions = lines if len(lines) == n else ([caption] if caption else [])
         thumbs = bicubic_resize(references[:flat], (PREVIEW_THUMB, PREVIEW_THUMB)) if flat else references[:1]
         saved = ui.PreviewImage(thumbs, cls=cls).as_dict()["images"]
         # not under "images": the frontend would show its own flat preview of every thumbnail
-        ui_out = {"xsr_tile_images": saved,
-                  "xsr_tiles": [{"tiling": tiling.as_dict(), "tiles": tiles, "captions": captions}]}
+        ui_out = {
+            "xsr_tile_images": saved,
+            "xsr_tiles": [{"tiling": tiling.as_dict(), "tiles": tiles, "captions": captions}],
+        }
         return io.NodeOutput(ui=ui_out)

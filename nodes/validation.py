@@ -66,16 +66,20 @@ def check_batch(node: str, what: str, n: int, *, tiles_ok: bool = False) -> None
     """
     cap = max(max_batch(), max_tiles()) if tiles_ok else max_batch()
     if n > cap:
-        raise ValueError(f"{node}: {what} holds {n} images; the most XSR takes in one batch is {cap} "
-                         f"({ENV_MAX_BATCH} in the server's environment). Split the batch (e.g. ImageFromBatch) "
-                         "or raise the cap if the machine has the memory.")
+        raise ValueError(
+            f"{node}: {what} holds {n} images; the most XSR takes in one batch is {cap} "
+            f"({ENV_MAX_BATCH} in the server's environment). Split the batch (e.g. ImageFromBatch) "
+            "or raise the cap if the machine has the memory."
+        )
 
 
 def check_text(node: str, what: str, text: str | None) -> None:
     cap = max_prompt_chars()
     if text is not None and len(text) > cap:
-        raise ValueError(f"{node}: {what} is {len(text)} characters; the limit is {cap} "
-                         f"({ENV_MAX_PROMPT_CHARS}). CLIP reads 77 tokens per chunk: shorten the text.")
+        raise ValueError(
+            f"{node}: {what} is {len(text)} characters; the limit is {cap} "
+            f"({ENV_MAX_PROMPT_CHARS}). CLIP reads 77 tokens per chunk: shorten the text."
+        )
 
 
 def float_problem(node: str, name: str, value: Any) -> str | None:
@@ -107,7 +111,7 @@ def schema_problems(cls: type, values: dict[str, Any], *, skip: Iterable[str] = 
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 problems.append(f"{node}: input '{name}' must be a number, got {v!r}")
                 continue
-            if (p := float_problem(node, name, v)):
+            if p := float_problem(node, name, v):
                 problems.append(p)
                 continue
             if inp.min is not None and v < inp.min:
@@ -123,8 +127,10 @@ def schema_problems(cls: type, values: dict[str, Any], *, skip: Iterable[str] = 
             if not isinstance(v, str):
                 problems.append(f"{node}: input '{name}' must be text")
             elif len(v) > max_prompt_chars():
-                problems.append(f"{node}: input '{name}' is {len(v)} characters; the limit is {max_prompt_chars()} "
-                                f"({ENV_MAX_PROMPT_CHARS})")
+                problems.append(
+                    f"{node}: input '{name}' is {len(v)} characters; the limit is {max_prompt_chars()} "
+                    f"({ENV_MAX_PROMPT_CHARS})"
+                )
     return problems
 
 
@@ -143,6 +149,7 @@ def collect(problems: list[str], fn, *args, **kw) -> Any:
 
 
 # ---------------------------------------------------------------------------------- confinement
+
 
 def folder_roots(folder: str) -> list[str]:
     """The resolved roots of a ComfyUI model folder (models/<folder> and extra_model_paths entries)."""
@@ -176,8 +183,9 @@ def check_folder_name(node: str, input_name: str, name: str, where: str) -> str:
     if name != stripped:
         raise ValueError(f"{node}: '{input_name}' {name!r} starts or ends with spaces; remove them.")
     if "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name):
-        raise ValueError(f"{node}: '{input_name}' '{name}' must be a plain folder name inside {where} "
-                         "(no path separators or '..').")
+        raise ValueError(
+            f"{node}: '{input_name}' '{name}' must be a plain folder name inside {where} (no path separators or '..')."
+        )
     if len(name.encode("utf-8")) > 200:
         raise ValueError(f"{node}: '{input_name}' is {len(name.encode('utf-8'))} bytes long; use at most 200.")
     return name

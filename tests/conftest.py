@@ -37,8 +37,13 @@ def one_torch_thread():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--comfyui", action="append", default=[], metavar="VERSION",
-                     help="run the ComfyUI tests only on this version of the test matrix (repeatable)")
+    parser.addoption(
+        "--comfyui",
+        action="append",
+        default=[],
+        metavar="VERSION",
+        help="run the ComfyUI tests only on this version of the test matrix (repeatable)",
+    )
 
 
 def _matrix(config):
@@ -52,8 +57,10 @@ def _matrix(config):
         if wanted:
             unknown = set(wanted) - {m.version for m in matrix}
             if unknown:
-                raise pytest.UsageError(f"--comfyui {', '.join(sorted(unknown))}: not in the test matrix "
-                                        f"({', '.join(m.version for m in matrix)})")
+                raise pytest.UsageError(
+                    f"--comfyui {', '.join(sorted(unknown))}: not in the test matrix "
+                    f"({', '.join(m.version for m in matrix)})"
+                )
             matrix = [m for m in matrix if m.version in wanted]
         config._xsr_matrix = matrix
     return config._xsr_matrix
@@ -63,8 +70,12 @@ def pytest_report_header(config):
     matrix = _matrix(config)
     if isinstance(matrix, ComfyError):
         return [f"ComfyUI: none ({matrix})"]
-    return ["ComfyUI test matrix: " + "; ".join(f"{m.version} at {m.path}" + (f" (+{', '.join(m.pythonpath)})" if m.pythonpath else "")
-                                                for m in matrix)]
+    return [
+        "ComfyUI test matrix: "
+        + "; ".join(
+            f"{m.version} at {m.path}" + (f" (+{', '.join(m.pythonpath)})" if m.pythonpath else "") for m in matrix
+        )
+    ]
 
 
 def pytest_generate_tests(metafunc):
@@ -125,6 +136,7 @@ def comfy(tmp_path_factory, comfy_install, tiny_zoo):
     its log copied to out/ when it holds a traceback."""
     base = prepare_base_dir(tmp_path_factory.mktemp(f"comfy_base_{comfy_install.version}"), REPO, extra_nodes=[SUPPORT])
     models = base / "models"
+
     # real per-server folders holding hard links of the zoo's files: what a server writes (a DB built by a
     # node, ...) stays in its own base, so the next ComfyUI of the matrix starts from the same zoo; hard
     # links (not symlinks) because XSR refuses model files that resolve outside their models folder

@@ -31,8 +31,9 @@ def _row(path: Path, n: int, row: dict) -> tuple[str, str]:
     key = next((row[k] for k in IMAGE_KEYS if k in row), None)
     cap = next((row[k] for k in CAPTION_KEYS if k in row), None)
     if key is None or cap is None:
-        raise CaptionFileError(f"{path}: row {n} needs an image key ({'/'.join(IMAGE_KEYS)}) and a "
-                               f"{'/'.join(CAPTION_KEYS)} key")
+        raise CaptionFileError(
+            f"{path}: row {n} needs an image key ({'/'.join(IMAGE_KEYS)}) and a {'/'.join(CAPTION_KEYS)} key"
+        )
     return str(key), str(cap).strip()
 
 

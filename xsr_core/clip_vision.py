@@ -171,17 +171,24 @@ def open_clip_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     Only the plain ViT tower is supported (class token, learnable positions, token pooling): anything
     else (attentional pooler, ``ls`` layer scale, ...) raises :class:`ClipVisionError` naming the key.
     """
-    sd = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
+    sd = {k[len(OPEN_CLIP_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
     out: dict[str, torch.Tensor] = {}
     fixed = {
         "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
         "class_embedding": "vision_model.embeddings.class_embedding",
         "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-        "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-        "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias",
+        "ln_pre.weight": "vision_model.pre_layrnorm.weight",
+        "ln_pre.bias": "vision_model.pre_layrnorm.bias",
+        "ln_post.weight": "vision_model.post_layernorm.weight",
+        "ln_post.bias": "vision_model.post_layernorm.bias",
     }
-    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    block = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     for k, v in sd.items():
         if k in fixed:
             out[fixed[k]] = v
@@ -191,7 +198,9 @@ def open_clip_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             i, part, kind = m.groups()
             pre = f"vision_model.encoder.layers.{i}."
             if part not in block:
-                raise ClipVisionError(f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT block (unsupported variant)")
+                raise ClipVisionError(
+                    f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT block (unsupported variant)"
+                )
             out[f"{pre}{block[part]}.{kind}"] = v
         elif m := re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k):
             i, kind = m.groups()
@@ -199,7 +208,9 @@ def open_clip_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             for name, t in (("q_proj", q), ("k_proj", kk), ("v_proj", vv)):
                 out[f"vision_model.encoder.layers.{i}.self_attn.{name}.{kind}"] = t.contiguous()
         else:
-            raise ClipVisionError(f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT tower weight (unsupported variant)")
+            raise ClipVisionError(
+                f"OpenCLIP key {OPEN_CLIP_PREFIX}{k}: not a plain ViT tower weight (unsupported variant)"
+            )
     if "vision_model.embeddings.patch_embedding.weight" not in out:
         raise ClipVisionError("not an OpenCLIP vision tower: no visual.conv1.weight")
     return out
@@ -215,18 +226,23 @@ class OpenClipVisionTower(torch.nn.Module):
         self.visual = visual
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], open_clip_state_dict: Mapping[str, torch.Tensor], *,
-                       source: str = "state dict") -> "OpenClipVisionTower":
+    def from_hf_config(
+        cls, config: Mapping[str, Any], open_clip_state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict"
+    ) -> "OpenClipVisionTower":
         """Build the OpenCLIP ViT for a ``CLIPVisionConfig``-style dict and load ``visual.*`` weights strictly."""
         try:
             from open_clip.transformer import QuickGELU, VisionTransformer
         except ImportError:
-            raise ClipVisionError(f"{source}: an OpenCLIP checkpoint needs the package open_clip_torch "
-                                  "(pip install 'comfyui-xsr[openclip]')") from None
+            raise ClipVisionError(
+                f"{source}: an OpenCLIP checkpoint needs the package open_clip_torch "
+                "(pip install 'comfyui-xsr[openclip]')"
+            ) from None
         proj = open_clip_state_dict.get(OPEN_CLIP_PREFIX + "proj")
         visual = VisionTransformer(
-            image_size=int(config.get("image_size", 224)), patch_size=int(config["patch_size"]),
-            width=int(config["hidden_size"]), layers=int(config["num_hidden_layers"]),
+            image_size=int(config.get("image_size", 224)),
+            patch_size=int(config["patch_size"]),
+            width=int(config["hidden_size"]),
+            layers=int(config["num_hidden_layers"]),
             heads=int(config["num_attention_heads"]),
             mlp_ratio=int(config["intermediate_size"]) / int(config["hidden_size"]),
             output_dim=int(proj.shape[1]) if proj is not None else None,
@@ -234,11 +250,13 @@ class OpenClipVisionTower(torch.nn.Module):
         )
         if proj is None:
             visual.proj = None
-        sd = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in open_clip_state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
+        sd = {k[len(OPEN_CLIP_PREFIX) :]: v for k, v in open_clip_state_dict.items() if k.startswith(OPEN_CLIP_PREFIX)}
         try:
             visual.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise ClipVisionError(f"{source}: OpenCLIP weights do not match the vision config {dict(config)}: {e}") from None
+            raise ClipVisionError(
+                f"{source}: OpenCLIP weights do not match the vision config {dict(config)}: {e}"
+            ) from None
         return cls(visual.eval().requires_grad_(False))
 
     def forward(self, pixel_values: torch.Tensor):
@@ -263,8 +281,11 @@ def read_clip_vision_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
             meta = dict(f.metadata() or {})
             keys = list(f.keys())
             open_clip_layout = "visual.conv1.weight" in keys
-            sd = {k: f.get_tensor(k) for k in keys
-                  if (k.startswith(OPEN_CLIP_PREFIX) if open_clip_layout else _is_weight_key(k))}
+            sd = {
+                k: f.get_tensor(k)
+                for k in keys
+                if (k.startswith(OPEN_CLIP_PREFIX) if open_clip_layout else _is_weight_key(k))
+            }
     except (SafetensorError, OSError, ValueError) as e:
         raise ClipVisionError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export it") from e
     if not sd:
@@ -275,8 +296,9 @@ def read_clip_vision_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return sd, meta
 
 
-def build_clip_vision_model(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any] | None = None,
-                            *, source: str = "state dict") -> torch.nn.Module:
+def build_clip_vision_model(
+    state_dict: Mapping[str, torch.Tensor], config: dict[str, Any] | None = None, *, source: str = "state dict"
+) -> torch.nn.Module:
     """A transformers ``CLIPVisionModelWithProjection`` (or ``CLIPVisionModel`` without projection)
     holding ``state_dict`` (HF layout), in eval mode with gradients off. Loading is strict."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
@@ -295,7 +317,7 @@ def build_clip_vision_model(state_dict: Mapping[str, torch.Tensor], config: dict
         model = CLIPVisionModel(cfg)
         # transformers 5 CLIPVisionModel has no `vision_model.` level; older versions do
         own = model.state_dict()
-        sd = {(k[len(VISION_PREFIX):] if k[len(VISION_PREFIX):] in own else k): v for k, v in state_dict.items()}
+        sd = {(k[len(VISION_PREFIX) :] if k[len(VISION_PREFIX) :] in own else k): v for k, v in state_dict.items()}
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
@@ -314,8 +336,15 @@ class ClipVisionEncoder(torch.nn.Module):
     fp16 (or ``autocast_dtype``) autocast. ``fingerprint`` identifies the weights + preprocessing.
     """
 
-    def __init__(self, model: torch.nn.Module, *, fingerprint: dict[str, str], config: dict[str, Any],
-                 source: str = "", autocast_dtype: torch.dtype = torch.float16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        fingerprint: dict[str, str],
+        config: dict[str, Any],
+        source: str = "",
+        autocast_dtype: torch.dtype = torch.float16,
+    ):
         super().__init__()
         self.model = model
         self.fingerprint = dict(fingerprint)
@@ -324,9 +353,14 @@ class ClipVisionEncoder(torch.nn.Module):
         self.autocast_dtype = autocast_dtype
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype = torch.float16,
-                  ) -> "ClipVisionEncoder":
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        autocast_dtype: torch.dtype = torch.float16,
+    ) -> "ClipVisionEncoder":
         """Load from one ``.safetensors`` file (see module docstring). ``dtype`` is the weight dtype."""
         sd, meta = read_clip_vision_file(path)
         open_clip_sd = sd if is_open_clip_state_dict(sd) else None
@@ -345,8 +379,9 @@ class ClipVisionEncoder(torch.nn.Module):
         else:
             model = build_clip_vision_model(sd, config, source=str(path))
         enc = cls(model, fingerprint=fingerprint, config=config, source=str(path), autocast_dtype=autocast_dtype)
-        logger.info("CLIP vision encoder %s: %s, sha256 %s", path, fingerprint["arch"],
-                    fingerprint["weights_sha256"][:12])
+        logger.info(
+            "CLIP vision encoder %s: %s, sha256 %s", path, fingerprint["arch"], fingerprint["weights_sha256"][:12]
+        )
         return enc.to(device=device, dtype=dtype)
 
     @property

@@ -29,7 +29,9 @@ def _reference(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
 
 
 def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    k = torch.tensor([[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]], dtype=x.dtype, device=x.device)
+    k = torch.tensor(
+        [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]], dtype=x.dtype, device=x.device
+    )
     k = k[None, None].repeat(x.shape[1], 1, 1, 1)
     x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     return F.conv2d(x, k, groups=x.shape[1], dilation=radius)

@@ -112,7 +112,9 @@ def comfyui_matrix(matrix_file: str | Path | None = None, repo_root: str | Path 
     for e in entries:
         path = Path(e["path"])
         if not ((path / "main.py").is_file() and (path / "nodes.py").is_file()):
-            raise ComfyError(f"{matrix_file}: {path} (ComfyUI {e.get('version')}) is not a ComfyUI folder; re-run scripts/setup.sh")
+            raise ComfyError(
+                f"{matrix_file}: {path} (ComfyUI {e.get('version')}) is not a ComfyUI folder; re-run scripts/setup.sh"
+            )
         out.append(ComfyInstall(e.get("version") or comfyui_version(path), path, tuple(e.get("pythonpath", ()))))
     return out
 
@@ -165,16 +167,31 @@ class ComfyServer:
         self.log_path = Path(self.base_dir) / f"comfyui-{self.port}.log"
         log = open(self.log_path, "w")
         cmd = [
-            self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base_dir),
+            self.python,
+            "main.py",
+            *(["--cpu"] if self.cpu else []),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+            "--base-directory",
+            str(self.base_dir),
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if self.pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([*map(str, self.pythonpath), *filter(None, [env.get("PYTHONPATH")])])
         logger.info("starting ComfyUI: %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_detach_and_die_with_parent)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.comfy_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_detach_and_die_with_parent,
+        )
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -258,13 +275,20 @@ class ComfyServer:
         entry = self.wait(self.queue(prompt), timeout)
         err = execution_error(entry)
         if err is not None:
-            raise ComfyError(f"node {err.get('node_type')} ({err.get('node_id')}) failed: "
-                             f"{err.get('exception_message', '').strip()}\n--- server log ---\n{self.log_tail(40)}")
+            raise ComfyError(
+                f"node {err.get('node_type')} ({err.get('node_id')}) failed: "
+                f"{err.get('exception_message', '').strip()}\n--- server log ---\n{self.log_tail(40)}"
+            )
         return entry
 
     def view(self, image: dict) -> bytes:
-        q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
-                                    "type": image.get("type", "output")})
+        q = urllib.parse.urlencode(
+            {
+                "filename": image["filename"],
+                "subfolder": image.get("subfolder", ""),
+                "type": image.get("type", "output"),
+            }
+        )
         return self._request(f"/view?{q}")
 
     def output_images(self, entry: dict, node_id: str | None = None) -> list[bytes]:
@@ -274,20 +298,27 @@ class ComfyServer:
                 imgs += [self.view(i) for i in out.get("images", [])]
         return imgs
 
-    def upload_image(self, path: str | Path, name: str | None = None, overwrite: bool = True, subfolder: str = "") -> str:
+    def upload_image(
+        self, path: str | Path, name: str | None = None, overwrite: bool = True, subfolder: str = ""
+    ) -> str:
         """Upload a file to ComfyUI's input folder (or a subfolder of it); returns the name LoadImage takes."""
         path = Path(path)
         boundary = uuid.uuid4().hex
         name = name or path.name
         parts = [
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n",
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n{str(overwrite).lower()}\r\n".encode(),
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{subfolder}\r\n".encode(),
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + path.read_bytes()
+            + b"\r\n",
+            f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\n{str(overwrite).lower()}\r\n'.encode(),
+            f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n{subfolder}\r\n'.encode(),
             f"--{boundary}--\r\n".encode(),
         ]
-        res = json.loads(self._request("/upload/image", b"".join(parts),
-                                       {"Content-Type": f"multipart/form-data; boundary={boundary}"}))
+        res = json.loads(
+            self._request(
+                "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            )
+        )
         return (res.get("subfolder") + "/" if res.get("subfolder") else "") + res["name"]
 
     def interrupt(self) -> None:

@@ -26,9 +26,22 @@ DEMO_IMAGE = REPO / "assets" / "demo_lr.png"
 SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
 
 
-def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, rfa: str = "rfa.safetensors",
-              i2t: str = "i2t.safetensors", adapter: str = "adain_adapter.safetensors", steps: int = 20, seed: int = 0,
-              strength: float = 1.0, top_k: int = 4, cfg: float = 7.0) -> dict:
+def xsr_graph(
+    lr_name: str,
+    *,
+    ckpt: str,
+    controlnet: str,
+    clip_vision: str,
+    refdb: str,
+    rfa: str = "rfa.safetensors",
+    i2t: str = "i2t.safetensors",
+    adapter: str = "adain_adapter.safetensors",
+    steps: int = 20,
+    seed: int = 0,
+    strength: float = 1.0,
+    top_k: int = 4,
+    cfg: float = 7.0,
+) -> dict:
     """API-format prompt of the full XSR x16 pipeline (the xsr_x16 workflow)."""
     return {
         "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
@@ -38,29 +51,91 @@ def xsr_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, ref
         "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip_vision}},
         "models": {"class_type": "XSR_LoadModels", "inputs": {"rfa_name": rfa, "i2t_name": i2t}},
         "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": refdb}},
-        "retrieve": {"class_type": "XSR_Retrieve", "inputs": {
-            "image": ["prep", 2], "clip_vision": ["cv", 0], "xsr_models": ["models", 0], "refdb": ["db", 0], "top_k": top_k}},
-        "enhance": {"class_type": "XSR_Enhance", "inputs": {
-            "xsr_models": ["models", 0], "refs": ["retrieve", 1], "clip": ["ckpt", 1], "max_tokens": 32, "num_beams": 1,
-            "caption_override": "", "extra_prompt": "high quality, detailed"}},
-        "patch": {"class_type": "XSR_AdaINPatch", "inputs": {
-            "model": ["ckpt", 0], "control_net": ["cn", 0], "adapter_name": adapter, "strength": strength,
-            "start_percent": 0.0, "end_percent": 1.0, "apply_to": "cond", "allow_other_controlnet": False}},
+        "retrieve": {
+            "class_type": "XSR_Retrieve",
+            "inputs": {
+                "image": ["prep", 2],
+                "clip_vision": ["cv", 0],
+                "xsr_models": ["models", 0],
+                "refdb": ["db", 0],
+                "top_k": top_k,
+            },
+        },
+        "enhance": {
+            "class_type": "XSR_Enhance",
+            "inputs": {
+                "xsr_models": ["models", 0],
+                "refs": ["retrieve", 1],
+                "clip": ["ckpt", 1],
+                "max_tokens": 32,
+                "num_beams": 1,
+                "caption_override": "",
+                "extra_prompt": "high quality, detailed",
+            },
+        },
+        "patch": {
+            "class_type": "XSR_AdaINPatch",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "control_net": ["cn", 0],
+                "adapter_name": adapter,
+                "strength": strength,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "apply_to": "cond",
+                "allow_other_controlnet": False,
+            },
+        },
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry, low quality"}},
-        "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
-            "positive": ["enhance", 0], "negative": ["neg", 0], "control_net": ["patch", 1], "image": ["prep", 0],
-            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["patch", 0], "positive": ["apply", 0], "negative": ["apply", 1], "latent_image": ["prep", 1],
-            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "apply": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["enhance", 0],
+                "negative": ["neg", 0],
+                "control_net": ["patch", 1],
+                "image": ["prep", 0],
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["patch", 0],
+                "positive": ["apply", 0],
+                "negative": ["apply", 1],
+                "latent_image": ["prep", 1],
+                "seed": seed,
+                "steps": steps,
+                "cfg": cfg,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "fix": {"class_type": "XSR_ColorFix", "inputs": {"image": ["decode", 0], "lr": ["prep", 2], "method": "wavelet"}},
+        "fix": {
+            "class_type": "XSR_ColorFix",
+            "inputs": {"image": ["decode", 0], "lr": ["prep", 2], "method": "wavelet"},
+        },
         "save": {"class_type": "SaveImage", "inputs": {"images": ["fix", 0], "filename_prefix": "xsr_x16"}},
     }
 
 
-def xsr_tiled_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: str, refdb: str, overlap: int = 8,
-                    weighting: str = "cosine", tile_batch: int = 0, tiled_decode: bool = True, **kw) -> dict:
+def xsr_tiled_graph(
+    lr_name: str,
+    *,
+    ckpt: str,
+    controlnet: str,
+    clip_vision: str,
+    refdb: str,
+    overlap: int = 8,
+    weighting: str = "cosine",
+    tile_batch: int = 0,
+    tiled_decode: bool = True,
+    **kw,
+) -> dict:
     """API-format prompt of the tiled XSR x16 pipeline (the xsr_x16_tiled workflow), LR up to 256 px.
 
     The xsr_graph pipeline with XSR_PrepareLRTiled instead of XSR_PrepareLR (retrieval and I2T on the
@@ -70,15 +145,32 @@ def xsr_tiled_graph(lr_name: str, *, ckpt: str, controlnet: str, clip_vision: st
     g = xsr_graph(lr_name, ckpt=ckpt, controlnet=controlnet, clip_vision=clip_vision, refdb=refdb, **kw)
     g["prep"] = {"class_type": "XSR_PrepareLRTiled", "inputs": {"image": ["lr", 0], "overlap": overlap}}
     g["retrieve"]["inputs"]["image"] = ["prep", 3]
-    g["tiled"] = {"class_type": "XSR_TiledModel", "inputs": {
-        "model": ["patch", 0], "tiling": ["prep", 4], "weighting": weighting, "tile_batch": tile_batch}}
+    g["tiled"] = {
+        "class_type": "XSR_TiledModel",
+        "inputs": {"model": ["patch", 0], "tiling": ["prep", 4], "weighting": weighting, "tile_batch": tile_batch},
+    }
     g["sample"]["inputs"]["model"] = ["tiled", 0]
     if tiled_decode:
-        g["decode"] = {"class_type": "VAEDecodeTiled", "inputs": {
-            "samples": ["sample", 0], "vae": ["ckpt", 2], "tile_size": 512, "overlap": 64, "temporal_size": 64,
-            "temporal_overlap": 8}}
-    g["preview"] = {"class_type": "XSR_TilePreview", "inputs": {
-        "tiling": ["prep", 4], "refs": ["retrieve", 1], "references": ["retrieve", 0], "caption": ["enhance", 1]}}
+        g["decode"] = {
+            "class_type": "VAEDecodeTiled",
+            "inputs": {
+                "samples": ["sample", 0],
+                "vae": ["ckpt", 2],
+                "tile_size": 512,
+                "overlap": 64,
+                "temporal_size": 64,
+                "temporal_overlap": 8,
+            },
+        }
+    g["preview"] = {
+        "class_type": "XSR_TilePreview",
+        "inputs": {
+            "tiling": ["prep", 4],
+            "refs": ["retrieve", 1],
+            "references": ["retrieve", 0],
+            "caption": ["enhance", 1],
+        },
+    }
     g["save"]["inputs"]["filename_prefix"] = "xsr_x16_tiled"
     return g
 
@@ -106,8 +198,10 @@ def pick_workflow(image: str | Path) -> Path:
     with Image.open(image) as im:
         w, h = im.size
     if max(w, h) > MAX_TILED_LR_SIDE:
-        raise SystemExit(f"xsr demo: {image} is {w}x{h} px; XSR takes LR images up to {MAX_TILED_LR_SIDE} px per "
-                         "side (tiled). Downscale or crop it first.")
+        raise SystemExit(
+            f"xsr demo: {image} is {w}x{h} px; XSR takes LR images up to {MAX_TILED_LR_SIDE} px per "
+            "side (tiled). Downscale or crop it first."
+        )
     return TILED_WORKFLOW if max(w, h) > MAX_LR_SIDE else WORKFLOW
 
 
@@ -115,14 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xsr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=str(DEMO_IMAGE), help="LR image (default: bundled 32x32 demo)")
     parser.add_argument("--out", default=str(REPO / "out"), help="folder for the x16 result")
-    parser.add_argument("--workflow", default=None,
-                        help="UI- or API-format workflow (default: xsr_x16, or xsr_x16_tiled for LR images over 64 px)")
+    parser.add_argument(
+        "--workflow",
+        default=None,
+        help="UI- or API-format workflow (default: xsr_x16, or xsr_x16_tiled for LR images over 64 px)",
+    )
     parser.add_argument("--models", default=None, help="ComfyUI models/ folder with real weights")
     parser.add_argument("--ckpt", default=None, help="checkpoint file in models/checkpoints")
     parser.add_argument("--controlnet", default=None, help="ControlNet file in models/controlnet")
     parser.add_argument("--clip-vision", default=None, help="CLIP vision file in models/clip_vision")
     parser.add_argument("--refdb", default=None, help="reference DB folder in models/xsr_refdb")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the workflow's; 4 on the tiny zoo)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampler steps (default: the workflow's; 4 on the tiny zoo)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / ".demo"), help="ComfyUI base directory to use")
     args = parser.parse_args(argv)
@@ -150,9 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps or 4
     else:
         cfg = base / "extra_model_paths.yaml"
-        cfg.write_text(json.dumps({"xsr_demo": {
-            "base_path": str(Path(args.models).resolve()), "checkpoints": "checkpoints", "controlnet": "controlnet",
-            "clip_vision": "clip_vision", "xsr": "xsr", "xsr_refdb": "xsr_refdb"}}))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "xsr_demo": {
+                        "base_path": str(Path(args.models).resolve()),
+                        "checkpoints": "checkpoints",
+                        "controlnet": "controlnet",
+                        "clip_vision": "clip_vision",
+                        "xsr": "xsr",
+                        "xsr_refdb": "xsr_refdb",
+                    }
+                }
+            )
+        )
         server_args = ["--extra-model-paths-config", str(cfg)]
         steps = args.steps
     for key in names:

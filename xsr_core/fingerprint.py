@@ -49,7 +49,7 @@ def _positions(numel: int) -> list[int]:
 def _canonical_name(name: str) -> str:
     for p in STRIP_PREFIXES:
         if name.startswith(p):
-            return name[len(p):]
+            return name[len(p) :]
     return name
 
 
@@ -119,8 +119,11 @@ def fingerprint_file(path: str | os.PathLike, *, prefix: str | None = None) -> d
                     vals = f.get_tensor(name).reshape(1)
                 else:
                     row = numel // shape[0] if shape[0] else 0
-                    vals = torch.stack([sl[p // row : p // row + 1].reshape(-1)[p % row] for p in _positions(numel)]) \
-                        if numel else torch.zeros(0)
+                    vals = (
+                        torch.stack([sl[p // row : p // row + 1].reshape(-1)[p % row] for p in _positions(numel)])
+                        if numel
+                        else torch.zeros(0)
+                    )
                 entries.append((_canonical_name(name), shape, vals.float().numpy().astype(np.float16)))
     except (SafetensorError, OSError) as e:
         raise FingerprintError(f"{path}: cannot read as .safetensors ({e})") from e

@@ -111,8 +111,13 @@ def _draft(img: Image.Image, side: int) -> None:
     img.draft("RGB", (-(-w * side // short), -(-h * side // short)))
 
 
-def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
-               max_pixels: int | None = None, draft_side: int | None = None) -> Image.Image:
+def open_image(
+    source: str | os.PathLike | bytes,
+    *,
+    what: str | None = None,
+    max_pixels: int | None = None,
+    draft_side: int | None = None,
+) -> Image.Image:
     """Open + fully load an image (path or bytes) with EXIF orientation applied, in its own mode.
 
     ``draft_side``: decode JPEGs at a reduced libjpeg scale whose shortest side stays >= this;
@@ -127,8 +132,10 @@ def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source))
             w, h = img.size
             if w * h > cap:  # from the header, before decoding
-                raise ImageDecodeError(f"{what} is {w}x{h} = {w * h} pixels, above the limit of {cap} "
-                                       f"({ENV_MAX_PIXELS}); downscale it first")
+                raise ImageDecodeError(
+                    f"{what} is {w}x{h} = {w * h} pixels, above the limit of {cap} "
+                    f"({ENV_MAX_PIXELS}); downscale it first"
+                )
             source = (w, h)
             if draft_side:
                 _draft(img, draft_side)
@@ -148,8 +155,13 @@ def open_image(source: str | os.PathLike | bytes, *, what: str | None = None,
     return img
 
 
-def load_rgb8(source: str | os.PathLike | bytes, *, what: str | None = None,
-              max_pixels: int | None = None, draft_side: int | None = None) -> Image.Image:
+def load_rgb8(
+    source: str | os.PathLike | bytes,
+    *,
+    what: str | None = None,
+    max_pixels: int | None = None,
+    draft_side: int | None = None,
+) -> Image.Image:
     """Image file (path or bytes) → loaded 8-bit RGB PIL image (see module docstring and :func:`open_image`)."""
     img = open_image(source, what=what, max_pixels=max_pixels, draft_side=draft_side)
     try:
@@ -161,8 +173,9 @@ def load_rgb8(source: str | os.PathLike | bytes, *, what: str | None = None,
     return rgb
 
 
-def load_rgb_float(source: str | os.PathLike | bytes, *, what: str | None = None,
-                   max_pixels: int | None = None) -> np.ndarray:
+def load_rgb_float(
+    source: str | os.PathLike | bytes, *, what: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Image file (path or bytes) → float32 (H, W, 3) RGB in 0..1 (16-bit precision kept)."""
     img = open_image(source, what=what, max_pixels=max_pixels)
     try:
@@ -171,8 +184,9 @@ def load_rgb_float(source: str | os.PathLike | bytes, *, what: str | None = None
         raise ImageDecodeError(f"{what or 'image'} cannot be converted to RGB ({type(e).__name__}: {e})") from None
 
 
-def list_images(folder: str | os.PathLike, *, recursive: bool = False,
-                roots: Iterable[str | os.PathLike] | None = None) -> list[str]:
+def list_images(
+    folder: str | os.PathLike, *, recursive: bool = False, roots: Iterable[str | os.PathLike] | None = None
+) -> list[str]:
     """Image files (by :data:`IMAGE_EXTENSIONS`) in ``folder``, as absolute paths sorted by their path
     relative to ``folder`` (ids and batch order never depend on file-system order).
 
@@ -202,6 +216,18 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = False,
     return out
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ENV_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageDecodeError", "PathConfinementError",
-           "is_image_name", "list_images", "load_rgb8", "load_rgb_float", "max_image_pixels", "open_image",
-           "to_rgb8", "to_rgb_array"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ENV_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "PathConfinementError",
+    "is_image_name",
+    "list_images",
+    "load_rgb8",
+    "load_rgb_float",
+    "max_image_pixels",
+    "open_image",
+    "to_rgb8",
+    "to_rgb_array",
+]

@@ -135,8 +135,9 @@ def crop_hr(hr: torch.Tensor, side: int = HR_SIDE) -> torch.Tensor:
     return round_u8(resize_center_crop(ensure_rgb(hr, what="HR image"), side))
 
 
-def hr_lr_pair(hr: torch.Tensor, side: int = HR_SIDE, scale: int = SCALE, degradation=None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def hr_lr_pair(
+    hr: torch.Tensor, side: int = HR_SIDE, scale: int = SCALE, degradation=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(HR crop, LR) of ``[B,H,W,C]`` HR images: :func:`crop_hr`, then ``degradation`` (default
     :func:`make_lr`) of the crop, 8-bit rounded like the LR PNG."""
     crop = crop_hr(hr, side)

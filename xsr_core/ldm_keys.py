@@ -52,7 +52,9 @@ def _layer_prefix_map(n_levels: int, layers_per_block: int, *, with_up: bool) ->
     return out
 
 
-def unet_diffusers_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any], *, controlnet: bool = False) -> dict[str, torch.Tensor]:
+def unet_diffusers_to_ldm(
+    sd: dict[str, torch.Tensor], config: dict[str, Any], *, controlnet: bool = False
+) -> dict[str, torch.Tensor]:
     """Rename a diffusers SD1.x U-Net (or ControlNet) state dict to the original LDM layout."""
     n_levels = len(config["block_out_channels"])
     lpb = config["layers_per_block"]
@@ -66,7 +68,7 @@ def unet_diffusers_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any], *
                 new = new.replace(f".{hf}.", f".{ldm}.")
         for ldm, hf in _TOP_MAP:
             if new.startswith(hf):
-                new = ldm + new[len(hf):]
+                new = ldm + new[len(hf) :]
         if controlnet:
             new = _controlnet_extra(new)
         for ldm, hf in layer_map:
@@ -74,7 +76,7 @@ def unet_diffusers_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any], *
                 if "@UP@" in ldm:
                     level = int(hf.split(".")[1])
                     ldm = ldm.replace("@UP@", "2" if up_types[level].startswith("CrossAttn") else "1")
-                new = ldm + new[len(hf):]
+                new = ldm + new[len(hf) :]
                 break
         out[new] = value
     return out
@@ -84,13 +86,13 @@ def _controlnet_extra(key: str) -> str:
     if key.startswith("controlnet_cond_embedding.conv_in."):
         return "input_hint_block.0." + key.split("conv_in.", 1)[1]
     if key.startswith("controlnet_cond_embedding.blocks."):
-        idx, rest = key[len("controlnet_cond_embedding.blocks."):].split(".", 1)
+        idx, rest = key[len("controlnet_cond_embedding.blocks.") :].split(".", 1)
         return f"input_hint_block.{2 * (int(idx) + 1)}.{rest}"
     if key.startswith("controlnet_cond_embedding.conv_out."):
         return "input_hint_block.14." + key.split("conv_out.", 1)[1]
     if key.startswith("controlnet_down_blocks."):
-        idx, rest = key[len("controlnet_down_blocks."):].split(".", 1)
+        idx, rest = key[len("controlnet_down_blocks.") :].split(".", 1)
         return f"zero_convs.{idx}.0.{rest}"
     if key.startswith("controlnet_mid_block."):
-        return "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        return "middle_block_out.0." + key[len("controlnet_mid_block.") :]
     return key

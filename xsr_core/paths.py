@@ -48,8 +48,13 @@ def is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def confine(path: str | os.PathLike, roots: Iterable[str | os.PathLike], *, what: str = "file",
-            base: str | os.PathLike | None = None) -> str:
+def confine(
+    path: str | os.PathLike,
+    roots: Iterable[str | os.PathLike],
+    *,
+    what: str = "file",
+    base: str | os.PathLike | None = None,
+) -> str:
     """Resolve ``path`` (relative paths against ``base``) and return it if it lies under one of ``roots``.
 
     Raises :class:`PathConfinementError` naming ``what``, the path, where it resolves to and the
@@ -67,7 +72,8 @@ def confine(path: str | os.PathLike, roots: Iterable[str | os.PathLike], *, what
     raise PathConfinementError(
         f"{what} {shown} lies outside the folders XSR may read ({', '.join(allowed) or 'none'}); "
         "move the file there, or, if you trust it, add its folder to the XSR_ALLOWED_ROOTS environment "
-        f"variable ({os.pathsep}-separated folders)")
+        f"variable ({os.pathsep}-separated folders)"
+    )
 
 
 def confined_or_none(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> str | None:

@@ -68,7 +68,9 @@ class Tiling:
     @staticmethod
     def make(lr_height: int, lr_width: int, tile: int = TILE, overlap: int = 8) -> "Tiling":
         if max(lr_height, lr_width) > MAX_TILED_LR_SIDE:
-            raise TilingError(f"LR is {lr_width}x{lr_height} px; the tiled path takes up to {MAX_TILED_LR_SIDE} px per side")
+            raise TilingError(
+                f"LR is {lr_width}x{lr_height} px; the tiled path takes up to {MAX_TILED_LR_SIDE} px per side"
+            )
         ys = axis_starts(lr_height, tile, overlap)
         xs = axis_starts(lr_width, tile, overlap)
         th, tw = min(tile, lr_height), min(tile, lr_width)
@@ -93,13 +95,22 @@ class Tiling:
     def crop_lr(self, lr_bhwc: torch.Tensor) -> torch.Tensor:
         """The LR tiles of a [1,H,W,C] image as a [T,th,tw,C] batch (row-major tile order)."""
         if lr_bhwc.shape[0] != 1 or tuple(lr_bhwc.shape[1:3]) != (self.lr_height, self.lr_width):
-            raise TilingError(f"crop_lr: expected one {self.lr_width}x{self.lr_height} image, got {tuple(lr_bhwc.shape)}")
+            raise TilingError(
+                f"crop_lr: expected one {self.lr_width}x{self.lr_height} image, got {tuple(lr_bhwc.shape)}"
+            )
         return torch.cat([lr_bhwc[:, y : y + h, x : x + w] for y, x, h, w in self.boxes])
 
     def as_dict(self) -> dict:
         """JSON form (for the UI): LR size, grid and boxes as [x, y, w, h]."""
-        return {"lr_width": self.lr_width, "lr_height": self.lr_height, "tile": self.tile, "overlap": self.overlap,
-                "rows": self.rows, "cols": self.cols, "boxes": [[x, y, w, h] for y, x, h, w in self.boxes]}
+        return {
+            "lr_width": self.lr_width,
+            "lr_height": self.lr_height,
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "rows": self.rows,
+            "cols": self.cols,
+            "boxes": [[x, y, w, h] for y, x, h, w in self.boxes],
+        }
 
 
 def _ramp_1d(n: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
@@ -155,8 +166,15 @@ def tile_weights(tiling: Tiling, factor: int = LATENT_PER_LR, weighting: str = "
     return out.float()
 
 
-def blend(tiles: torch.Tensor, weights: torch.Tensor, tiling: Tiling, factor: int = LATENT_PER_LR,
-          out: torch.Tensor | None = None, index: list[int] | None = None, batch: int = 1) -> torch.Tensor:
+def blend(
+    tiles: torch.Tensor,
+    weights: torch.Tensor,
+    tiling: Tiling,
+    factor: int = LATENT_PER_LR,
+    out: torch.Tensor | None = None,
+    index: list[int] | None = None,
+    batch: int = 1,
+) -> torch.Tensor:
     """Accumulate per-tile predictions into a full-size canvas: ``out[:, :, box] += tiles * weight``.
 
     ``tiles``: (len(index) * batch, C, h, w), tile-major (rows of tile ``index[j]`` at j*batch ...

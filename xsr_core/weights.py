@@ -104,20 +104,24 @@ def check_config_values(cfg: Any, *, source: str, where: str = "config") -> None
         return
     if isinstance(cfg, int):
         if abs(cfg) > MAX_CONFIG_INT:
-            raise XSRWeightsError(f"{source}: {where} = {cfg} is beyond any XSR model size (limit {MAX_CONFIG_INT}); "
-                                  "the file is damaged or crafted")
+            raise XSRWeightsError(
+                f"{source}: {where} = {cfg} is beyond any XSR model size (limit {MAX_CONFIG_INT}); "
+                "the file is damaged or crafted"
+            )
         return
     if isinstance(cfg, float):
         if not math.isfinite(cfg) or abs(cfg) > MAX_CONFIG_INT:
-            raise XSRWeightsError(f"{source}: {where} = {cfg} is not a finite, bounded number; the file is damaged "
-                                  "or crafted")
+            raise XSRWeightsError(
+                f"{source}: {where} = {cfg} is not a finite, bounded number; the file is damaged or crafted"
+            )
         return
     items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else None
     if items is None:
         raise XSRWeightsError(f"{source}: {where} has an unsupported value type {type(cfg).__name__}")
     if len(cfg) > MAX_CONFIG_ITEMS:
-        raise XSRWeightsError(f"{source}: {where} has {len(cfg)} entries (limit {MAX_CONFIG_ITEMS}); the file is "
-                              "damaged or crafted")
+        raise XSRWeightsError(
+            f"{source}: {where} has {len(cfg)} entries (limit {MAX_CONFIG_ITEMS}); the file is damaged or crafted"
+        )
     for k, v in items:
         check_config_values(v, source=source, where=f"{where}.{k}" if isinstance(cfg, dict) else f"{where}[{k}]")
 
@@ -150,7 +154,8 @@ class _DeclaredSizeGuard:
             raise XSRWeightsError(
                 f"{self.source}: its config declares a model larger than the file ({self.count} tensors / "
                 f"{self.numel} values so far, the file holds {self.max_count} tensors / {self.max_numel} values); "
-                "the metadata is damaged or crafted")
+                "the metadata is damaged or crafted"
+            )
 
     def __enter__(self) -> "_DeclaredSizeGuard":
         from torch.nn.modules.module import register_module_parameter_registration_hook
@@ -179,14 +184,18 @@ def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> Non
     except XSRWeightsError:
         raise
     except (ValueError, TypeError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as e:
-        raise XSRWeightsError(f"{path}: its {cls.__name__} config cannot build a model ({type(e).__name__}: {e}); "
-                              "the file is damaged or from an incompatible XSR version") from e
+        raise XSRWeightsError(
+            f"{path}: its {cls.__name__} config cannot build a model ({type(e).__name__}: {e}); "
+            "the file is damaged or from an incompatible XSR version"
+        ) from e
     want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     total = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
     del meta
     if total > file_numel + NON_PERSISTENT_SLACK:
-        raise XSRWeightsError(f"{path}: its config declares {total} values but the file holds {file_numel}; the "
-                              "metadata is damaged or crafted")
+        raise XSRWeightsError(
+            f"{path}: its config declares {total} values but the file holds {file_numel}; the "
+            "metadata is damaged or crafted"
+        )
     missing = sorted(set(want) - set(shapes))
     unexpected = sorted(set(shapes) - set(want))
     wrong = [f"{k} {shapes[k]} (config: {want[k]})" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
@@ -304,8 +313,10 @@ def load_model(
     sd = load_state_dict(path)
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
+
         def _fmt(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
         parts = []
         if result.missing_keys:
             parts.append(f"missing {len(result.missing_keys)} tensors: {_fmt(result.missing_keys)}")

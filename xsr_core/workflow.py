@@ -96,11 +96,15 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
     unknown node types, bypassed nodes, subgraphs and links to nodes that do not exist.
     """
     if not is_ui_workflow(ui_workflow):
-        raise WorkflowError("ui_to_api: not a UI-format workflow (expected 'nodes' and 'links' lists); an API-format "
-                            "prompt ({id: {class_type, inputs}}) can be queued as is.")
+        raise WorkflowError(
+            "ui_to_api: not a UI-format workflow (expected 'nodes' and 'links' lists); an API-format "
+            "prompt ({id: {class_type, inputs}}) can be queued as is."
+        )
     if (ui_workflow.get("definitions") or {}).get("subgraphs"):
-        raise WorkflowError("ui_to_api: the workflow contains subgraphs, which this converter does not expand; "
-                            "convert them to nodes in the ComfyUI frontend (Unpack Subgraph) and save again.")
+        raise WorkflowError(
+            "ui_to_api: the workflow contains subgraphs, which this converter does not expand; "
+            "convert them to nodes in the ComfyUI frontend (Unpack Subgraph) and save again."
+        )
     nodes = {str(n["id"]): n for n in ui_workflow["nodes"]}
     links: dict[int, tuple[str, int]] = {}
     for link in ui_workflow["links"]:
@@ -121,8 +125,10 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
         if node.get("mode", MODE_ALWAYS) == MODE_NEVER:
             return None
         if node.get("mode", MODE_ALWAYS) == MODE_BYPASS:
-            raise WorkflowError(f"ui_to_api: {_node_label(node)} is bypassed (mode 4); bypass pass-through is not "
-                                "supported here: un-bypass or delete it (or mute it, mode 2) and save again.")
+            raise WorkflowError(
+                f"ui_to_api: {_node_label(node)} is bypassed (mode 4); bypass pass-through is not "
+                "supported here: un-bypass or delete it (or mute it, mode 2) and save again."
+            )
         if node["type"] == REROUTE:
             if src in seen:
                 raise WorkflowError(f"ui_to_api: Reroute cycle through node {src}.")
@@ -143,12 +149,16 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
         if kind in NOTE_TYPES or kind in (REROUTE, PRIMITIVE) or mode == MODE_NEVER:
             continue
         if mode == MODE_BYPASS:
-            raise WorkflowError(f"ui_to_api: {_node_label(node)} is bypassed (mode 4); bypass pass-through is not "
-                                "supported here: un-bypass or delete it (or mute it, mode 2) and save again.")
+            raise WorkflowError(
+                f"ui_to_api: {_node_label(node)} is bypassed (mode 4); bypass pass-through is not "
+                "supported here: un-bypass or delete it (or mute it, mode 2) and save again."
+            )
         node_def = object_info.get(kind)
         if node_def is None:
-            raise WorkflowError(f"ui_to_api: {_node_label(node)}: the server has no node type '{kind}'; install the "
-                                "custom node pack that provides it (or check the ComfyUI version) and restart ComfyUI.")
+            raise WorkflowError(
+                f"ui_to_api: {_node_label(node)}: the server has no node type '{kind}'; install the "
+                "custom node pack that provides it (or check the ComfyUI version) and restart ComfyUI."
+            )
         ui_inputs = {i.get("name"): i for i in node.get("inputs") or []}
         values = _widget_values(node)
         pos = 0
@@ -172,8 +182,11 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
                 inputs[name] = src[1] if src[0] == "value" else [src[0], src[1]]
             elif has_value:
                 inputs[name] = value
-        api[nid] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title") or
-                                                                     node_def.get("display_name") or kind}}
+        api[nid] = {
+            "class_type": kind,
+            "inputs": inputs,
+            "_meta": {"title": node.get("title") or node_def.get("display_name") or kind},
+        }
     return api
 
 

@@ -11,8 +11,16 @@ import shutil
 import pytest
 
 CHROMIUM = os.environ.get("XSR_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +29,19 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the browser tests need the Python package 'playwright': "
-                    "pip install -c scripts/constraints.txt playwright (no 'playwright install': "
-                    "they use the system Chromium)", pytrace=False)
+        pytest.fail(
+            "the browser tests need the Python package 'playwright': "
+            "pip install -c scripts/constraints.txt playwright (no 'playwright install': "
+            "they use the system Chromium)",
+            pytrace=False,
+        )
     exe = CHROMIUM if os.path.isfile(CHROMIUM) else shutil.which("chromium")
     if not exe:
-        pytest.fail(f"the browser tests need Chromium at {CHROMIUM}: apt-get update && apt-get install -y chromium "
-                    "(or set XSR_CHROMIUM to a Chromium/Chrome binary)", pytrace=False)
+        pytest.fail(
+            f"the browser tests need Chromium at {CHROMIUM}: apt-get update && apt-get install -y chromium "
+            "(or set XSR_CHROMIUM to a Chromium/Chrome binary)",
+            pytrace=False,
+        )
     pw = sync_playwright().start()
     try:
         b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)

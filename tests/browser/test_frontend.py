@@ -27,9 +27,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 NAMES = ["xsr_x16", "xsr_x16_text_only", "xsr_x16_batch_folder"]
-ZOO = {"v1-5-pruned-emaonly.safetensors": CHECKPOINT_NAME, "xsr_controlnet.safetensors": CONTROLNET_NAME,
-       "xsr_text_only_controlnet.safetensors": CONTROLNET_NAME,
-       "clip_vision_l.safetensors": CLIP_VISION_NAME, "xsr_refdb": DEMO_REFDB}
+ZOO = {
+    "v1-5-pruned-emaonly.safetensors": CHECKPOINT_NAME,
+    "xsr_controlnet.safetensors": CONTROLNET_NAME,
+    "xsr_text_only_controlnet.safetensors": CONTROLNET_NAME,
+    "clip_vision_l.safetensors": CLIP_VISION_NAME,
+    "xsr_refdb": DEMO_REFDB,
+}
 REAL_MODELS = {"v1-5-pruned-emaonly.safetensors", "clip_vision_l.safetensors"}  # the XSR ControlNet has no URL
 XSS = "<img src=x onerror=window.__xss=1>"
 # console errors that concern this pack (the offline frontend logs its own: 404 templates, CSP-blocked registry calls)
@@ -79,7 +83,7 @@ def overlapping(boxes: list[dict]) -> list[tuple]:
     """Pairs of nodes whose boxes (title bar included) intersect."""
     out = []
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["box"], b["box"]
             if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
                 out.append((f"{a['id']} {a['type']}", f"{b['id']} {b['type']}"))
@@ -175,8 +179,10 @@ def queue_and_wait(page, comfy, wf: dict, want_refs: int | None, timeout_ms: int
     err = page.evaluate("() => window.__xsr_error")
     assert err is None, f"execution failed: {err}\n{comfy.log_tail(30)}"
     if want_refs is not None:
-        page.wait_for_function(f"() => document.querySelectorAll('.xsr-gallery .xsr-ref').length === {want_refs} "
-                               "&& document.querySelector('.xsr-caption')?.textContent.length > 0")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('.xsr-gallery .xsr-ref').length === {want_refs} "
+            "&& document.querySelector('.xsr-caption')?.textContent.length > 0"
+        )
 
 
 GALLERY = """(nodeId) => {
@@ -198,7 +204,9 @@ GALLERY = """(nodeId) => {
 def check_gallery_and_overlay(page, wf, want_refs: int) -> None:
     """The gallery on XSR_Retrieve (scores, names, no stock preview) and the full-resolution overlay."""
     retrieve = next(n["id"] for n in wf["nodes"] if n["type"] == "XSR_Retrieve")
-    page.wait_for_function("() => [...document.querySelectorAll('.xsr-gallery img')].every((i) => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.xsr-gallery img')].every((i) => i.complete && i.naturalWidth > 0)"
+    )
     g = page.evaluate(GALLERY, retrieve)
     refs = g["refs"]
     assert len(refs) == want_refs and all(r["shown"] for r in refs), refs
@@ -214,7 +222,9 @@ def check_gallery_and_overlay(page, wf, want_refs: int) -> None:
     overlay.wait_for(state="visible")
     assert refs[1]["name"] in overlay.locator(".xsr-overlay-caption").text_content()
     page.wait_for_function("() => document.querySelector('.xsr-overlay img').naturalWidth > 0")
-    full = page.evaluate("() => [document.querySelector('.xsr-overlay img').naturalWidth, document.querySelector('.xsr-overlay img').naturalHeight]")
+    full = page.evaluate(
+        "() => [document.querySelector('.xsr-overlay img').naturalWidth, document.querySelector('.xsr-overlay img').naturalHeight]"
+    )
     # the tiny zoo's demo DB holds 256x256 images (xsr_core.testing.zoo.write_demo_refdb): the HR file, not the thumbnail
     assert full == [256, 256] and overlay.locator("img").get_attribute("src") != refs[1]["src"], (full, thumb)
     page.keyboard.press("Escape")
@@ -257,7 +267,9 @@ def vue_page(browser, comfy, lr_name):
         pg.wait_for_function(APP_READY, timeout=90_000)
         pg.evaluate("() => document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach((b) => b.click())")
         pg.wait_for_function("() => !document.querySelector('.p-dialog-mask')")
-        assert pg.evaluate("() => window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
+        assert (
+            pg.evaluate("() => window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
+        )
         yield pg
     finally:
         ctx.close()

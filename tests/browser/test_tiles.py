@@ -55,5 +55,7 @@ def test_tile_preview_shows_the_grid_and_a_tile_on_click(page, comfy, wide_lr): 
     page.wait_for_function("() => document.querySelector('.xsr-tile-detail')?.textContent.startsWith('tile 3 of 3')")
     assert page.locator(".xsr-tile-detail figure").count() == 4
     assert page.locator(".xsr-tile-detail .xsr-tile-caption").text_content().endswith("high quality, detailed")
-    page.wait_for_function("() => [...document.querySelectorAll('.xsr-tiles img')].every((i) => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.xsr-tiles img')].every((i) => i.complete && i.naturalWidth > 0)"
+    )
     assert page.errors.errors == []

@@ -53,11 +53,15 @@ dfolder = MODELS / "diffusers" / zoo.DIFFUSERS_DIR
 
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)
 control = comfy.controlnet.load_controlnet(str(cn_path))
-unet_d = UNet2DConditionModel.from_single_file(str(ckpt), config=str(dfolder), subfolder="unet", local_files_only=True).eval()
+unet_d = UNet2DConditionModel.from_single_file(
+    str(ckpt), config=str(dfolder), subfolder="unet", local_files_only=True
+).eval()
 cn_d = ControlNetModel.from_single_file(str(cn_path), config=str(dfolder / "controlnet"), local_files_only=True).eval()
 
 embed_dim = 24
-cfg = core_adapter.AdaINAdapterConfig.from_unet_config(dict(unet_d.config), embed_dim=embed_dim, include_controlnet=True)
+cfg = core_adapter.AdaINAdapterConfig.from_unet_config(
+    dict(unet_d.config), embed_dim=embed_dim, include_controlnet=True
+)
 adapter = core_adapter.AdaINAdapter(cfg).eval()
 with torch.no_grad():
     g = torch.Generator().manual_seed(1)
@@ -130,18 +134,25 @@ patched_cn = binding.patch_controlnet(control, runtime)
 active = torch.tensor([[1.0], [0.0]])  # row 0 cond (adapter), row 1 uncond (untouched)
 rows = [True, False]
 
-for sigma in (float(ms.sigma(torch.tensor(999.0))), float(ms.sigma(torch.tensor(500.0))), float(ms.sigma(torch.tensor(20.0)))):
+for sigma in (
+    float(ms.sigma(torch.tensor(999.0))),
+    float(ms.sigma(torch.tensor(500.0))),
+    float(ms.sigma(torch.tensor(20.0))),
+):
     for with_control in (False, True):
         out_c, t = comfy_eps(patched, sigma, active, patched_cn if with_control else None)
         ref_adapted = diffusers_eps(sigma, t, rows, True, with_control)
         ref_plain = diffusers_eps(sigma, t, rows, False, with_control)
-        results["parity"].append({
-            "sigma": sigma, "control": with_control,
-            "cond_maxdiff": float((out_c[0] - ref_adapted[0]).abs().max()),
-            "uncond_maxdiff": float((out_c[1] - ref_plain[1]).abs().max()),
-            "adapter_effect": float((ref_adapted[0] - ref_plain[0]).abs().max()),
-            "ref_scale": float(ref_plain.abs().max()),
-        })
+        results["parity"].append(
+            {
+                "sigma": sigma,
+                "control": with_control,
+                "cond_maxdiff": float((out_c[0] - ref_adapted[0]).abs().max()),
+                "uncond_maxdiff": float((out_c[1] - ref_plain[1]).abs().max()),
+                "adapter_effect": float((ref_adapted[0] - ref_plain[0]).abs().max()),
+                "ref_scale": float(ref_plain.abs().max()),
+            }
+        )
 
 # gate 0 / strength 0: bit-identical to the unpatched model (U-Net and ControlNet)
 sigma = float(ms.sigma(torch.tensor(500.0)))
@@ -149,7 +160,9 @@ plain, _ = comfy_eps(model, sigma, active, control, embed=None)
 plain_again, _ = comfy_eps(model, sigma, active, control, embed=None)
 results["gate0"]["plain_deterministic"] = bool(torch.equal(plain, plain_again))
 zero_rt = binding.AdaINRuntime(adapter_patcher, strength=0.0)
-out0, _ = comfy_eps(binding.patch_unet(model, zero_rt), sigma, torch.ones(2, 1), binding.patch_controlnet(control, zero_rt))
+out0, _ = comfy_eps(
+    binding.patch_unet(model, zero_rt), sigma, torch.ones(2, 1), binding.patch_controlnet(control, zero_rt)
+)
 results["gate0"]["strength0_equal"] = bool(torch.equal(out0, plain))
 saved_gates = adapter.gates.detach().clone()
 with torch.no_grad():
@@ -225,7 +238,8 @@ xsr_then_ipa, n1 = eps_calls(apply_ipa_style(binding.patch_unet(model, runtime),
 ipa_then_xsr, n2 = eps_calls(binding.patch_unet(apply_ipa_style(model, 0.7), runtime).clone())
 added, n3 = eps_calls(apply_ipa_style(apply_ipa_style(binding.patch_unet(model, runtime), 0.7), 0.3))
 results["stack"] = {
-    "ipa_calls": [n_ipa, n1, n2], "ipa_calls_after_add": n3,
+    "ipa_calls": [n_ipa, n1, n2],
+    "ipa_calls_after_add": n3,
     "orders_equal": bool(torch.equal(xsr_then_ipa, ipa_then_xsr)),
     "differs_from_ipa_only": float((xsr_then_ipa - ipa_only).abs().max()),
     "differs_from_xsr_only": float((xsr_then_ipa - xsr_only).abs().max()),
@@ -291,6 +305,7 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+
 def compiled_run(m, cn, opts):
     """Sampler run with the model under TorchCompileModel's wrapper; (out, batches, graphs, graph breaks)."""
     torch._dynamo.reset()
@@ -304,19 +319,27 @@ def compiled_run(m, cn, opts):
 try:
     c_out, c_seen, c_graphs, c_breaks = compiled_run(full_m, full_cn, with_e)
     p_out, _, p_graphs, p_breaks = compiled_run(model, control, {})
-    results["compile"] = {"ok": True, "maxdiff": float((c_out - cfg["xsr"]["out"]).abs().max()),
-                          "scale": float(cfg["xsr"]["out"].abs().max()), "batches": c_seen,
-                          "frames_compiled": c_graphs, "graph_breaks": c_breaks,
-                          "plain_frames_compiled": p_graphs, "plain_graph_breaks": p_breaks,
-                          "plain_maxdiff": float((p_out - plain_out).abs().max())}
+    results["compile"] = {
+        "ok": True,
+        "maxdiff": float((c_out - cfg["xsr"]["out"]).abs().max()),
+        "scale": float(cfg["xsr"]["out"].abs().max()),
+        "batches": c_seen,
+        "frames_compiled": c_graphs,
+        "graph_breaks": c_breaks,
+        "plain_frames_compiled": p_graphs,
+        "plain_graph_breaks": p_breaks,
+        "plain_maxdiff": float((p_out - plain_out).abs().max()),
+    }
 except Exception as e:  # recorded for the test's message
     results["compile"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
 
 # multi-GPU deep clones (ComfyUI >= 0.33): refused with XSR's message, never silently unpatched
 mgpu = {"available": hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu")}
 if mgpu["available"]:
-    for name, fn in (("unet", lambda: full_m.deepclone_multigpu(new_load_device=torch.device("cpu"))),
-                     ("controlnet", lambda: full_cn.deepclone_multigpu(torch.device("cpu"), autoregister=True))):
+    for name, fn in (
+        ("unet", lambda: full_m.deepclone_multigpu(new_load_device=torch.device("cpu"))),
+        ("controlnet", lambda: full_cn.deepclone_multigpu(torch.device("cpu"), autoregister=True)),
+    ):
         try:
             fn()
             mgpu[name] = "cloned"
@@ -326,9 +349,11 @@ if mgpu["available"]:
 results["multigpu"] = mgpu
 # the XSR ControlNet survives ComfyUI's own copy() (ControlNetApplyAdvanced copies it) with its patches
 cn_copy = full_cn.copy()
-results["multigpu"]["copy_keeps_xsr"] = bool(isinstance(cn_copy, binding.XSRControlNet)
-                                              and cn_copy.xsr_runtime is runtime
-                                              and cn_copy.control_model_wrapped is full_cn.control_model_wrapped)
+results["multigpu"]["copy_keeps_xsr"] = bool(
+    isinstance(cn_copy, binding.XSRControlNet)
+    and cn_copy.xsr_runtime is runtime
+    and cn_copy.control_model_wrapped is full_cn.control_model_wrapped
+)
 
 # encoder contract: the CLI's CLIP vision path and ComfyUI's CLIP_VISION (stock CLIPVisionLoader path on the
 # same file) give the same features and the same fingerprint
@@ -342,8 +367,14 @@ cv = comfy.clip_vision.load(str(cv_path))
 enc = clip_vision_mod.ClipVisionEncoder.from_file(cv_path)
 import numpy as np  # noqa: E402
 
-imgs = torch.stack([torch.from_numpy(np.asarray(synthetic.synthetic_image(s, 96), dtype=np.float32) / 255) for s in range(6)])
-lr = torch.nn.functional.interpolate(imgs.movedim(-1, 1), size=(8, 8), mode="bicubic", antialias=True).clamp(0, 1).movedim(1, -1)
+imgs = torch.stack(
+    [torch.from_numpy(np.asarray(synthetic.synthetic_image(s, 96), dtype=np.float32) / 255) for s in range(6)]
+)
+lr = (
+    torch.nn.functional.interpolate(imgs.movedim(-1, 1), size=(8, 8), mode="bicubic", antialias=True)
+    .clamp(0, 1)
+    .movedim(1, -1)
+)
 cos = []
 for batch, is_lr in ((imgs, False), (lr, True)):
     a = common.encode_clip(cv, batch, lr=is_lr).cls

@@ -89,7 +89,8 @@ class RerunBackend:
 backend = RerunBackend if MODE == "cpu" else None
 device = comfy.model_management.get_torch_device()
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-    str(MODELS / "checkpoints" / zoo.CHECKPOINT_NAME), output_vae=True, output_clip=True)
+    str(MODELS / "checkpoints" / zoo.CHECKPOINT_NAME), output_vae=True, output_clip=True
+)
 control = comfy.controlnet.load_controlnet(str(MODELS / "controlnet" / zoo.CONTROLNET_NAME))
 g = torch.Generator().manual_seed(3)
 ctx_dim = model.model.model_config.unet_config["context_dim"]
@@ -112,8 +113,9 @@ def sample(m, steps=6, size=8, window=(0.0, 1.0), cnet=True, callback=None):
     latent = torch.zeros(1, 4, size, size)
     noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
-        out = comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7,
-                                  callback=callback, disable_pbar=True)
+        out = comfy.sample.sample(
+            m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7, callback=callback, disable_pbar=True
+        )
     return out.float().cpu()
 
 
@@ -142,6 +144,7 @@ def spy_outer(executor, *a, **k):  # keep the finished run's counters for the re
             return executor(*aa, **kk)
         finally:
             runs.append(sampling.run)
+
     return orig_outer(inner, *a, **k)
 
 
@@ -149,9 +152,16 @@ gm.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
 gm.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_outer)
 graphed = sample(gm, callback=lambda i, *a: steps_seen.append(i))
 r = runs[-1]
-res["plain"] = {"maxdiff": diff(eager, graphed), "scale": float(eager.abs().max()), "replays": r.replays,
-                "eager_steps": r.eager_steps, "graphs": len(r.graphs), "refused": r.refused,
-                "callback_steps": steps_seen}
+res["plain"] = {
+    "maxdiff": diff(eager, graphed),
+    "scale": float(eager.abs().max()),
+    "replays": r.replays,
+    "eager_steps": r.eager_steps,
+    "graphs": len(r.graphs),
+    "refused": r.refused,
+    "callback_steps": steps_seen,
+}
+
 
 # 1b. interrupt from the progress callback while replaying: the run stops at the next step, the next run works
 def interrupt_at_3(i, *a):
@@ -175,8 +185,14 @@ eager_w = sample(model, steps=8, window=(0.0, 0.5))
 log.lines.clear()
 graphed_w = sample(gm, steps=8, window=(0.0, 0.5))
 r = runs[-1]
-res["window"] = {"maxdiff": diff(eager_w, graphed_w), "replays": r.replays, "eager_steps": r.eager_steps,
-                 "graphs": len(r.graphs), "log": list(log.lines), "refused": r.refused}
+res["window"] = {
+    "maxdiff": diff(eager_w, graphed_w),
+    "replays": r.replays,
+    "eager_steps": r.eager_steps,
+    "graphs": len(r.graphs),
+    "log": list(log.lines),
+    "refused": r.refused,
+}
 
 # 4. an unknown wrapper key and an unknown patch: the run is eager (same result), one log line each
 foreign = gm.clone()
@@ -186,13 +202,17 @@ res["unknown_wrapper"] = {"maxdiff": diff(eager, sample(foreign)), "refused": ru
 patched_foreign = gm.clone()
 patched_foreign.set_model_attn2_patch(lambda n, c, v, extra: (n, c, v))
 log.lines.clear()
-res["unknown_patch"] = {"maxdiff": diff(eager, sample(patched_foreign)), "refused": runs[-1].refused,
-                        "log": list(log.lines)}
+res["unknown_patch"] = {
+    "maxdiff": diff(eager, sample(patched_foreign)),
+    "refused": runs[-1].refused,
+    "log": list(log.lines),
+}
 
 # 5. the XSR AdaIN patches (XSR's own wrappers and patches) are captured
 embed_dim = 24
 ad_cfg = core_adapter.AdaINAdapterConfig.from_unet_config(
-    zoo.TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True)
+    zoo.TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True
+)
 adapter = core_adapter.AdaINAdapter(ad_cfg).eval()
 with torch.no_grad():
     adapter.gates.uniform_(0.3, 0.9, generator=torch.Generator().manual_seed(1))
@@ -205,14 +225,21 @@ E = torch.randn(1, 257, embed_dim, generator=g)
 
 def sample_xsr(m, steps=6):
     c = xsr_cn.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, (0.0, 1.0))
-    pos = [[pos_ctx, {"control": c, "control_apply_to_uncond": False,
-                      "model_conds": {binding.XSR_KEY: binding.CONDXSR(E)}}]]
+    pos = [
+        [
+            pos_ctx,
+            {"control": c, "control_apply_to_uncond": False, "model_conds": {binding.XSR_KEY: binding.CONDXSR(E)}},
+        ]
+    ]
     neg = [[neg_ctx, {"control": c, "control_apply_to_uncond": False}]]
     latent = torch.zeros(1, 4, 8, 8)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
-        return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7,
-                                   disable_pbar=True).float().cpu()
+        return (
+            comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=7, disable_pbar=True)
+            .float()
+            .cpu()
+        )
 
 
 eager_x = sample_xsr(xsr_model)
@@ -227,15 +254,20 @@ def spy_x(executor, *a, **k):
             return executor(*aa, **kk)
         finally:
             sx_runs.append(sx.run)
+
     return orig_x(inner, *a, **k)
 
 
 gx.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
 gx.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_x)
 graphed_x = sample_xsr(gx)
-res["xsr"] = {"maxdiff": diff(eager_x, graphed_x), "adapter_effect": diff(eager_x, eager),
-              "replays": sx_runs[-1].replays, "refused": sx_runs[-1].refused,
-              "outermost": next(iter(gx.wrappers[WrappersMP.CALC_COND_BATCH]))}
+res["xsr"] = {
+    "maxdiff": diff(eager_x, graphed_x),
+    "adapter_effect": diff(eager_x, eager),
+    "replays": sx_runs[-1].replays,
+    "refused": sx_runs[-1].refused,
+    "outermost": next(iter(gx.wrappers[WrappersMP.CALC_COND_BATCH])),
+}
 
 # 6. recapture on a shape change inside one run, and the lowvram refusal (direct calls)
 calls = []
@@ -257,8 +289,13 @@ for shape in [(2, 4, 8, 8)] * 3 + [(2, 4, 16, 16)] * 3 + [(2, 4, 8, 8)]:
     t = torch.full((shape[0],), 5.0, device=dev)
     got = s.calc_cond_batch(fake_executor, None, [[], None], x, t, mo)
     outs.append(max(diff(got[0].cpu(), (x * 2 + 5.0).cpu()), diff(got[1].cpu(), (x * 3).cpu())))
-res["shapes"] = {"graphs": len(s.run.graphs), "replays": s.run.replays, "eager": s.run.eager_steps,
-                 "maxdiff": max(outs), "log": list(log.lines)}
+res["shapes"] = {
+    "graphs": len(s.run.graphs),
+    "replays": s.run.replays,
+    "eager": s.run.eager_steps,
+    "maxdiff": max(outs),
+    "log": list(log.lines),
+}
 
 
 class FakeModel:

@@ -23,7 +23,9 @@ def worker_results(tmp_path_factory, comfy_dir, tiny_zoo):
     out = tmp_path_factory.mktemp("adapter") / "results.json"
     proc = subprocess.run(
         [sys.executable, str(HERE / "adapter_worker.py"), str(comfy_dir), str(REPO), str(tiny_zoo["root"]), str(out)],
-        capture_output=True, text=True, timeout=2400,  # minutes on a loaded 2-core machine (compile)
+        capture_output=True,
+        text=True,
+        timeout=2400,  # minutes on a loaded 2-core machine (compile)
     )
     assert proc.returncode == 0, f"adapter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
@@ -102,14 +104,30 @@ def _graph(lr_name, strength, split):
     from xsr_core.demo import xsr_graph
     from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 
-    g = xsr_graph(lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME,
-                  refdb=DEMO_REFDB, steps=1, strength=strength)
+    g = xsr_graph(
+        lr_name,
+        ckpt=CHECKPOINT_NAME,
+        controlnet=CONTROLNET_NAME,
+        clip_vision=CLIP_VISION_NAME,
+        refdb=DEMO_REFDB,
+        steps=1,
+        strength=strength,
+    )
     if split:  # XSR_LoadAdaINAdapter -> XSR_ApplyAdaIN instead of the one-node XSR_AdaINPatch
         old = g["patch"]["inputs"]
         g["adload"] = {"class_type": "XSR_LoadAdaINAdapter", "inputs": {"adapter_name": old["adapter_name"]}}
-        g["patch"] = {"class_type": "XSR_ApplyAdaIN", "inputs": {
-            "model": old["model"], "control_net": old["control_net"], "adapter": ["adload", 0], "strength": strength,
-            "start_percent": 0.0, "end_percent": 1.0, "apply_to": "cond"}}
+        g["patch"] = {
+            "class_type": "XSR_ApplyAdaIN",
+            "inputs": {
+                "model": old["model"],
+                "control_net": old["control_net"],
+                "adapter": ["adload", 0],
+                "strength": strength,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "apply_to": "cond",
+            },
+        }
     return g
 
 
@@ -125,8 +143,14 @@ def lr8(comfy, tmp_path_factory):
 
 
 def _live(comfy) -> dict:
-    entry = comfy.run({"live": {"class_type": "XSRTest_LiveObjects",
-                                "inputs": {"class_names": "AdaINAdapter,XSRAdapterPatcher,CONDXSR"}}})
+    entry = comfy.run(
+        {
+            "live": {
+                "class_type": "XSRTest_LiveObjects",
+                "inputs": {"class_names": "AdaINAdapter,XSRAdapterPatcher,CONDXSR"},
+            }
+        }
+    )
     return entry["outputs"]["live"]["xsr_live"][0]
 
 

@@ -26,13 +26,21 @@ def files(tiny_zoo):
     from xsr_core.testing.zoo import build_tiny_sd, write_controlnet
 
     root = tiny_zoo["root"]
-    other = write_controlnet(build_tiny_sd(seed=7)[3], root / "controlnet" / "xsr_identity_other_controlnet.safetensors")
+    other = write_controlnet(
+        build_tiny_sd(seed=7)[3], root / "controlnet" / "xsr_identity_other_controlnet.safetensors"
+    )
     adapter = load_model(tiny_zoo["adapter"], expected=AdaINAdapter)
     names = {}
     for tag, cn in (("same", tiny_zoo["controlnet"]), ("other", other)):
         name = f"xsr_identity_{tag}.safetensors"
-        save_model(adapter, root / "xsr" / name, extra_metadata={
-            "xsr.controlnet_fingerprint": wfp.dumps(wfp.fingerprint_file(cn)), "xsr.controlnet_file": cn.name})
+        save_model(
+            adapter,
+            root / "xsr" / name,
+            extra_metadata={
+                "xsr.controlnet_fingerprint": wfp.dumps(wfp.fingerprint_file(cn)),
+                "xsr.controlnet_file": cn.name,
+            },
+        )
         names[tag] = name
     return names
 
@@ -49,8 +57,15 @@ def lr(comfy, tmp_path_factory):
 
 
 def _graph(lr, adapter, allow=False):
-    g = xsr_graph(lr, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB,
-                  adapter=adapter, steps=1)
+    g = xsr_graph(
+        lr,
+        ckpt=CHECKPOINT_NAME,
+        controlnet=CONTROLNET_NAME,
+        clip_vision=CLIP_VISION_NAME,
+        refdb=DEMO_REFDB,
+        adapter=adapter,
+        steps=1,
+    )
     g["patch"]["inputs"]["allow_other_controlnet"] = allow
     return g
 

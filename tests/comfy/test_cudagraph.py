@@ -23,9 +23,19 @@ pytestmark = pytest.mark.comfy
 def _run(tmp_path_factory, comfy_dir, tiny_zoo, mode):
     out = tmp_path_factory.mktemp(f"cudagraph_{mode}") / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "cudagraph_worker.py"), str(comfy_dir), str(REPO), str(tiny_zoo["root"]),
-         str(out), mode],
-        capture_output=True, text=True, timeout=900, check=False,
+        [
+            sys.executable,
+            str(HERE / "cudagraph_worker.py"),
+            str(comfy_dir),
+            str(REPO),
+            str(tiny_zoo["root"]),
+            str(out),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, f"cudagraph worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())

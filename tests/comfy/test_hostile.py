@@ -29,8 +29,9 @@ pytestmark = pytest.mark.comfy
 
 def graph(lr_name, **kw):
     kw.setdefault("steps", 1)
-    return xsr_graph(lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME,
-                     refdb=DEMO_REFDB, **kw)
+    return xsr_graph(
+        lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB, **kw
+    )
 
 
 def retrieve_only(lr_name, refdb=DEMO_REFDB, top_k=4):
@@ -85,6 +86,7 @@ def _tamper(db: Path, sql: str, *args) -> None:
 
 # ----------------------------------------------------------------------------- 1. confinement
 
+
 @pytest.mark.parametrize("how", ["absolute", "climb"])
 def test_crafted_packed_db_cannot_read_or_preview_outside_its_folder(comfy, lr8, refdb_root, secret, how):
     name = f"crafted_{how}"
@@ -122,8 +124,10 @@ def test_symlink_in_input_folder_pointing_outside_is_refused(comfy, lr8, secret,
     link = folder / "b.png"
     if not link.is_symlink():
         link.symlink_to(secret)
-    prompt = {"f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_links", "limit": 0}},
-              "p": {"class_type": "PreviewImage", "inputs": {"images": ["f", 0]}}}
+    prompt = {
+        "f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_links", "limit": 0}},
+        "p": {"class_type": "PreviewImage", "inputs": {"images": ["f", 0]}},
+    }
     with pytest.raises(ComfyError, match=r"HTTP 400.*b\.png.*outside"):
         comfy.queue(prompt)
     _still_serving(comfy, lr8)
@@ -131,8 +135,11 @@ def test_symlink_in_input_folder_pointing_outside_is_refused(comfy, lr8, secret,
 
 # ---------------------------------------------------------------------------- 2. finite values
 
-@pytest.mark.parametrize("field,value", [("strength", math.nan), ("start_percent", math.nan),
-                                         ("end_percent", math.nan), ("strength", math.inf)])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("strength", math.nan), ("start_percent", math.nan), ("end_percent", math.nan), ("strength", math.inf)],
+)
 def test_non_finite_floats_are_refused_at_queue_time(comfy, lr8, field, value):
     g = graph(lr8)
     g["patch"]["inputs"][field] = value  # json.dumps writes NaN / Infinity, which the server parses
@@ -151,13 +158,20 @@ def test_all_problems_of_a_prompt_are_reported_at_once(comfy, lr8):
     with pytest.raises(ComfyError) as info:
         comfy.queue(g)
     msg = str(info.value)
-    for want in ("input 'strength' is nan", "'apply_to' is 'everything'", "nope.safetensors", "no_such_db",
-                 "'method' is 'magic'", "'top_k' is 99"):
+    for want in (
+        "input 'strength' is nan",
+        "'apply_to' is 'everything'",
+        "nope.safetensors",
+        "no_such_db",
+        "'method' is 'magic'",
+        "'top_k' is 99",
+    ):
         assert want in msg, (want, msg[:3000])
     _still_serving(comfy, lr8)
 
 
 # ---------------------------------------------------------------------------- 3. weights, caps
+
 
 def test_weight_file_declaring_a_huge_config_is_refused_at_queue_time(comfy, lr8, tiny_zoo):
     src = Path(tiny_zoo["root"]) / "xsr" / "rfa.safetensors"
@@ -194,8 +208,10 @@ def test_folder_batch_above_the_cap_is_refused_at_queue_time(comfy, lr8):
     folder.mkdir(exist_ok=True)
     for i in range(65):
         Image.new("RGB", (8, 8), (i, i, i)).save(folder / f"{i:03d}.png")
-    prompt = {"f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_many", "limit": 0}},
-              "p": {"class_type": "PreviewImage", "inputs": {"images": ["f", 0]}}}
+    prompt = {
+        "f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_many", "limit": 0}},
+        "p": {"class_type": "PreviewImage", "inputs": {"images": ["f", 0]}},
+    }
     with pytest.raises(ComfyError, match=r"HTTP 400.*65 images.*64.*XSR_MAX_BATCH"):
         comfy.queue(prompt)
     prompt["f"]["inputs"]["limit"] = 64
@@ -203,6 +219,7 @@ def test_folder_batch_above_the_cap_is_refused_at_queue_time(comfy, lr8):
 
 
 # ------------------------------------------------------------------------------- 4. image modes
+
 
 def test_folder_loader_decodes_16bit_and_rgba_correctly(comfy):
     folder = comfy.base_dir / "input" / "hostile_modes"
@@ -212,8 +229,10 @@ def test_folder_loader_decodes_16bit_and_rgba_correctly(comfy):
     rgba[..., 0] = 200
     rgba[..., 3] = 128
     Image.fromarray(rgba, "RGBA").save(folder / "b_rgba.png")  # half-transparent red: over black = 100
-    prompt = {"f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_modes", "limit": 0}},
-              "s": {"class_type": "SaveImage", "inputs": {"images": ["f", 0], "filename_prefix": "hostile_modes"}}}
+    prompt = {
+        "f": {"class_type": "XSR_LoadImageFolder", "inputs": {"folder": "hostile_modes", "limit": 0}},
+        "s": {"class_type": "SaveImage", "inputs": {"images": ["f", 0], "filename_prefix": "hostile_modes"}},
+    }
     entry = comfy.run(prompt)
     gray, red = [np.asarray(Image.open(io.BytesIO(b))) for b in comfy.output_images(entry, "s")]
     assert abs(int(gray[0, 0, 0]) - 128) <= 1 and gray[0, 0, 0] == gray[0, 0, 2], gray[0, 0]
@@ -222,11 +241,16 @@ def test_folder_loader_decodes_16bit_and_rgba_correctly(comfy):
 
 # ----------------------------------------------------------------------------------- 5. builds
 
+
 def _build_prompt(folder, db_name, mode="packed"):
-    return {"cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION_NAME}},
-            "b": {"class_type": "XSR_BuildReferenceDB", "inputs": {
-                "clip_vision": ["cv", 0], "images_folder": folder, "db_name": db_name, "mode": mode}},
-            "show": {"class_type": "PreviewAny", "inputs": {"source": ["b", 1]}}}
+    return {
+        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION_NAME}},
+        "b": {
+            "class_type": "XSR_BuildReferenceDB",
+            "inputs": {"clip_vision": ["cv", 0], "images_folder": folder, "db_name": db_name, "mode": mode},
+        },
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["b", 1]}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +271,11 @@ def test_db_names_with_uri_characters_build_and_load(comfy, lr8, refdb_root, hr_
     assert {p.name for p in refdb_root.iterdir()} - before == {name}, "stray files next to the DB"
     entry = comfy.run(retrieve_only(lr8, refdb=name))
     assert len(entry["outputs"]["retrieve"]["xsr_refs"]) == 4
-    modes = {p.relative_to(db).as_posix(): p.stat().st_mode & 0o777 for p in db.rglob("*")
-             if p.is_file() and "manifest.sqlite" not in p.name}
+    modes = {
+        p.relative_to(db).as_posix(): p.stat().st_mode & 0o777
+        for p in db.rglob("*")
+        if p.is_file() and "manifest.sqlite" not in p.name
+    }
     umask = os.umask(0)
     os.umask(umask)
     assert set(modes.values()) == {0o666 & ~umask}, modes
@@ -292,15 +319,20 @@ def test_interrupted_node_build_keeps_finished_chunks_and_resumes(comfy, lr8, re
     comfy.interrupt()
     entry = comfy.wait(pid)
     assert entry["status"]["status_str"] == "error" or any(
-        m[0] == "execution_interrupted" for m in entry["status"]["messages"]), "the build should have been interrupted"
+        m[0] == "execution_interrupted" for m in entry["status"]["messages"]
+    ), "the build should have been interrupted"
     conn = sqlite3.connect(manifest)
     kept = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     conn.close()
     assert 1 <= kept < n // 32, f"{kept} chunks kept"
     assert not (refdb_root / name / "info.json").exists()
     with pytest.raises(ComfyError, match="not finished"):
-        comfy.queue({"db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": name}},
-                     "show": {"class_type": "PreviewAny", "inputs": {"source": ["db", 0]}}})
+        comfy.queue(
+            {
+                "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": name}},
+                "show": {"class_type": "PreviewAny", "inputs": {"source": ["db", 0]}},
+            }
+        )
     entry = comfy.run(_build_prompt("hostile_interrupt", name))  # queue again: continues
     assert json.loads((refdb_root / name / "info.json").read_text())["n"] == n
     _still_serving(comfy, lr8)

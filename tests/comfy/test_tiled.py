@@ -181,22 +181,34 @@ def test_shipped_tiled_workflow_is_the_tiled_graph(comfy):
 
     wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "xsr_x16_tiled.json").read_text())
     api = ui_to_api(wf, comfy.object_info())
-    graph = xsr_tiled_graph("xsr_lr.png", ckpt="v1-5-pruned-emaonly.safetensors", controlnet="xsr_controlnet.safetensors",
-                            clip_vision="clip_vision_l.safetensors", refdb="xsr_refdb")
+    graph = xsr_tiled_graph(
+        "xsr_lr.png",
+        ckpt="v1-5-pruned-emaonly.safetensors",
+        controlnet="xsr_controlnet.safetensors",
+        clip_vision="clip_vision_l.safetensors",
+        refdb="xsr_refdb",
+    )
     assert sorted(v["class_type"] for v in api.values()) == sorted(v["class_type"] for v in graph.values())
     by_kind = {v["class_type"]: v for v in api.values()}
     kind = {k: v["class_type"] for k, v in graph.items()}
     for key, node in graph.items():
         want = {n: ([kind[v[0]], v[1]] if isinstance(v, list) else v) for n, v in node["inputs"].items()}
-        got = {n: ([api[v[0]]["class_type"], v[1]] if isinstance(v, list) else v)
-               for n, v in by_kind[node["class_type"]]["inputs"].items()}
+        got = {
+            n: ([api[v[0]]["class_type"], v[1]] if isinstance(v, list) else v)
+            for n, v in by_kind[node["class_type"]]["inputs"].items()
+        }
         assert got == want, key
 
 
 def test_demo_picks_the_workflow_by_lr_size(tmp_path):
     from xsr_core.demo import TILED_WORKFLOW, WORKFLOW, pick_workflow
 
-    for (w, h), want in (((32, 32), WORKFLOW), ((64, 20), WORKFLOW), ((65, 20), TILED_WORKFLOW), ((256, 100), TILED_WORKFLOW)):
+    for (w, h), want in (
+        ((32, 32), WORKFLOW),
+        ((64, 20), WORKFLOW),
+        ((65, 20), TILED_WORKFLOW),
+        ((256, 100), TILED_WORKFLOW),
+    ):
         p = tmp_path / f"{w}x{h}.png"
         Image.new("RGB", (w, h)).save(p)
         assert pick_workflow(p) == want
@@ -212,6 +224,8 @@ def test_demo_writes_the_x16_result_of_a_large_lr(tmp_path):
 
     lr = tmp_path / "wide.png"
     Image.fromarray(_ramp(8, 72)).save(lr)
-    rc = demo.main(["--image", str(lr), "--out", str(tmp_path / "out"), "--steps", "1", "--workdir", str(tmp_path / "work")])
+    rc = demo.main(
+        ["--image", str(lr), "--out", str(tmp_path / "out"), "--steps", "1", "--workdir", str(tmp_path / "work")]
+    )
     assert rc == 0
     assert Image.open(tmp_path / "out" / "wide_x16.png").size == (1152, 128)

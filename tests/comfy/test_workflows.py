@@ -24,8 +24,13 @@ CLIPV = "clip_vision_l.safetensors"
 REFDB = "xsr_refdb"
 LR_NAME = "xsr_lr.png"
 LR_FOLDER = "xsr_lr"
-ZOO_NAMES = {SD15: CHECKPOINT_NAME, TILE: CONTROLNET_NAME, TEXT_ONLY_CN: CONTROLNET_NAME, CLIPV: CLIP_VISION_NAME,
-             REFDB: DEMO_REFDB}
+ZOO_NAMES = {
+    SD15: CHECKPOINT_NAME,
+    TILE: CONTROLNET_NAME,
+    TEXT_ONLY_CN: CONTROLNET_NAME,
+    CLIPV: CLIP_VISION_NAME,
+    REFDB: DEMO_REFDB,
+}
 
 
 def load(name: str) -> dict:
@@ -66,8 +71,12 @@ def test_xsr_x16_workflow_is_the_xsr_graph():
     graph = xsr_graph(LR_NAME, ckpt=SD15, controlnet=TILE, clip_vision=CLIPV, refdb=REFDB)
     assert sorted(ids.values()) == sorted(v["class_type"] for v in graph.values())
     kind = {k: v["class_type"] for k, v in graph.items()}
-    graph_links = {(kind[v[0]], v[1], kind[k], name) for k, n in graph.items() for name, v in n["inputs"].items()
-                   if isinstance(v, list)}
+    graph_links = {
+        (kind[v[0]], v[1], kind[k], name)
+        for k, n in graph.items()
+        for name, v in n["inputs"].items()
+        if isinstance(v, list)
+    }
     ui_links = set()
     for _, src, slot, dst, dslot, _ in ui["links"]:
         dst_node = next(n for n in ui["nodes"] if n["id"] == dst)

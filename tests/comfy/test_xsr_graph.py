@@ -19,8 +19,9 @@ pytestmark = pytest.mark.comfy
 
 def graph(lr_name, **kw):
     kw.setdefault("steps", 2)
-    return xsr_graph(lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME,
-                     refdb=DEMO_REFDB, **kw)
+    return xsr_graph(
+        lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +124,20 @@ def test_build_reference_db_node_then_retrieve_from_it(comfy, lr8, tmp_path):
     for p in sorted((tmp_path / folder).iterdir()):
         comfy.upload_image(p, subfolder=folder)
     g = graph(lr8)
-    g["build"] = {"class_type": "XSR_BuildReferenceDB", "inputs": {
-        "clip_vision": ["cv", 0], "images_folder": folder, "db_name": "built_by_node", "mode": "packed"}}
+    g["build"] = {
+        "class_type": "XSR_BuildReferenceDB",
+        "inputs": {"clip_vision": ["cv", 0], "images_folder": folder, "db_name": "built_by_node", "mode": "packed"},
+    }
     g["retrieve"]["inputs"]["refdb"] = ["build", 0]
     entry = comfy.run(g)
     names = [r["name"] for r in entry["outputs"]["retrieve"]["xsr_refs"]]
     assert len(names) == 4 and all(n.startswith("synthetic_") for n in names)
 
     bad = graph(lr8)
-    bad["build"] = {"class_type": "XSR_BuildReferenceDB", "inputs": {
-        "clip_vision": ["cv", 0], "images_folder": "/etc", "db_name": "nope", "mode": "packed"}}
+    bad["build"] = {
+        "class_type": "XSR_BuildReferenceDB",
+        "inputs": {"clip_vision": ["cv", 0], "images_folder": "/etc", "db_name": "nope", "mode": "packed"},
+    }
     bad["retrieve"]["inputs"]["refdb"] = ["build", 0]
     with pytest.raises(ComfyError, match="outside the folders"):
         comfy.run(bad)

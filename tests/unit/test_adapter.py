@@ -215,7 +215,9 @@ def test_bad_inputs_are_named():
 
 def test_from_unet_config_sd15_layout():
     sd15 = {
-        "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
         "attention_head_dim": 8,
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,

@@ -20,9 +20,11 @@ from xsr_core.testing.zoo import TINY_UNET_CONFIG
 
 TINY = {**TINY_UNET_CONFIG, "sample_size": 8}  # the tiny zoo U-Net: SD1.5 structure, tiny widths
 
-SD15_UNET_IDS = [f"unet.input.{i}.0" for i in (1, 2, 4, 5, 7, 8)] + ["unet.middle.0.0"] + [
-    f"unet.output.{i}.0" for i in range(3, 12)
-]
+SD15_UNET_IDS = (
+    [f"unet.input.{i}.0" for i in (1, 2, 4, 5, 7, 8)]
+    + ["unet.middle.0.0"]
+    + [f"unet.output.{i}.0" for i in range(3, 12)]
+)
 SD15_CONTROL_IDS = [f"control.input.{i}.0" for i in (1, 2, 4, 5, 7, 8)] + ["control.middle.0.0"]
 
 
@@ -51,17 +53,46 @@ def test_sd15_ids_and_comfy_keys():
     assert (b.dim, b.inner_dim, b.context_dim, b.n_heads, b.head_dim) == (320, 320, 768, 8, 40)
     m = by_id["unet.middle.0.0"]
     assert (m.comfy_block, m.dim, m.diffusers_path, m.comfy_path) == (
-        ("middle", 0), 1280, "mid_block.attentions.0.transformer_blocks.0", "middle_block.1.transformer_blocks.0")
+        ("middle", 0),
+        1280,
+        "mid_block.attentions.0.transformer_blocks.0",
+        "middle_block.1.transformer_blocks.0",
+    )
     o = by_id["unet.output.3.0"]
     assert (o.dim, o.diffusers_path, o.comfy_path) == (
-        1280, "up_blocks.1.attentions.0.transformer_blocks.0", "output_blocks.3.1.transformer_blocks.0")
+        1280,
+        "up_blocks.1.attentions.0.transformer_blocks.0",
+        "output_blocks.3.1.transformer_blocks.0",
+    )
     o = by_id["unet.output.11.0"]
     assert (o.dim, o.diffusers_path, o.comfy_path) == (
-        320, "up_blocks.3.attentions.2.transformer_blocks.0", "output_blocks.11.1.transformer_blocks.0")
-    assert [b.dim for b in blocks] == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
+        320,
+        "up_blocks.3.attentions.2.transformer_blocks.0",
+        "output_blocks.11.1.transformer_blocks.0",
+    )
+    assert [b.dim for b in blocks] == [
+        320,
+        320,
+        640,
+        640,
+        1280,
+        1280,
+        1280,
+        1280,
+        1280,
+        1280,
+        640,
+        640,
+        640,
+        320,
+        320,
+        320,
+    ]
     c = controlnet_blocks(SD15_UNET_CONFIG)[0]
     assert (c.diffusers_path, c.comfy_path) == (
-        "down_blocks.0.attentions.0.transformer_blocks.0", "input_blocks.1.1.transformer_blocks.0")
+        "down_blocks.0.attentions.0.transformer_blocks.0",
+        "input_blocks.1.1.transformer_blocks.0",
+    )
 
 
 def test_tiny_models_map_like_sd15(tiny_models):
@@ -81,8 +112,15 @@ def test_tiny_models_map_like_sd15(tiny_models):
 
 def test_sd2_style_config_and_two_transformer_layers():
     # SD2.x: context 1024, per-level head counts (diffusers' attention_head_dim), linear projections
-    cfg = dict(TINY, block_out_channels=(40, 80, 160, 160), norm_num_groups=8, cross_attention_dim=48,
-               attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, transformer_layers_per_block=2)
+    cfg = dict(
+        TINY,
+        block_out_channels=(40, 80, 160, 160),
+        norm_num_groups=8,
+        cross_attention_dim=48,
+        attention_head_dim=[5, 10, 20, 20],
+        use_linear_projection=True,
+        transformer_layers_per_block=2,
+    )
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg)
     blocks = unet_blocks(unet.config)

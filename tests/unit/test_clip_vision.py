@@ -11,10 +11,22 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from xsr_core.clip_preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESS_VERSION, normalize_u8,
-                                      preprocess_hr, preprocess_lr, resize_crop_u8)
-from xsr_core.clip_vision import (META_CLIP_CONFIG, ClipVisionEncoder, ClipVisionError, fingerprint_state_dict,
-                                  infer_config)
+from xsr_core.clip_preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PREPROCESS_VERSION,
+    normalize_u8,
+    preprocess_hr,
+    preprocess_lr,
+    resize_crop_u8,
+)
+from xsr_core.clip_vision import (
+    META_CLIP_CONFIG,
+    ClipVisionEncoder,
+    ClipVisionError,
+    fingerprint_state_dict,
+    infer_config,
+)
 from xsr_core.testing.tiny_clip import make_tiny_clip_vision
 
 
@@ -29,6 +41,7 @@ def _images(b, h, w, c=3, seed=0):
 
 
 # ------------------------------------------------------------------------------ preprocessing
+
 
 def test_preprocess_shapes_and_dtype():
     assert preprocess_hr(_images(2, 300, 200)).shape == (2, 3, 224, 224)
@@ -86,6 +99,7 @@ def test_preprocess_on_cuda():
 
 # ------------------------------------------------------------------------------ file + encoder
 
+
 def test_tiny_file_is_byte_deterministic(tmp_path, tiny_file):
     other = make_tiny_clip_vision(tmp_path / "again.safetensors", seed=0)
     assert hashlib.sha256(other.read_bytes()).digest() == hashlib.sha256(tiny_file.read_bytes()).digest()
@@ -141,8 +155,17 @@ def _shape_sd(hidden, layers, inter, proj, patch=14, grid=16):
 
 def test_infer_config_stock_shapes():
     cfg = infer_config(_shape_sd(1024, 24, 4096, 768))  # OpenAI ViT-L/14 (clip_vision_l)
-    assert cfg == dict(cfg, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                       image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    assert cfg == dict(
+        cfg,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
     cfg_h = infer_config(_shape_sd(1280, 32, 5120, 1024))
     assert cfg_h["num_attention_heads"] == 16 and cfg_h["hidden_act"] == "gelu"
     assert infer_config(_shape_sd(1024, 24, 4096, 768, grid=24))["image_size"] == 336

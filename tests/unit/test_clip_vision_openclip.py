@@ -16,21 +16,39 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from xsr_core.clip_vision import (META_CLIP_CONFIG, ClipVisionEncoder, ClipVisionError, OpenClipVisionTower,
-                                  build_clip_vision_model, fingerprint_state_dict, is_open_clip_state_dict,
-                                  open_clip_to_hf)
+from xsr_core.clip_vision import (
+    META_CLIP_CONFIG,
+    ClipVisionEncoder,
+    ClipVisionError,
+    OpenClipVisionTower,
+    build_clip_vision_model,
+    fingerprint_state_dict,
+    is_open_clip_state_dict,
+    open_clip_to_hf,
+)
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is in the [openclip]/[train]/[test] extras")
 
 VISION = dict(image_size=224, layers=2, width=64, head_width=32, patch_size=14, mlp_ratio=2.0)
-HF_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_channels=3,
-                 image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=32)
+HF_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_channels=3,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=32,
+)
 
 
 def _tiny_open_clip(seed: int):
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(embed_dim=32, vision_cfg=VISION,
-                                 text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1))
+    model = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg=VISION, text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)
+    )
     with torch.no_grad():  # open_clip's init leaves LN at identity and the class token tiny: perturb all
         for p in model.visual.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -91,8 +109,12 @@ def test_reference_db_built_with_open_clip_answers_hf_layout_queries(files, tmp_
 
     path = files[0][0]
     write_synthetic_images(tmp_path / "hr", 6, size=96, seed=3)
-    build_db(tmp_path / "db", path, images=tmp_path / "hr",
-             config=BuildConfig(mode="packed", workers=0, device="cpu", progress=False, batch_size=4))
+    build_db(
+        tmp_path / "db",
+        path,
+        images=tmp_path / "hr",
+        config=BuildConfig(mode="packed", workers=0, device="cpu", progress=False, batch_size=4),
+    )
     hf_file = tmp_path / "hf.safetensors"
     save_file(open_clip_to_hf(files[0][2]), str(hf_file), metadata={META_CLIP_CONFIG: json.dumps(HF_CONFIG)})
     db = ReferenceDB.open(tmp_path / "db")
@@ -103,7 +125,9 @@ def test_reference_db_built_with_open_clip_answers_hf_layout_queries(files, tmp_
     from PIL import Image
 
     files_hr = sorted((tmp_path / "hr").iterdir())
-    imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255) for f in files_hr])
+    imgs = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255) for f in files_hr]
+    )
     q = torch.nn.functional.normalize(hf_enc.encode_images(imgs).cls, dim=-1).numpy()
     scores, ids = db.search(q, k=1)
     assert [Path(r.path).name for r in db.records([int(i) for i in ids[:, 0]])] == [f.name for f in files_hr]
@@ -114,5 +138,9 @@ def test_reference_db_built_with_open_clip_answers_hf_layout_queries(files, tmp_
 
 def test_unsupported_open_clip_variant_is_named():
     with pytest.raises(ClipVisionError, match="ls_1.gamma"):
-        open_clip_to_hf({"visual.conv1.weight": torch.zeros(8, 3, 14, 14),
-                         "visual.transformer.resblocks.0.ls_1.gamma": torch.zeros(8)})
+        open_clip_to_hf(
+            {
+                "visual.conv1.weight": torch.zeros(8, 3, 14, 14),
+                "visual.transformer.resblocks.0.ls_1.gamma": torch.zeros(8),
+            }
+        )

@@ -41,8 +41,9 @@ def setup(one_torch_thread):
 def forward(unet, controlnet, inp, grad=False):
     with torch.set_grad_enabled(grad):
         down, mid = controlnet(inp["x"], inp["t"], inp["ctx"], controlnet_cond=inp["hint"], return_dict=False)
-        out = unet(inp["x"], inp["t"], inp["ctx"], down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid).sample
+        out = unet(
+            inp["x"], inp["t"], inp["ctx"], down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
     return list(down) + [mid, out]
 
 
@@ -193,8 +194,11 @@ def test_unet_only_binding_and_mismatched_adapter(setup):
         assert all_equal(out[:-1], ref[:-1]) and not torch.equal(out[-1], ref[-1])  # ControlNet untouched
     finally:
         binding.detach()
-    other = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(TINY, block_out_channels=(32, 64, 64, 64)),
-                                                             embed_dim=EMBED, proj_hidden=8))
+    other = AdaINAdapter(
+        AdaINAdapterConfig.from_unet_config(
+            dict(TINY, block_out_channels=(32, 64, 64, 64)), embed_dim=EMBED, proj_hidden=8
+        )
+    )
     with pytest.raises(ValueError, match="widths"):
         DiffusersAdapterBinding(other, unet=unet)
     assert _hook_count(unet) == 0  # rolled back

@@ -10,9 +10,13 @@ from xsr_core import fingerprint as wfp
 
 def _sd(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"input_blocks.0.0.weight": torch.randn(32, 4, 3, 3, generator=g), "zero_convs.0.0.bias": torch.randn(32, generator=g),
-            "time_embed.0.weight": torch.randn(128, 32, generator=g), "scalar": torch.tensor(0.5),
-            "position_ids": torch.arange(7)}
+    return {
+        "input_blocks.0.0.weight": torch.randn(32, 4, 3, 3, generator=g),
+        "zero_convs.0.0.bias": torch.randn(32, generator=g),
+        "time_embed.0.weight": torch.randn(128, 32, generator=g),
+        "scalar": torch.tensor(0.5),
+        "position_ids": torch.arange(7),
+    }
 
 
 def test_same_weights_any_dtype_prefix_or_source(tmp_path):
@@ -20,8 +24,9 @@ def test_same_weights_any_dtype_prefix_or_source(tmp_path):
     fp = wfp.fingerprint_state_dict(sd)
     assert fp["tensors"] == 4  # integer buffers are not weights
     for dtype in (torch.float16, torch.bfloat16):
-        assert wfp.same_weights(fp, wfp.fingerprint_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                                                 for k, v in sd.items()}))
+        assert wfp.same_weights(
+            fp, wfp.fingerprint_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+        )
     path = tmp_path / "cn.safetensors"
     save_file({"control_model." + k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, str(path))
     from_file = wfp.fingerprint_file(path)

@@ -69,6 +69,7 @@ def _tamper(db: Path, sql: str, *args) -> None:
 
 # ------------------------------------------------------------------------------- confinement
 
+
 @pytest.mark.parametrize("how", ["absolute", "climb", "symlink"])
 def test_packed_rows_pointing_outside_the_db_are_refused_and_verified(tmp_path, packed, data, how):
     db = tmp_path / "crafted"
@@ -133,6 +134,7 @@ def test_build_skips_symlinks_leaving_the_images_folder(tmp_path, data):
 
 # ---------------------------------------------------------------------------------- weights
 
+
 def _crafted_rfa(path: Path, **config) -> Path:
     """A tiny real RFA file whose metadata declares another config."""
     model = RFA(tiny_rfa_config(32, 16))
@@ -164,8 +166,13 @@ def test_weight_file_declaring_a_huge_config_is_refused_before_allocation(tmp_pa
             print("REFUSED", e)
         print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert "REFUSED" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "larger than the file" in res.stdout or "another shape" in res.stdout
     growth_kb = int(res.stdout.split("GROWTH_KB")[1].split()[0])
@@ -199,6 +206,7 @@ def test_shape_mismatch_is_named_from_the_header(tmp_path):
 
 # ------------------------------------------------------------------------ names, modes, workers
 
+
 @pytest.mark.parametrize("name", ["db #1", "100%", "what?", "a&b=c;d", "ünï cødé", "x?mode=rwc"])
 def test_db_names_with_uri_characters_open_and_leave_no_stray_file(tmp_path, packed, name):
     parent = tmp_path / "dbs"
@@ -230,8 +238,9 @@ def test_db_files_follow_the_umask(tmp_path, data):
         build_db(db2, data["enc"], images=data["images"], config=_cfg(mode="packed"))
     finally:
         os.umask(old)
-    assert {p.stat().st_mode & 0o777 for p in db2.rglob("*") if p.is_file()
-            and not p.name.startswith("manifest.sqlite")} == {0o600}
+    assert {
+        p.stat().st_mode & 0o777 for p in db2.rglob("*") if p.is_file() and not p.name.startswith("manifest.sqlite")
+    } == {0o600}
 
 
 def _children(pid: int) -> list[int]:
@@ -265,11 +274,32 @@ def test_kill9_of_a_build_takes_its_dataloader_workers_with_it(tmp_path, data):
     tile = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
     for i in range(120):
         Image.fromarray(np.roll(tile, i, axis=1)).save(imgs / f"i{i:04d}.png", compress_level=0)
-    cmd = [sys.executable, "-m", "xsr_core.refdb", "build", "--images", str(imgs), "--encoder", str(data["enc"]),
-           "--out", str(tmp_path / "db"), "--workers", "2", "--batch-size", "8", "--chunk-size", "64",
-           "--mode", "packed", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "xsr_core.refdb",
+        "build",
+        "--images",
+        str(imgs),
+        "--encoder",
+        str(data["enc"]),
+        "--out",
+        str(tmp_path / "db"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--chunk-size",
+        "64",
+        "--mode",
+        "packed",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 240
@@ -328,8 +358,13 @@ def test_interrupt_before_the_first_commit_leaves_no_folder(tmp_path, data):
         raise _Interrupt()
 
     with pytest.raises(_Interrupt):
-        build_db(tmp_path / "db", data["enc"], images=data["images"], config=_cfg(batch_size=2, chunk_size=4),
-                 progress_callback=interrupt)
+        build_db(
+            tmp_path / "db",
+            data["enc"],
+            images=data["images"],
+            config=_cfg(batch_size=2, chunk_size=4),
+            progress_callback=interrupt,
+        )
     assert not (tmp_path / "db").exists()
 
 

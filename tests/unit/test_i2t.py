@@ -72,7 +72,14 @@ def test_bad_inputs_and_config(tok):
     with pytest.raises(ValueError, match="divisible"):
         I2TConfig(width=30, heads=4)
     c = I2TConfig()
-    assert (c.depth, c.width, c.heads, c.num_tokens, c.decoder["n_embd"], c.decoder["n_layer"]) == (4, 1024, 16, 257, 768, 6)
+    assert (c.depth, c.width, c.heads, c.num_tokens, c.decoder["n_embd"], c.decoder["n_layer"]) == (
+        4,
+        1024,
+        16,
+        257,
+        768,
+        6,
+    )
 
 
 def test_token_cosine_loss():
@@ -166,8 +173,16 @@ def test_from_decoder_dir(tok, tmp_path):
     from transformers import GPT2LMHeadModel
 
     folder = make_tiny_distilgpt2_dir(tmp_path / "tiny-distilgpt2", seed=0)
-    cfg = I2TConfig(clip_dim=C, width=32, depth=1, heads=4, num_tokens=T, max_refs=2, prefix_len=3,
-                    decoder={"n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10, "eos_token_id": 0})
+    cfg = I2TConfig(
+        clip_dim=C,
+        width=32,
+        depth=1,
+        heads=4,
+        num_tokens=T,
+        max_refs=2,
+        prefix_len=3,
+        decoder={"n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10, "eos_token_id": 0},
+    )
     m, tok2 = I2T.from_decoder_dir(cfg, folder)
     ref = GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True)
     assert m.config.decoder["n_embd"] == ref.config.n_embd and m.config.decoder["vocab_size"] == ref.config.vocab_size
@@ -177,6 +192,8 @@ def test_from_decoder_dir(tok, tmp_path):
     path = save_i2t(m, tmp_path / "i2t.safetensors", tok2)
     m3, _ = load_i2t(path)
     lr = _data()[0]
-    torch.testing.assert_close(m3.generate_tokens(m3(lr), max_new_tokens=5), m.eval().generate_tokens(m(lr), max_new_tokens=5))
+    torch.testing.assert_close(
+        m3.generate_tokens(m3(lr), max_new_tokens=5), m.eval().generate_tokens(m(lr), max_new_tokens=5)
+    )
     with pytest.raises(FileNotFoundError):
         I2T.from_decoder_dir(cfg, tmp_path / "nowhere")

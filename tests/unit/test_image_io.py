@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xsr_core.image_io import (IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_rgb8, load_rgb_float,
-                               to_rgb_array)
+from xsr_core.image_io import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_rgb8, load_rgb_float, to_rgb_array
 from xsr_core.paths import PathConfinementError
 
 

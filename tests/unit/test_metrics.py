@@ -24,7 +24,9 @@ from xsr_core.eval import metrics as M
 from xsr_core.eval.paper import PAPER_COLUMNS, PAPER_ROWS, format_table
 
 
-def _write_set(root: Path, n: int = 4, size: int = 64, blur: float = 0.0, ext: str = ".png", seed: int = 0) -> list[str]:
+def _write_set(
+    root: Path, n: int = 4, size: int = 64, blur: float = 0.0, ext: str = ".png", seed: int = 0
+) -> list[str]:
     """n smooth-ish random RGB images (blurred by ``blur`` px when > 0) under root."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,9 @@ def test_eval_run_folder_scores_against_saved_crops_and_refuses_other_hr(tmp_pat
 def test_captions_formats_and_missing(tmp_path: Path) -> None:
     names = ["a/img00", "img01"]
     (tmp_path / "c.json").write_text(json.dumps({"a/img00.png": "a cat", "img01": "a dog"}))
-    (tmp_path / "c.jsonl").write_text('{"file": "img00.jpg", "caption": "a cat"}\n{"image": "img01", "text": "a dog"}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"file": "img00.jpg", "caption": "a cat"}\n{"image": "img01", "text": "a dog"}\n'
+    )
     (tmp_path / "c.tsv").write_text("a/img00\ta cat\nimg01.png\ta dog\n")
     for f in ("c.json", "c.jsonl", "c.tsv"):
         got = M.match_captions(names, M.read_captions(tmp_path / f))
@@ -183,7 +187,9 @@ def test_unknown_metric_and_default_list() -> None:
 
 
 def test_psnr_ssim_identical_perfect_and_blur_worse(sets: dict[str, Path]) -> None:
-    vals = {k: M.compute_metrics(sets[k], sets["hr"], metrics="psnr,ssim")["metrics"] for k in ("same", "blur1", "blur3")}
+    vals = {
+        k: M.compute_metrics(sets[k], sets["hr"], metrics="psnr,ssim")["metrics"] for k in ("same", "blur1", "blur3")
+    }
     assert vals["same"]["psnr"]["value"] == M.PSNR_CAP_DB
     assert vals["same"]["ssim"]["value"] == pytest.approx(1.0, abs=1e-6)
     assert vals["same"]["psnr"]["value"] > vals["blur1"]["psnr"]["value"] > vals["blur3"]["psnr"]["value"]
@@ -211,7 +217,10 @@ def test_lpips_real_network_with_injected_weights(sets: dict[str, Path], tmp_pat
     wdir = tmp_path / "w"
     wdir.mkdir()
     _random_torchvision_features("alexnet", wdir / M.W_ALEXNET.name)
-    v = {k: M.compute_metrics(sets[k], sets["hr"], metrics="lpips", weights_dir=wdir)["metrics"]["lpips"] for k in ("same", "blur3")}
+    v = {
+        k: M.compute_metrics(sets[k], sets["hr"], metrics="lpips", weights_dir=wdir)["metrics"]["lpips"]
+        for k in ("same", "blur3")
+    }
     assert v["same"]["value"] == pytest.approx(0.0, abs=1e-6)
     assert v["blur3"]["value"] > 1e-3
     assert "AlexNet, v0.1" in v["same"]["variant"]
@@ -223,8 +232,14 @@ def test_dists_real_network_with_injected_weights(sets: dict[str, Path], tmp_pat
     wdir.mkdir()
     _random_torchvision_features("vgg16", wdir / M.W_VGG16.name)
     g = torch.Generator().manual_seed(0)
-    torch.save({"alpha": torch.rand(1, 1475, 1, 1, generator=g), "beta": torch.rand(1, 1475, 1, 1, generator=g)}, wdir / M.W_DISTS.name)
-    res = {k: M.compute_metrics(sets[k], sets["hr"], metrics="dists", weights_dir=wdir, batch_size=4)["metrics"]["dists"] for k in ("same", "blur3")}
+    torch.save(
+        {"alpha": torch.rand(1, 1475, 1, 1, generator=g), "beta": torch.rand(1, 1475, 1, 1, generator=g)},
+        wdir / M.W_DISTS.name,
+    )
+    res = {
+        k: M.compute_metrics(sets[k], sets["hr"], metrics="dists", weights_dir=wdir, batch_size=4)["metrics"]["dists"]
+        for k in ("same", "blur3")
+    }
     assert res["same"]["value"] == pytest.approx(0.0, abs=1e-5)
     assert res["blur3"]["value"] > 1e-3
 
@@ -235,18 +250,29 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config={
-            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 77,
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
         },
         vision_config={
-            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
         },
         projection_dim=16,
     )
     model = CLIPModel(cfg).eval()
     model.save_pretrained(tmp_path / "w" / M.W_CLIP_IMAGE.name)
-    res = {k: M.compute_metrics(sets[k], sets["hr"], metrics="clip_i", weights_dir=tmp_path / "w")["metrics"]["clip_i"] for k in ("same", "blur3")}
+    res = {
+        k: M.compute_metrics(sets[k], sets["hr"], metrics="clip_i", weights_dir=tmp_path / "w")["metrics"]["clip_i"]
+        for k in ("same", "blur3")
+    }
     assert res["same"]["value"] == pytest.approx(1.0, abs=1e-5)
     assert res["blur3"]["value"] < 1.0 - 1e-6
     assert res["same"]["column"] == "CLIP-I" and "SR image–HR image cosine" in res["same"]["variant"]
@@ -286,7 +312,9 @@ def test_musiq_real_architecture_with_random_weights(tmp_path: Path, empty_cache
 # weights: missing -> early, named error; never a download
 
 
-def test_missing_weights_fail_early_with_names_folders_urls(sets: dict[str, Path], empty_caches: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_weights_fail_early_with_names_folders_urls(
+    sets: dict[str, Path], empty_caches: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built = []
     for key, spec in list(M.METRICS.items()):  # any build would be a bug: the check must come first
         monkeypatch.setitem(M.METRICS, key, dataclasses.replace(spec, factory=lambda ctx: built.append(1)))
@@ -395,7 +423,9 @@ def _tiny_factories() -> dict:
     }
 
 
-def test_plumbing_json_and_table_with_injected_factories(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
+def test_plumbing_json_and_table_with_injected_factories(
+    sets: dict[str, Path], tmp_path: Path, empty_caches: None
+) -> None:
     captions = {f"img{i:02d}": "x" * (10 * (i + 1)) for i in range(4)}
     res = M.compute_metrics(sets["same"], sets["hr"], captions=captions, factories=_tiny_factories(), batch_size=3)
     assert list(res["metrics"]) == ["fid", "dists", "lpips", "clip_i", "clip_t", "maniqa", "musiq", "psnr", "ssim"]
@@ -427,8 +457,20 @@ def test_format_table_missing_columns_and_secondary_variant() -> None:
     res = {
         "n_images": 2,
         "metrics": {
-            "maniqa": {"value": 0.4, "variant": "MANIQA koniq", "column": "MANIQA", "label": "MANIQA (KonIQ-10k)", "n": 2},
-            "maniqa_pipal": {"value": 0.6, "variant": "MANIQA pipal", "column": "MANIQA", "label": "MANIQA (PIPAL)", "n": 2},
+            "maniqa": {
+                "value": 0.4,
+                "variant": "MANIQA koniq",
+                "column": "MANIQA",
+                "label": "MANIQA (KonIQ-10k)",
+                "n": 2,
+            },
+            "maniqa_pipal": {
+                "value": 0.6,
+                "variant": "MANIQA pipal",
+                "column": "MANIQA",
+                "label": "MANIQA (PIPAL)",
+                "n": 2,
+            },
         },
     }
     table = format_table(res, paper_rows=False)
@@ -441,8 +483,22 @@ def test_format_table_missing_columns_and_secondary_variant() -> None:
 # CLI
 
 
-def test_cli_metrics_outputs_and_errors(sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, empty_caches: None) -> None:
-    rc = cli.main(["metrics", "--sr", str(sets["blur1"]), "--hr", str(sets["hr"]), "--metrics", "psnr,ssim", "--out", str(tmp_path / "o")])
+def test_cli_metrics_outputs_and_errors(
+    sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, empty_caches: None
+) -> None:
+    rc = cli.main(
+        [
+            "metrics",
+            "--sr",
+            str(sets["blur1"]),
+            "--hr",
+            str(sets["hr"]),
+            "--metrics",
+            "psnr,ssim",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("| model | FID↓ | DISTS↓ | LPIPS↓ | CLIP-Score↑ | MANIQA↑ | MUSIQ↑ |")

@@ -18,8 +18,18 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 # imported by the nodes but provided by ComfyUI itself (its own modules, and the torch it runs on)
-COMFY_PROVIDED = {"comfy", "comfy_api", "comfy_execution", "folder_paths", "node_helpers", "server", "nodes",
-                  "torch", "torchvision", "triton"}
+COMFY_PROVIDED = {
+    "comfy",
+    "comfy_api",
+    "comfy_execution",
+    "folder_paths",
+    "node_helpers",
+    "server",
+    "nodes",
+    "torch",
+    "torchvision",
+    "triton",
+}
 
 
 def _runtime_requirements() -> list[Requirement]:
@@ -51,8 +61,13 @@ def _node_imports() -> set[str]:
             continue
         seen.add(path)
         tree = ast.parse(path.read_text())
-        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(_catches_import_error(h) for h in t.handlers)
-                    for stmt in t.body for n in ast.walk(stmt)}  # `try: import x / except ImportError: <fix>`
+        optional = {
+            id(n)
+            for t in ast.walk(tree)
+            if isinstance(t, ast.Try) and any(_catches_import_error(h) for h in t.handlers)
+            for stmt in t.body
+            for n in ast.walk(stmt)
+        }  # `try: import x / except ImportError: <fix>`
         for node in ast.walk(tree):
             if id(node) in optional:
                 continue
@@ -95,8 +110,9 @@ def test_comfy_node_pack_leaves_out_tests_and_bench(tmp_path):
     comfy = shutil.which("comfy") or str(Path(sys.executable).with_name("comfy"))
     if not os.path.isfile(comfy):
         pytest.fail("comfy-cli is not installed: it is in the [test] extra (pip install -e '.[test]')", pytrace=False)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     work = tmp_path / "pack"
     for f in files:
         if (REPO / f).is_file():
@@ -105,8 +121,14 @@ def test_comfy_node_pack_leaves_out_tests_and_bench(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     env = dict(os.environ, HOME=str(tmp_path / "home"))
-    r = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "pack"], cwd=work, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [comfy, "--skip-prompt", "--no-enable-telemetry", "node", "pack"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     names = zipfile.ZipFile(work / "node.zip").namelist()
     tops = {n.split("/")[0] for n in names}

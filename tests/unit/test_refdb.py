@@ -20,8 +20,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from xsr_core.clip_vision import ClipVisionEncoder
-from xsr_core.refdb import (BuildConfig, ReferenceDB, RefDBError, add_images, build_db, db_signature, export_db,
-                            merge_shards, verify_db)
+from xsr_core.refdb import (
+    BuildConfig,
+    ReferenceDB,
+    RefDBError,
+    add_images,
+    build_db,
+    db_signature,
+    export_db,
+    merge_shards,
+    verify_db,
+)
 from xsr_core.refdb.cli import main as cli_main
 from xsr_core.testing.tiny_clip import make_tiny_clip_vision
 
@@ -93,13 +102,16 @@ def _contents(path):
 
 # ------------------------------------------------------------------------------------ basics
 
+
 def test_build_then_search_finds_the_hr_image_itself(db, data, encoder):
     with ReferenceDB.open(db, allowed_roots=[data["images"]]) as ref:
         assert ref.n == N_GOOD and ref.dim == 32 and ref.index_key == "Flat"
         ref.check_encoder(encoder.fingerprint)
         recs = ref.records(range(ref.n))
-        assert [r.path for r in recs] == sorted((p.as_posix() for p in data["images"].rglob("*.*")),
-                                                key=lambda p: Path(p).relative_to(data["images"]).as_posix())
+        assert [r.path for r in recs] == sorted(
+            (p.as_posix() for p in data["images"].rglob("*.*")),
+            key=lambda p: Path(p).relative_to(data["images"]).as_posix(),
+        )
         for r in recs:
             scores, ids = ref.search(_hr_query(encoder, r.path), k=4)
             assert ids.shape == (1, 4) and ids[0, 0] == r.id, r.path
@@ -180,6 +192,7 @@ def test_odd_images_dedup_and_exclusion(tmp_path, data, encoder):
 
 # ------------------------------------------------------------------------------- packed / moves
 
+
 def test_packed_mode_is_self_contained_and_paths_mode_names_missing_files(tmp_path, data):
     imgs = tmp_path / "imgs"
     shutil.copytree(data["images"], imgs)
@@ -204,6 +217,7 @@ def test_packed_mode_is_self_contained_and_paths_mode_names_missing_files(tmp_pa
 
 
 # ------------------------------------------------------------------------------------- errors
+
 
 def test_errors_are_clear(tmp_path, db, data):
     bad = tmp_path / "bad"
@@ -261,13 +275,22 @@ def test_other_encoder_is_refused(tmp_path, db, data):
     other = make_tiny_clip_vision(tmp_path / "other.safetensors", seed=7)
     fp = ClipVisionEncoder.from_file(other).fingerprint
     with ReferenceDB.open(db) as ref:
-        with pytest.raises(RefDBError, match=r"different CLIP vision encoder.*weights_sha256.*DB encoder.*query encoder"):
+        with pytest.raises(
+            RefDBError, match=r"different CLIP vision encoder.*weights_sha256.*DB encoder.*query encoder"
+        ):
             ref.check_encoder(fp)
         with pytest.raises(RefDBError, match="preprocess"):
             ref.check_encoder(dict(ref.fingerprint, preprocess="something-else"))
     with pytest.raises(RefDBError, match="different CLIP vision encoder"):
-        cli_search = ["search", "--db", str(db), "--encoder", str(other), "--image",
-                      str(next(data["images"].glob("*.png")))]
+        cli_search = [
+            "search",
+            "--db",
+            str(db),
+            "--encoder",
+            str(other),
+            "--image",
+            str(next(data["images"].glob("*.png"))),
+        ]
         from xsr_core.refdb.cli import build_parser
 
         args = build_parser().parse_args(cli_search)
@@ -295,8 +318,24 @@ sys.exit(main(sys.argv[1:]))
 
 def test_kill9_during_build_then_resume_gives_identical_db(tmp_path, db, data):
     out = tmp_path / "killed"
-    args = ["build", "--images", str(data["images"]), "--encoder", str(data["enc"]), "--out", str(out),
-            "--workers", "0", "--batch-size", "4", "--chunk-size", "4", "--threads", "1", "--no-progress"]
+    args = [
+        "build",
+        "--images",
+        str(data["images"]),
+        "--encoder",
+        str(data["enc"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--chunk-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     cmd = [sys.executable, "-m", "xsr_core.refdb", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # the killed run widens the window between writing a chunk and committing it (patched in the child)
@@ -363,8 +402,13 @@ def test_add_keeps_ids_and_export_subset(tmp_path, db, data):
     rest.write_text("".join(f"{p}\n" for p in files))  # overlaps: known files are ignored
     out = tmp_path / "grow"
     calls = []
-    build_db(out, ClipVisionEncoder.from_file(data["enc"]), list_file=first, config=_cfg(),
-             progress_callback=lambda done, total: calls.append((done, total)))
+    build_db(
+        out,
+        ClipVisionEncoder.from_file(data["enc"]),
+        list_file=first,
+        config=_cfg(),
+        progress_callback=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (6, 6) and [c[0] for c in calls] == sorted(c[0] for c in calls)
     rows_a, _, _ = _contents(out)
     add_images(out, data["enc"], list_file=rest, config=_cfg())

@@ -25,7 +25,9 @@ def _jpeg(w: int, h: int, exif_orientation: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("w, h, expect_short", [(1000, 800, 400), (512, 700, 256), (460, 600, 230), (440, 600, 440), (2000, 1792, 224)])
+@pytest.mark.parametrize(
+    "w, h, expect_short", [(1000, 800, 400), (512, 700, 256), (460, 600, 230), (440, 600, 440), (2000, 1792, 224)]
+)
 def test_draft_keeps_shortest_side_at_least_the_clip_input(w, h, expect_short):
     rgb = decode_image(_jpeg(w, h), draft_side=224)
     assert min(rgb.size) == expect_short >= 224

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xsr_core.refdb.index import (FLAT_MAX, build_index, choose_index, estimate_index_bytes, normalize,
-                                  plan_for_key, read_index, set_search_params, write_index)
+from xsr_core.refdb.index import (
+    FLAT_MAX,
+    build_index,
+    choose_index,
+    estimate_index_bytes,
+    normalize,
+    plan_for_key,
+    read_index,
+    set_search_params,
+    write_index,
+)
 
 RECALL_TOLERANCE = 0.9  # stated tolerance: approximate top-4 must share >= 90% of exact Flat top-4
 
@@ -89,15 +98,28 @@ def _synthetic_db(path, xb, index_key):
     write_npy_atomic(path / "build" / "emb" / "emb_000000000000.npy", xb)
     with Manifest(path, create=True) as man:
         with man.transaction() as c:
-            for k, v in dict(encoder={"arch": "synthetic", "weights_sha256": "0", "preprocess": "-"}, mode="paths",
-                             dim=xb.shape[1], chunk_size=len(xb), min_side=1, pack_side=512, pack_quality=90,
-                             exclude_threshold=0.95, index=index_key, sources=[], encoder_source="-").items():
+            for k, v in dict(
+                encoder={"arch": "synthetic", "weights_sha256": "0", "preprocess": "-"},
+                mode="paths",
+                dim=xb.shape[1],
+                chunk_size=len(xb),
+                min_side=1,
+                pack_side=512,
+                pack_quality=90,
+                exclude_threshold=0.95,
+                index=index_key,
+                sources=[],
+                encoder_source="-",
+            ).items():
                 man.set(k, v, c)
-            c.executemany("INSERT INTO files(seq, path, status, sha256, width, height, chunk, row) "
-                          "VALUES (?, ?, 'ok', ?, 1, 1, 'c0', ?)",
-                          [(i, f"/synthetic/{i}.png", f"{i:064x}", i) for i in range(len(xb))])
-            c.execute("INSERT INTO chunks VALUES ('c0', 0, ?, ?, 'build/emb/emb_000000000000.npy', NULL)",
-                      (len(xb), len(xb)))
+            c.executemany(
+                "INSERT INTO files(seq, path, status, sha256, width, height, chunk, row) "
+                "VALUES (?, ?, 'ok', ?, 1, 1, 'c0', ?)",
+                [(i, f"/synthetic/{i}.png", f"{i:064x}", i) for i in range(len(xb))],
+            )
+            c.execute(
+                "INSERT INTO chunks VALUES ('c0', 0, ?, ?, 'build/emb/emb_000000000000.npy', NULL)", (len(xb), len(xb))
+            )
     return finalize(path, index_key=index_key)
 
 

@@ -55,7 +55,15 @@ def test_bad_inputs_and_config():
 
 def test_default_config_is_the_papers():
     c = RFAConfig()
-    assert (c.clip_dim, c.width, c.depth, c.heads, c.mlp_ratio, c.num_patches, c.out_dim) == (1024, 1024, 4, 16, 4.0, 256, 1024)
+    assert (c.clip_dim, c.width, c.depth, c.heads, c.mlp_ratio, c.num_patches, c.out_dim) == (
+        1024,
+        1024,
+        4,
+        16,
+        4.0,
+        256,
+        1024,
+    )
 
 
 def test_deterministic_init_and_forward():

@@ -44,9 +44,15 @@ def _prefix(b: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 def _hf_generate(lm, prefix, eos, **kw):
-    out = lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
-                      do_sample=False, eos_token_id=eos, pad_token_id=eos, **kw)
-    return out[:, -kw["max_new_tokens"]:] if out.shape[1] > kw["max_new_tokens"] else out
+    out = lm.generate(
+        inputs_embeds=prefix,
+        attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **kw,
+    )
+    return out[:, -kw["max_new_tokens"] :] if out.shape[1] > kw["max_new_tokens"] else out
 
 
 def test_prefill_and_step_logits_match_hf(lm):
@@ -83,7 +89,7 @@ def test_greedy_eos_handling_matches_hf(lm):
         ours = dec.generate(prefix, eos_token_id=eos, max_new_tokens=10, min_new_tokens=min_new, check_every=2)
         theirs = _hf_generate(lm, prefix, eos, max_new_tokens=10, min_new_tokens=min_new)
         torch.testing.assert_close(ours[:, : theirs.shape[1]], theirs, rtol=0, atol=0)
-        assert (ours[:, theirs.shape[1]:] == eos).all()  # padding after early stop
+        assert (ours[:, theirs.shape[1] :] == eos).all()  # padding after early stop
         if min_new == 0:
             assert ours[0, 2] == eos and (ours[0, 3:] == eos).all()
         else:
@@ -102,7 +108,9 @@ def test_beam_search_matches_hf_without_eos_and_is_deterministic(lm, gpt2_tok):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     # One beam is greedy.
     greedy = dec.generate(prefix, eos_token_id=eos, max_new_tokens=8, min_new_tokens=8)
-    torch.testing.assert_close(dec.generate(prefix, eos_token_id=eos, max_new_tokens=8, min_new_tokens=8, num_beams=1), greedy)
+    torch.testing.assert_close(
+        dec.generate(prefix, eos_token_id=eos, max_new_tokens=8, min_new_tokens=8, num_beams=1), greedy
+    )
 
 
 def test_beam_search_with_eos_pads_after_eos(lm):
@@ -114,7 +122,7 @@ def test_beam_search_with_eos_pads_after_eos(lm):
     assert out.shape == (3, 10)
     for row in out.tolist():
         if eos in row:
-            assert all(t == eos for t in row[row.index(eos):])
+            assert all(t == eos for t in row[row.index(eos) :])
     torch.testing.assert_close(out, dec.generate(prefix, eos_token_id=eos, max_new_tokens=10, num_beams=4))
 
 

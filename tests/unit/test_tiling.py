@@ -8,11 +8,22 @@ import pytest
 import torch
 
 from xsr_core.tiling import (
-    LATENT_PER_LR, MAX_TILED_LR_SIDE, SCALE, TILE, Tiling, TilingError, axis_starts, blend, crop_tiles, tile_weights,
+    LATENT_PER_LR,
+    MAX_TILED_LR_SIDE,
+    SCALE,
+    TILE,
+    Tiling,
+    TilingError,
+    axis_starts,
+    blend,
+    crop_tiles,
+    tile_weights,
 )
 
 
-@pytest.mark.parametrize("length,overlap", [(32, 8), (33, 8), (48, 8), (64, 0), (100, 12), (256, 8), (256, 16), (20, 4)])
+@pytest.mark.parametrize(
+    "length,overlap", [(32, 8), (33, 8), (48, 8), (64, 0), (100, 12), (256, 8), (256, 16), (20, 4)]
+)
 def test_axis_starts_cover_the_axis_with_at_least_the_overlap(length, overlap):
     starts = axis_starts(length, TILE, overlap)
     tile = min(TILE, length)
@@ -112,6 +123,7 @@ def test_blending_leaves_no_seam_where_hard_tiles_do(weighting):
     that makes seams: every tile has its own conditioning). Blended with overlap, the field stays
     smooth at the tile borders; tiles without overlap (tile-by-tile upscaling) leave a step there.
     """
+
     def run(tiling, weighting):
         w = tile_weights(tiling, LATENT_PER_LR, weighting)
         lh, lw = tiling.latent_hw
@@ -126,6 +138,9 @@ def test_blending_leaves_no_seam_where_hard_tiles_do(weighting):
 
     smooth = run(Tiling.make(8, 64, overlap=16), weighting)
     hard = run(Tiling.make(8, 64, overlap=0), "constant")
-    ratio, hard_ratio = _border_energy_ratio(smooth, Tiling.make(8, 64, overlap=16)), _border_energy_ratio(hard, Tiling.make(8, 64, overlap=0))
+    ratio, hard_ratio = (
+        _border_energy_ratio(smooth, Tiling.make(8, 64, overlap=16)),
+        _border_energy_ratio(hard, Tiling.make(8, 64, overlap=0)),
+    )
     assert hard_ratio > 10, hard_ratio
     assert ratio < 1.0, ratio  # smoother at the borders than the ramp is anywhere

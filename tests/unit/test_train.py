@@ -36,17 +36,38 @@ def world(tiny_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     imgs = write_image_set(root / "imgs", n=N_IMAGES)
     data = root / "data"
-    info = prepare(data, tiny_zoo["clip_vision"], images=str(imgs), captions=str(imgs / "captions.jsonl"),
-                   config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP))
+    info = prepare(
+        data,
+        tiny_zoo["clip_vision"],
+        images=str(imgs),
+        captions=str(imgs / "captions.jsonl"),
+        config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP),
+    )
     clip_tok = root / "cliptok"
     train_tiny_clip_tokenizer(clip_tok)
-    return {"root": root, "imgs": imgs, "data": data, "info": info, "zoo": tiny_zoo, "clip_tok": clip_tok,
-            "diffusers": tiny_zoo["diffusers"]}
+    return {
+        "root": root,
+        "imgs": imgs,
+        "data": data,
+        "info": info,
+        "zoo": tiny_zoo,
+        "clip_tok": clip_tok,
+        "diffusers": tiny_zoo["diffusers"],
+    }
 
 
 def _rfa_cfg(world, out, **kw):
-    base = dict(data=str(world["data"]), output_dir=str(out), batch_size=8, max_steps=4, cpu=True, log_steps=1,
-                checkpointing_steps=2, model=TINY_RFA, learning_rate=1e-3)
+    base = dict(
+        data=str(world["data"]),
+        output_dir=str(out),
+        batch_size=8,
+        max_steps=4,
+        cpu=True,
+        log_steps=1,
+        checkpointing_steps=2,
+        model=TINY_RFA,
+        learning_rate=1e-3,
+    )
     return RFATrainConfig(**{**base, **kw})
 
 
@@ -64,23 +85,46 @@ def i2t_run(world, rfa_run):
     from xsr_core.train.i2t import train_i2t
 
     out = world["root"] / "i2t"
-    res = train_i2t(I2TTrainConfig(
-        data=str(world["data"]), output_dir=str(out), batch_size=4, max_steps=3, cpu=True, log_steps=1,
-        rfa=str(rfa_run / "final" / "rfa.safetensors"), decoder_dir=str(world["zoo"]["distilgpt2"]),
-        pretrained=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"]), model=TINY_I2T, sample_captions=2,
-        max_new_tokens=8))
+    res = train_i2t(
+        I2TTrainConfig(
+            data=str(world["data"]),
+            output_dir=str(out),
+            batch_size=4,
+            max_steps=3,
+            cpu=True,
+            log_steps=1,
+            rfa=str(rfa_run / "final" / "rfa.safetensors"),
+            decoder_dir=str(world["zoo"]["distilgpt2"]),
+            pretrained=str(world["diffusers"]),
+            clip_tokenizer=str(world["clip_tok"]),
+            model=TINY_I2T,
+            sample_captions=2,
+            max_new_tokens=8,
+        )
+    )
     return out, res
 
 
 def _adapter_cfg(world, rfa_run, i2t_run, out, **kw):
-    base = dict(data=str(world["data"]), output_dir=str(out), batch_size=2, max_steps=3, cpu=True, log_steps=1,
-                rfa=str(rfa_run / "final" / "rfa.safetensors"), i2t=str(i2t_run[0] / "final" / "i2t.safetensors"),
-                pretrained=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"]), resolution=64,
-                learning_rate=1e-3)
+    base = dict(
+        data=str(world["data"]),
+        output_dir=str(out),
+        batch_size=2,
+        max_steps=3,
+        cpu=True,
+        log_steps=1,
+        rfa=str(rfa_run / "final" / "rfa.safetensors"),
+        i2t=str(i2t_run[0] / "final" / "i2t.safetensors"),
+        pretrained=str(world["diffusers"]),
+        clip_tokenizer=str(world["clip_tok"]),
+        resolution=64,
+        learning_rate=1e-3,
+    )
     return AdapterTrainConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------------- prepare
+
 
 def test_prepare_layout_split_and_caches(world):
     data, info = world["data"], world["info"]
@@ -113,8 +157,13 @@ def test_prepare_is_resumable_and_deterministic(world, tmp_path):
     before = (data / "items.jsonl").read_text()
     shard = next((data / "cache" / "clip" / "train").glob("shard-*.safetensors"))
     mtime = shard.stat().st_mtime_ns
-    prepare(data, world["zoo"]["clip_vision"], images=str(world["imgs"]), captions=str(world["imgs"] / "captions.jsonl"),
-            config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP))
+    prepare(
+        data,
+        world["zoo"]["clip_vision"],
+        images=str(world["imgs"]),
+        captions=str(world["imgs"] / "captions.jsonl"),
+        config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP),
+    )
     assert (data / "items.jsonl").read_text() == before
     assert shard.stat().st_mtime_ns == mtime  # complete shard not rewritten
 
@@ -127,31 +176,65 @@ def test_prepare_bad_inputs(tiny_zoo, tmp_path):
         prepare(tmp_path / "d0", enc, images=str(empty), captions="x.jsonl")
     from xsr_core.train.cli import main
 
-    assert main(["prepare", "--images", str(empty), "--out", str(tmp_path / "d0"), "--encoder", str(enc),
-                 "--captions", "x.jsonl"]) == 2  # the CLI reports the error and exits 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--images",
+                str(empty),
+                "--out",
+                str(tmp_path / "d0"),
+                "--encoder",
+                str(enc),
+                "--captions",
+                "x.jsonl",
+            ]
+        )
+        == 2
+    )  # the CLI reports the error and exits 2
     imgs = write_image_set(tmp_path / "imgs", n=4, size=128)
     with pytest.raises(PrepareError, match="--captions"):
         prepare(tmp_path / "d1", enc, images=str(imgs))
     with pytest.raises(PrepareError, match="BLIP-2 model folder"):
         prepare(tmp_path / "d2", enc, images=str(imgs), blip2=str(tmp_path / "no_blip2"))
     with pytest.raises(ValueError, match="--degradation"):
-        prepare(tmp_path / "d1", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
-                config=PrepareConfig(degradation="no_such_module:f"))
+        prepare(
+            tmp_path / "d1",
+            enc,
+            images=str(imgs),
+            captions=str(imgs / "captions.jsonl"),
+            config=PrepareConfig(degradation="no_such_module:f"),
+        )
     # a caption file missing entries names the images
     lines = (imgs / "captions.jsonl").read_text().splitlines()
     (tmp_path / "partial.jsonl").write_text("\n".join(lines[:1]) + "\n")
     with pytest.raises(PrepareError, match="img_0003.png"):
-        prepare(tmp_path / "d3", enc, images=str(imgs), captions=str(tmp_path / "partial.jsonl"),
-                config=PrepareConfig(split="2,0,2", min_side=64))
+        prepare(
+            tmp_path / "d3",
+            enc,
+            images=str(imgs),
+            captions=str(tmp_path / "partial.jsonl"),
+            config=PrepareConfig(split="2,0,2", min_side=64),
+        )
     # an unreadable image is named, and --skip_bad leaves it out
     (imgs / "broken.png").write_bytes(b"not a png")
     with pytest.raises(PrepareError, match="broken.png"):
-        prepare(tmp_path / "d4", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
-                config=PrepareConfig(split="2,0,2", min_side=64))
+        prepare(
+            tmp_path / "d4",
+            enc,
+            images=str(imgs),
+            captions=str(imgs / "captions.jsonl"),
+            config=PrepareConfig(split="2,0,2", min_side=64),
+        )
     assert not (tmp_path / "d4").exists()  # nothing written before the checks passed
     with pytest.raises(PrepareError, match="asks for 9 images"):
-        prepare(tmp_path / "d5", enc, images=str(imgs), captions=str(imgs / "captions.jsonl"),
-                config=PrepareConfig(split="3,3,3", min_side=64, skip_bad=True))
+        prepare(
+            tmp_path / "d5",
+            enc,
+            images=str(imgs),
+            captions=str(imgs / "captions.jsonl"),
+            config=PrepareConfig(split="3,3,3", min_side=64, skip_bad=True),
+        )
 
 
 def test_split_parsing():
@@ -167,6 +250,7 @@ def test_split_parsing():
 
 
 # ----------------------------------------------------------------------------------- config
+
 
 def test_config_file_overrides_and_validation(tmp_path):
     from xsr_core.train.cli import build_parser
@@ -188,14 +272,16 @@ def test_config_file_overrides_and_validation(tmp_path):
 
 # ----------------------------------------------------------------------------------- rfa + resume
 
+
 def test_rfa_checkpoints_and_resume_continue_exactly(world, tmp_path):
     from safetensors.torch import load_file
 
     from xsr_core.train.engine import list_checkpoints
     from xsr_core.train.rfa import train_rfa
 
-    full = train_rfa(_rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2,
-                              report_to="tensorboard"))
+    full = train_rfa(
+        _rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2, report_to="tensorboard")
+    )
     assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
     assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [4, 6]  # rotation kept the newest two
     assert json.loads((tmp_path / "full" / "checkpoint-6" / "config.json").read_text())["max_steps"] == 6
@@ -224,8 +310,10 @@ def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):
         for k in range(len(TEXTURES)):
             if k != own:
                 dis.append(enc.encode_images(center_crop_hr(make_image(i, texture=k)[0], 512)).cls)
-    res = train_rfa(_rfa_cfg(world, tmp_path / "learn", max_steps=120, batch_size=16, log_steps=20,
-                             checkpointing_steps=1000), distractors=torch.cat(dis))
+    res = train_rfa(
+        _rfa_cfg(world, tmp_path / "learn", max_steps=120, batch_size=16, log_steps=20, checkpointing_steps=1000),
+        distractors=torch.cat(dis),
+    )
     ev = res["eval"]
     print("RFA learning check:", {k: round(v, 3) for k, v in ev.items()})
     assert ev["rfa_recall@1"] >= ev["baseline_lr_cls_recall@1"] + 0.2
@@ -234,6 +322,7 @@ def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- i2t, adapter, export
+
 
 def test_i2t_stage(world, i2t_run):
     from xsr_core.models.i2t import load_i2t
@@ -262,8 +351,18 @@ def test_adapter_stage_export_and_round_trips(world, rfa_run, i2t_run, tmp_path)
     from xsr_core.weights import load_model
 
     out = tmp_path / "ad"
-    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, out, controlnet_train="controlnet_", ema_decay=0.9,
-                                     gradient_checkpointing=True, p_drop_image=0.5))
+    res = train_adapter(
+        _adapter_cfg(
+            world,
+            rfa_run,
+            i2t_run,
+            out,
+            controlnet_train="controlnet_",
+            ema_decay=0.9,
+            gradient_checkpointing=True,
+            p_drop_image=0.5,
+        )
+    )
     assert res["step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
     models = tmp_path / "models"
     paths = export(models, rfa=str(rfa_run), i2t=str(i2t_run[0]), adapter=str(out))
@@ -272,8 +371,9 @@ def test_adapter_stage_export_and_round_trips(world, rfa_run, i2t_run, tmp_path)
     ad = load_model(paths["adain_adapter"], expected=AdaINAdapter)
     assert ad.gates.abs().sum() > 0  # the gates moved away from 0
     assert paths["controlnet"] == models / "controlnet" / "xsr_controlnet.safetensors"
-    cn = ControlNetModel.from_single_file(str(paths["controlnet"]), config=str(out / "final" / "controlnet"),
-                                          local_files_only=True)
+    cn = ControlNetModel.from_single_file(
+        str(paths["controlnet"]), config=str(out / "final" / "controlnet"), local_files_only=True
+    )
     ref = ControlNetModel.from_pretrained(str(out / "final" / "controlnet"))
     a, b = cn.state_dict(), ref.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
@@ -283,19 +383,37 @@ def test_adapter_resume_and_single_file_base(world, rfa_run, i2t_run, tmp_path):
     """Single-file SD checkpoint + user ControlNet file; a resumed run continues at the right step."""
     from xsr_core.train.adapter import train_adapter
 
-    kw = dict(pretrained=str(world["zoo"]["checkpoint"]), pretrained_config=str(world["diffusers"]),
-              controlnet=str(world["zoo"]["controlnet"]), checkpointing_steps=1, controlnet_train="none")
+    kw = dict(
+        pretrained=str(world["zoo"]["checkpoint"]),
+        pretrained_config=str(world["diffusers"]),
+        controlnet=str(world["zoo"]["controlnet"]),
+        checkpointing_steps=1,
+        controlnet_train="none",
+    )
     train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "a", max_steps=2, **kw))
-    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "a", max_steps=3,
-                                     resume_from_checkpoint="latest", **kw))
+    res = train_adapter(
+        _adapter_cfg(world, rfa_run, i2t_run, tmp_path / "a", max_steps=3, resume_from_checkpoint="latest", **kw)
+    )
     assert [h["step"] for h in res["history"]] == [3]
 
 
 def test_adapter_loss_falls(world, rfa_run, i2t_run, tmp_path):
     from xsr_core.train.adapter import train_adapter
 
-    res = train_adapter(_adapter_cfg(world, rfa_run, i2t_run, tmp_path / "fall", max_steps=12, batch_size=4,
-                                     eval_steps=12, p_drop_text=0.0, p_drop_image=0.0, checkpointing_steps=100))
+    res = train_adapter(
+        _adapter_cfg(
+            world,
+            rfa_run,
+            i2t_run,
+            tmp_path / "fall",
+            max_steps=12,
+            batch_size=4,
+            eval_steps=12,
+            p_drop_text=0.0,
+            p_drop_image=0.0,
+            checkpointing_steps=100,
+        )
+    )
     first, last = res["evals"][0]["val_mse"], res["evals"][-1]["val_mse"]
     print("stage-2 val mse:", first, "->", last)
     assert last < 0.9 * first
@@ -314,8 +432,13 @@ def test_bad_base_checkpoint_and_mismatched_controlnet(world, tmp_path):
 
     unet_cfg = json.loads((world["diffusers"] / "unet" / "config.json").read_text())
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(sdxl))
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+        },
+        str(sdxl),
+    )
     with pytest.raises(BaseModelError, match="SDXL"):
         check_sd1_checkpoint(sdxl, unet_cfg)
     other = tmp_path / "other.safetensors"
@@ -325,8 +448,17 @@ def test_bad_base_checkpoint_and_mismatched_controlnet(world, tmp_path):
     with pytest.raises(BaseModelError, match="SD1.x"):  # via the stage entry point, before any training
         from xsr_core.train.adapter import load_base
 
-        load_base(AdapterTrainConfig(data="/d", output_dir="/o", rfa="r", i2t="i", pretrained=str(sdxl),
-                                     pretrained_config=str(world["diffusers"]), clip_tokenizer=str(world["clip_tok"])))
+        load_base(
+            AdapterTrainConfig(
+                data="/d",
+                output_dir="/o",
+                rfa="r",
+                i2t="i",
+                pretrained=str(sdxl),
+                pretrained_config=str(world["diffusers"]),
+                clip_tokenizer=str(world["clip_tok"]),
+            )
+        )
     wide = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": [32, 64, 64, 128]})
     cn_file = write_controlnet(ControlNetModel.from_unet(wide), tmp_path / "cn_wrong.safetensors")
     unet = UNet2DConditionModel.from_pretrained(str(world["diffusers"]), subfolder="unet")
@@ -342,8 +474,16 @@ def test_adapter_stage_prediction_types(world):
     from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
     from xsr_core.train.adapter import AdapterStage, load_base, load_controlnet
 
-    cfg = AdapterTrainConfig(data="/d", output_dir="/o", rfa="r", i2t="i", pretrained=str(world["diffusers"]),
-                             clip_tokenizer=str(world["clip_tok"]), p_drop_text=0.0, p_drop_image=0.0)
+    cfg = AdapterTrainConfig(
+        data="/d",
+        output_dir="/o",
+        rfa="r",
+        i2t="i",
+        pretrained=str(world["diffusers"]),
+        clip_tokenizer=str(world["clip_tok"]),
+        p_drop_text=0.0,
+        p_drop_image=0.0,
+    )
     base = load_base(cfg)
     adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=32))
     stage = AdapterStage(adapter, load_controlnet("", base["unet"]), base, cfg)
@@ -351,12 +491,17 @@ def test_adapter_stage_prediction_types(world):
 
     stage.set_empty_prompt(*clip_tokenize(base["tokenizer"], [""]))
     g = torch.Generator().manual_seed(0)
-    batch = {"pixels": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "hint": torch.rand(2, 3, 64, 64, generator=g),
-             "E": torch.randn(2, 257, 32, generator=g), "clip_ids": torch.randint(0, 300, (2, 77), generator=g)}
+    batch = {
+        "pixels": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+        "hint": torch.rand(2, 3, 64, 64, generator=g),
+        "E": torch.randn(2, 257, 32, generator=g),
+        "clip_ids": torch.randint(0, 300, (2, 77), generator=g),
+    }
     losses = {}
     for kind in ("epsilon", "v_prediction"):
-        stage.scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        prediction_type=kind)
+        stage.scheduler = DDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind
+        )
         torch.manual_seed(0)
         losses[kind] = stage(batch)["mse"].item()
         stage.end_step()

@@ -13,9 +13,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_train_tiny_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_train.py"), "--tiny", "--batch-sizes", "2",
-                           "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_train.py"),
+            "--tiny",
+            "--batch-sizes",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (js,) = tmp_path.glob("train_*_tiny.json")
     data = json.loads(js.read_text())

@@ -26,8 +26,13 @@ def test_prepare_excludes_near_duplicates_of_test_images(tiny_zoo, tmp_path):
         rows += [{"image": f"a{i:02d}.png", "caption": cap}, {"image": f"a{i:02d}_copy.jpg", "caption": cap}]
     (imgs / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = tmp_path / "data"
-    info = prepare(data, tiny_zoo["clip_vision"], images=str(imgs), captions=str(imgs / "c.jsonl"),
-                   config=PrepareConfig(split="6,8,6", min_side=64, device="cpu", dedup_threshold=0.99))
+    info = prepare(
+        data,
+        tiny_zoo["clip_vision"],
+        images=str(imgs),
+        captions=str(imgs / "c.jsonl"),
+        config=PrepareConfig(split="6,8,6", min_side=64, device="cpu", dedup_threshold=0.99),
+    )
     items = load_items(data)
     twin = {Path(it["source"]).name.split(".")[0].removesuffix("_copy"): [] for it in items}
     for it in items:

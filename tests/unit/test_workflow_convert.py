@@ -13,29 +13,56 @@ from xsr_core.workflow import WorkflowError, model_names, substitute_models, ui_
 REPO = Path(__file__).resolve().parents[2]
 
 OBJECT_INFO = {
-    "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
-               "input_order": {"required": ["ckpt_name"]}, "output": ["MODEL", "CLIP"], "output_name": ["MODEL", "CLIP"]},
-    "Encode": {"input": {"required": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}},
-               "output": ["CONDITIONING"], "output_name": ["CONDITIONING"]},
+    "Loader": {
+        "input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
+        "input_order": {"required": ["ckpt_name"]},
+        "output": ["MODEL", "CLIP"],
+        "output_name": ["MODEL", "CLIP"],
+    },
+    "Encode": {
+        "input": {"required": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}},
+        "output": ["CONDITIONING"],
+        "output_name": ["CONDITIONING"],
+    },
     "Sampler": {
         "input": {
-            "required": {"model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
-                         "positive": ["CONDITIONING"], "sampler_name": [["euler", "heun"]], "denoise": ["FLOAT", {}]},
+            "required": {
+                "model": ["MODEL"],
+                "seed": ["INT", {"control_after_generate": True}],
+                "steps": ["INT", {}],
+                "positive": ["CONDITIONING"],
+                "sampler_name": [["euler", "heun"]],
+                "denoise": ["FLOAT", {}],
+            },
             "optional": {"extra": ["STRING", {"forceInput": True}], "flag": ["BOOLEAN", {"default": False}]},
         },
-        "input_order": {"required": ["model", "seed", "steps", "positive", "sampler_name", "denoise"],
-                        "optional": ["extra", "flag"]},
-        "output": ["LATENT"], "output_name": ["LATENT"],
+        "input_order": {
+            "required": ["model", "seed", "steps", "positive", "sampler_name", "denoise"],
+            "optional": ["extra", "flag"],
+        },
+        "output": ["LATENT"],
+        "output_name": ["LATENT"],
     },
-    "Noise": {"input": {"required": {"noise_seed": ["INT", {}], "scale": ["FLOAT", {}]}},
-              "output": ["NOISE"], "output_name": ["NOISE"]},
+    "Noise": {
+        "input": {"required": {"noise_seed": ["INT", {}], "scale": ["FLOAT", {}]}},
+        "output": ["NOISE"],
+        "output_name": ["NOISE"],
+    },
 }
 
 
 def node(nid, kind, widgets=(), inputs=(), mode=0, **extra):
-    return {"id": nid, "type": kind, "pos": [0, 0], "size": [100, 100], "mode": mode,
-            "inputs": [{"name": n, "type": "*", "link": link} for n, link in inputs],
-            "outputs": [], "widgets_values": list(widgets), **extra}
+    return {
+        "id": nid,
+        "type": kind,
+        "pos": [0, 0],
+        "size": [100, 100],
+        "mode": mode,
+        "inputs": [{"name": n, "type": "*", "link": link} for n, link in inputs],
+        "outputs": [],
+        "widgets_values": list(widgets),
+        **extra,
+    }
 
 
 def snippet():
@@ -44,13 +71,22 @@ def snippet():
         "nodes": [
             node(1, "Loader", ["b.safetensors"]),
             node(2, "Encode", ["a cat"], inputs=[("clip", 4)]),
-            node(3, "Sampler", [42, "fixed", 7, "heun", 0.5, True],
-                 inputs=[("model", 1), ("seed", None), ("positive", 3), ("extra", None)]),
+            node(
+                3,
+                "Sampler",
+                [42, "fixed", 7, "heun", 0.5, True],
+                inputs=[("model", 1), ("seed", None), ("positive", 3), ("extra", None)],
+            ),
             node(4, "Note", ["just a note"]),
             node(5, "Reroute", [], inputs=[("", 2)]),
         ],
         # [id, origin_id, origin_slot, target_id, target_slot, type]
-        "links": [[1, 1, 0, 3, 0, "MODEL"], [2, 1, 1, 5, 0, "CLIP"], [4, 5, 0, 2, 1, "CLIP"], [3, 2, 0, 3, 3, "CONDITIONING"]],
+        "links": [
+            [1, 1, 0, 3, 0, "MODEL"],
+            [2, 1, 1, 5, 0, "CLIP"],
+            [4, 5, 0, 2, 1, "CLIP"],
+            [3, 2, 0, 3, 3, "CONDITIONING"],
+        ],
     }
 
 
@@ -61,16 +97,27 @@ def test_widgets_links_seed_control_and_optional_inputs():
     assert api["2"]["inputs"] == {"text": "a cat", "clip": ["1", 1]}  # through the reroute
     assert api["3"]["class_type"] == "Sampler"
     # seed consumes 42 and the "fixed" control value; forceInput 'extra' consumes none; optional widget last
-    assert api["3"]["inputs"] == {"model": ["1", 0], "seed": 42, "steps": 7, "positive": ["2", 0],
-                                  "sampler_name": "heun", "denoise": 0.5, "flag": True}
+    assert api["3"]["inputs"] == {
+        "model": ["1", 0],
+        "seed": 42,
+        "steps": 7,
+        "positive": ["2", 0],
+        "sampler_name": "heun",
+        "denoise": 0.5,
+        "flag": True,
+    }
 
 
 def test_noise_seed_by_name_gets_control_value_and_linked_widget_uses_the_link():
     info = copy.deepcopy(OBJECT_INFO)
-    wf = {"nodes": [node(1, "Noise", [5, "randomize", 0.25]),
-                    node(2, "Noise", [6, "fixed", 0.5], inputs=[("scale", 1)]),
-                    node(3, "PrimitiveNode", [0.75])],
-          "links": [[1, 3, 0, 2, 1, "FLOAT"]]}
+    wf = {
+        "nodes": [
+            node(1, "Noise", [5, "randomize", 0.25]),
+            node(2, "Noise", [6, "fixed", 0.5], inputs=[("scale", 1)]),
+            node(3, "PrimitiveNode", [0.75]),
+        ],
+        "links": [[1, 3, 0, 2, 1, "FLOAT"]],
+    }
     api = ui_to_api(wf, info)
     assert api["1"]["inputs"] == {"noise_seed": 5, "scale": 0.25}
     assert api["2"]["inputs"] == {"noise_seed": 6, "scale": 0.75}  # the primitive's value replaces the widget's

@@ -27,13 +27,21 @@ def boxes(wf: dict) -> list[tuple[str, tuple[float, float, float, float]]]:
 
 def overlaps(wf: dict) -> list[tuple[str, str]]:
     bs = boxes(wf)
-    return [(a, b) for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(bs) for b, (bx0, by0, bx1, by1) in bs[i + 1:]
-            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1]
+    return [
+        (a, b)
+        for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(bs)
+        for b, (bx0, by0, bx1, by1) in bs[i + 1 :]
+        if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+    ]
 
 
 def test_overlap_check_finds_overlaps():
-    wf = {"nodes": [{"id": 1, "type": "A", "pos": [0, 40], "size": [100, 100]},
-                    {"id": 2, "type": "B", "pos": [50, 150], "size": [100, 100]}]}  # B's title bar covers A's foot
+    wf = {
+        "nodes": [
+            {"id": 1, "type": "A", "pos": [0, 40], "size": [100, 100]},
+            {"id": 2, "type": "B", "pos": [50, 150], "size": [100, 100]},
+        ]
+    }  # B's title bar covers A's foot
     assert overlaps(wf) == [("1 A", "2 B")]
     wf["nodes"][1]["pos"] = [50, 171]
     assert overlaps(wf) == []
@@ -51,6 +59,7 @@ def test_example_workflows_are_the_workflows_with_a_thumbnail(path):
     copy = EXAMPLES / path.name
     assert copy.is_file() and copy.read_bytes() == path.read_bytes(), (
         f"example_workflows/{path.name} differs from workflows/{path.name}: "
-        "run `.venv/bin/python scripts/workflow_thumbnails.py` (copies them and renders the thumbnails)")
+        "run `.venv/bin/python scripts/workflow_thumbnails.py` (copies them and renders the thumbnails)"
+    )
     with Image.open(EXAMPLES / f"{path.stem}.png") as thumb:
         assert thumb.format == "PNG" and thumb.width >= 320

@@ -80,7 +80,9 @@ class AdaINAdapterConfig:
     eps: float = 1e-5  # added to the token variance inside AdaIN's std
     sigma_min: float = 1e-3  # lower bound of the predicted σ (σ = softplus(raw) + sigma_min)
     pool: str = "mean"  # pooling of E before the trunk: "mean" (mean over tokens, then LayerNorm)
-    blocks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # [{"id", "dim", "inner_dim"}], order = head layout
+    blocks: list[dict[str, Any]] = dataclasses.field(
+        default_factory=list
+    )  # [{"id", "dim", "inner_dim"}], order = head layout
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "proj_hidden"):
@@ -91,7 +93,9 @@ class AdaINAdapterConfig:
         if self.pool not in POOLS:
             raise ValueError(f"AdaINAdapterConfig.pool must be one of {POOLS}, got {self.pool!r}")
         if not self.blocks:
-            raise ValueError("AdaINAdapterConfig.blocks is empty: build it with AdaINAdapterConfig.from_unet_config(...)")
+            raise ValueError(
+                "AdaINAdapterConfig.blocks is empty: build it with AdaINAdapterConfig.from_unet_config(...)"
+            )
         blocks = []
         for b in self.blocks:
             if dataclasses.is_dataclass(b):  # a BlockSpec
@@ -153,8 +157,9 @@ def _rows_key(rows: Rows, batch: int) -> tuple[bool, ...] | None:
     if rows is None:
         return None
     if isinstance(rows, torch.Tensor) or not all(type(r).__name__ in ("bool", "bool_") for r in rows):
-        raise ValueError("rows must be None or a sequence of one python bool per activation row "
-                         f"(e.g. [True, False]), got {rows!r}")
+        raise ValueError(
+            f"rows must be None or a sequence of one python bool per activation row (e.g. [True, False]), got {rows!r}"
+        )
     key = tuple(bool(r) for r in rows)
     if len(key) != batch:
         raise ValueError(f"rows mask has {len(key)} entries but the activation batch is {batch}")
@@ -190,9 +195,17 @@ class AdapterStats:
     ``ModelPatcher.clone``). Folded :class:`AdaINPlan` s per (strength, rows, batch, dtype, device) are cached on it.
     """
 
-    def __init__(self, layout: _Layout, mu: torch.Tensor, sigma: torch.Tensor, gates: torch.Tensor,
-                 active: frozenset[tuple[int, int]] | None, eps: float,
-                 owners: dict[str, torch.Tensor] | None = None, index_cache: dict | None = None):
+    def __init__(
+        self,
+        layout: _Layout,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        gates: torch.Tensor,
+        active: frozenset[tuple[int, int]] | None,
+        eps: float,
+        owners: dict[str, torch.Tensor] | None = None,
+        index_cache: dict | None = None,
+    ):
         self.layout = layout
         self._owners = owners or {}  # site -> (W,) block index of every channel (the adapter's buffers)
         self._index_cache = index_cache if index_cache is not None else {}  # small index tensors, per device
@@ -209,15 +222,17 @@ class AdapterStats:
 
     def __repr__(self) -> str:
         n_active = "all" if self.active is None else len(self.active)
-        return (f"AdapterStats(batch={self.batch}, blocks={len(self.layout.ids)}, active_gates={n_active}, "
-                f"dtype={self.mu.dtype}, device={self.mu.device})")
+        return (
+            f"AdapterStats(batch={self.batch}, blocks={len(self.layout.ids)}, active_gates={n_active}, "
+            f"dtype={self.mu.dtype}, device={self.mu.device})"
+        )
 
     def get(self, block_id: str, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, σ) of one block and site, each (Bs, width)."""
         i = self.layout.index[block_id]
         a, b = self.layout.block_slices[site][i]
         off = self.layout.site_offset[site]
-        return self.mu[:, off + a: off + b], self.sigma[:, off + a: off + b]
+        return self.mu[:, off + a : off + b], self.sigma[:, off + a : off + b]
 
     def is_active(self, block_id: str, site: str) -> bool:
         return self.active is None or (self.layout.index[block_id], SITE_GATE[site]) in self.active
@@ -232,8 +247,9 @@ class AdapterStats:
             t = self._index_cache[key] = torch.tensor(values, device=device)
         return t
 
-    def plan(self, strength: float, rows_key: tuple[bool, ...] | None, batch: int, dtype: torch.dtype,
-             device: torch.device) -> AdaINPlan:
+    def plan(
+        self, strength: float, rows_key: tuple[bool, ...] | None, batch: int, dtype: torch.dtype, device: torch.device
+    ) -> AdaINPlan:
         """The folded :class:`AdaINPlan` for activations of ``batch`` rows in ``dtype`` on ``device`` (cached).
 
         ``rows_key``: None or a tuple of ``batch`` bools (see :func:`_rows_key`); stats rows Bs must be 1
@@ -260,14 +276,15 @@ class AdapterStats:
             if owner is None or owner.device != self.gates.device:
                 owner = torch.tensor(lay.channel_block[site], device=self.gates.device)
             gs = (self.gates[:, SITE_GATE[site]] * strength).index_select(0, owner).to(self.mu.dtype)  # (W,)
-            k = gs * self.sigma[:, off: off + w]  # (Bs, W)
-            c = gs * self.mu[:, off: off + w]
+            k = gs * self.sigma[:, off : off + w]  # (Bs, W)
+            c = gs * self.mu[:, off : off + w]
             omg = (1.0 - gs).unsqueeze(0)  # (1, W)
             k, c, omg = (t.to(device=device, dtype=small_dtype).unsqueeze(1) for t in (k, c, omg))
             g = SITE_GATE[site]
             sites[site] = [
                 (k[..., a:b], c[..., a:b], omg[..., a:b])
-                if strength != 0.0 and (self.active is None or (i, g) in self.active) else None
+                if strength != 0.0 and (self.active is None or (i, g) in self.active)
+                else None
                 for i, (a, b) in enumerate(lay.block_slices[site])
             ]
         plan = self._plans[key] = AdaINPlan(sites, mask, self.eps)
@@ -293,8 +310,26 @@ def _triton_kernel() -> Any:
             return _TRITON
 
         @triton.jit
-        def _adain_fused(h_ptr, out_ptr, k_ptr, c_ptr, omg_ptr, mask_ptr, N, C, s_hb, s_hn, s_kb, s_cb, s_ob,
-                         inv_n, eps, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        def _adain_fused(
+            h_ptr,
+            out_ptr,
+            k_ptr,
+            c_ptr,
+            omg_ptr,
+            mask_ptr,
+            N,
+            C,
+            s_hb,
+            s_hn,
+            s_kb,
+            s_cb,
+            s_ob,
+            inv_n,
+            eps,
+            HAS_MASK: tl.constexpr,
+            BLOCK_N: tl.constexpr,
+            BLOCK_C: tl.constexpr,
+        ):
             b = tl.program_id(0)
             cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
             cmask = cols < C
@@ -335,8 +370,9 @@ def _triton_kernel() -> Any:
     return _TRITON
 
 
-def _adain_triton(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor,
-                  mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _adain_triton(
+    h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, mask: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     triton, kernel = _TRITON
     B, N, C = h.shape
     if not h.is_contiguous():
@@ -350,14 +386,33 @@ def _adain_triton(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.
     block_c = 16 if C >= 16 else triton.next_power_of_2(C)
     block_n = min(512, triton.next_power_of_2(N))
     grid = (B, triton.cdiv(C, block_c))
-    kernel[grid](h, out, k, c, omg, mask.view(torch.uint8) if mask is not None else h, N, C, h.stride(0), h.stride(1),
-                 bstride(k), bstride(c), bstride(omg), 1.0 / N, eps,
-                 HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
+    kernel[grid](
+        h,
+        out,
+        k,
+        c,
+        omg,
+        mask.view(torch.uint8) if mask is not None else h,
+        N,
+        C,
+        h.stride(0),
+        h.stride(1),
+        bstride(k),
+        bstride(c),
+        bstride(omg),
+        1.0 / N,
+        eps,
+        HAS_MASK=mask is not None,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=8,
+    )
     return out
 
 
-def _adain_eager(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor,
-                 mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _adain_eager(
+    h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, mask: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     if h.is_cuda:
         var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # (B, 1, C): one launch
     else:  # CPU: var_mean over the token dim is several times slower than two plain passes
@@ -375,8 +430,13 @@ def _adain_eager(h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.T
     return out
 
 
-def adain_apply(h: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                eps: float, fused: bool = True) -> torch.Tensor:
+def adain_apply(
+    h: torch.Tensor,
+    entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    eps: float,
+    fused: bool = True,
+) -> torch.Tensor:
     """Gated AdaIN of ``h`` (B, N, C) with one :class:`AdaINPlan` entry ``(k, c, omg)``: the hot path.
 
     No validation here (the plan and the bindings check shapes once). ``fused``: use the Triton kernel when
@@ -385,9 +445,15 @@ def adain_apply(h: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.
     """
     global _TRITON
     k, c, omg = entry
-    if (fused and h.is_cuda and _TRITON is not False and h.dtype in _TRITON_DTYPES
-            and not (torch.is_grad_enabled() and (h.requires_grad or k.requires_grad))
-            and not torch.compiler.is_compiling() and _triton_kernel()):
+    if (
+        fused
+        and h.is_cuda
+        and _TRITON is not False
+        and h.dtype in _TRITON_DTYPES
+        and not (torch.is_grad_enabled() and (h.requires_grad or k.requires_grad))
+        and not torch.compiler.is_compiling()
+        and _triton_kernel()
+    ):
         try:
             return _adain_triton(h, k, c, omg, mask, eps)
         except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
@@ -406,8 +472,14 @@ class AdapterForward:
 
     __slots__ = ("stats", "strength", "rows_key", "batch", "fused", "plans")
 
-    def __init__(self, stats: AdapterStats, strength: float = 1.0, rows: Rows = None, batch: int | None = None,
-                 fused: bool = True):
+    def __init__(
+        self,
+        stats: AdapterStats,
+        strength: float = 1.0,
+        rows: Rows = None,
+        batch: int | None = None,
+        fused: bool = True,
+    ):
         self.stats = stats
         self.strength = float(strength)
         self.batch = batch if batch is not None else (len(rows) if rows is not None else None)
@@ -433,8 +505,9 @@ class AdapterForward:
     def _fold(self, h: torch.Tensor) -> AdaINPlan:
         batch = h.shape[0]
         if self.batch is not None and batch != self.batch:
-            raise ValueError(f"the adapter was given rows/embeddings for {self.batch} rows but the activation batch "
-                             f"is {batch}")
+            raise ValueError(
+                f"the adapter was given rows/embeddings for {self.batch} rows but the activation batch is {batch}"
+            )
         if self.strength == 0.0 or (self.rows_key is not None and not any(self.rows_key)):
             plan = _NOTHING  # nothing to fold (no tensor work: gradient checkpointing recomputes identically)
         else:
@@ -534,8 +607,9 @@ class AdaINAdapter(nn.Module):
         return self._active_cache[1]
 
     # -- the patch -------------------------------------------------------------------------------
-    def apply(self, block_id: str, site: str, h: torch.Tensor, stats: AdapterStats, strength: float = 1.0,
-              rows: Rows = None) -> torch.Tensor:
+    def apply(
+        self, block_id: str, site: str, h: torch.Tensor, stats: AdapterStats, strength: float = 1.0, rows: Rows = None
+    ) -> torch.Tensor:
         """Gated AdaIN of activation ``h`` (B, N, width) at ``site`` of ``block_id`` (checked entry point).
 
         ``strength``: python float multiplying the gate; 0 returns ``h`` itself.
@@ -565,8 +639,10 @@ class AdaINAdapter(nn.Module):
         plan = stats.plan(strength, rows_key, h.shape[0], h.dtype, h.device)
         entry = plan.sites[site][i]
         if entry[0].shape[-1] != h.shape[-1]:
-            raise ValueError(f"adapter site {block_id}/{site}: h has {h.shape[-1]} channels, the adapter expects "
-                             f"{entry[0].shape[-1]}: the adapter was built for another U-Net config")
+            raise ValueError(
+                f"adapter site {block_id}/{site}: h has {h.shape[-1]} channels, the adapter expects "
+                f"{entry[0].shape[-1]}: the adapter was built for another U-Net config"
+            )
         return adain_apply(h, entry, plan.mask, plan.eps, fused=self.use_triton)
 
     # -- conveniences ----------------------------------------------------------------------------

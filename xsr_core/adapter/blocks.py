@@ -90,7 +90,12 @@ def make_block_id(model: str, stage: str, index: int, transformer_index: int = 0
 def parse_block_id(block_id: str) -> tuple[str, str, int, int]:
     """``"unet.output.11.0" -> ("unet", "output", 11, 0)``; raises ValueError on a malformed id."""
     parts = block_id.split(".")
-    if len(parts) != 4 or parts[0] not in MODELS or parts[1] not in STAGES or not (parts[2].isdigit() and parts[3].isdigit()):
+    if (
+        len(parts) != 4
+        or parts[0] not in MODELS
+        or parts[1] not in STAGES
+        or not (parts[2].isdigit() and parts[3].isdigit())
+    ):
         raise ValueError(
             f"malformed block id {block_id!r}: expected '<unet|control>.<input|middle|output>.<index>.<transformer_index>'"
         )
@@ -177,10 +182,18 @@ def _down_and_mid(g: _Geometry, model: str) -> list[BlockSpec]:
         for j in range(g.layers[level]):
             if _CROSS_DOWN in btype:
                 for t in range(_per_layer(g.tlayers[level], j)):
-                    out.append(g.spec(
-                        model, "input", idx, t, level, g.heads[level], g.context[level],
-                        f"down_blocks.{level}.attentions.{j}.transformer_blocks.{t}",
-                    ))
+                    out.append(
+                        g.spec(
+                            model,
+                            "input",
+                            idx,
+                            t,
+                            level,
+                            g.heads[level],
+                            g.context[level],
+                            f"down_blocks.{level}.attentions.{j}.transformer_blocks.{t}",
+                        )
+                    )
             idx += 1
         if level != g.n - 1:
             idx += 1  # Downsample entry
@@ -189,10 +202,18 @@ def _down_and_mid(g: _Geometry, model: str) -> list[BlockSpec]:
         last = g.tlayers[-1]
         n_t = last if isinstance(last, int) else int(last[-1])
         for t in range(n_t):
-            out.append(g.spec(
-                model, "middle", 0, t, g.n - 1, g.heads[-1], g.context[-1],
-                f"mid_block.attentions.0.transformer_blocks.{t}",
-            ))
+            out.append(
+                g.spec(
+                    model,
+                    "middle",
+                    0,
+                    t,
+                    g.n - 1,
+                    g.heads[-1],
+                    g.context[-1],
+                    f"mid_block.attentions.0.transformer_blocks.{t}",
+                )
+            )
     return out
 
 
@@ -219,10 +240,18 @@ def unet_blocks(config: Mapping[str, Any]) -> list[BlockSpec]:
         for j in range(layers_up[i] + 1):
             if _CROSS_UP in btype:
                 for t in range(_per_layer(g.tlayers_up[i], j)):
-                    out.append(g.spec(
-                        "unet", "output", idx, t, level, heads_up[i], ctx_up[i],
-                        f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}",
-                    ))
+                    out.append(
+                        g.spec(
+                            "unet",
+                            "output",
+                            idx,
+                            t,
+                            level,
+                            heads_up[i],
+                            ctx_up[i],
+                            f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}",
+                        )
+                    )
             idx += 1
     return out
 

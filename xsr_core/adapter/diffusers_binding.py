@@ -89,15 +89,21 @@ class DiffusersAdapterBinding:
         if not isinstance(block, BasicTransformerBlock) or block.attn2 is None or block.norm2 is None:
             raise ValueError(f"adapter block {bid}: {path} is not a cross-attention BasicTransformerBlock")
         attn = block.attn2
-        if (tuple(block.norm2.normalized_shape) != (spec["dim"],) or tuple(block.norm3.normalized_shape) != (spec["dim"],)
-                or attn.to_q.out_features != spec["inner_dim"] or attn.to_k.out_features != spec["inner_dim"]):
+        if (
+            tuple(block.norm2.normalized_shape) != (spec["dim"],)
+            or tuple(block.norm3.normalized_shape) != (spec["dim"],)
+            or attn.to_q.out_features != spec["inner_dim"]
+            or attn.to_k.out_features != spec["inner_dim"]
+        ):
             raise ValueError(
                 f"adapter block {bid}: widths (dim {spec['dim']}, inner {spec['inner_dim']}) do not match {path} "
                 f"(norm2 {tuple(block.norm2.normalized_shape)}, to_q {attn.to_q.out_features}): wrong base model"
             )
         if getattr(attn, "fused_projections", False):
-            raise ValueError(f"adapter block {bid}: attn2 uses fused projections (to_qkv); call "
-                             "unfuse_qkv_projections() first so to_q / to_k run as their own modules")
+            raise ValueError(
+                f"adapter block {bid}: attn2 uses fused projections (to_qkv); call "
+                "unfuse_qkv_projections() first so to_q / to_k run as their own modules"
+            )
         for module, site in ((block.norm2, "norm2"), (attn.to_q, "q"), (attn.to_k, "k"), (block.norm3, "norm3")):
             self._hooks.append(module.register_forward_hook(self._site_hook(bid, site)))
         self.patched_blocks.append(bid)
@@ -115,7 +121,11 @@ class DiffusersAdapterBinding:
 
     @contextlib.contextmanager
     def embedding(
-        self, E: torch.Tensor | None = None, *, stats: AdapterStats | None = None, rows: Rows = None,
+        self,
+        E: torch.Tensor | None = None,
+        *,
+        stats: AdapterStats | None = None,
+        rows: Rows = None,
         strength: float = 1.0,
     ) -> Iterator[AdapterStats]:
         """Within the block, patched models use the image embedding ``E`` (or precomputed ``stats``).

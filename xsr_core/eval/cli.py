@@ -23,10 +23,16 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--sr", required=True, help="folder of SR outputs (recursive; paired by relative name)")
-    p.add_argument("--hr", help="folder of HR ground-truth images (any size: a square SR is scored against the x16 "
-                   "crop of its HR, never a squash); default for an `eval run` folder: its saved SR_DIR/hr_crop")
-    p.add_argument("--captions", help="the SR images' text conditions for CLIP-Score (CLIP-T): .json {name: caption}, "
-                   ".jsonl, or name<TAB>caption lines; default for an `eval run` folder: its captions.jsonl")
+    p.add_argument(
+        "--hr",
+        help="folder of HR ground-truth images (any size: a square SR is scored against the x16 "
+        "crop of its HR, never a squash); default for an `eval run` folder: its saved SR_DIR/hr_crop",
+    )
+    p.add_argument(
+        "--captions",
+        help="the SR images' text conditions for CLIP-Score (CLIP-T): .json {name: caption}, "
+        ".jsonl, or name<TAB>caption lines; default for an `eval run` folder: its captions.jsonl",
+    )
     p.add_argument("--out", help="folder for metrics.json and metrics.md (default: print only)")
     p.add_argument(
         "--metrics",
@@ -37,9 +43,14 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--weights-dir", help="folder searched first for weight files (see the error message for names)")
     p.add_argument("--resize-hr", action="store_true", help=argparse.SUPPRESS)  # removed: gives a clear error
-    p.add_argument("--skip-unmatched", action="store_true", help="leave out images present in only one folder instead of failing")
-    p.add_argument("--allow-unexcluded-db", action="store_true",
-                   help="score an `eval run` folder made with a reference DB not deduplicated against its test images")
+    p.add_argument(
+        "--skip-unmatched", action="store_true", help="leave out images present in only one folder instead of failing"
+    )
+    p.add_argument(
+        "--allow-unexcluded-db",
+        action="store_true",
+        help="score an `eval run` folder made with a reference DB not deduplicated against its test images",
+    )
     p.add_argument("--label", help="name of this run's row in the table")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")

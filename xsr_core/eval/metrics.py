@@ -162,7 +162,9 @@ W_INCEPTION = WeightFile(
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
     "torch_hub",
 )
-W_ALEXNET = WeightFile("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "torch_hub")
+W_ALEXNET = WeightFile(
+    "alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "torch_hub"
+)
 W_VGG16 = WeightFile("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "torch_hub")
 W_DISTS = WeightFile("DISTS_weights-f5e65c96.pth", _HF_IQA + "DISTS_weights-f5e65c96.pth", "pyiqa")
 W_MANIQA = {
@@ -291,7 +293,9 @@ def _torchvision_features_from_file(arch: str, path: Path) -> Callable[..., torc
         model.features = model.features.to_empty(device="cpu")
         missing = sorted(set(model.features.state_dict()) - set(sd))
         if missing:
-            raise MissingWeightsError(f"{path}: not a torchvision {arch} checkpoint (missing features.{missing[0]} ...)")
+            raise MissingWeightsError(
+                f"{path}: not a torchvision {arch} checkpoint (missing features.{missing[0]} ...)"
+            )
         model.features.load_state_dict(sd, strict=True)
         return model
 
@@ -552,65 +556,114 @@ METRICS: dict[str, MetricSpec] = {
     s.key: s
     for s in (
         MetricSpec(
-            "fid", "FID", "FID",
+            "fid",
+            "FID",
+            "FID",
             "FID (torchmetrics FrechetInceptionDistance, torch-fidelity InceptionV3 `inception-v3-compat` "
             "2015-12-05 weights, 2048-d pool3, TF-compatible bilinear resize to 299; real = HR, fake = SR)",
-            True, (W_INCEPTION,), build_fid, min_images=2, decimals=DECIMALS["FID"],
+            True,
+            (W_INCEPTION,),
+            build_fid,
+            min_images=2,
+            decimals=DECIMALS["FID"],
         ),
         MetricSpec(
-            "dists", "DISTS", "DISTS",
+            "dists",
+            "DISTS",
+            "DISTS",
             "DISTS (pyiqa `dists` architecture = official DISTS; torchvision VGG16 IMAGENET1K_V1 + "
             "DISTS_weights-f5e65c96 alpha/beta; full-resolution input)",
-            True, (W_VGG16, W_DISTS), build_dists,
+            True,
+            (W_VGG16, W_DISTS),
+            build_dists,
         ),
         MetricSpec(
-            "lpips", "LPIPS", "LPIPS",
+            "lpips",
+            "LPIPS",
+            "LPIPS",
             "LPIPS (AlexNet, v0.1; torchmetrics copy of the official lpips linear weights, torchvision "
             "AlexNet IMAGENET1K_V1; inputs scaled 0..1 -> -1..1, full resolution)",
-            True, (W_ALEXNET,), build_lpips,
+            True,
+            (W_ALEXNET,),
+            build_lpips,
         ),
         MetricSpec(
-            "clip_i", "CLIP-I", "CLIP-I (SR↔HR image cosine)",
+            "clip_i",
+            "CLIP-I",
+            "CLIP-I (SR↔HR image cosine)",
             "CLIP-I: SR image–HR image cosine with OpenAI CLIP ViT-L/14 (transformers CLIPModel "
             "openai/clip-vit-large-patch14, projected embeddings; bicubic short side 224 + centre crop)",
-            False, (W_CLIP_IMAGE,), build_clip_i,
+            False,
+            (W_CLIP_IMAGE,),
+            build_clip_i,
         ),
         MetricSpec(
-            "clip_t", "CLIP-Score", "CLIP-Score = CLIP-T (SR↔text condition)",
+            "clip_t",
+            "CLIP-Score",
+            "CLIP-Score = CLIP-T (SR↔text condition)",
             "CLIP-Score in the paper's sense = CLIP-T: SR image–its text condition cosine with OpenAI ViT-L/14 "
             "(openai/clip-vit-large-patch14), captions from --captions or the eval-run folder's captions.jsonl, "
             "raw cosine (no 2.5x / 100x scaling, no clamp)",
-            False, (W_CLIP_TEXT,), build_clip_t, needs_captions=True,
+            False,
+            (W_CLIP_TEXT,),
+            build_clip_t,
+            needs_captions=True,
         ),
         MetricSpec(
-            "maniqa", "MANIQA", "MANIQA (KonIQ-10k)",
+            "maniqa",
+            "MANIQA",
+            "MANIQA (KonIQ-10k)",
             "MANIQA (pyiqa `maniqa` = KonIQ-10k checkpoint ckpt_koniq10k.pt; 20 uniform 224 crops)",
-            False, (W_MANIQA["koniq"],), lambda ctx: _build_maniqa(ctx, "koniq"),
+            False,
+            (W_MANIQA["koniq"],),
+            lambda ctx: _build_maniqa(ctx, "koniq"),
         ),
         MetricSpec(
-            "maniqa_pipal", "MANIQA", "MANIQA (PIPAL)",
+            "maniqa_pipal",
+            "MANIQA",
+            "MANIQA (PIPAL)",
             "MANIQA (pyiqa `maniqa-pipal` = PIPAL checkpoint MANIQA_PIPAL-ae6d356b.pth; 20 uniform 224 crops)",
-            False, (W_MANIQA["pipal"],), lambda ctx: _build_maniqa(ctx, "pipal"),
+            False,
+            (W_MANIQA["pipal"],),
+            lambda ctx: _build_maniqa(ctx, "pipal"),
         ),
         MetricSpec(
-            "maniqa_kadid", "MANIQA", "MANIQA (KADID-10k)",
+            "maniqa_kadid",
+            "MANIQA",
+            "MANIQA (KADID-10k)",
             "MANIQA (pyiqa `maniqa-kadid` = KADID-10k checkpoint ckpt_kadid10k.pt; 20 uniform 224 crops)",
-            False, (W_MANIQA["kadid"],), lambda ctx: _build_maniqa(ctx, "kadid"),
+            False,
+            (W_MANIQA["kadid"],),
+            lambda ctx: _build_maniqa(ctx, "kadid"),
         ),
         MetricSpec(
-            "musiq", "MUSIQ", "MUSIQ (KonIQ-10k)",
+            "musiq",
+            "MUSIQ",
+            "MUSIQ (KonIQ-10k)",
             "MUSIQ (pyiqa `musiq` = KonIQ-10k checkpoint musiq_koniq_ckpt-e95806b9.pth; multiscale 224/384 + full)",
-            False, (W_MUSIQ,), build_musiq, decimals=DECIMALS["MUSIQ"],
+            False,
+            (W_MUSIQ,),
+            build_musiq,
+            decimals=DECIMALS["MUSIQ"],
         ),
         MetricSpec(
-            "psnr", "PSNR", "PSNR (dB)",
+            "psnr",
+            "PSNR",
+            "PSNR (dB)",
             f"PSNR (torchmetrics; RGB, 0..1, data_range 1, per-image mean; capped at {PSNR_CAP_DB:g} dB per image)",
-            False, (), build_psnr, decimals=2,
+            False,
+            (),
+            build_psnr,
+            decimals=2,
         ),
         MetricSpec(
-            "ssim", "SSIM", "SSIM",
+            "ssim",
+            "SSIM",
+            "SSIM",
             "SSIM (torchmetrics; RGB mean over channels, 11x11 Gaussian sigma 1.5, data_range 1, per-image mean)",
-            False, (), build_ssim,
+            False,
+            (),
+            build_ssim,
         ),
     )
 }
@@ -709,7 +762,9 @@ def _list_images(folder: Path, skip: Sequence[str] = ()) -> dict[str, Path]:
     return found
 
 
-def pair_images(sr_dir: str | Path, hr_dir: str | Path, *, skip_unmatched: bool = False) -> list[tuple[str, Path, Path]]:
+def pair_images(
+    sr_dir: str | Path, hr_dir: str | Path, *, skip_unmatched: bool = False
+) -> list[tuple[str, Path, Path]]:
     """Pair SR and HR images by relative path without extension (``a/b.png`` pairs ``a/b.JPEG``).
 
     Returns sorted (name, sr_path, hr_path). Unmatched files raise :class:`MetricInputError` listing
@@ -941,7 +996,10 @@ def compute_metrics(
             raise MetricInputError(f"--hr is needed: {sr_dir} is not an `eval run` folder with saved HR crops")
         hr_dir = Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")
     saved_crops: dict[str, Path] = {}
-    if manifest is not None and Path(hr_dir).resolve() != (Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")).resolve():
+    if (
+        manifest is not None
+        and Path(hr_dir).resolve() != (Path(sr_dir) / manifest.get("hr_crop_dir", "hr_crop")).resolve()
+    ):
         for rel, m in manifest.get("images", {}).items():
             if m.get("hr_crop") and (Path(sr_dir) / m["hr_crop"]).is_file():
                 saved_crops[Path(rel).with_suffix("").as_posix()] = Path(sr_dir) / m["hr_crop"]
@@ -951,13 +1009,19 @@ def compute_metrics(
     caption_map: dict[str, str] | None = None
     if any(METRICS[k].needs_captions for k in keys):
         if captions is None:
-            raise MetricInputError("clip_t (CLIP-Score, SR image vs its text condition) needs --captions FILE (an "
-                                   "`eval run` folder has them in captions.jsonl)")
+            raise MetricInputError(
+                "clip_t (CLIP-Score, SR image vs its text condition) needs --captions FILE (an "
+                "`eval run` folder has them in captions.jsonl)"
+            )
         raw = captions if isinstance(captions, Mapping) else read_captions(captions)
-        caption_map = match_captions(names, raw, source=str(captions) if not isinstance(captions, Mapping) else "captions")
+        caption_map = match_captions(
+            names, raw, source=str(captions) if not isinstance(captions, Mapping) else "captions"
+        )
     for k in keys:
         if len(pairs) < METRICS[k].min_images:
-            raise MetricInputError(f"{METRICS[k].label} needs at least {METRICS[k].min_images} images, got {len(pairs)}")
+            raise MetricInputError(
+                f"{METRICS[k].label} needs at least {METRICS[k].min_images} images, got {len(pairs)}"
+            )
     cropped = check_sizes(pairs)
     resolved = check_weights(keys, weights_dir, skip=tuple(factories))
 

@@ -32,10 +32,19 @@ DECIMALS: dict[str, int] = {"FID": 2, "DISTS": 4, "LPIPS": 4, "CLIP-Score": 4, "
 # (model, {column: value}) in the paper's row order.
 PAPER_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
     ("SeeSR", {"FID": 33.15, "DISTS": 0.1940, "LPIPS": 0.3914, "CLIP-Score": 0.7162, "MANIQA": 0.3781, "MUSIQ": 64.76}),
-    ("StableSR", {"FID": 46.39, "DISTS": 0.2163, "LPIPS": 0.4010, "CLIP-Score": 0.7116, "MANIQA": 0.6374, "MUSIQ": 65.76}),
+    (
+        "StableSR",
+        {"FID": 46.39, "DISTS": 0.2163, "LPIPS": 0.4010, "CLIP-Score": 0.7116, "MANIQA": 0.6374, "MUSIQ": 65.76},
+    ),
     ("CoSeR", {"FID": 37.97, "DISTS": 0.2088, "LPIPS": 0.4356, "CLIP-Score": 0.6910, "MANIQA": 0.3890, "MUSIQ": 63.31}),
-    ("text-only base", {"FID": 34.61, "DISTS": 0.2066, "LPIPS": 0.4587, "CLIP-Score": 0.7551, "MANIQA": 0.6730, "MUSIQ": 69.84}),
-    ("full (AdaIN)", {"FID": 29.45, "DISTS": 0.1883, "LPIPS": 0.3936, "CLIP-Score": 0.7683, "MANIQA": 0.6470, "MUSIQ": 68.10}),
+    (
+        "text-only base",
+        {"FID": 34.61, "DISTS": 0.2066, "LPIPS": 0.4587, "CLIP-Score": 0.7551, "MANIQA": 0.6730, "MUSIQ": 69.84},
+    ),
+    (
+        "full (AdaIN)",
+        {"FID": 29.45, "DISTS": 0.1883, "LPIPS": 0.3936, "CLIP-Score": 0.7683, "MANIQA": 0.6470, "MUSIQ": 68.10},
+    ),
 )
 
 PAPER_NOTE = (

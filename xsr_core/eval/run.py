@@ -148,7 +148,9 @@ def apply_model_names(api: dict, names: dict[str, str]) -> None:
                     node["inputs"][inp] = name
                     hit = True
         if not hit:
-            raise RunError(f"--model {role}={name}: the workflow has no {' / '.join(c for c, _ in MODEL_ROLES[role])} node")
+            raise RunError(
+                f"--model {role}={name}: the workflow has no {' / '.join(c for c, _ in MODEL_ROLES[role])} node"
+            )
 
 
 def apply_overrides(api: dict, overrides: list[str]) -> None:
@@ -171,8 +173,11 @@ def apply_overrides(api: dict, overrides: list[str]) -> None:
 
 def _write_captions(out_dir: Path, manifest: dict[str, Any]) -> None:
     """``captions.jsonl``: the caption (XSR_Enhance text) each SR image was generated with."""
-    rows = [json.dumps({"image": m["output"], "caption": m["caption"]})
-            for m in manifest["images"].values() if m.get("caption") is not None]
+    rows = [
+        json.dumps({"image": m["output"], "caption": m["caption"]})
+        for m in manifest["images"].values()
+        if m.get("caption") is not None
+    ]
     if rows:
         part = out_dir / "captions.jsonl.part"
         part.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -210,8 +215,10 @@ def check_refdb_exclusion(api: dict, files: list[Path], models_root: Path | None
             continue
         db_dir = models_root / "xsr_refdb" / name if models_root else None
         if db_dir is None or not db_dir.is_dir():
-            msg = (f"cannot find the reference DB {name!r} ({db_dir or 'no models folder'}) to check that it excludes "
-                   "the test images")
+            msg = (
+                f"cannot find the reference DB {name!r} ({db_dir or 'no models folder'}) to check that it excludes "
+                "the test images"
+            )
         else:
             excluded = db_test_exclusion(db_dir)
             hashes = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
@@ -219,20 +226,33 @@ def check_refdb_exclusion(api: dict, files: list[Path], models_root: Path | None
             report["dbs"][name] = {"checked": len(files), "not_excluded": len(missing)}
             if not missing:
                 continue
-            msg = (f"the reference DB {name!r} was not deduplicated against {len(missing)} of the {len(files)} test "
-                   f"images (e.g. {missing[:3]}): it may hold them or near-duplicates, which inflates every metric. "
-                   "Use the DB `train prepare` built for this test split, or `refdb build --exclude TEST_DIR`")
+            msg = (
+                f"the reference DB {name!r} was not deduplicated against {len(missing)} of the {len(files)} test "
+                f"images (e.g. {missing[:3]}): it may hold them or near-duplicates, which inflates every metric. "
+                "Use the DB `train prepare` built for this test split, or `refdb build --exclude TEST_DIR`"
+            )
         if not allow:
             raise RunError(msg + "; or pass --allow-unexcluded-db to run anyway")
         logger.warning("%s (allowed by --allow-unexcluded-db)", msg)
     return report
 
 
-def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workflow: str | os.PathLike,
-               models: str | os.PathLike | None = None, overrides: list[str] = (), seed: int = 0,
-               model_names: dict[str, str] | None = None, allow_unexcluded_db: bool = False,
-               input_kind: str = "auto", hr_side: int = HR_SIDE, workdir: str | os.PathLike | None = None, extra_nodes: list[Path] = (),
-               timeout: float = 3600) -> dict[str, Any]:
+def run_folder(
+    input_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    workflow: str | os.PathLike,
+    models: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    seed: int = 0,
+    model_names: dict[str, str] | None = None,
+    allow_unexcluded_db: bool = False,
+    input_kind: str = "auto",
+    hr_side: int = HR_SIDE,
+    workdir: str | os.PathLike | None = None,
+    extra_nodes: list[Path] = (),
+    timeout: float = 3600,
+) -> dict[str, Any]:
     """Run ``workflow`` on every image of ``input_dir``; returns the run manifest (also in out/run.json)."""
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     files = list_images(input_dir)
@@ -240,11 +260,23 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
     manifest_path = out_dir / "run.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"images": {}}
     wf_bytes = Path(workflow).read_bytes()
-    manifest.update({"workflow": str(workflow), "workflow_sha256": hashlib.sha256(wf_bytes).hexdigest(),
-                     "input": str(input_dir), "seed_base": seed, "overrides": list(overrides), "hr_side": hr_side,
-                     "models": dict(model_names or {}),
-                     "scale": SCALE, "hr_crop_dir": HR_CROP_DIR, "geometry": "xsr_core.imaging.hr_lr_pair"})
-    todo = [(i, p) for i, p in enumerate(files) if not (out_dir / p.relative_to(input_dir).with_suffix(".png")).is_file()]
+    manifest.update(
+        {
+            "workflow": str(workflow),
+            "workflow_sha256": hashlib.sha256(wf_bytes).hexdigest(),
+            "input": str(input_dir),
+            "seed_base": seed,
+            "overrides": list(overrides),
+            "hr_side": hr_side,
+            "models": dict(model_names or {}),
+            "scale": SCALE,
+            "hr_crop_dir": HR_CROP_DIR,
+            "geometry": "xsr_core.imaging.hr_lr_pair",
+        }
+    )
+    todo = [
+        (i, p) for i, p in enumerate(files) if not (out_dir / p.relative_to(input_dir).with_suffix(".png")).is_file()
+    ]
     logger.info("%d images, %d done, %d to run", len(files), len(files) - len(todo), len(todo))
     if not todo:
         return manifest
@@ -256,17 +288,34 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
         server_args = []
         if models:
             cfg = base / "extra_model_paths.yaml"
-            cfg.write_text(json.dumps({"xsr_eval": {
-                "base_path": str(Path(models).resolve()), "checkpoints": "checkpoints", "controlnet": "controlnet",
-                "clip_vision": "clip_vision", "xsr": "xsr", "xsr_refdb": "xsr_refdb", "vae": "vae",
-                "diffusion_models": "diffusion_models", "text_encoders": "text_encoders"}}))
+            cfg.write_text(
+                json.dumps(
+                    {
+                        "xsr_eval": {
+                            "base_path": str(Path(models).resolve()),
+                            "checkpoints": "checkpoints",
+                            "controlnet": "controlnet",
+                            "clip_vision": "clip_vision",
+                            "xsr": "xsr",
+                            "xsr_refdb": "xsr_refdb",
+                            "vae": "vae",
+                            "diffusion_models": "diffusion_models",
+                            "text_encoders": "text_encoders",
+                        }
+                    }
+                )
+            )
             server_args = ["--extra-model-paths-config", str(cfg)]
         with ComfyServer(comfy_dir=find_comfyui(REPO), base_dir=base, extra_args=server_args) as server:
             api = load_workflow(Path(workflow), server)
             apply_model_names(api, dict(model_names or {}))
             apply_overrides(api, list(overrides))
             models_root = Path(models) if models else find_comfyui(REPO) / "models"
-            hr_files = [p for _, p in todo if input_kind == "hr" or (input_kind == "auto" and max(Image.open(p).size) > MAX_LR_SIDE)]
+            hr_files = [
+                p
+                for _, p in todo
+                if input_kind == "hr" or (input_kind == "auto" and max(Image.open(p).size) > MAX_LR_SIDE)
+            ]
             manifest["refdb_exclusion"] = check_refdb_exclusion(api, hr_files, models_root, allow_unexcluded_db)
             load_id = unique_node(api, "LoadImage", "the LR input")
             save_id = unique_node(api, "SaveImage", "the SR output")
@@ -306,8 +355,10 @@ def run_folder(input_dir: str | os.PathLike, out_dir: str | os.PathLike, *, work
                         p.parent.mkdir(parents=True, exist_ok=True)
                         im.save(p.with_suffix(".part.png"))
                         os.replace(p.with_suffix(".part.png"), p)
-                    entry_m.update(hr_crop=f"{HR_CROP_DIR}/{rel.with_suffix('.png').as_posix()}",
-                                   lr=f"{LR_DIR}/{rel.with_suffix('.png').as_posix()}")
+                    entry_m.update(
+                        hr_crop=f"{HR_CROP_DIR}/{rel.with_suffix('.png').as_posix()}",
+                        lr=f"{LR_DIR}/{rel.with_suffix('.png').as_posix()}",
+                    )
                 part.write_bytes(data[0])
                 os.replace(part, dst)  # written last: its presence marks a finished image
                 manifest["images"][str(rel)] = entry_m
@@ -324,32 +375,66 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xsr eval run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="folder of HR (or LR) test images")
     parser.add_argument("--out", required=True, help="folder for the SR outputs (same names, .png)")
-    parser.add_argument("--workflow", default=str(REPO / "workflows" / "xsr_x16.json"),
-                        help="workflow JSON (UI or API format); default: workflows/xsr_x16.json")
+    parser.add_argument(
+        "--workflow",
+        default=str(REPO / "workflows" / "xsr_x16.json"),
+        help="workflow JSON (UI or API format); default: workflows/xsr_x16.json",
+    )
     parser.add_argument("--models", default=None, help="a ComfyUI models/ folder to use (extra_model_paths)")
-    parser.add_argument("--model", dest="model_names", action="append", default=[], metavar="ROLE=FILE",
-                        help=f"model file by role ({', '.join(MODEL_ROLES)}), e.g. --model ckpt=my_sd15.safetensors; "
-                             "repeatable, or @names.json holding {role: file}")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override a node input: NODE.INPUT=VALUE (NODE = id or class_type), repeatable")
+    parser.add_argument(
+        "--model",
+        dest="model_names",
+        action="append",
+        default=[],
+        metavar="ROLE=FILE",
+        help=f"model file by role ({', '.join(MODEL_ROLES)}), e.g. --model ckpt=my_sd15.safetensors; "
+        "repeatable, or @names.json holding {role: file}",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a node input: NODE.INPUT=VALUE (NODE = id or class_type), repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i gets seed + i")
-    parser.add_argument("--input-kind", choices=("auto", "hr", "lr"), default="auto",
-                        help=f"auto: images larger than {MAX_LR_SIDE} px are HR and get degraded to LR")
-    parser.add_argument("--hr-side", type=int, default=HR_SIDE,
-                        help=f"HR inputs are centre-cropped to this square before the /{SCALE} degradation (paper: 512)")
+    parser.add_argument(
+        "--input-kind",
+        choices=("auto", "hr", "lr"),
+        default="auto",
+        help=f"auto: images larger than {MAX_LR_SIDE} px are HR and get degraded to LR",
+    )
+    parser.add_argument(
+        "--hr-side",
+        type=int,
+        default=HR_SIDE,
+        help=f"HR inputs are centre-cropped to this square before the /{SCALE} degradation (paper: 512)",
+    )
     parser.add_argument("--extra-node", action="append", default=[], help="another custom node folder to load")
-    parser.add_argument("--allow-unexcluded-db", action="store_true",
-                        help="run even when the reference DB was not deduplicated against these test images")
+    parser.add_argument(
+        "--allow-unexcluded-db",
+        action="store_true",
+        help="run even when the reference DB was not deduplicated against these test images",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xsr-eval] %(message)s")
     from ..comfy_server import ComfyError
 
     try:
-        m = run_folder(ns.input, ns.out, workflow=ns.workflow, models=ns.models, overrides=ns.overrides, seed=ns.seed,
-                       model_names=parse_model_names(ns.model_names), input_kind=ns.input_kind, hr_side=ns.hr_side,
-                       allow_unexcluded_db=ns.allow_unexcluded_db,
-                       extra_nodes=[Path(p) for p in ns.extra_node])
+        m = run_folder(
+            ns.input,
+            ns.out,
+            workflow=ns.workflow,
+            models=ns.models,
+            overrides=ns.overrides,
+            seed=ns.seed,
+            model_names=parse_model_names(ns.model_names),
+            input_kind=ns.input_kind,
+            hr_side=ns.hr_side,
+            allow_unexcluded_db=ns.allow_unexcluded_db,
+            extra_nodes=[Path(p) for p in ns.extra_node],
+        )
     except (RunError, ComfyError, OSError) as e:
         if ns.verbose:
             raise

@@ -17,6 +17,19 @@ from .index import IndexPlan, choose_index, plan_for_key
 from .store import RefDBError
 
 __all__ = [
-    "BuildConfig", "IndexPlan", "RefDBError", "RefRecord", "ReferenceDB", "add_images", "build_db", "choose_index",
-    "db_signature", "export_db", "finalize", "merge_shards", "parse_shard", "plan_for_key", "verify_db",
+    "BuildConfig",
+    "IndexPlan",
+    "RefDBError",
+    "RefRecord",
+    "ReferenceDB",
+    "add_images",
+    "build_db",
+    "choose_index",
+    "db_signature",
+    "export_db",
+    "finalize",
+    "merge_shards",
+    "parse_shard",
+    "plan_for_key",
+    "verify_db",
 ]

@@ -38,10 +38,29 @@ from .merge import _link_or_copy, export_db, merge_shards
 from .store import BUILD_DIR, MANIFEST, PACKED_DIR, REPORT, Manifest, RefDBError, write_json_atomic
 
 __all__ = [  # the entry points, and the names of the step modules this module always offered
-    "RAW_MAX_PIXELS", "BuildConfig", "DecodedBatch", "add_images", "batch_pixels", "build_db", "die_with_parent",
-    "export_db", "finalize", "load_encoder", "make_loader", "merge_shards", "parse_shard", "process_pending",
-    "resolve_device", "source_roots", "_FileDataset", "_encode", "_exclude_items", "_gather_vectors", "_link_or_copy",
-    "_prepare_exclusions", "_progress",
+    "RAW_MAX_PIXELS",
+    "BuildConfig",
+    "DecodedBatch",
+    "add_images",
+    "batch_pixels",
+    "build_db",
+    "die_with_parent",
+    "export_db",
+    "finalize",
+    "load_encoder",
+    "make_loader",
+    "merge_shards",
+    "parse_shard",
+    "process_pending",
+    "resolve_device",
+    "source_roots",
+    "_FileDataset",
+    "_encode",
+    "_exclude_items",
+    "_gather_vectors",
+    "_link_or_copy",
+    "_prepare_exclusions",
+    "_progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,8 +68,10 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------- entry points
 
-def _resolve_sources(images: str | os.PathLike | None, list_file: str | os.PathLike | None
-                     ) -> tuple[list[tuple[str, str | None]], list[str]]:
+
+def _resolve_sources(
+    images: str | os.PathLike | None, list_file: str | os.PathLike | None
+) -> tuple[list[tuple[str, str | None]], list[str]]:
     if bool(images) == bool(list_file):
         raise ValueError("give exactly one of --images DIR or --list FILE")
     try:
@@ -61,10 +82,16 @@ def _resolve_sources(images: str | os.PathLike | None, list_file: str | os.PathL
         raise RefDBError(str(e)) from None
 
 
-def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
-             list_file: str | os.PathLike | None = None, exclude: Sequence[str | os.PathLike] = (),
-             config: BuildConfig | None = None,
-             progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def build_db(
+    out: str | os.PathLike,
+    encoder_path: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    list_file: str | os.PathLike | None = None,
+    exclude: Sequence[str | os.PathLike] = (),
+    config: BuildConfig | None = None,
+    progress_callback: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Build (or resume building) the reference DB ``out`` from a folder or a list of HR images.
 
     ``encoder_path`` is a CLIP vision .safetensors file or an encoder object (see
@@ -77,8 +104,10 @@ def build_db(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images:
     out = Path(out)
     items, sources = _resolve_sources(images, list_file)
     if not items:
-        raise RefDBError(f"no image files found in {sources[0].split(':', 1)[1]} "
-                         f"(extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+        raise RefDBError(
+            f"no image files found in {sources[0].split(':', 1)[1]} "
+            f"(extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = load_encoder(encoder_path, cfg.device, cfg.precision)
@@ -113,8 +142,12 @@ def _discard_failed_build(out: Path, created: bool, error: BaseException) -> Non
         pending = 1
     final = isinstance(error, RefDBError) and not pending  # finalize refused the result
     if committed and not final:
-        logger.warning("build of %s stopped (%s); %d finished chunks are kept: rerun the same build to continue",
-                       out, type(error).__name__, committed)
+        logger.warning(
+            "build of %s stopped (%s); %d finished chunks are kept: rerun the same build to continue",
+            out,
+            type(error).__name__,
+            committed,
+        )
         return
     target = out if created else out / BUILD_DIR
     shutil.rmtree(target, ignore_errors=True)
@@ -124,24 +157,43 @@ def _discard_failed_build(out: Path, created: bool, error: BaseException) -> Non
     logger.info("removed the unfinished build %s", target)
 
 
-def _init_or_check_manifest(out: Path, man: Manifest, encoder, cfg: BuildConfig, sources: list[str],
-                            items: list[tuple[str, str | None]], *, new_files_ok: bool) -> None:
+def _init_or_check_manifest(
+    out: Path,
+    man: Manifest,
+    encoder,
+    cfg: BuildConfig,
+    sources: list[str],
+    items: list[tuple[str, str | None]],
+    *,
+    new_files_ok: bool,
+) -> None:
     fp = man.get("encoder")
     if fp is None:
         with man.transaction() as c:
-            for k, v in dict(encoder=encoder.fingerprint, encoder_source=str(encoder.source), dim=encoder.dim,
-                             mode=cfg.mode, chunk_size=cfg.chunk_size, min_side=cfg.min_side,
-                             pack_side=cfg.pack_side, pack_quality=cfg.pack_quality,
-                             exclude_threshold=cfg.exclude_threshold, index=cfg.index, sources=sources,
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds")).items():
+            for k, v in dict(
+                encoder=encoder.fingerprint,
+                encoder_source=str(encoder.source),
+                dim=encoder.dim,
+                mode=cfg.mode,
+                chunk_size=cfg.chunk_size,
+                min_side=cfg.min_side,
+                pack_side=cfg.pack_side,
+                pack_quality=cfg.pack_quality,
+                exclude_threshold=cfg.exclude_threshold,
+                index=cfg.index,
+                sources=sources,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            ).items():
                 man.set(k, v, c)
             man.add_files(items, c)
         logger.info("new reference DB %s: %d files", out, len(items))
         return
     if fp != encoder.fingerprint:
-        raise RefDBError(f"{out} was built with encoder {fp['arch']} (sha256 {fp['weights_sha256'][:16]}), not "
-                         f"{encoder.source} ({encoder.fingerprint['weights_sha256'][:16]}); use the same encoder "
-                         "file or build into a new folder")
+        raise RefDBError(
+            f"{out} was built with encoder {fp['arch']} (sha256 {fp['weights_sha256'][:16]}), not "
+            f"{encoder.source} ({encoder.fingerprint['weights_sha256'][:16]}); use the same encoder "
+            "file or build into a new folder"
+        )
     if man.get("mode") != cfg.mode:
         raise RefDBError(f"{out} is a --mode {man.get('mode')} DB; rerun with --mode {man.get('mode')}")
     if new_files_ok:
@@ -152,9 +204,11 @@ def _init_or_check_manifest(out: Path, man: Manifest, encoder, cfg: BuildConfig,
         return
     known = man.paths()
     if known != [p for p, _ in items]:
-        raise RefDBError(f"{out} was started from a different image list ({len(known)} files recorded, "
-                         f"{len(items)} now); rerun with the original sources to resume, use `add` to append "
-                         "images, or build into a new folder")
+        raise RefDBError(
+            f"{out} was started from a different image list ({len(known)} files recorded, "
+            f"{len(items)} now); rerun with the original sources to resume, use `add` to append "
+            "images, or build into a new folder"
+        )
     logger.info("resuming %s: %s", out, man.counts())
 
 
@@ -168,13 +222,20 @@ def _finish(out: Path, cfg: BuildConfig) -> dict[str, Any]:
         write_json_atomic(out / "shard.json", summary)
         logger.info("shard %d/%d of %s done; combine the shards with `merge`", *cfg.shard, out)
         return summary
-    return finalize(out, index_key=None if cfg.index == "auto" else cfg.index, max_memory_gb=cfg.max_memory_gb,
-                    threads=cfg.threads)
+    return finalize(
+        out, index_key=None if cfg.index == "auto" else cfg.index, max_memory_gb=cfg.max_memory_gb, threads=cfg.threads
+    )
 
 
-def add_images(db: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | os.PathLike | None = None,
-               list_file: str | os.PathLike | None = None, config: BuildConfig | None = None,
-               progress_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def add_images(
+    db: str | os.PathLike,
+    encoder_path: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    list_file: str | os.PathLike | None = None,
+    config: BuildConfig | None = None,
+    progress_callback: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Append images to an existing DB (existing ids stay the same) and rebuild its index.
 
     Files already in the DB are ignored; the encoder must be the DB's. Resumable like a build.

@@ -32,8 +32,12 @@ def _add_build_options(p: argparse.ArgumentParser, *, with_mode: bool = True) ->
     src.add_argument("--list", dest="list_file", help="text file: one image path per line, optional TAB caption")
     p.add_argument("--encoder", required=True, help="CLIP vision .safetensors (e.g. clip_vision_l.safetensors)")
     if with_mode:
-        p.add_argument("--mode", choices=["paths", "packed"], default="paths",
-                       help="paths: store source paths; packed: store resized JPEGs inside the DB (copyable)")
+        p.add_argument(
+            "--mode",
+            choices=["paths", "packed"],
+            default="paths",
+            help="paths: store source paths; packed: store resized JPEGs inside the DB (copyable)",
+        )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -48,19 +52,36 @@ def _add_build_options(p: argparse.ArgumentParser, *, with_mode: bool = True) ->
 
 
 def _add_allow_root(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
-                   help=f"{what} (repeatable; XSR_ALLOWED_ROOTS is read too)")
+    p.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help=f"{what} (repeatable; XSR_ALLOWED_ROOTS is read too)",
+    )
 
 
 def _config(args: argparse.Namespace, **over):
     from .build import BuildConfig
 
     shard = over.pop("shard", None) or (0, 1)
-    return BuildConfig(mode=getattr(args, "mode", "paths"), batch_size=args.batch_size, workers=args.workers,
-                       device=args.device, precision=args.precision, index=args.index, chunk_size=args.chunk_size,
-                       min_side=args.min_side, exclude_threshold=getattr(args, "exclude_threshold", 0.95),
-                       shard=shard, max_memory_gb=args.max_memory_gb, threads=args.threads,
-                       progress=not args.no_progress, allowed_roots=tuple(args.allow_root), **over)
+    return BuildConfig(
+        mode=getattr(args, "mode", "paths"),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        index=args.index,
+        chunk_size=args.chunk_size,
+        min_side=args.min_side,
+        exclude_threshold=getattr(args, "exclude_threshold", 0.95),
+        shard=shard,
+        max_memory_gb=args.max_memory_gb,
+        threads=args.threads,
+        progress=not args.no_progress,
+        allowed_roots=tuple(args.allow_root),
+        **over,
+    )
 
 
 def _auto_shard(text: str | None) -> tuple[int, int]:
@@ -86,8 +107,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.device == "auto":
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0]))}"
     cfg = _config(args, shard=shard)
-    info = build_db(out, args.encoder, images=args.images, list_file=args.list_file, exclude=args.exclude or (),
-                    config=cfg)
+    info = build_db(
+        out, args.encoder, images=args.images, list_file=args.list_file, exclude=args.exclude or (), config=cfg
+    )
     _print_summary(out, info)
     return 0
 
@@ -105,8 +127,10 @@ def _print_summary(out: str, info: dict) -> None:
         print(f"shard {info['shard'][0]}/{info['shard'][1]} written to {out}: {info['counts']}")
         return
     c = info["counts"]
-    print(f"{out}: {info['n']} references ({c['skipped']} skipped, {c['duplicates']} duplicates, "
-          f"{c['excluded']} excluded; see report.json), index {info['index']['key']}")
+    print(
+        f"{out}: {info['n']} references ({c['skipped']} skipped, {c['duplicates']} duplicates, "
+        f"{c['excluded']} excluded; see report.json), index {info['index']['key']}"
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -131,8 +155,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         scores, ids = db.search(cls, args.k)
         found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         recs = db.records([i for _, i in found])
-        hits = [{"id": i, "score": s, "path": r.path, "caption": r.caption}
-                for (s, i), r in zip(found, recs, strict=True)]
+        hits = [
+            {"id": i, "score": s, "path": r.path, "caption": r.caption} for (s, i), r in zip(found, recs, strict=True)
+        ]
         results.append({"query": image, "hits": hits})
     if args.json:
         print(json.dumps(results, indent=1))
@@ -176,15 +201,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .build import merge_shards
 
-    info = merge_shards(args.out, args.shards, index=args.index, max_memory_gb=args.max_memory_gb,
-                        threads=args.threads)
+    info = merge_shards(args.out, args.shards, index=args.index, max_memory_gb=args.max_memory_gb, threads=args.threads)
     _print_summary(args.out, info)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xsr_core.refdb", description="XSR reference databases",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m xsr_core.refdb",
+        description="XSR reference databases",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -193,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DB folder")
     p.add_argument("--exclude", action="append", help="evaluation image folder/file to keep out (repeatable)")
     p.add_argument("--exclude-threshold", type=float, default=0.95, help="CLS cosine that counts as the same image")
-    p.add_argument("--shard", default=None, help="i/n: build shard i of n (merge afterwards); auto: from RANK/WORLD_SIZE")
+    p.add_argument(
+        "--shard", default=None, help="i/n: build shard i of n (merge afterwards); auto: from RANK/WORLD_SIZE"
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("add", help="append images to a DB (existing ids unchanged)")
@@ -245,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 verify found problems, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (RefDBError, ValueError, FileNotFoundError) as e:

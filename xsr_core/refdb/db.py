@@ -26,8 +26,10 @@ from .store import BUILD_DIR, INDEX, INFO, META, META_COLUMNS, RefDBError, sqlit
 
 logger = logging.getLogger(__name__)
 
-_REBUILD_HINT = ("rerun `python -m xsr_core.refdb build ... --out {db}` (its build/ folder lets it resume without "
-                 "re-encoding) or restore the DB folder from a copy")
+_REBUILD_HINT = (
+    "rerun `python -m xsr_core.refdb build ... --out {db}` (its build/ folder lets it resume without "
+    "re-encoding) or restore the DB folder from a copy"
+)
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,15 @@ def _as_query_array(query: Any) -> np.ndarray:
 class ReferenceDB:
     """An open, validated reference DB (thread-safe for concurrent searches and reads)."""
 
-    def __init__(self, path: Path, info: dict[str, Any], index, conn: sqlite3.Connection, signature: tuple,
-                 allowed_roots: Sequence[str | os.PathLike] = ()):
+    def __init__(
+        self,
+        path: Path,
+        info: dict[str, Any],
+        index,
+        conn: sqlite3.Connection,
+        signature: tuple,
+        allowed_roots: Sequence[str | os.PathLike] = (),
+    ):
         self.path = path
         self.real_path = Path(os.path.realpath(path))
         # where a paths-mode DB may read its source images: the DB folder, the caller's roots, XSR_ALLOWED_ROOTS
@@ -92,8 +101,9 @@ class ReferenceDB:
 
     # ------------------------------------------------------------------ open / validate
     @classmethod
-    def open(cls, path: str | os.PathLike, *, mmap: bool | None = None,
-             allowed_roots: Sequence[str | os.PathLike] = ()) -> "ReferenceDB":
+    def open(
+        cls, path: str | os.PathLike, *, mmap: bool | None = None, allowed_roots: Sequence[str | os.PathLike] = ()
+    ) -> "ReferenceDB":
         """Open and validate the DB folder ``path``; raises :class:`RefDBError` with the fix.
 
         ``allowed_roots``: folders (besides the DB folder and ``XSR_ALLOWED_ROOTS``) a paths-mode DB
@@ -107,11 +117,14 @@ class ReferenceDB:
         info_path = db / INFO
         if not info_path.is_file():
             if (db / "shard.json").is_file():
-                raise RefDBError(f"{db} is one shard of a sharded build; combine the shards with "
-                                 "`python -m xsr_core.refdb merge --out DB SHARD...` and open the merged DB")
+                raise RefDBError(
+                    f"{db} is one shard of a sharded build; combine the shards with "
+                    "`python -m xsr_core.refdb merge --out DB SHARD...` and open the merged DB"
+                )
             if (db / BUILD_DIR).is_dir():
-                raise RefDBError(f"reference DB {db} is not finished (no {INFO}: the build was interrupted or failed); "
-                                 f"{hint}")
+                raise RefDBError(
+                    f"reference DB {db} is not finished (no {INFO}: the build was interrupted or failed); {hint}"
+                )
             raise RefDBError(f"{db} is not a reference DB (no {INFO}); build one with `python -m xsr_core.refdb build`")
         try:
             info = json.loads(info_path.read_text())
@@ -126,16 +139,20 @@ class ReferenceDB:
                 raise RefDBError(f"reference DB {db}: {name} is missing; {hint}")
             want = (info.get("files") or {}).get(name)
             if want is not None and p.stat().st_size != want:
-                raise RefDBError(f"reference DB {db}: {name} is {p.stat().st_size} bytes but was written as {want} "
-                                 f"(truncated or replaced); {hint}")
+                raise RefDBError(
+                    f"reference DB {db}: {name} is {p.stat().st_size} bytes but was written as {want} "
+                    f"(truncated or replaced); {hint}"
+                )
         try:
             index = index_mod.read_index(db / INDEX, mmap=mmap)
         except RuntimeError as e:
             first = str(e).splitlines()[0] if str(e) else e
             raise RefDBError(f"reference DB {db}: {INDEX} is corrupt or not a faiss index ({first}); {hint}") from e
         if index.ntotal != n or index.d != dim:
-            raise RefDBError(f"reference DB {db}: {INDEX} holds {index.ntotal} x {index.d} vectors but {INFO} says "
-                             f"{n} x {dim}; the files come from different builds. {hint}")
+            raise RefDBError(
+                f"reference DB {db}: {INDEX} holds {index.ntotal} x {index.d} vectors but {INFO} says "
+                f"{n} x {dim}; the files come from different builds. {hint}"
+            )
         try:
             conn = sqlite3.connect(sqlite_ro_uri(db / META), uri=True, check_same_thread=False)
             cnt, lo, hi = conn.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM refs").fetchone()
@@ -147,8 +164,10 @@ class ReferenceDB:
             raise RefDBError(f"reference DB {db}: {META} is corrupt or truncated ({e}); {hint}") from e
         if cnt != n or (n and (lo, hi) != (0, n - 1)):
             conn.close()
-            raise RefDBError(f"reference DB {db}: {META} has {cnt} rows (ids {lo}..{hi}) but the index has {n} "
-                             f"vectors; the files come from different builds. {hint}")
+            raise RefDBError(
+                f"reference DB {db}: {META} has {cnt} rows (ids {lo}..{hi}) but the index has {n} "
+                f"vectors; the files come from different builds. {hint}"
+            )
         index_mod.set_search_params(index, (info.get("index") or {}).get("search_params") or {})
         return cls(db, info, index, conn, sig, allowed_roots)
 
@@ -211,7 +230,8 @@ class ReferenceDB:
         raise RefDBError(
             f"reference DB {self.path} was built with a different CLIP vision encoder ({', '.join(what)} differ): "
             f"DB encoder {_fmt(mine)} (file {self.info.get('encoder_source')}); query encoder {_fmt(fingerprint)}. "
-            "Load the CLIP vision model the DB was built with, or rebuild the DB with this one.")
+            "Load the CLIP vision model the DB was built with, or rebuild the DB with this one."
+        )
 
     def search(self, query: Any, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` cosine search. ``query``: (B, D) or (D,) tensor/array (normalised here anyway).
@@ -223,8 +243,10 @@ class ReferenceDB:
             raise ValueError(f"k must be >= 1, got {k}")
         q = _as_query_array(query)
         if q.shape[1] != self.dim:
-            raise RefDBError(f"reference DB {self.path} holds {self.dim}-d vectors; the query is {q.shape[1]}-d "
-                             "(a different CLIP encoder?)")
+            raise RefDBError(
+                f"reference DB {self.path} holds {self.dim}-d vectors; the query is {q.shape[1]}-d "
+                "(a different CLIP encoder?)"
+            )
         k_eff = min(k, self.n)
         with self._lock:
             if self.index is None:
@@ -259,31 +281,43 @@ class ReferenceDB:
             with open(p, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if not (isinstance(off, int) and isinstance(length, int) and off >= 0 and 0 < length <= size - off):
-                    raise RefDBError(f"reference DB {self.path}: reference {rec.id} points at bytes {off}+{length} of "
-                                     f"{p} ({size} bytes): the metadata is damaged or crafted; rebuild the DB")
+                    raise RefDBError(
+                        f"reference DB {self.path}: reference {rec.id} points at bytes {off}+{length} of "
+                        f"{p} ({size} bytes): the metadata is damaged or crafted; rebuild the DB"
+                    )
                 f.seek(off)
                 data = f.read(length)
         except OSError as e:
-            raise RefDBError(f"reference DB {self.path}: packed shard {p} is unreadable ({e}); restore the DB folder") from e
+            raise RefDBError(
+                f"reference DB {self.path}: packed shard {p} is unreadable ({e}); restore the DB folder"
+            ) from e
         if len(data) != rec.pack_length:
-            raise RefDBError(f"reference DB {self.path}: packed shard {p} is truncated (reference {rec.id}); "
-                             "restore the DB folder or rebuild it")
+            raise RefDBError(
+                f"reference DB {self.path}: packed shard {p} is truncated (reference {rec.id}); "
+                "restore the DB folder or rebuild it"
+            )
         return data
 
     def packed_path(self, rec: RefRecord) -> Path:
         """The resolved shard file of a packed record; refused unless it lies inside the DB folder."""
         try:
-            return Path(confine(rec.pack_file, [self.real_path], base=self.real_path,
-                                what=f"packed shard of reference {rec.id}"))
+            return Path(
+                confine(
+                    rec.pack_file, [self.real_path], base=self.real_path, what=f"packed shard of reference {rec.id}"
+                )
+            )
         except PathConfinementError as e:
-            raise RefDBError(f"reference DB {self.path}: {e}. A DB's packed files live inside its folder: this "
-                             "meta.sqlite was altered or crafted; rebuild the DB or get it from a trusted source") from None
+            raise RefDBError(
+                f"reference DB {self.path}: {e}. A DB's packed files live inside its folder: this "
+                "meta.sqlite was altered or crafted; rebuild the DB or get it from a trusted source"
+            ) from None
 
     def source_path(self, rec: RefRecord) -> str:
         """The resolved source file of a paths-mode record; refused unless under :attr:`allowed_roots`."""
         try:
-            return confine(rec.path, self.allowed_roots, base=self.real_path,
-                           what=f"source image of reference {rec.id}")
+            return confine(
+                rec.path, self.allowed_roots, base=self.real_path, what=f"source image of reference {rec.id}"
+            )
         except PathConfinementError as e:
             raise RefDBError(f"reference DB {self.path}: {e}").with_traceback(None) from None
 
@@ -308,18 +342,22 @@ class ReferenceDB:
                     raise RefDBError(
                         f"reference DB {self.path}: reference image {rec.path} (id {rec.id}) cannot be read "
                         f"({e.strerror or e}); it was moved or deleted since the build. Restore it, or rebuild the "
-                        "DB (--mode packed stores the images inside the DB)") from e
+                        "DB (--mode packed stores the images inside the DB)"
+                    ) from e
                 what = rec.path
             try:
                 img = decode_image(data, min_side=1, what=what)
             except ImageSkip as e:
-                raise RefDBError(f"reference DB {self.path}: reference image {what} (id {rec.id}) is unreadable: {e}") from e
+                raise RefDBError(
+                    f"reference DB {self.path}: reference image {what} (id {rec.id}) is unreadable: {e}"
+                ) from e
             out.append(np.asarray(img) if as_numpy else img)
         return out
 
 
-def verify_db(path: str | os.PathLike, *, check_hashes: bool = False,
-              allowed_roots: Sequence[str | os.PathLike] = ()) -> list[str]:
+def verify_db(
+    path: str | os.PathLike, *, check_hashes: bool = False, allowed_roots: Sequence[str | os.PathLike] = ()
+) -> list[str]:
     """Consistency check of a DB; returns a list of problems (empty = healthy).
 
     Checks what :meth:`ReferenceDB.open` checks (raising :class:`RefDBError` when the DB cannot be
@@ -372,9 +410,13 @@ def verify_db(path: str | os.PathLike, *, check_hashes: bool = False,
                     sizes[r.pack_file] = p.stat().st_size if p.is_file() else -1
                     if sizes[r.pack_file] < 0:
                         problems.append(f"packed shard {r.pack_file} is missing")
-                if sizes[r.pack_file] >= 0 and not (r.pack_offset is not None and r.pack_length is not None
-                                                    and r.pack_offset >= 0 and r.pack_length >= 0
-                                                    and r.pack_offset + r.pack_length <= sizes[r.pack_file]):
+                if sizes[r.pack_file] >= 0 and not (
+                    r.pack_offset is not None
+                    and r.pack_length is not None
+                    and r.pack_offset >= 0
+                    and r.pack_length >= 0
+                    and r.pack_offset + r.pack_length <= sizes[r.pack_file]
+                ):
                     problems.append(f"id {r.id}: packed bytes beyond the end of {r.pack_file}")
             else:
                 try:

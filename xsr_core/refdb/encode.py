@@ -63,8 +63,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg: BuildConfig,
-                    progress_callback: Callable[[int, int], None] | None = None) -> dict[str, int]:
+def process_pending(
+    db_dir: str | os.PathLike,
+    manifest: Manifest,
+    encoder,
+    cfg: BuildConfig,
+    progress_callback: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
     """Decode, encode and commit every pending chunk of this shard; return counts of this run.
 
     Each chunk is committed atomically, so this can be killed at any time and called again.
@@ -88,14 +93,22 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     for g in sorted(groups):
         m = len(groups[g])
         group_sizes.append(m)
-        batches.extend(list(range(s, min(s + cfg.batch_size, start + m)))
-                       for s in range(start, start + m, cfg.batch_size))
+        batches.extend(
+            list(range(s, min(s + cfg.batch_size, start + m))) for s in range(start, start + m, cfg.batch_size)
+        )
         start += m
     pack = (int(manifest.get("pack_side")), int(manifest.get("pack_quality"))) if mode == "packed" else None
     on_gpu = encoder.device.type == "cuda"
-    loader = make_loader(items, batches, workers=cfg.workers, min_side=int(manifest.get("min_side")), pack=pack,
-                         pin_memory=on_gpu, raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None,
-                         roots=source_roots(manifest.get("sources") or [], cfg.allowed_roots))
+    loader = make_loader(
+        items,
+        batches,
+        workers=cfg.workers,
+        min_side=int(manifest.get("min_side")),
+        pack=pack,
+        pin_memory=on_gpu,
+        raw_max_pixels=RAW_MAX_PIXELS if on_gpu else None,
+        roots=source_roots(manifest.get("sources") or [], cfg.allowed_roots),
+    )
     (db_dir / EMB_DIR).mkdir(parents=True, exist_ok=True)
     if pack:
         (db_dir / PACKED_DIR).mkdir(parents=True, exist_ok=True)
@@ -127,14 +140,24 @@ def process_pending(db_dir: str | os.PathLike, manifest: Manifest, encoder, cfg:
     return {"processed": len(items), "ok": n_ok, "skipped": n_skip}
 
 
-def _commit_chunk(db_dir: Path, manifest: Manifest, samples: list[DecodedSample], emb: np.ndarray,
-                  packed: bool) -> None:
+def _commit_chunk(
+    db_dir: Path, manifest: Manifest, samples: list[DecodedSample], emb: np.ndarray, packed: bool
+) -> None:
     name = f"{samples[0].seq:012d}"
     emb_file = pack_file = None
     results, row, offset, blobs = [], 0, 0, []
     for s in samples:
-        r = dict(seq=s.seq, status="ok" if s.ok else "skipped", reason=s.reason, sha256=s.sha256,
-                 width=s.width or None, height=s.height or None, row=None, pack_offset=None, pack_length=None)
+        r = dict(
+            seq=s.seq,
+            status="ok" if s.ok else "skipped",
+            reason=s.reason,
+            sha256=s.sha256,
+            width=s.width or None,
+            height=s.height or None,
+            row=None,
+            pack_offset=None,
+            pack_length=None,
+        )
         if s.ok:
             r["row"] = row
             row += 1
@@ -143,8 +166,11 @@ def _commit_chunk(db_dir: Path, manifest: Manifest, samples: list[DecodedSample]
                 blobs.append(s.packed)
                 offset += len(s.packed)
         else:
-            logger.warning("skipping %s: %s", manifest.conn.execute("SELECT path FROM files WHERE seq=?",
-                                                                    (s.seq,)).fetchone()[0], s.reason)
+            logger.warning(
+                "skipping %s: %s",
+                manifest.conn.execute("SELECT path FROM files WHERE seq=?", (s.seq,)).fetchone()[0],
+                s.reason,
+            )
         results.append(r)
     if row:
         emb_file = f"{EMB_DIR}/emb_{name}.npy"

@@ -22,8 +22,21 @@ from .config import BuildConfig
 from .encode import _encode
 from .images import discover_images
 from .loader import batch_pixels, make_loader
-from .store import (DB_FORMAT_VERSION, EMB_DIR, EXCLUDE_EMB, INDEX, INFO, META, PACKED_DIR, REPORT, Manifest,
-                    RefDBError, write_json_atomic, write_meta, write_npy_atomic)
+from .store import (
+    DB_FORMAT_VERSION,
+    EMB_DIR,
+    EXCLUDE_EMB,
+    INDEX,
+    INFO,
+    META,
+    PACKED_DIR,
+    REPORT,
+    Manifest,
+    RefDBError,
+    write_json_atomic,
+    write_meta,
+    write_npy_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +53,22 @@ def _gather_vectors(db_dir: Path, rows: list, dim: int) -> np.ndarray:
             except PathConfinementError as e:
                 raise RefDBError(f"{db_dir}: the build manifest names {e}; it was altered. Rebuild the DB.") from None
             if not p.is_file():
-                raise RefDBError(f"{db_dir}: embedding chunk {f} is missing; the build folder is damaged. "
-                                 "Delete the DB folder and rebuild it.")
+                raise RefDBError(
+                    f"{db_dir}: embedding chunk {f} is missing; the build folder is damaged. "
+                    "Delete the DB folder and rebuild it."
+                )
             cache[f] = np.load(p, mmap_mode="r", allow_pickle=False)
         out[j] = cache[f][r["row"]]
     return out
 
 
-def finalize(db_dir: str | os.PathLike, *, index_key: str | None = None, max_memory_gb: float | None = None,
-             threads: int | None = None) -> dict[str, Any]:
+def finalize(
+    db_dir: str | os.PathLike,
+    *,
+    index_key: str | None = None,
+    max_memory_gb: float | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Build index.faiss / meta.sqlite / report.json / info.json from the committed chunks.
 
     Deterministic in the manifest's sequence order. Raises :class:`RefDBError` if no usable image
@@ -62,9 +82,23 @@ def finalize(db_dir: str | os.PathLike, *, index_key: str | None = None, max_mem
         rows = man.ok_rows()
         skipped = man.skipped_rows()
         excl_hash = man.exclude_hashes()
-        cfg = {k: man.get(k) for k in ("encoder", "mode", "exclude_threshold", "index", "dim", "chunk_size",
-                                        "min_side", "pack_side", "pack_quality", "sources", "encoder_source",
-                                        "exclude_emb_paths")}
+        cfg = {
+            k: man.get(k)
+            for k in (
+                "encoder",
+                "mode",
+                "exclude_threshold",
+                "index",
+                "dim",
+                "chunk_size",
+                "min_side",
+                "pack_side",
+                "pack_quality",
+                "sources",
+                "encoder_source",
+                "exclude_emb_paths",
+            )
+        }
         referenced = man.chunk_files()
     dim = int(cfg["dim"])
     index_key = index_key or cfg["index"] or "auto"
@@ -101,28 +135,57 @@ def finalize(db_dir: str | os.PathLike, *, index_key: str | None = None, max_mem
         "skipped": [{"path": p, "reason": why} for _, p, why in skipped],
         "duplicates": dups,
         "excluded": excluded,
-        "counts": {"files": len(rows) + len(skipped), "ok": len(rows), "skipped": len(skipped),
-                   "duplicates": len(dups), "excluded": len(excluded), "references": len(kept)},
+        "counts": {
+            "files": len(rows) + len(skipped),
+            "ok": len(rows),
+            "skipped": len(skipped),
+            "duplicates": len(dups),
+            "excluded": len(excluded),
+            "references": len(kept),
+        },
     }
     write_json_atomic(db_dir / REPORT, report)
     if not kept:
         why = "; ".join(f"{Path(p).name}: {reason}" for _, p, reason in skipped[:3])
-        raise RefDBError(f"{db_dir}: no usable reference image is left ({len(skipped)} skipped, {len(dups)} "
-                         f"duplicates, {len(excluded)} excluded{'; ' + why if why else ''}). Add valid images.")
+        raise RefDBError(
+            f"{db_dir}: no usable reference image is left ({len(skipped)} skipped, {len(dups)} "
+            f"duplicates, {len(excluded)} excluded{'; ' + why if why else ''}). Add valid images."
+        )
     n = len(kept)
     budget = int(max_memory_gb * 2**30) if max_memory_gb else None
     try:
-        plan = (index_mod.choose_index(n, dim, max_memory_bytes=budget) if index_key == "auto"
-                else index_mod.plan_for_key(index_key, n, dim))
+        plan = (
+            index_mod.choose_index(n, dim, max_memory_bytes=budget)
+            if index_key == "auto"
+            else index_mod.plan_for_key(index_key, n, dim)
+        )
     except ValueError as e:
         raise RefDBError(f"{db_dir}: {e}") from e
-    logger.info("index %s for %d references: estimated %.1f MiB (plus %.1f MiB of vectors while building)",
-                plan.key, n, plan.est_bytes / 2**20, vectors.nbytes / 2**20)
+    logger.info(
+        "index %s for %d references: estimated %.1f MiB (plus %.1f MiB of vectors while building)",
+        plan.key,
+        n,
+        plan.est_bytes / 2**20,
+        vectors.nbytes / 2**20,
+    )
     index = index_mod.build_index(vectors, plan, threads=threads)
     index_mod.write_index(index, db_dir / INDEX)
     del index
-    meta_rows = [(i, r["seq"], r["path"], r["sha256"], r["width"], r["height"], r["caption"], r["pack_file"],
-                  r["pack_offset"], r["pack_length"]) for i, r in enumerate(kept)]
+    meta_rows = [
+        (
+            i,
+            r["seq"],
+            r["path"],
+            r["sha256"],
+            r["width"],
+            r["height"],
+            r["caption"],
+            r["pack_file"],
+            r["pack_offset"],
+            r["pack_length"],
+        )
+        for i, r in enumerate(kept)
+    ]
     write_meta(db_dir / META, meta_rows)
     # orphan chunk files (a chunk written but never committed before a kill) are dead weight
     for sub in (EMB_DIR, PACKED_DIR):
@@ -145,8 +208,9 @@ def finalize(db_dir: str | os.PathLike, *, index_key: str | None = None, max_mem
         "build_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
         "counts": report["counts"],
-        "build": {k: cfg[k] for k in ("chunk_size", "min_side", "pack_side", "pack_quality", "exclude_threshold",
-                                      "sources")},
+        "build": {
+            k: cfg[k] for k in ("chunk_size", "min_side", "pack_side", "pack_quality", "exclude_threshold", "sources")
+        },
         "files": {INDEX: (db_dir / INDEX).stat().st_size, META: (db_dir / META).stat().st_size},
     }
     write_json_atomic(db_dir / INFO, info)
@@ -172,8 +236,10 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
     done = man.get("exclude_sources")
     if done is not None:
         if done != spec:
-            raise RefDBError(f"{db_dir}: this build was started with a different --exclude set ({len(done)} files, "
-                             f"now {len(spec)}); rerun with the same --exclude or build into a new folder")
+            raise RefDBError(
+                f"{db_dir}: this build was started with a different --exclude set ({len(done)} files, "
+                f"now {len(spec)}); rerun with the same --exclude or build into a new folder"
+            )
         return
     hashes: dict[str, str] = {}
     vecs, vec_paths = [], []

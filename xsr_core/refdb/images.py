@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..image_io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_name, load_rgb8  # noqa: F401 - IMAGE_EXTENSIONS re-exported
+
 DEFAULT_MIN_SIDE = 64  # smaller files cannot serve as x16 HR references
 PACK_SIDE = 512  # packed references: shortest side resized down to this (the x16 output size)
 PACK_QUALITY = 92
@@ -62,8 +63,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image",
-                 draft_side: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, what: str = "image", draft_side: int | None = None
+) -> Image.Image:
     """Bytes of an image file → loaded 8-bit RGB PIL image (:func:`xsr_core.image_io.load_rgb8`).
 
     ``draft_side``: decode JPEGs at a reduced scale whose shortest side stays >= this; the

@@ -45,6 +45,7 @@ DEFAULT_HNSW_EF_SEARCH = 64
 TRAIN_POINTS_PER_CENTROID = 48  # k-means sample size per list (faiss warns below 39)
 KMEANS_NITER = 10
 
+
 @dataclass
 class IndexPlan:
     """What index to build and how to search it."""
@@ -59,14 +60,17 @@ class IndexPlan:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+
 def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(1.0, x))))
+
 
 def physical_memory_bytes() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 16 << 30
+
 
 def estimate_index_bytes(key: str, n: int, dim: int) -> int:
     """Approximate memory (≈ file size) of index ``key`` holding ``n`` vectors of ``dim``."""
@@ -86,13 +90,14 @@ def estimate_index_bytes(key: str, n: int, dim: int) -> int:
         per = dim * 2
     elif codes.startswith("SQ4"):
         per = (dim + 1) // 2
-    elif (pq := re.match(r"PQ(\d+)(x(\d+))?", codes)):
+    elif pq := re.match(r"PQ(\d+)(x(\d+))?", codes):
         per = math.ceil(int(pq.group(1)) * int(pq.group(3) or 8) / 8)
-    elif (h := re.match(r"HNSW(\d+)", key)):
+    elif h := re.match(r"HNSW(\d+)", key):
         per = dim * 4 + int(h.group(1)) * 2 * 4 + 8
     else:
         per = dim * 4
     return int(coarse + n * (per + ids))
+
 
 def _plan_params(key: str) -> dict[str, int]:
     if key.startswith("IVF"):
@@ -105,6 +110,7 @@ def _plan_params(key: str) -> dict[str, int]:
         return {"efSearch": DEFAULT_HNSW_EF_SEARCH}
     return {}
 
+
 def plan_for_key(key: str, n: int, dim: int, search_params: dict[str, int] | None = None) -> IndexPlan:
     """The plan for an explicit faiss factory ``key`` (``--index``), with default search parameters."""
     key = key.strip()
@@ -115,8 +121,10 @@ def plan_for_key(key: str, n: int, dim: int, search_params: dict[str, int] | Non
     if m:
         nlist = int(m.group(1))
         if n < nlist:
-            raise ValueError(f"index {key!r} needs at least {nlist} vectors to train, the DB has {n}; "
-                             "use a smaller IVF size or --index Flat")
+            raise ValueError(
+                f"index {key!r} needs at least {nlist} vectors to train, the DB has {n}; "
+                "use a smaller IVF size or --index Flat"
+            )
         train = min(n, TRAIN_POINTS_PER_CENTROID * nlist)
         if re.search(r"PQ\d+", key):  # PQ codebooks want >= 39 x 256 training points
             train = min(n, max(train, 10_000))
@@ -124,8 +132,10 @@ def plan_for_key(key: str, n: int, dim: int, search_params: dict[str, int] | Non
         train = min(n, 65536)
     params = _plan_params(key)
     params.update(search_params or {})
-    return IndexPlan(key=key, dim=dim, n=n, search_params=params, est_bytes=estimate_index_bytes(key, n, dim),
-                     train_size=train)
+    return IndexPlan(
+        key=key, dim=dim, n=n, search_params=params, est_bytes=estimate_index_bytes(key, n, dim), train_size=train
+    )
+
 
 def choose_index(n: int, dim: int, *, max_memory_bytes: int | None = None) -> IndexPlan:
     """Automatic index for ``n`` vectors of ``dim`` within ``max_memory_bytes`` (default: half the RAM)."""
@@ -142,11 +152,13 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int | None = None) -> In
             return plan_for_key(key, n, dim)
     raise ValueError(f"no index of {n} x {dim} vectors fits {budget / 2**30:.1f} GiB; raise --max-memory")
 
+
 def normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation to float32 (zero rows stay zero)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
 
 def set_search_params(index, params: dict[str, int]) -> None:
     """Apply stored search parameters (``nprobe``, ``quantizer_efSearch``, ``efSearch``) to ``index``."""
@@ -157,6 +169,7 @@ def set_search_params(index, params: dict[str, int]) -> None:
     ps = faiss.ParameterSpace()
     for name, value in params.items():
         ps.set_index_parameter(index, name, value)
+
 
 def build_index(vectors: np.ndarray, plan: IndexPlan, *, seed: int = 0, threads: int | None = None):
     """Train (when needed) and fill a faiss index following ``plan``; ids are row numbers.
@@ -172,8 +185,7 @@ def build_index(vectors: np.ndarray, plan: IndexPlan, *, seed: int = 0, threads:
     n, d = x.shape
     if d != plan.dim:
         raise ValueError(f"vectors are {d}-d, the index plan is for {plan.dim}-d")
-    logger.info("building faiss index %s for %d x %d vectors (est. %.1f MiB)", plan.key, n, d,
-                plan.est_bytes / 2**20)
+    logger.info("building faiss index %s for %d x %d vectors (est. %.1f MiB)", plan.key, n, d, plan.est_bytes / 2**20)
     t0 = time.time()
     index = faiss.index_factory(d, plan.key, faiss.METRIC_INNER_PRODUCT)
     ivf = None
@@ -200,6 +212,7 @@ def build_index(vectors: np.ndarray, plan: IndexPlan, *, seed: int = 0, threads:
     logger.info("faiss index %s built in %.1f s", plan.key, time.time() - t0)
     return index
 
+
 def write_index(index, path: str | os.PathLike) -> None:
     """Write ``index`` atomically (temp file in the same folder + fsync + rename)."""
     import faiss
@@ -216,6 +229,7 @@ def write_index(index, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
 
 def read_index(path: str | os.PathLike, *, mmap: bool | None = None):
     """Read an index; large ones (≥ 256 MiB, or ``mmap=True``) memory-mapped read-only.

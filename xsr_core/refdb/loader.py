@@ -32,9 +32,17 @@ class _FileDataset(torch.utils.data.Dataset):
     per-image CPU work. Larger images are cropped here, so batches never carry huge buffers.
     """
 
-    def __init__(self, items: Sequence[tuple[int, str]], *, min_side: int, pack: tuple[int, int] | None,
-                 size: int = 224, raw_max_pixels: int | None = None, roots: Sequence[str] | None = None,
-                 draft: bool = True):
+    def __init__(
+        self,
+        items: Sequence[tuple[int, str]],
+        *,
+        min_side: int,
+        pack: tuple[int, int] | None,
+        size: int = 224,
+        raw_max_pixels: int | None = None,
+        roots: Sequence[str] | None = None,
+        draft: bool = True,
+    ):
         self.items = list(items)
         self.draft = draft
         self.roots = real_roots(roots) if roots is not None else None  # None: read any path (a user's list file)
@@ -51,8 +59,10 @@ class _FileDataset(torch.utils.data.Dataset):
         sha = None
         try:
             if self.roots is not None and confined_or_none(path, self.roots) is None:
-                raise ImageSkip(f"resolves to {os.path.realpath(path)}, outside the source folder "
-                                f"({', '.join(self.roots)}): a symlink pointing elsewhere is not read")
+                raise ImageSkip(
+                    f"resolves to {os.path.realpath(path)}, outside the source folder "
+                    f"({', '.join(self.roots)}): a symlink pointing elsewhere is not read"
+                )
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -60,8 +70,9 @@ class _FileDataset(torch.utils.data.Dataset):
                 raise ImageSkip(f"cannot read ({e.strerror or e})") from None
             sha = sha256_bytes(data)
             # no draft when packing: the stored packed copy stays the full-decode one
-            rgb = decode_image(data, min_side=self.min_side, what=path,
-                               draft_side=self.size if self.draft and not self.pack else None)
+            rgb = decode_image(
+                data, min_side=self.min_side, what=path, draft_side=self.size if self.draft and not self.pack else None
+            )
             w, h = rgb.info["xsr_source_size"]
             packed = pack_image(rgb, side=self.pack[0], quality=self.pack[1]) if self.pack else None
             arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch shares it without a warning)
@@ -72,8 +83,9 @@ class _FileDataset(torch.utils.data.Dataset):
         except ImageSkip as e:
             return DecodedSample(seq, False, str(e), sha, 0, 0, None, None)
         except Exception as e:  # noqa: BLE001 - any decoder bug must skip the file, not kill a long build
-            return DecodedSample(seq, False, f"unexpected decoding error ({type(e).__name__}: {e})", sha, 0, 0,
-                                 None, None)
+            return DecodedSample(
+                seq, False, f"unexpected decoding error ({type(e).__name__}: {e})", sha, 0, 0, None, None
+            )
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -115,7 +127,7 @@ class DecodedBatch:
     order: list[tuple[int, int]]
 
     def pin_memory(self) -> "DecodedBatch":  # called by the DataLoader's pin-memory thread
-        pin = (lambda t: t.pin_memory() if t is not None else None)
+        pin = lambda t: t.pin_memory() if t is not None else None
         return DecodedBatch(self.samples, pin(self.crops), pin(self.raw), self.raw_shapes, self.order)
 
     @property
@@ -136,8 +148,9 @@ def _collate(samples: list[DecodedSample]) -> DecodedBatch:
             order.append((0, len(crops)))
             crops.append(torch.from_numpy(s.pixels))
         s.pixels = s.raw = None
-    return DecodedBatch(samples, torch.stack(crops) if crops else None, torch.cat(raws) if raws else None,
-                        shapes, order)
+    return DecodedBatch(
+        samples, torch.stack(crops) if crops else None, torch.cat(raws) if raws else None, shapes, order
+    )
 
 
 def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> torch.Tensor | None:
@@ -159,9 +172,18 @@ def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> 
     return torch.stack([crops[i] if kind == 0 else done[i] for kind, i in batch.order])
 
 
-def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, workers: int, min_side: int,
-                pack: tuple[int, int] | None, pin_memory: bool = False, raw_max_pixels: int | None = None,
-                roots: Sequence[str] | None = None, draft: bool = True) -> torch.utils.data.DataLoader:
+def make_loader(
+    items: Sequence[tuple[int, str]],
+    batches: list[list[int]],
+    *,
+    workers: int,
+    min_side: int,
+    pack: tuple[int, int] | None,
+    pin_memory: bool = False,
+    raw_max_pixels: int | None = None,
+    roots: Sequence[str] | None = None,
+    draft: bool = True,
+) -> torch.utils.data.DataLoader:
     """The build data loader: decoding in ``workers`` processes, batches in the given order.
 
     ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
@@ -170,14 +192,15 @@ def make_loader(items: Sequence[tuple[int, str]], batches: list[list[int]], *, w
     Workers die with this process (:func:`die_with_parent`). ``draft``: decode JPEGs at the smallest
     libjpeg scale that keeps the shortest side >= the CLIP input (never when packing).
     """
-    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots,
-                      draft=draft)
+    ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots, draft=draft)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(worker_init_fn=functools.partial(_worker_init, os.getpid()), prefetch_factor=4,
-                      persistent_workers=False)
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                                       pin_memory=pin_memory, **kwargs)
+        kwargs.update(
+            worker_init_fn=functools.partial(_worker_init, os.getpid()), prefetch_factor=4, persistent_workers=False
+        )
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory, **kwargs
+    )
 
 
 RAW_MAX_PIXELS = 2_100_000  # up to ~1920x1080 the crop runs on the GPU; larger images are cropped in workers

@@ -27,8 +27,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *, index: str = "auto",
-                 max_memory_gb: float | None = None, threads: int | None = None) -> dict[str, Any]:
+def merge_shards(
+    out: str | os.PathLike,
+    shards: Sequence[str | os.PathLike],
+    *,
+    index: str = "auto",
+    max_memory_gb: float | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Merge shard DBs built with ``--shard i/n`` (same sources, encoder, options) into ``out``.
 
     The result has the same ids as a single-process build. Chunk files are hard-linked when
@@ -43,13 +49,24 @@ def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
     mans = [Manifest(s) for s in shards]
     try:
         ref = mans[0]
-        keys = ("encoder", "mode", "chunk_size", "min_side", "pack_side", "pack_quality", "exclude_threshold", "dim",
-                "exclude_sources")
+        keys = (
+            "encoder",
+            "mode",
+            "chunk_size",
+            "min_side",
+            "pack_side",
+            "pack_quality",
+            "exclude_threshold",
+            "dim",
+            "exclude_sources",
+        )
         for s, m in zip(shards[1:], mans[1:]):
             for k in keys:
                 if m.get(k) != ref.get(k):
-                    raise RefDBError(f"shard {s} differs from {shards[0]} in {k!r}; shards must be built with the "
-                                     "same sources, encoder and options")
+                    raise RefDBError(
+                        f"shard {s} differs from {shards[0]} in {k!r}; shards must be built with the "
+                        "same sources, encoder and options"
+                    )
             if m.paths() != ref.paths():
                 raise RefDBError(f"shard {s} was built from a different image list than {shards[0]}")
         paths_rows = list(ref.conn.execute("SELECT seq, path, caption FROM files ORDER BY seq"))
@@ -58,15 +75,19 @@ def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
         for s, m in zip(shards, mans):
             for row in m.conn.execute("SELECT name, first_seq, n_files, n_ok, emb_file, pack_file FROM chunks"):
                 chunks.setdefault(row[0], (s, row))
-            for row in m.conn.execute("SELECT seq, status, reason, sha256, width, height, chunk, row, pack_offset, "
-                                      "pack_length FROM files WHERE status != 'pending'"):
+            for row in m.conn.execute(
+                "SELECT seq, status, reason, sha256, width, height, chunk, row, pack_offset, "
+                "pack_length FROM files WHERE status != 'pending'"
+            ):
                 done.setdefault(row[0], row)
         missing = [seq for seq, _, _ in paths_rows if seq not in done]
         if missing:
             cs = ref.get("chunk_size")
-            raise RefDBError(f"merge: {len(missing)} files are in no finished shard (chunks "
-                             f"{sorted({q // cs for q in missing})[:10]}...); finish every shard (rerun its build "
-                             "command) before merging")
+            raise RefDBError(
+                f"merge: {len(missing)} files are in no finished shard (chunks "
+                f"{sorted({q // cs for q in missing})[:10]}...); finish every shard (rerun its build "
+                "command) before merging"
+            )
         out.mkdir(parents=True, exist_ok=True)
         with Manifest(out, create=True) as man:
             with man.transaction() as c:
@@ -88,18 +109,30 @@ def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
             if (shards[0] / EXCLUDE_EMB).is_file():
                 _link_or_copy(shards[0] / EXCLUDE_EMB, out / EXCLUDE_EMB)
             with man.transaction() as c:
-                c.executemany("INSERT INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) "
-                              "VALUES (?, ?, ?, ?, ?, ?)", [row for _, (_, row) in sorted(chunks.items())])
-                c.executemany("UPDATE files SET status=?, reason=?, sha256=?, width=?, height=?, chunk=?, row=?, "
-                              "pack_offset=?, pack_length=? WHERE seq=?", [r[1:] + (r[0],) for r in done.values()])
+                c.executemany(
+                    "INSERT INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) VALUES (?, ?, ?, ?, ?, ?)",
+                    [row for _, (_, row) in sorted(chunks.items())],
+                )
+                c.executemany(
+                    "UPDATE files SET status=?, reason=?, sha256=?, width=?, height=?, chunk=?, row=?, "
+                    "pack_offset=?, pack_length=? WHERE seq=?",
+                    [r[1:] + (r[0],) for r in done.values()],
+                )
     finally:
         for m in mans:
             m.close()
     return finalize(out, index_key=None if index == "auto" else index, max_memory_gb=max_memory_gb, threads=threads)
 
 
-def export_db(src: str | os.PathLike, out: str | os.PathLike, *, ids: Sequence[int] | None = None,
-              count: int | None = None, index: str = "auto", threads: int | None = None) -> dict[str, Any]:
+def export_db(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    ids: Sequence[int] | None = None,
+    count: int | None = None,
+    index: str = "auto",
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Write a new DB ``out`` holding a subset of ``src`` (``ids`` in the given order, or the first
     ``count`` ids). The subset keeps exact embeddings, metadata and (packed mode) image bytes; the
     new DB is self-contained and can be extended with ``add``."""
@@ -118,14 +151,29 @@ def export_db(src: str | os.PathLike, out: str | os.PathLike, *, ids: Sequence[i
             raise RefDBError("export: empty selection")
         recs = db.records(sel)
         with Manifest(src) as sman:
-            keys = ("encoder", "mode", "chunk_size", "min_side", "pack_side", "pack_quality", "exclude_threshold",
-                    "dim", "encoder_source", "sources")
+            keys = (
+                "encoder",
+                "mode",
+                "chunk_size",
+                "min_side",
+                "pack_side",
+                "pack_quality",
+                "exclude_threshold",
+                "dim",
+                "encoder_source",
+                "sources",
+            )
             conf = {k: sman.get(k) for k in keys}
-            loc = {r[0]: r[1:] for r in sman.conn.execute(
-                "SELECT f.seq, c.emb_file, f.row FROM files f JOIN chunks c ON f.chunk=c.name WHERE f.status='ok'")}
+            loc = {
+                r[0]: r[1:]
+                for r in sman.conn.execute(
+                    "SELECT f.seq, c.emb_file, f.row FROM files f JOIN chunks c ON f.chunk=c.name WHERE f.status='ok'"
+                )
+            }
         try:
-            vectors = np.stack([np.load(within(loc[r.seq][0], src), mmap_mode="r", allow_pickle=False)[loc[r.seq][1]]
-                                for r in recs])
+            vectors = np.stack(
+                [np.load(within(loc[r.seq][0], src), mmap_mode="r", allow_pickle=False)[loc[r.seq][1]] for r in recs]
+            )
         except PathConfinementError as e:
             raise RefDBError(f"export: {src}'s manifest names {e}; it was altered. Rebuild the DB.") from None
         if (out / "build" / "manifest.sqlite").exists():
@@ -154,11 +202,26 @@ def export_db(src: str | os.PathLike, out: str | os.PathLike, *, ids: Sequence[i
                 c.executemany(
                     "INSERT INTO files(seq, path, caption, status, sha256, width, height, chunk, row, pack_offset, "
                     "pack_length) VALUES (?, ?, ?, 'ok', ?, ?, ?, ?, ?, ?, ?)",
-                    [(j, r.path, r.caption, r.sha256, r.width, r.height, name, j,
-                      offsets[j][0] if offsets else None, offsets[j][1] if offsets else None)
-                     for j, r in enumerate(recs)])
-                c.execute("INSERT INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) "
-                          "VALUES (?,?,?,?,?,?)", (name, 0, len(recs), len(recs), emb_file, pack_file))
+                    [
+                        (
+                            j,
+                            r.path,
+                            r.caption,
+                            r.sha256,
+                            r.width,
+                            r.height,
+                            name,
+                            j,
+                            offsets[j][0] if offsets else None,
+                            offsets[j][1] if offsets else None,
+                        )
+                        for j, r in enumerate(recs)
+                    ],
+                )
+                c.execute(
+                    "INSERT INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) VALUES (?,?,?,?,?,?)",
+                    (name, 0, len(recs), len(recs), emb_file, pack_file),
+                )
     finally:
         db.close()
     return finalize(out, index_key=None if index == "auto" else index, threads=threads)

@@ -143,8 +143,10 @@ class Manifest:
         self.db_dir = Path(db_dir)
         self.path = self.db_dir / MANIFEST
         if not self.path.exists() and not create:
-            raise RefDBError(f"{self.db_dir}: no build manifest ({MANIFEST}); it is not a reference DB built by "
-                             "this tool, or its build/ folder was deleted (rebuild it)")
+            raise RefDBError(
+                f"{self.db_dir}: no build manifest ({MANIFEST}); it is not a reference DB built by "
+                "this tool, or its build/ folder was deleted (rebuild it)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
@@ -152,7 +154,9 @@ class Manifest:
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_MANIFEST_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise RefDBError(f"{self.path}: the build manifest is corrupt ({e}); delete {self.db_dir} and rebuild") from e
+            raise RefDBError(
+                f"{self.path}: the build manifest is corrupt ({e}); delete {self.db_dir} and rebuild"
+            ) from e
 
     def close(self) -> None:
         self.conn.close()
@@ -178,8 +182,9 @@ class Manifest:
         return json.loads(row[0]) if row else default
 
     def set(self, key: str, value: Any, conn: sqlite3.Connection | None = None) -> None:
-        (conn or self.conn).execute("INSERT OR REPLACE INTO config(key, value) VALUES (?, ?)",
-                                    (key, json.dumps(value, sort_keys=True)))
+        (conn or self.conn).execute(
+            "INSERT OR REPLACE INTO config(key, value) VALUES (?, ?)", (key, json.dumps(value, sort_keys=True))
+        )
 
     def n_files(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
@@ -195,8 +200,10 @@ class Manifest:
         start = self.max_seq() + 1
         known = {r[0] for r in conn.execute("SELECT path FROM files")}
         new = [(p, c) for p, c in items if p not in known]
-        conn.executemany("INSERT INTO files(seq, path, caption) VALUES (?, ?, ?)",
-                         [(start + i, p, c) for i, (p, c) in enumerate(new)])
+        conn.executemany(
+            "INSERT INTO files(seq, path, caption) VALUES (?, ?, ?)",
+            [(start + i, p, c) for i, (p, c) in enumerate(new)],
+        )
         return len(new)
 
     def pending(self) -> list[tuple[int, str]]:
@@ -205,25 +212,33 @@ class Manifest:
     def counts(self) -> dict[str, int]:
         return {s: n for s, n in self.conn.execute("SELECT status, COUNT(*) FROM files GROUP BY status")}
 
-    def commit_chunk(self, name: str, first_seq: int, results: list[dict[str, Any]], emb_file: str | None,
-                     pack_file: str | None) -> None:
+    def commit_chunk(
+        self, name: str, first_seq: int, results: list[dict[str, Any]], emb_file: str | None, pack_file: str | None
+    ) -> None:
         """Mark a chunk's files done in one transaction (after its files were renamed into place)."""
         n_ok = sum(1 for r in results if r["status"] == "ok")
         with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) "
-                      "VALUES (?, ?, ?, ?, ?, ?)", (name, first_seq, len(results), n_ok, emb_file, pack_file))
+            c.execute(
+                "INSERT OR REPLACE INTO chunks(name, first_seq, n_files, n_ok, emb_file, pack_file) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, first_seq, len(results), n_ok, emb_file, pack_file),
+            )
             c.executemany(
                 "UPDATE files SET status=:status, reason=:reason, sha256=:sha256, width=:width, height=:height, "
                 "chunk=:chunk, row=:row, pack_offset=:pack_offset, pack_length=:pack_length WHERE seq=:seq",
-                [dict(r, chunk=name) for r in results])
+                [dict(r, chunk=name) for r in results],
+            )
 
     def ok_rows(self) -> list[sqlite3.Row]:
         self.conn.row_factory = sqlite3.Row
         try:
-            return list(self.conn.execute(
-                "SELECT f.seq, f.path, f.caption, f.sha256, f.width, f.height, f.row, f.pack_offset, f.pack_length, "
-                "c.emb_file, c.pack_file, c.name AS chunk FROM files f JOIN chunks c ON f.chunk = c.name "
-                "WHERE f.status='ok' ORDER BY f.seq"))
+            return list(
+                self.conn.execute(
+                    "SELECT f.seq, f.path, f.caption, f.sha256, f.width, f.height, f.row, f.pack_offset, f.pack_length, "
+                    "c.emb_file, c.pack_file, c.name AS chunk FROM files f JOIN chunks c ON f.chunk = c.name "
+                    "WHERE f.status='ok' ORDER BY f.seq"
+                )
+            )
         finally:
             self.conn.row_factory = None
 
@@ -251,8 +266,7 @@ CREATE TABLE refs (
     pack_file TEXT, pack_offset INTEGER, pack_length INTEGER
 );
 """
-META_COLUMNS = ("id", "seq", "path", "sha256", "width", "height", "caption", "pack_file", "pack_offset",
-                "pack_length")
+META_COLUMNS = ("id", "seq", "path", "sha256", "width", "height", "caption", "pack_file", "pack_offset", "pack_length")
 
 
 def write_meta(path: str | os.PathLike, rows: list[tuple]) -> None:

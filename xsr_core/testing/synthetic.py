@@ -25,7 +25,9 @@ def synthetic_image(seed: int, size: int = 256) -> Image.Image:
     return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
 
 
-def write_synthetic_images(folder: str | Path, n: int, *, size: int = 256, seed: int = 0, ext: str = "png") -> list[Path]:
+def write_synthetic_images(
+    folder: str | Path, n: int, *, size: int = 256, seed: int = 0, ext: str = "png"
+) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -36,8 +36,9 @@ def tiny_clip_config(hidden: int = 32, layers: int = 2, heads: int = 2) -> dict:
     )
 
 
-def make_tiny_clip_vision(path: str | os.PathLike, seed: int = 0, hidden: int = 32, layers: int = 2,
-                          heads: int = 2) -> Path:
+def make_tiny_clip_vision(
+    path: str | os.PathLike, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2
+) -> Path:
     """Write a seeded tiny ``CLIPVisionModelWithProjection`` to ``path`` (.safetensors); return the path.
 
     The file is byte-identical for equal arguments (seeded init, sorted safetensors header).
@@ -56,8 +57,7 @@ def make_tiny_clip_vision(path: str | os.PathLike, seed: int = 0, hidden: int = 
                     p.copy_(0.1 * torch.randn_like(p))
                 elif "norm" in name and name.endswith("weight"):
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-          if not k.endswith("position_ids")}
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)

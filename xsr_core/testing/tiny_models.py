@@ -77,20 +77,40 @@ CLIP_BOS = "<|startoftext|>"
 
 
 def tiny_rfa_config(clip_dim: int = 32, num_patches: int = 16) -> RFAConfig:
-    return RFAConfig(clip_dim=clip_dim, width=32, depth=2, heads=4, mlp_ratio=2.0, num_patches=num_patches, out_dim=clip_dim)
+    return RFAConfig(
+        clip_dim=clip_dim, width=32, depth=2, heads=4, mlp_ratio=2.0, num_patches=num_patches, out_dim=clip_dim
+    )
 
 
 def tiny_decoder_config(vocab_size: int, eos_token_id: int | None = None) -> dict[str, Any]:
     eos = 0 if eos_token_id is None else eos_token_id  # the tiny tokenizers put <|endoftext|> at id 0
-    return {"vocab_size": vocab_size, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
-            "bos_token_id": eos, "eos_token_id": eos}
+    return {
+        "vocab_size": vocab_size,
+        "n_positions": 64,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+    }
 
 
-def tiny_i2t_config(vocab_size: int, clip_dim: int = 32, num_tokens: int = 17, eos_token_id: int | None = None,
-                    clip_text_dim: int = 32) -> I2TConfig:
-    return I2TConfig(clip_dim=clip_dim, width=32, depth=2, heads=4, mlp_ratio=2.0, num_tokens=num_tokens, max_refs=4,
-                     prefix_len=4, decoder=tiny_decoder_config(vocab_size, eos_token_id), clip_text_dim=clip_text_dim,
-                     max_caption_tokens=24)
+def tiny_i2t_config(
+    vocab_size: int, clip_dim: int = 32, num_tokens: int = 17, eos_token_id: int | None = None, clip_text_dim: int = 32
+) -> I2TConfig:
+    return I2TConfig(
+        clip_dim=clip_dim,
+        width=32,
+        depth=2,
+        heads=4,
+        mlp_ratio=2.0,
+        num_tokens=num_tokens,
+        max_refs=4,
+        prefix_len=4,
+        decoder=tiny_decoder_config(vocab_size, eos_token_id),
+        clip_text_dim=clip_text_dim,
+        max_caption_tokens=24,
+    )
 
 
 def _wrap(tok: Any, **special: str) -> Any:
@@ -112,7 +132,10 @@ def train_tiny_gpt2_tokenizer(out_dir: str | os.PathLike | None = None, vocab_si
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS_TOKEN], show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CAPTIONS, trainer=trainer)
@@ -135,7 +158,10 @@ def train_tiny_clip_tokenizer(out_dir: str | os.PathLike | None = None, vocab_si
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=[CLIP_BOS, EOS_TOKEN], show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[CLIP_BOS, EOS_TOKEN],
+        show_progress=False,
         end_of_word_suffix="</w>",
     )
     tok.train_from_iterator(CAPTIONS, trainer=trainer)
@@ -154,9 +180,15 @@ def make_tiny_clip_text_model(clip_tokenizer: Any, hidden: int = 32, projection_
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=len(clip_tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=32, projection_dim=projection_dim,
-        bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+        vocab_size=len(clip_tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        projection_dim=projection_dim,
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(cfg).eval()
@@ -176,8 +208,9 @@ def make_tiny_distilgpt2_dir(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
-def make_random_xsr_models(out_dir: str | os.PathLike, clip_dim: int, seed: int = 0, *, num_patches: int = 256,
-                           clip_text_dim: int = 768) -> dict[str, Path]:
+def make_random_xsr_models(
+    out_dir: str | os.PathLike, clip_dim: int, seed: int = 0, *, num_patches: int = 256, clip_text_dim: int = 768
+) -> dict[str, Path]:
     """Write randomly initialised ``rfa.safetensors`` and ``i2t.safetensors`` (tiny widths) for the zoo.
 
     ``clip_dim`` / ``num_patches`` must match the zoo's CLIP vision model (tokens = num_patches + 1).
@@ -189,8 +222,13 @@ def make_random_xsr_models(out_dir: str | os.PathLike, clip_dim: int, seed: int 
     rfa = RFA(tiny_rfa_config(clip_dim, num_patches)).eval()
     tokenizer = train_tiny_gpt2_tokenizer()
     torch.manual_seed(seed + 1)
-    cfg = tiny_i2t_config(len(tokenizer), clip_dim=clip_dim, num_tokens=num_patches + 1,
-                          eos_token_id=tokenizer.eos_token_id, clip_text_dim=clip_text_dim)
+    cfg = tiny_i2t_config(
+        len(tokenizer),
+        clip_dim=clip_dim,
+        num_tokens=num_patches + 1,
+        eos_token_id=tokenizer.eos_token_id,
+        clip_text_dim=clip_text_dim,
+    )
     i2t = I2T(cfg).eval()
     return {
         "rfa": canonicalize_safetensors_header(save_model(rfa, out_dir / "rfa.safetensors")),

@@ -140,9 +140,9 @@ def vae_tiny_to_taesd(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k.startswith("encoder.layers."):
-            out["taesd_encoder." + k[len("encoder.layers."):]] = v
+            out["taesd_encoder." + k[len("encoder.layers.") :]] = v
         elif k.startswith("decoder.layers."):
-            idx, rest = k[len("decoder.layers."):].split(".", 1)
+            idx, rest = k[len("decoder.layers.") :].split(".", 1)
             out[f"taesd_decoder.{int(idx) + 1}.{rest}"] = v
         else:
             raise KeyError(f"unexpected AutoencoderTiny key {k}")
@@ -192,8 +192,13 @@ def write_diffusers_folder(unet, text, vae, controlnet, folder: Path, clip_token
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
     DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
     ).save_pretrained(folder / "scheduler")
     if clip_tokenizer_dir is not None and (clip_tokenizer_dir / "vocab.json").is_file():
         dst = folder / "tokenizer"
@@ -201,17 +206,31 @@ def write_diffusers_folder(unet, text, vae, controlnet, folder: Path, clip_token
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
             if (clip_tokenizer_dir / name).is_file():
                 shutil.copy(clip_tokenizer_dir / name, dst / name)
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderTiny"], "scheduler": ["diffusers", "DDPMScheduler"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    }, indent=2))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "vae": ["diffusers", "AutoencoderTiny"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+            },
+            indent=2,
+        )
+    )
     return folder
 
 
-def write_zoo(out: str | Path, *, seed: int = 0, clip_tokenizer_dir: str | Path | None = None,
-              xsr: bool = True, diffusers_folder: bool = True) -> dict[str, Path]:
+def write_zoo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    clip_tokenizer_dir: str | Path | None = None,
+    xsr: bool = True,
+    diffusers_folder: bool = True,
+) -> dict[str, Path]:
     """Write the whole tiny zoo under ``out`` (a ComfyUI ``models/`` folder); returns name -> path.
 
     ``clip_tokenizer_dir``: a folder with CLIP's ``vocab.json``/``merges.txt`` (e.g. ComfyUI's
@@ -225,7 +244,11 @@ def write_zoo(out: str | Path, *, seed: int = 0, clip_tokenizer_dir: str | Path 
     paths["controlnet"] = write_controlnet(controlnet, out / "controlnet" / CONTROLNET_NAME)
     if diffusers_folder:
         paths["diffusers"] = write_diffusers_folder(
-            unet, text, vae, controlnet, out / "diffusers" / DIFFUSERS_DIR,
+            unet,
+            text,
+            vae,
+            controlnet,
+            out / "diffusers" / DIFFUSERS_DIR,
             Path(clip_tokenizer_dir) if clip_tokenizer_dir else None,
         )
     paths.update(_write_optional_parts(out, seed, xsr=xsr))
@@ -243,17 +266,29 @@ def _write_optional_parts(out: Path, seed: int, *, xsr: bool) -> dict[str, Path]
     except ImportError:
         make_tiny_clip_vision = None
     if make_tiny_clip_vision is not None:
-        paths["clip_vision"] = Path(make_tiny_clip_vision(out / "clip_vision" / CLIP_VISION_NAME, seed=seed + 10, **TINY_CLIP_VISION) or out / "clip_vision" / CLIP_VISION_NAME)
+        paths["clip_vision"] = Path(
+            make_tiny_clip_vision(out / "clip_vision" / CLIP_VISION_NAME, seed=seed + 10, **TINY_CLIP_VISION)
+            or out / "clip_vision" / CLIP_VISION_NAME
+        )
     try:
         from .tiny_models import make_random_xsr_models, make_tiny_distilgpt2_dir
     except ImportError:
         return paths
-    paths["distilgpt2"] = Path(make_tiny_distilgpt2_dir(out / "xsr" / "distilgpt2", seed=seed + 11) or out / "xsr" / "distilgpt2")
+    paths["distilgpt2"] = Path(
+        make_tiny_distilgpt2_dir(out / "xsr" / "distilgpt2", seed=seed + 11) or out / "xsr" / "distilgpt2"
+    )
     if xsr:
-        paths.update(make_random_xsr_models(out / "xsr", clip_dim=TINY_CLIP_VISION["hidden"], seed=seed + 12,
-                                            clip_text_dim=TINY_TEXT_CONFIG["hidden_size"]))
-        paths["adapter"] = write_random_adapter(out / "xsr" / ADAPTER_NAME, embed_dim=TINY_CLIP_VISION["hidden"],
-                                                seed=seed + 13)
+        paths.update(
+            make_random_xsr_models(
+                out / "xsr",
+                clip_dim=TINY_CLIP_VISION["hidden"],
+                seed=seed + 12,
+                clip_text_dim=TINY_TEXT_CONFIG["hidden_size"],
+            )
+        )
+        paths["adapter"] = write_random_adapter(
+            out / "xsr" / ADAPTER_NAME, embed_dim=TINY_CLIP_VISION["hidden"], seed=seed + 13
+        )
     return paths
 
 
@@ -267,7 +302,9 @@ def write_random_adapter(path: Path, *, embed_dim: int, seed: int = 0, unet_conf
     from ..weights import save_model
 
     torch.manual_seed(seed)
-    cfg = AdaINAdapterConfig.from_unet_config(unet_config or TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True)
+    cfg = AdaINAdapterConfig.from_unet_config(
+        unet_config or TINY_UNET_CONFIG, embed_dim=embed_dim, include_controlnet=True
+    )
     adapter = AdaINAdapter(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -287,8 +324,12 @@ def write_demo_refdb(db_dir: Path, encoder: Path, *, seed: int = 0, n: int = 24)
         return db_dir
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_images(tmp, n, size=256, seed=seed)
-        build_db(db_dir, encoder, images=tmp,
-                 config=BuildConfig(mode="packed", workers=0, device="cpu", progress=False, batch_size=8))
+        build_db(
+            db_dir,
+            encoder,
+            images=tmp,
+            config=BuildConfig(mode="packed", workers=0, device="cpu", progress=False, batch_size=8),
+        )
     return db_dir
 
 
@@ -302,16 +343,16 @@ SUPPORT_NODE_NOTE = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xsr zoo", description=__doc__.split("\n\n")[0],
-                                     epilog=SUPPORT_NODE_NOTE)
+    parser = argparse.ArgumentParser(prog="xsr zoo", description=__doc__.split("\n\n")[0], epilog=SUPPORT_NODE_NOTE)
     parser.add_argument("--out", required=True, help="ComfyUI models/ folder to write into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip-tokenizer-dir", default=None, help="folder with CLIP vocab.json/merges.txt")
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers-format copy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = write_zoo(args.out, seed=args.seed, clip_tokenizer_dir=args.clip_tokenizer_dir,
-                      diffusers_folder=not args.no_diffusers)
+    paths = write_zoo(
+        args.out, seed=args.seed, clip_tokenizer_dir=args.clip_tokenizer_dir, diffusers_folder=not args.no_diffusers
+    )
     for name, p in paths.items():
         print(f"{name:12s} {p}")
     print("\n" + SUPPORT_NODE_NOTE)

@@ -15,5 +15,12 @@ Heavy imports (diffusers, transformers) happen inside the stage modules.
 from .config import AdapterTrainConfig, EngineConfig, I2TTrainConfig, RFATrainConfig
 from .data import PrepareConfig, PrepareError, prepare
 
-__all__ = ["AdapterTrainConfig", "EngineConfig", "I2TTrainConfig", "PrepareConfig", "PrepareError",
-           "RFATrainConfig", "prepare"]
+__all__ = [
+    "AdapterTrainConfig",
+    "EngineConfig",
+    "I2TTrainConfig",
+    "PrepareConfig",
+    "PrepareError",
+    "RFATrainConfig",
+    "prepare",
+]

@@ -50,6 +50,7 @@ class BaseModelError(ValueError):
 
 # ------------------------------------------------------------------------------ base models
 
+
 def _header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -64,27 +65,35 @@ def check_sd1_checkpoint(path: str | os.PathLike, unet_config: dict[str, Any]) -
     """Refuse a single-file checkpoint that is not an SD1.x-family U-Net matching ``unet_config``."""
     shapes = _header_shapes(path)
     if any(k.startswith(SDXL_MARKERS) for k in shapes):
-        raise BaseModelError(f"{path} is an SDXL checkpoint; XSR stage 2 needs an SD1.x (or SD2.x with its config) "
-                             "checkpoint")
+        raise BaseModelError(
+            f"{path} is an SDXL checkpoint; XSR stage 2 needs an SD1.x (or SD2.x with its config) checkpoint"
+        )
     if LDM_UNET_PROBE not in shapes:
-        raise BaseModelError(f"{path} holds no Stable Diffusion U-Net ({LDM_UNET_PROBE} missing); give an SD1.x "
-                             "single-file checkpoint or a diffusers folder")
+        raise BaseModelError(
+            f"{path} holds no Stable Diffusion U-Net ({LDM_UNET_PROBE} missing); give an SD1.x "
+            "single-file checkpoint or a diffusers folder"
+        )
     ctx = shapes.get(LDM_CONTEXT_PROBE)
     want = unet_config["cross_attention_dim"]
     if ctx is None or ctx[1] != want:
-        raise BaseModelError(f"{path}: cross-attention context width {ctx[1] if ctx else '?'} != {want} of the config "
-                             "folder's U-Net (SD1.x: 768, SD2.x: 1024); use the config folder of the checkpoint's family")
+        raise BaseModelError(
+            f"{path}: cross-attention context width {ctx[1] if ctx else '?'} != {want} of the config "
+            "folder's U-Net (SD1.x: 768, SD2.x: 1024); use the config folder of the checkpoint's family"
+        )
     if shapes[LDM_UNET_PROBE][0] != unet_config["block_out_channels"][0]:
-        raise BaseModelError(f"{path}: U-Net width {shapes[LDM_UNET_PROBE][0]} differs from the config folder's "
-                             f"{unet_config['block_out_channels'][0]}; use a matching --pretrained_config")
+        raise BaseModelError(
+            f"{path}: U-Net width {shapes[LDM_UNET_PROBE][0]} differs from the config folder's "
+            f"{unet_config['block_out_channels'][0]}; use a matching --pretrained_config"
+        )
 
 
 def _check_unet_config(cfg: dict[str, Any], text_dim: int, where: str) -> None:
     if cfg.get("addition_embed_type") or cfg.get("in_channels") != 4:
         raise BaseModelError(f"{where}: not an SD1.x-family U-Net (SDXL / inpainting / other); XSR stage 2 needs SD1.x")
     if cfg.get("cross_attention_dim") != text_dim:
-        raise BaseModelError(f"{where}: U-Net context width {cfg.get('cross_attention_dim')} != text encoder width "
-                             f"{text_dim}")
+        raise BaseModelError(
+            f"{where}: U-Net context width {cfg.get('cross_attention_dim')} != text encoder width {text_dim}"
+        )
 
 
 def load_base(cfg: AdapterTrainConfig) -> dict[str, Any]:
@@ -102,15 +111,19 @@ def load_base(cfg: AdapterTrainConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"--pretrained {src} does not exist")
     folder = src if src.is_dir() else Path(cfg.pretrained_config or "")
     if not (folder / "unet" / "config.json").is_file():
-        raise BaseModelError(f"{folder}: no diffusers unet/config.json; a single-file checkpoint needs "
-                             "--pretrained_config <diffusers SD1.x folder>")
+        raise BaseModelError(
+            f"{folder}: no diffusers unet/config.json; a single-file checkpoint needs "
+            "--pretrained_config <diffusers SD1.x folder>"
+        )
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
     _check_unet_config(unet_config, text.config.hidden_size, str(folder))
     vae_cls = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
     if src.is_file():
         check_sd1_checkpoint(src, unet_config)
-        unet = UNet2DConditionModel.from_single_file(str(src), config=str(folder), subfolder="unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_single_file(
+            str(src), config=str(folder), subfolder="unet", local_files_only=True
+        )
         if vae_cls == "AutoencoderKL":
             vae = AutoencoderKL.from_single_file(str(src), config=str(folder), subfolder="vae", local_files_only=True)
         else:
@@ -126,8 +139,14 @@ def load_base(cfg: AdapterTrainConfig) -> dict[str, Any]:
     scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
     for m in (unet, vae, text):
         m.requires_grad_(False).eval()
-    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer, "scheduler": scheduler,
-            "config_dir": folder}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "config_dir": folder,
+    }
 
 
 def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
@@ -140,12 +159,18 @@ def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
     p = Path(spec)
     if p.is_dir():
         cn = ControlNetModel.from_pretrained(str(p), local_files_only=True)
-        for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "attention_head_dim",
-                    "down_block_types"):
+        for key in (
+            "block_out_channels",
+            "cross_attention_dim",
+            "layers_per_block",
+            "attention_head_dim",
+            "down_block_types",
+        ):
             a, b = cn.config.get(key), fresh.config.get(key)
             if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-                raise BaseModelError(f"ControlNet {p}: {key} {a} does not match the U-Net's {b}; it was made for another "
-                                     "base model")
+                raise BaseModelError(
+                    f"ControlNet {p}: {key} {a} does not match the U-Net's {b}; it was made for another base model"
+                )
         return cn
     if not p.is_file():
         raise FileNotFoundError(f"--controlnet {p} does not exist")
@@ -154,12 +179,20 @@ def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
     expected = unet_diffusers_to_ldm(fresh.state_dict(), dict(fresh.config), controlnet=True)
     shapes = {k.removeprefix("control_model."): v for k, v in _header_shapes(p).items()}
     missing = [k for k in expected if k not in shapes]
-    wrong = [f"{k} {shapes[k]} != {tuple(v.shape)}" for k, v in expected.items() if k in shapes and shapes[k] != tuple(v.shape)]
+    wrong = [
+        f"{k} {shapes[k]} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in shapes and shapes[k] != tuple(v.shape)
+    ]
     if missing or wrong:
-        detail = "; ".join(([f"missing {len(missing)} tensors, e.g. {missing[:3]}"] if missing else [])
-                           + ([f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}"] if wrong else []))
-        raise BaseModelError(f"ControlNet {p} does not match the U-Net of the base checkpoint ({detail}); use a ControlNet "
-                             "trained for this base family (SD1.x) or leave --controlnet empty to start from the U-Net")
+        detail = "; ".join(
+            ([f"missing {len(missing)} tensors, e.g. {missing[:3]}"] if missing else [])
+            + ([f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}"] if wrong else [])
+        )
+        raise BaseModelError(
+            f"ControlNet {p} does not match the U-Net of the base checkpoint ({detail}); use a ControlNet "
+            "trained for this base family (SD1.x) or leave --controlnet empty to start from the U-Net"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fresh.save_config(tmp)
         cn = ControlNetModel.from_single_file(str(p), config=tmp, local_files_only=True)
@@ -167,6 +200,7 @@ def load_controlnet(spec: str, unet: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ E cache
+
 
 @torch.no_grad()
 def build_embedding_cache(cfg: AdapterTrainConfig, device: torch.device, splits=("train", "test")) -> Path:
@@ -196,8 +230,9 @@ def build_embedding_cache(cfg: AdapterTrainConfig, device: torch.device, splits=
 
 
 @torch.no_grad()
-def build_i2t_caption_cache(cfg: AdapterTrainConfig, e_folder: Path, device: torch.device, splits=("train", "test"),
-                            max_new_tokens: int = 32) -> dict[str, list[str]]:
+def build_i2t_caption_cache(
+    cfg: AdapterTrainConfig, e_folder: Path, device: torch.device, splits=("train", "test"), max_new_tokens: int = 32
+) -> dict[str, list[str]]:
     """The trained I2T's greedy captions of every item (``--caption_source i2t``), cached beside E.
 
     They are decoded from the cached E exactly as XSR_Enhance decodes at inference (greedy), so stage 2
@@ -217,8 +252,9 @@ def build_i2t_caption_cache(cfg: AdapterTrainConfig, e_folder: Path, device: tor
         E = load_file(str(e_folder / f"{split}.safetensors"))["E"]
         caps: list[str] = []
         for s in range(0, len(E), 32):
-            caps += i2t.generate_caption(E[s : s + 32].float().to(device), tok, max_new_tokens=max_new_tokens,
-                                         use_cuda_graph=False)
+            caps += i2t.generate_caption(
+                E[s : s + 32].float().to(device), tok, max_new_tokens=max_new_tokens, use_cuda_graph=False
+            )
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(caps))
         os.replace(tmp, path)
@@ -228,21 +264,32 @@ def build_i2t_caption_cache(cfg: AdapterTrainConfig, e_folder: Path, device: tor
 
 # ------------------------------------------------------------------------------ data
 
+
 class AdapterDataset(torch.utils.data.Dataset):
     """(HR pixels, LR hint, E, caption) rows of one split; ``e_folder`` None = no E (the text-only variant);
     ``captions`` replaces the prepared (BLIP-2 / user) captions (``--caption_source i2t``)."""
 
-    def __init__(self, data: str | os.PathLike, split: str, e_folder: Path | None, resolution: int,
-                 captions: list[str] | None = None):
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        split: str,
+        e_folder: Path | None,
+        resolution: int,
+        captions: list[str] | None = None,
+    ):
         from safetensors.torch import load_file
 
         self.data = Path(data)
         self.items = load_items(data, split)
         self.E = load_file(str(e_folder / f"{split}.safetensors"))["E"] if e_folder is not None else None
         if self.E is not None and len(self.E) != len(self.items):
-            raise ValueError(f"{e_folder}: {len(self.E)} embeddings for {len(self.items)} {split} items; delete it and rerun")
+            raise ValueError(
+                f"{e_folder}: {len(self.E)} embeddings for {len(self.items)} {split} items; delete it and rerun"
+            )
         if captions is not None and len(captions) != len(self.items):
-            raise ValueError(f"{len(captions)} I2T captions for {len(self.items)} {split} items; delete the caption cache")
+            raise ValueError(
+                f"{len(captions)} I2T captions for {len(self.items)} {split} items; delete the caption cache"
+            )
         self.captions = captions
         self.resolution = resolution
 
@@ -257,8 +304,12 @@ class AdapterDataset(torch.utils.data.Dataset):
         if hr.shape[1:3] != (r, r):  # a --resolution below the prepared 512: the same x16 geometry, never a squash
             hr = resize_center_crop(hr, r)
         hint = bicubic_resize(lr, (r, r), antialias=False)  # the ControlNet structure hint (LR bicubic-upsampled)
-        row = {"pixels": hr[0].permute(2, 0, 1) * 2 - 1, "hint": hint[0].permute(2, 0, 1), "index": torch.tensor(i),
-               "caption": self.captions[i] if self.captions is not None else (it.get("caption") or "")}
+        row = {
+            "pixels": hr[0].permute(2, 0, 1) * 2 - 1,
+            "hint": hint[0].permute(2, 0, 1),
+            "index": torch.tensor(i),
+            "caption": self.captions[i] if self.captions is not None else (it.get("caption") or ""),
+        }
         if self.E is not None:
             row["E"] = self.E[i].float()
         return row
@@ -319,7 +370,9 @@ class AdapterStage(nn.Module):
     """Trainable: ``adapter`` (None for the text-only variant) + ``controlnet``. Frozen (plain attributes):
     unet, vae, text encoder."""
 
-    def __init__(self, adapter: AdaINAdapter | None, controlnet: nn.Module, base: dict[str, Any], cfg: AdapterTrainConfig):
+    def __init__(
+        self, adapter: AdaINAdapter | None, controlnet: nn.Module, base: dict[str, Any], cfg: AdapterTrainConfig
+    ):
         super().__init__()
         from ..adapter.diffusers_binding import DiffusersAdapterBinding
 
@@ -328,7 +381,9 @@ class AdapterStage(nn.Module):
         self.cfg = cfg
         for k in ("unet", "vae", "text_encoder", "scheduler"):
             object.__setattr__(self, k, base[k])
-        binding = DiffusersAdapterBinding(adapter, unet=base["unet"], controlnet=controlnet) if adapter is not None else None
+        binding = (
+            DiffusersAdapterBinding(adapter, unet=base["unet"], controlnet=controlnet) if adapter is not None else None
+        )
         object.__setattr__(self, "binding", binding)
         self._ctx: contextlib.ExitStack | None = None
         self.register_buffer("empty_text", torch.zeros(0), persistent=False)
@@ -375,7 +430,9 @@ class AdapterStage(nn.Module):
             for dt in {dtype, torch.float32, torch.bfloat16, torch.float16}:
                 stats.plan(1.0, key, B, dt, lat.device)
         self._ctx = contextlib.ExitStack()
-        self._ctx.enter_context(self.binding.embedding(stats=stats, rows=rows))  # left open for backward (checkpointing)
+        self._ctx.enter_context(
+            self.binding.embedding(stats=stats, rows=rows)
+        )  # left open for backward (checkpointing)
         out = self._denoise_loss(lat, noise, noisy, t, text, batch["hint"], dtype)
         # zero-weight touch: every adapter parameter is part of the graph even when all rows dropped E (DDP)
         touch = 0.0 * (stats.mu.sum() + stats.sigma.sum() + self.adapter.gates.sum())
@@ -383,10 +440,16 @@ class AdapterStage(nn.Module):
 
     def _denoise_loss(self, lat, noise, noisy, t, text, hint, dtype) -> dict[str, torch.Tensor]:
         unet, sched = self.unet, self.scheduler
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=hint.to(noisy.dtype),
-                                    return_dict=False)
-        pred = unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=[d.to(dtype) for d in down],
-                    mid_block_additional_residual=mid.to(dtype)).sample
+        down, mid = self.controlnet(
+            noisy, t, encoder_hidden_states=text, controlnet_cond=hint.to(noisy.dtype), return_dict=False
+        )
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=[d.to(dtype) for d in down],
+            mid_block_additional_residual=mid.to(dtype),
+        ).sample
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(lat, noise, t)
         elif sched.config.prediction_type == "epsilon":
@@ -450,8 +513,11 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict[str, Any]:
     info = read_prepare_info(cfg.data)
     adapter = None
     if cfg.variant == "adain":
-        adapter = AdaINAdapter(AdaINAdapterConfig.from_unet_config(dict(base["unet"].config), embed_dim=info["clip_dim"],
-                                                                   proj_hidden=cfg.adapter_proj_hidden))
+        adapter = AdaINAdapter(
+            AdaINAdapterConfig.from_unet_config(
+                dict(base["unet"].config), embed_dim=info["clip_dim"], proj_hidden=cfg.adapter_proj_hidden
+            )
+        )
     e_folder, captions = None, {}
     if cfg.variant == "adain" or cfg.caption_source == "i2t":
         if accelerator.is_main_process:
@@ -472,28 +538,49 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict[str, Any]:
     ids, mask = clip_tokenize(base["tokenizer"], [""])
     stage.set_empty_prompt(ids, mask)
     n_total = sum(p.numel() for p in controlnet.parameters())
-    logger.info("stage 2 (%s, captions: %s): adapter %d params; ControlNet scope %r trains %d of %d params (%.1f%%)",
-                cfg.variant, cfg.caption_source, sum(p.numel() for p in adapter.parameters()) if adapter else 0,
-                cfg.controlnet_train, n_cn, n_total, 100.0 * n_cn / max(1, n_total))
+    logger.info(
+        "stage 2 (%s, captions: %s): adapter %d params; ControlNet scope %r trains %d of %d params (%.1f%%)",
+        cfg.variant,
+        cfg.caption_source,
+        sum(p.numel() for p in adapter.parameters()) if adapter else 0,
+        cfg.controlnet_train,
+        n_cn,
+        n_total,
+        100.0 * n_cn / max(1, n_total),
+    )
     collate = AdapterCollate(base["tokenizer"])
     e_used = e_folder if cfg.variant == "adain" else None
     dataset = AdapterDataset(cfg.data, "train", e_used, cfg.resolution, captions.get("train"))
     evaluate = None
     if accelerator.is_main_process and load_items(cfg.data, "test"):
-        evaluate = make_evaluator(cfg, AdapterDataset(cfg.data, "test", e_used, cfg.resolution, captions.get("test")),
-                                  collate)
+        evaluate = make_evaluator(
+            cfg, AdapterDataset(cfg.data, "test", e_used, cfg.resolution, captions.get("test")), collate
+        )
     result = train_loop(cfg, accelerator, stage, dataset, collate, evaluate=evaluate, ema_decay=cfg.ema_decay)
     if accelerator.is_main_process:
         final = Path(cfg.output_dir) / "final"
         mod = result["module"]
         unet_fp = wfp.dumps(wfp.fingerprint_diffusers(base["unet"], controlnet=False))
         if mod.adapter is not None:
-            result["path"] = save_model(mod.adapter.eval(), final / "adain_adapter.safetensors",
-                                        extra_metadata={"xsr.base_unet_fingerprint": unet_fp, "xsr.variant": cfg.variant})
+            result["path"] = save_model(
+                mod.adapter.eval(),
+                final / "adain_adapter.safetensors",
+                extra_metadata={"xsr.base_unet_fingerprint": unet_fp, "xsr.variant": cfg.variant},
+            )
         mod.controlnet.save_pretrained(str(final / "controlnet"), safe_serialization=True)
-        (final / STAGE2_INFO).write_text(json.dumps({
-            "variant": cfg.variant, "caption_source": cfg.caption_source, "controlnet_train": cfg.controlnet_train,
-            "controlnet_trainable_params": n_cn, "controlnet_params": n_total, "base_unet_fingerprint": unet_fp}, indent=1))
+        (final / STAGE2_INFO).write_text(
+            json.dumps(
+                {
+                    "variant": cfg.variant,
+                    "caption_source": cfg.caption_source,
+                    "controlnet_train": cfg.controlnet_train,
+                    "controlnet_trainable_params": n_cn,
+                    "controlnet_params": n_total,
+                    "base_unet_fingerprint": unet_fp,
+                },
+                indent=1,
+            )
+        )
     if stage.binding is not None:
         stage.binding.detach()
     return result

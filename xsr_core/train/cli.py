@@ -27,10 +27,14 @@ STAGES = {"rfa": RFATrainConfig, "i2t": I2TTrainConfig, "adapter": AdapterTrainC
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error (default: one line)")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show the traceback of an error (default: one line)"
+    )
     parser = argparse.ArgumentParser(prog="xsr train", description=__doc__.split("\n\n")[0], parents=[common])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", parents=[common], help="split images, make 512/32 pairs, captions, CLIP caches, reference DB")
+    p = sub.add_parser(
+        "prepare", parents=[common], help="split images, make 512/32 pairs, captions, CLIP caches, reference DB"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of HR images (recursive)")
     src.add_argument("--list", dest="list_file", help="list file: PATH or PATH<TAB>CAPTION per line")
@@ -52,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rfa", help="rfa run folder (or rfa.safetensors)")
     e.add_argument("--i2t", help="i2t run folder (or i2t.safetensors)")
     e.add_argument("--adapter", help="adapter run folder (holds final/adain_adapter.safetensors + final/controlnet)")
-    e.add_argument("--name", default=None, help="ControlNet file name stem (default: xsr -> xsr_controlnet.safetensors for "
-                   "the adain variant, xsr_text_only -> xsr_text_only_controlnet.safetensors for the text-only one)")
+    e.add_argument(
+        "--name",
+        default=None,
+        help="ControlNet file name stem (default: xsr -> xsr_controlnet.safetensors for "
+        "the adain variant, xsr_text_only -> xsr_text_only_controlnet.safetensors for the text-only one)",
+    )
     return parser
 
 
@@ -65,10 +73,20 @@ def main(argv: list[str] | None = None) -> int:
             from .data import prepare
 
             cfg = PrepareConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareConfig)})
-            info = prepare(args.out, args.encoder, images=args.images, list_file=args.list_file,
-                           captions=args.captions, blip2=args.blip2, config=cfg)
-            print(json.dumps({"splits": info["splits"], "skipped": len(info["skipped"]), "dedup": info.get("dedup")},
-                             indent=2))
+            info = prepare(
+                args.out,
+                args.encoder,
+                images=args.images,
+                list_file=args.list_file,
+                captions=args.captions,
+                blip2=args.blip2,
+                config=cfg,
+            )
+            print(
+                json.dumps(
+                    {"splits": info["splits"], "skipped": len(info["skipped"]), "dedup": info.get("dedup")}, indent=2
+                )
+            )
             return 0
         if args.cmd == "export":
             from .export import export
@@ -93,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         known = isinstance(e, (PrepareError, ValueError, FileNotFoundError))
         text = str(e).strip() or type(e).__name__
-        print(f"error: {text if known else f'{type(e).__name__}: {text}'}"
-              + ("" if known else " (run with -v for the traceback)"), file=sys.stderr)
+        print(
+            f"error: {text if known else f'{type(e).__name__}: {text}'}"
+            + ("" if known else " (run with -v for the traceback)"),
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -83,8 +83,9 @@ def _resolve_model(stage: str, model: Any) -> dict:
     if isinstance(model, str):
         presets = MODEL_PRESETS[stage]
         if model not in presets:
-            raise ValueError(f"--model {model!r}: not a preset ({', '.join(presets)}) nor a JSON object of {stage} "
-                             "config fields")
+            raise ValueError(
+                f"--model {model!r}: not a preset ({', '.join(presets)}) nor a JSON object of {stage} config fields"
+            )
         return dict(presets[model])
     if not isinstance(model, dict):
         raise ValueError(f"model must be a preset name ({', '.join(MODEL_PRESETS[stage])}) or a dict of config fields")
@@ -175,8 +176,15 @@ class AdapterTrainConfig(EngineConfig):
         needs = ["pretrained"] + (["i2t", "rfa"] if self.variant == "adain" or self.caption_source == "i2t" else [])
         for name in needs:
             if not getattr(self, name):
-                why = "" if name == "pretrained" else (" (the adain variant needs E from the I2T over RFA references)"
-                                                       if self.variant == "adain" else " (--caption_source i2t)")
+                why = (
+                    ""
+                    if name == "pretrained"
+                    else (
+                        " (the adain variant needs E from the I2T over RFA references)"
+                        if self.variant == "adain"
+                        else " (--caption_source i2t)"
+                    )
+                )
                 raise ValueError(f"--{name} is required for `train adapter`{why}")
         for name in ("p_drop_text", "p_drop_image"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -198,6 +206,7 @@ def _parse_ks(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- files and CLI
+
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON config file as a dict."""
@@ -265,8 +274,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if typ is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=None, help=help_)
         elif typ is dict:
-            parser.add_argument(f"--{f.name}", type=_json_or_name, default=None,
-                                help=help_ + " JSON object" + (" or a preset name (tiny, paper)" if f.name == "model" else ""))
+            parser.add_argument(
+                f"--{f.name}",
+                type=_json_or_name,
+                default=None,
+                help=help_ + " JSON object" + (" or a preset name (tiny, paper)" if f.name == "model" else ""),
+            )
         else:
             parser.add_argument(f"--{f.name}", type=typ, default=None, help=help_)
 

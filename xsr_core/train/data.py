@@ -84,7 +84,7 @@ class PrepareConfig:
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
-    """"a,b,c" → three numbers (all ints = counts, otherwise fractions summing to <= 1)."""
+    """ "a,b,c" → three numbers (all ints = counts, otherwise fractions summing to <= 1)."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 3:
         raise ValueError(f"--split needs three values train,reference,test, got {text!r}")
@@ -107,8 +107,10 @@ def split_sizes(spec: str, n: int) -> tuple[int, int, int]:
     if any(v >= 1 for v in vals):
         counts = tuple(int(v) for v in vals)
         if sum(counts) > n:
-            raise PrepareError(f"--split {spec} asks for {sum(counts)} images, only {n} unique usable images were "
-                               "found; lower the counts or give fractions (e.g. 0.1,0.8,0.1)")
+            raise PrepareError(
+                f"--split {spec} asks for {sum(counts)} images, only {n} unique usable images were "
+                "found; lower the counts or give fractions (e.g. 0.1,0.8,0.1)"
+            )
         return counts  # type: ignore[return-value]
     counts = [int(v * n + 1e-9) for v in vals]
     for i, v in enumerate(vals):  # a non-zero fraction gets at least one image, taken from the largest share
@@ -126,6 +128,7 @@ def split_sizes(spec: str, n: int) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------------------ images
 
+
 def _sources(images: str | None, list_file: str | None) -> tuple[list[str], dict[str, str], Path | None]:
     from ..refdb.images import discover_images, read_list_file
 
@@ -137,8 +140,9 @@ def _sources(images: str | None, list_file: str | None) -> tuple[list[str], dict
         except FileNotFoundError as e:
             raise PrepareError(str(e)) from None
         if not paths:
-            raise PrepareError(f"no image files found in {images} (extensions: jpg, jpeg, png, webp, bmp, gif, "
-                               "tif, tiff)")
+            raise PrepareError(
+                f"no image files found in {images} (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+            )
         return paths, {}, Path(images).resolve()
     try:
         rows = read_list_file(list_file)
@@ -205,8 +209,7 @@ class _HashDataset(torch.utils.data.Dataset):
 
 def scan_images(paths: list[str], cfg: PrepareConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(usable (path, sha256) unique by content, bad (path, reason)); bad files fail unless skip_bad."""
-    loader = torch.utils.data.DataLoader(_HashDataset(paths, cfg.min_side), batch_size=None,
-                                         num_workers=cfg.workers)
+    loader = torch.utils.data.DataLoader(_HashDataset(paths, cfg.min_side), batch_size=None, num_workers=cfg.workers)
     good: dict[str, str] = {}
     bad: list[tuple[str, str]] = []
     for i, sha, reason in loader:
@@ -215,9 +218,13 @@ def scan_images(paths: list[str], cfg: PrepareConfig) -> tuple[list[tuple[str, s
         else:
             good.setdefault(sha, paths[i])
     if bad and not cfg.skip_bad:
-        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise PrepareError(f"{len(bad)} of {len(paths)} images are unusable (unreadable, or shortest side < "
-                           f"{cfg.min_side}px):\n{listing}\nfix or remove them, or pass --skip_bad to leave them out")
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (
+            f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        )
+        raise PrepareError(
+            f"{len(bad)} of {len(paths)} images are unusable (unreadable, or shortest side < "
+            f"{cfg.min_side}px):\n{listing}\nfix or remove them, or pass --skip_bad to leave them out"
+        )
     if not good:
         raise PrepareError("no usable images (all unreadable or too small)")
     if len(good) < len(paths) - len(bad):
@@ -226,6 +233,7 @@ def scan_images(paths: list[str], cfg: PrepareConfig) -> tuple[list[tuple[str, s
 
 
 # ------------------------------------------------------------------------------ captions
+
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """Captions of ``--captions`` (JSONL, CSV, JSON or TSV: :mod:`xsr_core.captions`), as {image key: caption}.
@@ -260,8 +268,13 @@ def match_captions(items: list[dict[str, Any]], captions: dict[str, str], root: 
     return missing
 
 
-def caption_with_blip2(model_dir: str | os.PathLike, items: list[dict[str, Any]], out_jsonl: Path,
-                       batch_size: int = 8, device: str = "auto") -> None:
+def caption_with_blip2(
+    model_dir: str | os.PathLike,
+    items: list[dict[str, Any]],
+    out_jsonl: Path,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> None:
     """Caption ``items`` (their HR crops) with a local BLIP-2 folder; resumable (appends to ``out_jsonl``).
 
     Uses ``transformers.Blip2ForConditionalGeneration`` + ``Blip2Processor`` from ``model_dir``
@@ -269,8 +282,10 @@ def caption_with_blip2(model_dir: str | os.PathLike, items: list[dict[str, Any]]
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise PrepareError(f"--blip2 {model_dir}: not a BLIP-2 model folder (no config.json); download e.g. "
-                           "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it")
+        raise PrepareError(
+            f"--blip2 {model_dir}: not a BLIP-2 model folder (no config.json); download e.g. "
+            "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it"
+        )
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     done: dict[str, str] = {}
@@ -281,10 +296,16 @@ def caption_with_blip2(model_dir: str | os.PathLike, items: list[dict[str, Any]]
                 done[row["sha256"]] = row["caption"]
     todo = [it for it in items if it["sha256"] not in done]
     if todo:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        dev = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         processor = Blip2Processor.from_pretrained(str(model_dir), local_files_only=True)
-        model = Blip2ForConditionalGeneration.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=dtype).to(dev).eval()
+        model = (
+            Blip2ForConditionalGeneration.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=dtype)
+            .to(dev)
+            .eval()
+        )
         from tqdm.auto import tqdm
 
         with open(out_jsonl, "a", encoding="utf-8") as f:
@@ -303,6 +324,7 @@ def caption_with_blip2(model_dir: str | os.PathLike, items: list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------ CLIP cache
+
 
 def cache_dir(data: str | os.PathLike, split: str) -> Path:
     return Path(data) / "cache" / "clip" / split
@@ -402,6 +424,7 @@ class TokenCache:
 
 # ------------------------------------------------------------------------------ items
 
+
 def load_items(data: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """Rows of ``items.jsonl`` (optionally one split), in split order."""
     p = Path(data) / "items.jsonl"
@@ -411,9 +434,16 @@ def load_items(data: str | os.PathLike, split: str | None = None) -> list[dict[s
     return [r for r in rows if split is None or r["split"] == split]
 
 
-def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: str | None = None,
-            list_file: str | None = None, captions: str | None = None, blip2: str | None = None,
-            config: PrepareConfig | None = None) -> dict[str, Any]:
+def prepare(
+    out: str | os.PathLike,
+    encoder_path: str | os.PathLike,
+    *,
+    images: str | None = None,
+    list_file: str | None = None,
+    captions: str | None = None,
+    blip2: str | None = None,
+    config: PrepareConfig | None = None,
+) -> dict[str, Any]:
     """Run the whole preparation (see the module docstring); returns the ``prepare.json`` content.
 
     All input checks (sources, unreadable images, split sizes, caption coverage) happen before any
@@ -423,11 +453,15 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
     out = Path(out)
     paths, list_caps, root = _sources(images, list_file)
     if not (captions or blip2 or list_caps):
-        raise PrepareError("captions are needed for the I2T and adapter stages: give --captions FILE.jsonl|.csv, "
-                           "a list file with PATH<TAB>CAPTION lines, or --blip2 MODEL_DIR to generate them")
+        raise PrepareError(
+            "captions are needed for the I2T and adapter stages: give --captions FILE.jsonl|.csv, "
+            "a list file with PATH<TAB>CAPTION lines, or --blip2 MODEL_DIR to generate them"
+        )
     if blip2 and not (Path(blip2) / "config.json").is_file():
-        raise PrepareError(f"--blip2 {blip2}: not a BLIP-2 model folder (no config.json); download e.g. "
-                           "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it")
+        raise PrepareError(
+            f"--blip2 {blip2}: not a BLIP-2 model folder (no config.json); download e.g. "
+            "Salesforce/blip2-opt-2.7b to a local folder and point --blip2 at it"
+        )
     if not Path(encoder_path).is_file():
         raise PrepareError(f"--encoder {encoder_path}: no such CLIP vision .safetensors file")
     load_degradation(cfg.degradation)  # fail early on a bad --degradation
@@ -437,22 +471,37 @@ def prepare(out: str | os.PathLike, encoder_path: str | os.PathLike, *, images: 
     bounds = {"train": (0, n_tr), "reference": (n_tr, n_tr + n_ref), "test": (n_tr + n_ref, n_tr + n_ref + n_te)}
     for split, (a, b) in bounds.items():
         for k, (p, sha) in enumerate(usable[a:b]):
-            items.append({"id": len(items), "split": split, "index": k, "sha256": sha, "source": p,
-                          "hr": f"hr/{split}/{k:07d}.png", "lr": f"lr/{split}/{k:07d}.png",
-                          "caption": list_caps.get(p)})
+            items.append(
+                {
+                    "id": len(items),
+                    "split": split,
+                    "index": k,
+                    "sha256": sha,
+                    "source": p,
+                    "hr": f"hr/{split}/{k:07d}.png",
+                    "lr": f"lr/{split}/{k:07d}.png",
+                    "caption": list_caps.get(p),
+                }
+            )
     need = [it for it in items if it["split"] in CAPTION_SPLITS]
     if captions:
         missing = match_captions(need, read_captions(captions), root)
         if missing and not blip2:
-            listing = "\n".join(f"  {m}" for m in missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
-            raise PrepareError(f"caption file {captions} has no caption for {len(missing)} of the {len(need)} train/test "
-                               f"images:\n{listing}\nadd them (key = file name, relative or absolute path) or pass --blip2 "
-                               "to caption the rest")
+            listing = "\n".join(f"  {m}" for m in missing[:20]) + (
+                f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+            )
+            raise PrepareError(
+                f"caption file {captions} has no caption for {len(missing)} of the {len(need)} train/test "
+                f"images:\n{listing}\nadd them (key = file name, relative or absolute path) or pass --blip2 "
+                "to caption the rest"
+            )
     elif list_caps:
         missing = [it["source"] for it in need if not it.get("caption")]
         if missing and not blip2:
-            raise PrepareError(f"list file {list_file} has no caption for {len(missing)} train/test images, e.g. "
-                               f"{missing[:5]}; add PATH<TAB>CAPTION lines or pass --blip2")
+            raise PrepareError(
+                f"list file {list_file} has no caption for {len(missing)} train/test images, e.g. "
+                f"{missing[:5]}; add PATH<TAB>CAPTION lines or pass --blip2"
+            )
     out.mkdir(parents=True, exist_ok=True)
     _write_crops(out, items, cfg)
     if blip2:
@@ -505,12 +554,22 @@ def _write_crops(out: Path, items: list[dict[str, Any]], cfg: PrepareConfig) -> 
             raise PrepareError(err)
 
 
-def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str | os.PathLike, cfg: PrepareConfig,
-                      bad: list, sizes: tuple[int, int, int]) -> dict[str, Any]:
+def _encode_and_index(
+    out: Path,
+    items: list[dict[str, Any]],
+    encoder_path: str | os.PathLike,
+    cfg: PrepareConfig,
+    bad: list,
+    sizes: tuple[int, int, int],
+) -> dict[str, Any]:
     from ..clip_vision import ClipVisionEncoder
     from ..refdb import BuildConfig, build_db
 
-    dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    dev = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     encoder = ClipVisionEncoder.from_file(encoder_path, device=dev)
     for split in CACHE_SPLITS:
         split_items = [it for it in items if it["split"] == split]
@@ -523,21 +582,44 @@ def _encode_and_index(out: Path, items: list[dict[str, Any]], encoder_path: str 
         (out / "reference.txt").write_text("".join(f"{it['hr']}\n" for it in refs))
         # dedup by content: every reference whose CLS cosine to a test image (its source file) is
         # >= dedup_threshold is left out of the DB (build_db's exclusion)
-        info_db = build_db(out / "refdb", encoder_path, list_file=out / "reference.txt",
-                           exclude=[it["source"] for it in tests],
-                           config=BuildConfig(mode=cfg.refdb_mode, device=dev, workers=cfg.workers,
-                                              batch_size=cfg.batch_size, progress=False,
-                                              exclude_threshold=cfg.dedup_threshold))
-        dedup = {"threshold": cfg.dedup_threshold, "test_images": len(tests),
-                 "excluded_references": int(info_db["counts"]["excluded"])}
-        write_test_exclusion(out / "refdb", [it["sha256"] for it in tests], cfg.dedup_threshold,
-                             dedup["excluded_references"])
-        logger.info("reference DB: %d of %d reference images left out as near-duplicates of test images "
-                    "(CLS cosine >= %g)", dedup["excluded_references"], len(refs), cfg.dedup_threshold)
+        info_db = build_db(
+            out / "refdb",
+            encoder_path,
+            list_file=out / "reference.txt",
+            exclude=[it["source"] for it in tests],
+            config=BuildConfig(
+                mode=cfg.refdb_mode,
+                device=dev,
+                workers=cfg.workers,
+                batch_size=cfg.batch_size,
+                progress=False,
+                exclude_threshold=cfg.dedup_threshold,
+            ),
+        )
+        dedup = {
+            "threshold": cfg.dedup_threshold,
+            "test_images": len(tests),
+            "excluded_references": int(info_db["counts"]["excluded"]),
+        }
+        write_test_exclusion(
+            out / "refdb", [it["sha256"] for it in tests], cfg.dedup_threshold, dedup["excluded_references"]
+        )
+        logger.info(
+            "reference DB: %d of %d reference images left out as near-duplicates of test images (CLS cosine >= %g)",
+            dedup["excluded_references"],
+            len(refs),
+            cfg.dedup_threshold,
+        )
     info = {
-        "config": asdict(cfg), "encoder": str(Path(encoder_path).resolve()), "fingerprint": encoder.fingerprint,
-        "clip_dim": encoder.dim, "num_tokens": None, "splits": dict(zip(SPLITS, sizes)),
-        "skipped": [{"path": p, "reason": r} for p, r in bad], "refdb": info_db is not None, "dedup": dedup,
+        "config": asdict(cfg),
+        "encoder": str(Path(encoder_path).resolve()),
+        "fingerprint": encoder.fingerprint,
+        "clip_dim": encoder.dim,
+        "num_tokens": None,
+        "splits": dict(zip(SPLITS, sizes)),
+        "skipped": [{"path": p, "reason": r} for p, r in bad],
+        "refdb": info_db is not None,
+        "dedup": dedup,
     }
     first = next(iter(cache_dir(out, "train").glob("shard-*.safetensors")), None)
     if first is not None:
@@ -556,8 +638,17 @@ TEST_EXCLUSION = "test_exclusion.json"  # in a reference DB folder: the test ima
 def write_test_exclusion(db_dir: Path, test_sha256: list[str], threshold: float, excluded: int) -> Path:
     """Record in the DB folder which test images (SHA-256 of their files) it excludes (read by the eval commands)."""
     p = Path(db_dir) / TEST_EXCLUSION
-    p.write_text(json.dumps({"format": "xsr-test-exclusion/1", "threshold": threshold, "excluded_references": excluded,
-                             "test_sha256": sorted(test_sha256)}, indent=1))
+    p.write_text(
+        json.dumps(
+            {
+                "format": "xsr-test-exclusion/1",
+                "threshold": threshold,
+                "excluded_references": excluded,
+                "test_sha256": sorted(test_sha256),
+            },
+            indent=1,
+        )
+    )
     return p
 
 

@@ -50,7 +50,10 @@ def make_accelerator(cfg: EngineConfig, *, find_unused_parameters: bool = False)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     log_with = "tensorboard" if cfg.report_to == "tensorboard" else None
     acc = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=log_with, kwargs_handlers=kwargs,
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu,
+        log_with=log_with,
+        kwargs_handlers=kwargs,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
     return acc
@@ -111,11 +114,13 @@ def make_optimizer(cfg: EngineConfig, module: nn.Module) -> torch.optim.Optimize
     if not decay and not no_decay:
         raise ValueError("nothing to train: every parameter of the stage module is frozen")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2)
+    )
 
 
 # ----------------------------------------------------------------------------------- EMA
+
 
 class EMA:
     """Exponential moving average of the trainable parameters (fp32 shadows)."""
@@ -146,6 +151,7 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------- checkpoints
+
 
 def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd = opt.state_dict()
@@ -204,8 +210,14 @@ def resolve_resume(cfg: EngineConfig) -> Path | None:
     return p
 
 
-def save_checkpoint(cfg: EngineConfig, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    ema: EMA | None = None, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    cfg: EngineConfig,
+    step: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``checkpoint-<step>`` atomically (temp folder + rename) and rotate old ones."""
     root = Path(cfg.output_dir)
     final = root / f"checkpoint-{step}"
@@ -243,6 +255,7 @@ def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opti
 
 # ----------------------------------------------------------------------------------- the loop
 
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -279,9 +292,16 @@ def train_loop(
     bs = effective_batch_size(cfg, n, world)
     steps_per_epoch = n // (bs * world)
     optimizer = make_optimizer(cfg, module)
-    logger.info("train_loop: processes: %d, device %s, per-process batch %d x %d accumulation, %d steps/epoch, "
-                "mixed precision %s", world, accelerator.device, bs, cfg.gradient_accumulation_steps, steps_per_epoch,
-                cfg.mixed_precision)
+    logger.info(
+        "train_loop: processes: %d, device %s, per-process batch %d x %d accumulation, %d steps/epoch, "
+        "mixed precision %s",
+        world,
+        accelerator.device,
+        bs,
+        cfg.gradient_accumulation_steps,
+        steps_per_epoch,
+        cfg.mixed_precision,
+    )
     ema = EMA(module, ema_decay) if ema_decay > 0 else None
     step = 0
     resume = resolve_resume(cfg)
@@ -291,7 +311,9 @@ def train_loop(
     model, optimizer = accelerator.prepare(module, optimizer)
     raw = accelerator.unwrap_model(model)
     if cfg.report_to == "tensorboard":
-        accelerator.init_trackers("xsr", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "xsr", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+        )
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     evals: list[dict[str, Any]] = []
@@ -338,18 +360,31 @@ def train_loop(
         step += 1
         bar.update(1)
         if step % cfg.log_steps == 0 or step == cfg.max_steps:
-            row = {k: v / (cfg.log_steps if step % cfg.log_steps == 0 else (step % cfg.log_steps)) for k, v in running.items()}
+            row = {
+                k: v / (cfg.log_steps if step % cfg.log_steps == 0 else (step % cfg.log_steps))
+                for k, v in running.items()
+            }
             row = _reduce_mean(accelerator, row)
             row.update(step=step, lr=lr)
             history.append(row)
             running = {}
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if not show and accelerator.is_main_process:  # no terminal (a log file, CI): one progress line per log_steps
+            if (
+                not show and accelerator.is_main_process
+            ):  # no terminal (a log file, CI): one progress line per log_steps
                 el = time.monotonic() - t_start
                 per = el / max(1, step - step0)
                 losses = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "lr"))
-                logger.info("step %d/%d (%.0f%%) %s lr %.3g | %.2f s/step, ETA %.0f s", step, cfg.max_steps,
-                            100.0 * step / cfg.max_steps, losses, lr, per, per * (cfg.max_steps - step))
+                logger.info(
+                    "step %d/%d (%.0f%%) %s lr %.3g | %.2f s/step, ETA %.0f s",
+                    step,
+                    cfg.max_steps,
+                    100.0 * step / cfg.max_steps,
+                    losses,
+                    lr,
+                    per,
+                    per * (cfg.max_steps - step),
+                )
             if accelerator.is_main_process:
                 with open(root / "log.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -363,11 +398,15 @@ def train_loop(
                 model.eval()
                 last_eval = evaluate(raw, step)
                 evals.append({"step": step, **last_eval})
-                logger.info("step %d eval: %s", step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
+                logger.info(
+                    "step %d eval: %s", step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
+                )
                 model.train()
                 with open(root / "log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
-                accelerator.log({f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))}, step=step)
+                accelerator.log(
+                    {f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))}, step=step
+                )
             accelerator.wait_for_everyone()
     bar.close()
     if ema is not None:
@@ -385,13 +424,15 @@ def _reduce_mean(accelerator: Any, row: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _batch_stream(dataset, collate, cfg: EngineConfig, bs: int, steps_per_epoch: int, start_micro: int,
-                  rank: int, world: int):
+def _batch_stream(
+    dataset, collate, cfg: EngineConfig, bs: int, steps_per_epoch: int, start_micro: int, rank: int, world: int
+):
     """Infinite stream of this process's batches, starting at global micro-batch ``start_micro``."""
     epoch, offset = divmod(start_micro, steps_per_epoch)
     while True:
         batches = epoch_batches(len(dataset), bs, cfg.seed, epoch, rank, world)[offset:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=cfg.num_workers)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers
+        )
         yield from loader
         epoch, offset = epoch + 1, 0

@@ -42,8 +42,9 @@ def _final(run: str | os.PathLike, name: str) -> Path:
     raise FileNotFoundError(f"{run}: no {name} (looked in {p}/final and {p}); did the training run finish?")
 
 
-def export_controlnet(controlnet_dir: str | os.PathLike, out_file: str | os.PathLike,
-                      metadata: dict[str, str] | None = None) -> Path:
+def export_controlnet(
+    controlnet_dir: str | os.PathLike, out_file: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """A diffusers ControlNet folder → LDM single file with the ``control_model.`` prefix (fp16 kept as stored)."""
     from diffusers import ControlNetModel
 
@@ -56,8 +57,11 @@ def export_controlnet(controlnet_dir: str | os.PathLike, out_file: str | os.Path
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    save_file({"control_model." + k: v.detach().contiguous() for k, v in sd.items()}, str(tmp),
-              metadata={"format": "pt", "xsr.controlnet": "trained", **(metadata or {})})
+    save_file(
+        {"control_model." + k: v.detach().contiguous() for k, v in sd.items()},
+        str(tmp),
+        metadata={"format": "pt", "xsr.controlnet": "trained", **(metadata or {})},
+    )
     os.replace(tmp, out_file)
     return out_file
 
@@ -71,8 +75,14 @@ def stage2_info(adapter_run: str | os.PathLike) -> dict:
     return {}
 
 
-def export(out: str | os.PathLike, *, rfa: str | None = None, i2t: str | None = None, adapter: str | None = None,
-           name: str | None = None) -> dict[str, Path]:
+def export(
+    out: str | os.PathLike,
+    *,
+    rfa: str | None = None,
+    i2t: str | None = None,
+    adapter: str | None = None,
+    name: str | None = None,
+) -> dict[str, Path]:
     """Write the given runs' weights under ``out`` (a ComfyUI models/ folder); returns name → path.
 
     ``adapter`` is a stage-2 run of either variant: the adain variant writes the adapter and its ControlNet,
@@ -95,8 +105,14 @@ def export(out: str | os.PathLike, *, rfa: str | None = None, i2t: str | None = 
         variant = info.get("variant", "adain")
         stem = name or ("xsr" if variant == "adain" else f"xsr_{variant}")
         cn_name = f"{stem}_controlnet.safetensors"
-        cn_meta = {"xsr.variant": variant, **({"xsr.base_unet_fingerprint": info["base_unet_fingerprint"]}
-                                              if info.get("base_unet_fingerprint") else {})}
+        cn_meta = {
+            "xsr.variant": variant,
+            **(
+                {"xsr.base_unet_fingerprint": info["base_unet_fingerprint"]}
+                if info.get("base_unet_fingerprint")
+                else {}
+            ),
+        }
         paths["controlnet"] = export_controlnet(_final(adapter, "controlnet"), out / "controlnet" / cn_name, cn_meta)
         if variant == "adain":
             src = _final(adapter, "adain_adapter.safetensors")

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ text side
 
+
 def load_clip_text(pretrained: str | os.PathLike, clip_tokenizer: str | os.PathLike = "") -> tuple[nn.Module, Any]:
     """(frozen CLIPTextModel, CLIP tokenizer) of an SD1.x diffusers folder (``text_encoder/``, ``tokenizer/``).
 
@@ -45,12 +46,16 @@ def load_clip_text(pretrained: str | os.PathLike, clip_tokenizer: str | os.PathL
 
     root = Path(pretrained)
     if not (root / "text_encoder" / "config.json").is_file():
-        raise FileNotFoundError(f"{root}: no text_encoder/ (a diffusers SD1.x folder is needed for the CLIP text "
-                                "encoder); convert a single-file checkpoint with diffusers or give its config folder")
+        raise FileNotFoundError(
+            f"{root}: no text_encoder/ (a diffusers SD1.x folder is needed for the CLIP text "
+            "encoder); convert a single-file checkpoint with diffusers or give its config folder"
+        )
     tok_dir = Path(clip_tokenizer) if clip_tokenizer else root / "tokenizer"
     if not tok_dir.is_dir() or not any(tok_dir.iterdir()):
-        raise FileNotFoundError(f"no CLIP tokenizer at {tok_dir}: pass --clip_tokenizer DIR (a folder with "
-                                "vocab.json/merges.txt or tokenizer.json, e.g. ComfyUI's comfy/sd1_tokenizer)")
+        raise FileNotFoundError(
+            f"no CLIP tokenizer at {tok_dir}: pass --clip_tokenizer DIR (a folder with "
+            "vocab.json/merges.txt or tokenizer.json, e.g. ComfyUI's comfy/sd1_tokenizer)"
+        )
     text = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True).requires_grad_(False).eval()
     tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     return text, tok
@@ -62,6 +67,7 @@ def clip_tokenize(tok: Any, captions: list[str], max_length: int = 77) -> tuple[
 
 
 # ------------------------------------------------------------------------------ retrieval cache
+
 
 def _file_sha(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -97,8 +103,14 @@ class RefCache:
 
 
 @torch.no_grad()
-def build_ref_cache(data: str | os.PathLike, rfa_path: str | os.PathLike, k: int, splits=("train", "test"),
-                    device: str | torch.device = "cpu", batch_size: int = 64) -> RefCache:
+def build_ref_cache(
+    data: str | os.PathLike,
+    rfa_path: str | os.PathLike,
+    k: int,
+    splits=("train", "test"),
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> RefCache:
     """Retrieve ``k`` references for every item of ``splits`` with the RFA; cache ids and ref tokens."""
     from safetensors.torch import save_file
 
@@ -113,8 +125,10 @@ def build_ref_cache(data: str | os.PathLike, rfa_path: str | os.PathLike, k: int
     rfa = load_model(rfa_path, expected=RFA, device=device)
     db_path = Path(data) / "refdb"
     if k > 0 and not (db_path / "info.json").is_file():
-        raise FileNotFoundError(f"{db_path}: no reference DB (the reference split was empty); prepare with a "
-                                "non-zero reference share or use --num_refs 0")
+        raise FileNotFoundError(
+            f"{db_path}: no reference DB (the reference split was empty); prepare with a "
+            "non-zero reference share or use --num_refs 0"
+        )
     db = ReferenceDB.open(db_path, allowed_roots=[data]) if k > 0 else None  # paths mode: HR crops in data/
     encoder = ClipVisionEncoder.from_file(info["encoder"], device=device)
     if db is not None:
@@ -153,16 +167,21 @@ def build_ref_cache(data: str | os.PathLike, rfa_path: str | os.PathLike, k: int
 
 # ------------------------------------------------------------------------------ data
 
+
 class I2TDataset(torch.utils.data.Dataset):
     def __init__(self, data: str | os.PathLike, split: str, refs: RefCache, num_refs: int):
         self.cache = TokenCache(data, split)
         self.items = load_items(data, split)
         if len(self.items) != len(self.cache):
-            raise ValueError(f"{data}: {split} has {len(self.items)} items but {len(self.cache)} cached rows; rerun prepare")
+            raise ValueError(
+                f"{data}: {split} has {len(self.items)} items but {len(self.cache)} cached rows; rerun prepare"
+            )
         missing = [it["source"] for it in self.items if not it.get("caption")]
         if missing:
-            raise ValueError(f"{data}: {len(missing)} {split} images have no caption (e.g. {missing[:3]}); rerun prepare "
-                             "with --captions or --blip2")
+            raise ValueError(
+                f"{data}: {len(missing)} {split} images have no caption (e.g. {missing[:3]}); rerun prepare "
+                "with --captions or --blip2"
+            )
         self.refs, self.split, self.num_refs = refs, split, num_refs
 
     def __len__(self) -> int:
@@ -190,6 +209,7 @@ class I2TCollate:
 
 # ------------------------------------------------------------------------------ stage
 
+
 class I2TStage(nn.Module):
     def __init__(self, i2t: I2T, soft: SoftCLIPText, cfg: I2TTrainConfig):
         super().__init__()
@@ -203,16 +223,29 @@ class I2TStage(nn.Module):
         soft = self.soft if c.w_text > 0 else None
         target = self.soft.encode_ids(batch["clip_ids"], batch["clip_mask"]) if soft is not None else None
         return self.i2t.training_losses(
-            batch["lr_tokens"], batch["hr_tokens"], batch["caption_ids"], batch["caption_mask"], refs,
-            soft_text=soft, text_target=target, tau=c.tau, gumbel=c.gumbel, w_token=c.w_token, w_ce=c.w_ce,
+            batch["lr_tokens"],
+            batch["hr_tokens"],
+            batch["caption_ids"],
+            batch["caption_mask"],
+            refs,
+            soft_text=soft,
+            text_target=target,
+            tau=c.tau,
+            gumbel=c.gumbel,
+            w_token=c.w_token,
+            w_ce=c.w_ce,
             w_text=c.w_text,
         )
 
 
 def build_i2t(cfg: I2TTrainConfig, text_model: nn.Module) -> tuple[I2T, Any]:
     info = read_prepare_info(cfg.data)
-    dims = {"clip_dim": info["clip_dim"], "num_tokens": info["num_tokens"],
-            "clip_text_dim": text_model.config.hidden_size, "max_refs": max(cfg.num_refs, 1)}
+    dims = {
+        "clip_dim": info["clip_dim"],
+        "num_tokens": info["num_tokens"],
+        "clip_text_dim": text_model.config.hidden_size,
+        "max_refs": max(cfg.num_refs, 1),
+    }
     return I2T.from_decoder_dir(I2TConfig(**{**dims, **cfg.model}), cfg.decoder_dir)
 
 
@@ -234,12 +267,24 @@ def make_evaluator(cfg: I2TTrainConfig, dataset: I2TDataset, collate: I2TCollate
                 ref = soft.encode_ids(b["clip_ids"], b["clip_mask"])
                 text_cos.append(F.cosine_similarity(gen.float(), ref.float(), dim=-1).mean().item())
             if len(samples) < cfg.sample_captions:
-                samples.extend({"generated": g, "caption": dataset.items[s + j]["caption"]}
-                               for j, g in enumerate(caps[: cfg.sample_captions - len(samples)]))
-        res = {"token_cos": sum(tok_cos) / len(tok_cos), "baseline_lr_token_cos": sum(base_cos) / len(base_cos),
-               "clip_text_cos": sum(text_cos) / len(text_cos), "samples": samples}
-        logger.info("step %d i2t eval: token_cos %.4f (LR %.4f), clip_text_cos %.4f; e.g. %r", step, res["token_cos"],
-                    res["baseline_lr_token_cos"], res["clip_text_cos"], samples[:1])
+                samples.extend(
+                    {"generated": g, "caption": dataset.items[s + j]["caption"]}
+                    for j, g in enumerate(caps[: cfg.sample_captions - len(samples)])
+                )
+        res = {
+            "token_cos": sum(tok_cos) / len(tok_cos),
+            "baseline_lr_token_cos": sum(base_cos) / len(base_cos),
+            "clip_text_cos": sum(text_cos) / len(text_cos),
+            "samples": samples,
+        }
+        logger.info(
+            "step %d i2t eval: token_cos %.4f (LR %.4f), clip_text_cos %.4f; e.g. %r",
+            step,
+            res["token_cos"],
+            res["baseline_lr_token_cos"],
+            res["clip_text_cos"],
+            samples[:1],
+        )
         return res
 
     return evaluate
@@ -261,8 +306,12 @@ def train_i2t(cfg: I2TTrainConfig) -> dict[str, Any]:
     dataset = I2TDataset(cfg.data, "train", refs, cfg.num_refs)
     evaluate = None
     if accelerator.is_main_process and cfg.eval_split:
-        evaluate = make_evaluator(cfg, I2TDataset(cfg.data, cfg.eval_split, refs, cfg.num_refs), collate, tokenizer, clip_tok)
+        evaluate = make_evaluator(
+            cfg, I2TDataset(cfg.data, cfg.eval_split, refs, cfg.num_refs), collate, tokenizer, clip_tok
+        )
     result = train_loop(cfg, accelerator, stage, dataset, collate, evaluate=evaluate)
     if accelerator.is_main_process:
-        result["path"] = save_i2t(result["module"].i2t.eval(), Path(cfg.output_dir) / "final" / "i2t.safetensors", tokenizer)
+        result["path"] = save_i2t(
+            result["module"].i2t.eval(), Path(cfg.output_dir) / "final" / "i2t.safetensors", tokenizer
+        )
     return result

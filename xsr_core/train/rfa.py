@@ -70,8 +70,9 @@ def build_rfa(cfg: RFATrainConfig) -> RFA:
 
 
 @torch.no_grad()
-def retrieval_recall(queries: torch.Tensor, gallery_extra: torch.Tensor, db: Any, ks: list[int],
-                     distractors: torch.Tensor | None = None) -> dict[str, float]:
+def retrieval_recall(
+    queries: torch.Tensor, gallery_extra: torch.Tensor, db: Any, ks: list[int], distractors: torch.Tensor | None = None
+) -> dict[str, float]:
     """recall@k of queries (n, D) whose correct answer is row i of ``gallery_extra`` (n, D), searched
     among ``gallery_extra`` ∪ ``distractors`` (m, D) ∪ the reference DB (exact: a query's rank is the
     number of gallery entries scoring strictly higher than its own HR)."""
@@ -108,7 +109,9 @@ def make_evaluator(cfg: RFATrainConfig, distractors: torch.Tensor | None = None)
             preds.append(stage.rfa.query_embedding(toks.to(device)).cpu())
         res = {f"rfa_{k}": v for k, v in retrieval_recall(torch.cat(preds), hr_cls, db, ks, distractors).items()}
         res.update(baseline)
-        res["gallery"] = len(cache) + (db.n if db is not None else 0) + (len(distractors) if distractors is not None else 0)
+        res["gallery"] = (
+            len(cache) + (db.n if db is not None else 0) + (len(distractors) if distractors is not None else 0)
+        )
         logger.info("step %d retrieval: %s", step, res)
         return res
 

@@ -29,8 +29,9 @@ def _texture(kind: int, size: int | tuple[int, int]) -> np.ndarray:
     return t - t.mean()
 
 
-def make_image(seed: int, size: int = 512, texture: int | None = None, colour: int | None = None,
-               wh: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+def make_image(
+    seed: int, size: int = 512, texture: int | None = None, colour: int | None = None, wh: tuple[int, int] | None = None
+) -> tuple[Image.Image, str]:
     """One seeded image and its caption.
 
     A coloured shape over a gradient, overlaid with a zero-mean fine texture. The texture is a
@@ -118,8 +119,12 @@ def make_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> t
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), caption
 
 
-def write_class_set(out: str | os.PathLike, n: int = 48, seed: int = 0,
-                    sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512))) -> Path:
+def write_class_set(
+    out: str | os.PathLike,
+    n: int = 48,
+    seed: int = 0,
+    sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512)),
+) -> Path:
     """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_class_image` in 4 balanced classes +
     ``captions.jsonl``: the HR detail (the class texture) of an image is only recoverable from images
     of its class. Used by the learning proof (tests/comfy/test_train_roundtrip.py).

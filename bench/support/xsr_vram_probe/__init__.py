@@ -100,13 +100,18 @@ def _loaded() -> list[dict]:
             continue
         inner = patcher.model
         p = next(iter(inner.parameters()), None) if isinstance(inner, torch.nn.Module) else None
-        out.append({
-            "model": type(inner).__name__, "patcher": type(patcher).__name__,
-            "dynamic": bool(getattr(patcher, "is_dynamic", lambda: False)()),
-            "load_device": str(lm.device), "param_device": _dev(p),
-            "loaded_mib": round(patcher.loaded_size() / 2**20, 1), "total_mib": round(patcher.model_size() / 2**20, 1),
-            "currently_used": bool(getattr(lm, "currently_used", False)),
-        })
+        out.append(
+            {
+                "model": type(inner).__name__,
+                "patcher": type(patcher).__name__,
+                "dynamic": bool(getattr(patcher, "is_dynamic", lambda: False)()),
+                "load_device": str(lm.device),
+                "param_device": _dev(p),
+                "loaded_mib": round(patcher.loaded_size() / 2**20, 1),
+                "total_mib": round(patcher.model_size() / 2**20, 1),
+                "currently_used": bool(getattr(lm, "currently_used", False)),
+            }
+        )
     return out
 
 
@@ -122,7 +127,14 @@ def _load_models_gpu(models, *a, **k):
 
 
 mm.load_models_gpu = _load_models_gpu
-for _name in ("comfy.sample", "comfy.sampler_helpers", "comfy.samplers", "comfy.sd", "comfy.clip_vision", "comfy.controlnet"):
+for _name in (
+    "comfy.sample",
+    "comfy.sampler_helpers",
+    "comfy.samplers",
+    "comfy.sd",
+    "comfy.clip_vision",
+    "comfy.controlnet",
+):
     _m = sys.modules.get(_name)
     if _m is not None and getattr(_m, "load_models_gpu", None) is _orig_load:
         _m.load_models_gpu = _load_models_gpu
@@ -152,12 +164,14 @@ async def _state(request):
     cuda = torch.cuda.is_available()
     with _LOCK:
         body = {
-            "vram_state": str(getattr(mm, "vram_state", "?")), "loaded": _loaded(),
+            "vram_state": str(getattr(mm, "vram_state", "?")),
+            "loaded": _loaded(),
             "torch_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
             "torch_peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1) if cuda else None,
             "device_peak_used_mib": round(STATE["device_peak"] / 2**20, 1) if cuda else None,
             "device_base_used_mib": round(STATE["device_base"] / 2**20, 1) if cuda else None,
-            "calls": dict(STATE["calls"]), "loads": list(STATE["loads"]),
+            "calls": dict(STATE["calls"]),
+            "loads": list(STATE["loads"]),
             "aimdo_enabled": getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", None),
         }
     return web.json_response(body)

@@ -24,8 +24,20 @@ def _make(name):
     return _Meta(name, (_Stub,), {"__module__": __name__})
 
 
-_SUBMODULES = {"audio", "codec", "container", "error", "filter", "logging", "stream", "subtitles", "video",
-               "frame", "resampler", "reformatter"}
+_SUBMODULES = {
+    "audio",
+    "codec",
+    "container",
+    "error",
+    "filter",
+    "logging",
+    "stream",
+    "subtitles",
+    "video",
+    "frame",
+    "resampler",
+    "reformatter",
+}
 
 
 def __getattr__(name):

@@ -36,8 +36,11 @@ def _tiny_text_config(state_dict: dict) -> dict:
     layers = len({k.split(".")[5] for k in state_dict if k.startswith(TEXT_PREFIX + "encoder.layers.")})
     inter = state_dict[TEXT_PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0]
     return {
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": max(1, hidden // 16), "projection_dim": hidden,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 16),
+        "projection_dim": hidden,
     }
 
 
@@ -78,8 +81,13 @@ def _load_clip_vision(ckpt_path):
     raw = (metadata or {}).get("xsr.clip_vision_config")
     if raw is None:
         return None
-    config = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_channels": 3,
-              **json.loads(raw)}
+    config = {
+        "model_type": "clip_vision_model",
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "num_channels": 3,
+        **json.loads(raw),
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
     try:
@@ -94,7 +102,6 @@ def _load_clip_vision(ckpt_path):
 
 comfy.clip_vision.load = _load_clip_vision
 logger.info("xsr_test_support: tiny SD1.x model class and tiny CLIP-vision loading registered (TEST ONLY)")
-
 
 
 class XSRTestLiveObjects:
