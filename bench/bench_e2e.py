@@ -511,7 +511,8 @@ def main(argv=None) -> int:
             results["ref_cache"] = {"hits": cache.hits, "misses": cache.misses, "capacity": cache.capacity}
     save_partial()
     lines = [
-        f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, {results['date']}, torch {results['torch']}",
+        f"# End-to-end x16 (32->512), ComfyUI {results['comfyui']} in-process — {results['device']}, "
+        f"{results['date']}, torch {results['torch']}",
         "",
         f"`{results['command']}`",
         "",
@@ -576,7 +577,8 @@ def main(argv=None) -> int:
         for r in xr["resident"]:
             res_s = ", ".join(f"{n} {m}" for n, m in r["resident_mib"]) or "-"
             lines.append(
-                f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | {fmt(r.get('node_peak_gib'), '{:.2f}')} |"
+                f"| {r['class']} | {res_s} | {fmt(r.get('allocated_gib'), '{:.2f}')} | "
+                f"{fmt(r.get('node_peak_gib'), '{:.2f}')} |"
             )
     md = "\n".join(lines) + "\n"
     print(md)

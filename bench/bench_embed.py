@@ -4,9 +4,9 @@ Writes ``--n`` JPEGs (``--size`` px, random shapes) to a temp folder, then runs 
 ``refdb build`` runs per batch (:func:`xsr_core.refdb.build.make_loader` workers: read + sha256 +
 PIL decode (libjpeg draft scale) + CLIP crop; then fp16 ViT-L/14 CLS on the device) and reports
 images/s for (a) the full pipeline, (b) the encoder alone on resident batches (upper bound), (c) the
-loader alone, with and without draft decoding. The encoder is a random-weight ``CLIPVisionModelWithProjection`` built from
-``CLIPVisionConfig`` literally (hidden 1024, 24 layers, 16 heads, patch 14, image 224,
-intermediate 4096, projection 768): same cost as OpenAI's ViT-L/14. No faiss needed.
+loader alone, with and without draft decoding. The encoder is a random-weight
+``CLIPVisionModelWithProjection`` built from ``CLIPVisionConfig`` literally (hidden 1024, 24 layers,
+16 heads, patch 14, image 224, intermediate 4096, projection 768): same cost as OpenAI's ViT-L/14. No faiss needed.
 
     python bench/bench_embed.py                       # GPU: 4096 images at 512 px
     python bench/bench_embed.py --tiny --n 64         # CPU smoke test with the tiny encoder

@@ -214,7 +214,8 @@ def to_markdown(r: dict) -> str:
     lines += ["", "| measurement | median ms | p90 ms | min ms | iters | note |", "|---|---:|---:|---:|---:|---|"]
     for row in r["rows"]:
         lines.append(
-            f"| {row['name']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | {row['min_ms']:.3f} | {row['iters']} | {row['note']} |"
+            f"| {row['name']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | {row['min_ms']:.3f} | "
+            f"{row['iters']} | {row['note']} |"
         )
     return "\n".join(lines)
 

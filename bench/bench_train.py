@@ -301,7 +301,8 @@ def write_results(out: Path, device: str, rows: list[dict], acc, args) -> None:
     for r in rows:
         if r.get("oom"):
             lines.append(
-                f"| {r['stage']} | {r['batch_per_process']} | | {r.get('grad_ckpt', '')} | {r.get('resolution', '')} | OOM | | |"
+                f"| {r['stage']} | {r['batch_per_process']} | | {r.get('grad_ckpt', '')} | "
+                f"{r.get('resolution', '')} | OOM | | |"
             )
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"

@@ -164,11 +164,13 @@ def write_report(results: dict, out: Path, tag: str) -> None:
         "",
         f"`{results['command']}`",
         "",
-        f"{results['steps']} steps, CFG 7, euler, {16 * results['lr_side']} px; median of {results['runs']} runs with a new LR each, after one "
+        f"{results['steps']} steps, CFG 7, euler, {16 * results['lr_side']} px; "
+        f"median of {results['runs']} runs with a new LR each, after one "
         "warm-up. Peak VRAM: torch's peak allocated in the server process / device-wide peak used (mem_get_info, "
         "includes comfy-aimdo's mappings and the CUDA context) during the timed runs. " + results.get("note", ""),
         "",
-        "| mode | flags | ok | s / image | torch peak GiB | device peak GiB | XSR models as ComfyUI holds them | problems |",
+        "| mode | flags | ok | s / image | torch peak GiB | device peak GiB "
+        "| XSR models as ComfyUI holds them | problems |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
@@ -185,7 +187,8 @@ def write_report(results: dict, out: Path, tag: str) -> None:
         probs = "; ".join(r.get("problems", [])) or (r.get("error", "").splitlines() or [""])[0][:200] or "none"
         lines.append(
             f"| {r['mode']} | `{' '.join(r['flags']) or '(none)'}` | {'✔' if r['ok'] else '✘'} | "
-            f"{r.get('median_s') if r.get('median_s') is not None else '-'} | {gib(r.get('torch_peak_allocated_mib'))} | "
+            f"{r.get('median_s') if r.get('median_s') is not None else '-'} | "
+            f"{gib(r.get('torch_peak_allocated_mib'))} | "
             f"{gib(r.get('device_peak_used_mib'))} | {'<br>'.join(held) or '-'} | {probs} |"
         )
     (out / f"vram_modes_{tag}.json").write_text(json.dumps(results, indent=1))

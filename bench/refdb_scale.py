@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         numpy=np.__version__,
         k=args.k,
         queries=args.queries,
-        data="synthetic clustered unit vectors (2000 clusters, shared rank-64 within-cluster variation of norm ~0.5 + isotropic noise 0.1)",
+        data="synthetic clustered unit vectors (2000 clusters, shared rank-64 within-cluster variation of norm ~0.5 "
+        "+ isotropic noise 0.1)",
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,8 @@ class XSREnhance(io.ComfyNode):
             node_id="XSR_Enhance",
             display_name="XSR Enhance (I2T)",
             category="xsr",
-            description="Fuses the LR with its references into the enhanced image embedding (for the AdaIN adapter) and "
-            "generates a caption with the distilled GPT-2; returns the positive conditioning encoded with "
+            description="Fuses the LR with its references into the enhanced image embedding (for the AdaIN adapter) "
+            "and generates a caption with the distilled GPT-2; returns the positive conditioning encoded with "
             "your CLIP and carrying the image embedding.",
             inputs=[
                 XSRModels.Input("xsr_models", tooltip="from XSR Load Models"),

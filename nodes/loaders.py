@@ -61,7 +61,8 @@ class XSRLoadModels(io.ComfyNode):
                     "rfa_name",
                     options=files,
                     default="rfa.safetensors" if "rfa.safetensors" in files else None,
-                    tooltip="RFA weights (.safetensors in models/xsr): predicts the HR CLIP embedding used for retrieval",
+                    tooltip="RFA weights (.safetensors in models/xsr): "
+                    "predicts the HR CLIP embedding used for retrieval",
                 ),
                 io.Combo.Input(
                     "i2t_name",

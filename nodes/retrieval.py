@@ -188,7 +188,8 @@ class XSRRetrieve(io.ComfyNode):
         width = clip_vision_width(clip_vision)
         if width != xsr_models.clip_dim:
             raise ValueError(
-                f"XSR_Retrieve: the CLIP vision model outputs {width}-d tokens but the RFA ({xsr_models.names.get('rfa')}) "
+                f"XSR_Retrieve: the CLIP vision model outputs {width}-d tokens "
+                f"but the RFA ({xsr_models.names.get('rfa')}) "
                 f"was trained on {xsr_models.clip_dim}-d tokens; load the CLIP vision encoder the XSR models were "
                 "trained with (CLIP ViT-L/14 for the paper's weights)."
             )

@@ -8,9 +8,9 @@ does those checks itself — and adds what ComfyUI does not check: NaN/inf float
 Every problem of a node is reported at once, each naming the node, the input and the fix.
 
 Caps (documented in the README, set in the server's environment):
-``XSR_MAX_BATCH`` (images per batch, default 64), ``XSR_MAX_TILES`` (tiles of one tiled LR, default 256), ``XSR_MAX_PROMPT_CHARS`` (caption / prompt text,
-default 2000 characters), ``XSR_MAX_IMAGE_PIXELS`` (pixels of a decoded image file, default 64 Mpx,
-see :mod:`xsr_core.image_io`).
+``XSR_MAX_BATCH`` (images per batch, default 64), ``XSR_MAX_TILES`` (tiles of one tiled LR, default 256),
+``XSR_MAX_PROMPT_CHARS`` (caption / prompt text, default 2000 characters),
+``XSR_MAX_IMAGE_PIXELS`` (pixels of a decoded image file, default 64 Mpx, see :mod:`xsr_core.image_io`).
 """
 
 from __future__ import annotations

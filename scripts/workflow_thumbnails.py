@@ -4,7 +4,8 @@
 
 Copies workflows/*.json to example_workflows/ (the folder ComfyUI's template browser and the registry
 read) and screenshots each one in headless Chromium (Debian's /usr/bin/chromium) on a ComfyUI of the
-test matrix with the tiny zoo, fitted to view, as a 640x400 PNG beside it (the workflow's nodes and links, with its real model names).
+test matrix with the tiny zoo, fitted to view, as a 640x400 PNG beside it (the workflow's nodes and links,
+with its real model names).
 """
 
 from __future__ import annotations
@@ -67,19 +68,22 @@ def main(argv: list[str] | None = None) -> int:
                     __import__("json").loads(wf_path.read_text()),
                 )
                 page.evaluate(
-                    "() => { document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach((b) => b.click());"
+                    "() => { document.querySelectorAll('.p-toast-message .p-toast-close-button')"
+                    ".forEach((b) => b.click());"
                     " const app = window.comfyAPI.app.app; (app.canvas.fitViewToSelectionAnimated ? null : null);"
                     " const nodes = app.graph.nodes; let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;"
                     " for (const n of nodes) { x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30);"
                     " x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]); }"
-                    " const c = app.canvas.canvas, s = Math.min((c.width - 120) / (x1 - x0), (c.height - 160) / (y1 - y0));"
+                    " const c = app.canvas.canvas,"
+                    " s = Math.min((c.width - 120) / (x1 - x0), (c.height - 160) / (y1 - y0));"
                     " app.canvas.ds.scale = s; app.canvas.ds.offset = [-x0 + 80 / s, -y0 + 80 / s];"
                     " app.graph.setDirtyCanvas(true, true); }"
                 )
                 page.wait_for_timeout(800)
                 page.keyboard.press("Escape")  # the missing-models dialog (the real SD files are not here)
                 page.evaluate(
-                    "() => document.querySelectorAll('.p-dialog .p-dialog-close-button, .p-toast-close-button').forEach((b) => b.click())"
+                    "() => document.querySelectorAll('.p-dialog .p-dialog-close-button, .p-toast-close-button')"
+                    ".forEach((b) => b.click())"
                 )
                 page.wait_for_timeout(400)
                 png = page.screenshot(clip={"x": 60, "y": 50, "width": 2560, "height": 1600})

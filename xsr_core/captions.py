@@ -1,4 +1,5 @@
-"""The one caption-file reader (``train prepare --captions``, ``eval metrics --captions``, ``eval run``'s captions.jsonl).
+"""The one caption-file reader (``train prepare --captions``, ``eval metrics --captions``,
+``eval run``'s captions.jsonl).
 
 Formats, by extension:
 

@@ -310,7 +310,8 @@ class ComfyServer:
             f"Content-Type: application/octet-stream\r\n\r\n".encode()
             + path.read_bytes()
             + b"\r\n",
-            f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\n{str(overwrite).lower()}\r\n'.encode(),
+            f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\n'
+            f"{str(overwrite).lower()}\r\n".encode(),
             f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n{subfolder}\r\n'.encode(),
             f"--{boundary}--\r\n".encode(),
         ]

@@ -4,7 +4,8 @@ Starts ComfyUI (``$COMFYUI_PATH`` or the one ``scripts/setup.sh`` installed) wit
 ``workflows/xsr_x16.json`` (retrieval, I2T caption + image embedding, AdaIN-patched SD1.5 + ControlNet,
 colour fix) on an LR image (default: the bundled ``assets/demo_lr.png``, 32x32) and writes the x16
 result. An LR larger than 64 px per side (up to 256, any aspect ratio) runs
-``workflows/xsr_x16_tiled.json`` instead (per-tile retrieval, tiled diffusion, tiled decode). Models: the real ones when ``--models`` points at a ComfyUI ``models/`` folder holding them,
+``workflows/xsr_x16_tiled.json`` instead (per-tile retrieval, tiled diffusion, tiled decode).
+Models: the real ones when ``--models`` points at a ComfyUI ``models/`` folder holding them,
 else the tiny random-weight zoo and a small reference DB of procedural images (generated on first
 use), which exercise the whole pipeline but produce noise-like images: see the README for which
 weights are real and which must be trained. ``xsr_graph`` is the same pipeline as an API prompt.

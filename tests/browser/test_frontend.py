@@ -223,9 +223,11 @@ def check_gallery_and_overlay(page, wf, want_refs: int) -> None:
     assert refs[1]["name"] in overlay.locator(".xsr-overlay-caption").text_content()
     page.wait_for_function("() => document.querySelector('.xsr-overlay img').naturalWidth > 0")
     full = page.evaluate(
-        "() => [document.querySelector('.xsr-overlay img').naturalWidth, document.querySelector('.xsr-overlay img').naturalHeight]"
+        "() => [document.querySelector('.xsr-overlay img').naturalWidth,"
+        " document.querySelector('.xsr-overlay img').naturalHeight]"
     )
-    # the tiny zoo's demo DB holds 256x256 images (xsr_core.testing.zoo.write_demo_refdb): the HR file, not the thumbnail
+    # the tiny zoo's demo DB holds 256x256 images (xsr_core.testing.zoo.write_demo_refdb):
+    # the HR file, not the thumbnail
     assert full == [256, 256] and overlay.locator("img").get_attribute("src") != refs[1]["src"], (full, thumb)
     page.keyboard.press("Escape")
     overlay.wait_for(state="detached")

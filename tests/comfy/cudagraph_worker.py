@@ -22,21 +22,21 @@ COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
 MODE = sys.argv[5]
 sys.path.insert(0, str(COMFY_DIR))
 sys.path.insert(1, str(REPO))
-from bench.bench_e2e import _stub_av
+from bench.bench_e2e import _stub_av  # noqa: E402
 
 _stub_av()
-import comfy.cli_args
+import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = MODE == "cpu"
-import torch
+import torch  # noqa: E402
 
 torch.manual_seed(0)
-import comfy.controlnet
-import comfy.model_management
-import comfy.model_patcher
-import comfy.sample
-import comfy.sd
-from comfy.patcher_extension import WrappersMP
+import comfy.controlnet  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+from comfy.patcher_extension import WrappersMP  # noqa: E402
 
 
 def load_package(name: str, init: Path):

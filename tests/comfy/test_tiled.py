@@ -173,7 +173,8 @@ def test_untiled_prepare_points_at_the_tiled_workflow_and_sizes_are_checked(comf
 
 
 def test_shipped_tiled_workflow_is_the_tiled_graph(comfy):
-    """workflows/xsr_x16_tiled.json converted with the live /object_info equals xsr_tiled_graph() (nodes, links, widgets)."""
+    """workflows/xsr_x16_tiled.json converted with the live /object_info equals xsr_tiled_graph()
+    (nodes, links, widgets)."""
     import json
     from pathlib import Path
 

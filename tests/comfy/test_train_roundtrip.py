@@ -1,4 +1,5 @@
-"""#11.9: proof that the loop learns on data where references matter, and the train → export → ComfyUI → eval round trip.
+"""#11.9: proof that the loop learns on data where references matter,
+and the train → export → ComfyUI → eval round trip.
 
 One module-scoped run on CPU with the tiny zoo:
 

@@ -572,8 +572,9 @@ class AdaINAdapter(nn.Module):
         ``E``: (B, N, embed_dim) enhanced image tokens (or (B, embed_dim) already pooled, or (N, embed_dim)
         for one image). Returns :class:`AdapterStats` reusable across all sampling steps.
         ``skip_zero_gates``: record which gates are zero so :meth:`apply` returns h untouched there
-        (one host sync the first time, cached until the gates change; none in :meth:`apply`). Default: skip unless gradients are being tracked for the
-        gates (training must compute every site so zero-initialised gates receive gradients).
+        (one host sync the first time, cached until the gates change; none in :meth:`apply`).
+        Default: skip unless gradients are being tracked for the gates (training must compute every site
+        so zero-initialised gates receive gradients).
         """
         if E.dim() not in (2, 3) or E.shape[-1] != self.config.embed_dim:
             raise ValueError(

@@ -97,7 +97,8 @@ def parse_block_id(block_id: str) -> tuple[str, str, int, int]:
         or not (parts[2].isdigit() and parts[3].isdigit())
     ):
         raise ValueError(
-            f"malformed block id {block_id!r}: expected '<unet|control>.<input|middle|output>.<index>.<transformer_index>'"
+            f"malformed block id {block_id!r}: "
+            "expected '<unet|control>.<input|middle|output>.<index>.<transformer_index>'"
         )
     return parts[0], parts[1], int(parts[2]), int(parts[3])
 

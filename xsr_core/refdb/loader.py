@@ -127,7 +127,7 @@ class DecodedBatch:
     order: list[tuple[int, int]]
 
     def pin_memory(self) -> "DecodedBatch":  # called by the DataLoader's pin-memory thread
-        pin = lambda t: t.pin_memory() if t is not None else None
+        pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
         return DecodedBatch(self.samples, pin(self.crops), pin(self.raw), self.raw_shapes, self.order)
 
     @property

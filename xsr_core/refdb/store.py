@@ -234,7 +234,8 @@ class Manifest:
         try:
             return list(
                 self.conn.execute(
-                    "SELECT f.seq, f.path, f.caption, f.sha256, f.width, f.height, f.row, f.pack_offset, f.pack_length, "
+                    "SELECT f.seq, f.path, f.caption, f.sha256, f.width, f.height, f.row, "
+                    "f.pack_offset, f.pack_length, "
                     "c.emb_file, c.pack_file, c.name AS chunk FROM files f JOIN chunks c ON f.chunk = c.name "
                     "WHERE f.status='ok' ORDER BY f.seq"
                 )

@@ -539,7 +539,10 @@ class _CropDataset(torch.utils.data.Dataset):
         lr = load_degradation(cfg.degradation)(hr, cfg.scale)
         side = cfg.hr_size // cfg.scale
         if tuple(lr.shape) != (1, side, side, 3):
-            return f"degradation {cfg.degradation or 'make_lr'} returned shape {tuple(lr.shape)}, expected (1, {side}, {side}, 3)"
+            return (
+                f"degradation {cfg.degradation or 'make_lr'} returned shape {tuple(lr.shape)}, "
+                f"expected (1, {side}, {side}, 3)"
+            )
         _to_png(lr, lr_p)
         _to_png(hr, hr_p)  # written last: its presence marks a finished item
         return None

@@ -1,7 +1,7 @@
 """BENCH-ONLY ComfyUI custom node pack for bench/bench_vram_modes.py (never shipped).
 
-Adds one loader node (XSRBench_LoadImagePIL, see its docstring) and HTTP routes to the running server so the benchmark can see, from outside, how ComfyUI's model
-management treats the XSR models in each VRAM mode:
+Adds one loader node (XSRBench_LoadImagePIL, see its docstring) and HTTP routes to the running server
+so the benchmark can see, from outside, how ComfyUI's model management treats the XSR models in each VRAM mode:
 
 - ``GET /xsr_bench/state``: ``comfy.model_management.current_loaded_models`` (class, patcher type,
   dynamic or not, load device, loaded/total bytes), the VRAM state, torch's peak allocated bytes, the
