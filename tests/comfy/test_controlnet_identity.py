@@ -8,6 +8,8 @@ ControlNet file; (a) runs, (b) fails naming both files, and (b) with ``allow_oth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from xsr_core import fingerprint as wfp
@@ -20,12 +22,13 @@ pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def files(tiny_zoo):
-    """Two adapters (recording the zoo ControlNet / another one) and the other ControlNet file, in the zoo."""
+def files(comfy, tiny_zoo):
+    """Two adapters (recording the zoo ControlNet / another one) and the other ControlNet file, in the
+    server's models folder (each server of the matrix has its own)."""
     from xsr_core.adapter import AdaINAdapter
     from xsr_core.testing.zoo import build_tiny_sd, write_controlnet
 
-    root = tiny_zoo["root"]
+    root = Path(comfy.base_dir) / "models"
     other = write_controlnet(
         build_tiny_sd(seed=7)[3], root / "controlnet" / "xsr_identity_other_controlnet.safetensors"
     )

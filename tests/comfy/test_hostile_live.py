@@ -53,8 +53,8 @@ def lr8(comfy, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def refdb_root(tiny_zoo) -> Path:
-    return Path(tiny_zoo["root"]) / "xsr_refdb"
+def refdb_root(comfy) -> Path:
+    return Path(comfy.base_dir) / "models" / "xsr_refdb"  # the server's own (each server of the matrix has one)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,8 @@ def test_all_problems_of_a_prompt_are_reported_at_once(comfy, lr8):
 
 
 def test_weight_file_declaring_a_huge_config_is_refused_at_queue_time(comfy, lr8, tiny_zoo):
-    src = Path(tiny_zoo["root"]) / "xsr" / "rfa.safetensors"
-    dst = Path(tiny_zoo["root"]) / "xsr" / "hostile_huge_rfa.safetensors"
+    src = Path(comfy.base_dir) / "models" / "xsr" / "rfa.safetensors"
+    dst = Path(comfy.base_dir) / "models" / "xsr" / "hostile_huge_rfa.safetensors"
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
