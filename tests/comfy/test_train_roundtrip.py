@@ -130,7 +130,8 @@ def loop(tiny_zoo, tmp_path_factory):
     paths = export(models, rfa=str(root / "rfa"), i2t=str(root / "i2t"), adapter=str(root / "adain"))
     paths_base = export(models, adapter=str(root / "text_only"))
     (models / "xsr_refdb").mkdir()
-    (models / "xsr_refdb" / DB_NAME).symlink_to(data / "refdb", target_is_directory=True)
+    # a copy, not a symlink: XSR refuses a DB folder that resolves outside models/xsr_refdb (confinement)
+    shutil.copytree(data / "refdb", models / "xsr_refdb" / DB_NAME)
     test_hr = root / "test_hr"
     test_hr.mkdir()
     for it in load_items(data, "test")[:N_EVAL]:
