@@ -44,6 +44,7 @@ import comfy.model_patcher
 from comfy.patcher_extension import WrappersMP
 
 from ..xsr_core.adapter import AdaINAdapter, AdapterForward, AdapterStats, comfy_block_path
+from .common import WholeModelPatcher
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +252,8 @@ class AdaINRuntime:
         return state
 
 
-class XSRAdapterPatcher(comfy.model_patcher.ModelPatcher):
-    """The adapter's ModelPatcher: ComfyUI budgets/offloads it; multi-GPU deep clones are refused clearly."""
+class XSRAdapterPatcher(WholeModelPatcher):
+    """The adapter's ModelPatcher: ComfyUI budgets/offloads it (whole); multi-GPU deep clones are refused clearly."""
 
     def deepclone_multigpu(self, *args, **kwargs):
         raise RuntimeError(MULTIGPU_MESSAGE)

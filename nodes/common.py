@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
@@ -31,6 +32,25 @@ def register_folders() -> None:
 
 
 register_folders()
+
+
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher for XSR's own models (RFA, I2T, AdaIN adapter) that always loads them whole.
+
+    ComfyUI's lowvram / novram loading streams a model layer by layer only through its castable
+    ``comfy.ops`` layers; a layer without them that does not fit the budget stays on the offload device
+    and would run there (a silent CPU fallback: seen under ``--novram`` on ComfyUI 0.33). XSR's models
+    are plain PyTorch (raw parameters, the GPT-2 decoder, the fused AdaIN path) and small, so they are
+    loaded whole in every VRAM mode: ``load_models_gpu`` still frees memory for their full size first,
+    and when ComfyUI needs the memory back they are unloaded whole instead of partially.
+    """
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
+        return super().load(device_to, 0, force_patch_weights, True, **kw)
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        return 0  # nothing can be streamed: ComfyUI's model_unload then unloads the whole model
+
 
 XSRModels = io.Custom("XSR_MODELS")
 XSRRefDB = io.Custom("XSR_REFDB")

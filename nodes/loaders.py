@@ -7,7 +7,6 @@ import os
 import threading
 
 import comfy.model_management
-import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
@@ -24,7 +23,16 @@ from ..xsr_core.weights import (
     load_model,
     registered_classes,
 )
-from .common import REFDB_FOLDER, LoadedXSR, XSRModels, XSRRefDB, refdb_names, xsr_file_path, xsr_files
+from .common import (
+    REFDB_FOLDER,
+    LoadedXSR,
+    WholeModelPatcher,
+    XSRModels,
+    XSRRefDB,
+    refdb_names,
+    xsr_file_path,
+    xsr_files,
+)
 from .validation import check_folder_name, collect, folder_roots, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
@@ -39,7 +47,7 @@ def _patcher(module):
     device = comfy.model_management.get_torch_device()
     if comfy.model_management.should_use_fp16(device, prioritize_performance=False):
         module = module.half()
-    return comfy.model_patcher.ModelPatcher(
+    return WholeModelPatcher(
         module,
         load_device=device,
         offload_device=comfy.model_management.unet_offload_device(),
