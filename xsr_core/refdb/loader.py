@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -153,11 +153,33 @@ def _collate(samples: list[DecodedSample]) -> DecodedBatch:
     )
 
 
-def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> torch.Tensor | None:
+@dataclass
+class BatchGroup:
+    """One batch of the caller's ``batches``, decoded as several worker sub-batches (see :func:`make_loader`).
+
+    The parts keep their pinned tensors (no host-side concatenation); :func:`batch_pixels` crops each on
+    the device and concatenates there.
+    """
+
+    parts: list[DecodedBatch]
+
+    @property
+    def samples(self) -> list[DecodedSample]:
+        return [s for part in self.parts for s in part.samples]
+
+    @property
+    def n_ok(self) -> int:
+        return sum(part.n_ok for part in self.parts)
+
+
+def batch_pixels(batch: DecodedBatch | BatchGroup, device: torch.device, size: int = 224) -> torch.Tensor | None:
     """uint8 CLIP crops (n_ok, 3, size, size) of a batch's ok files on ``device`` (file order).
 
     Raw images are cropped on ``device`` with the same :func:`resize_crop_u8` the workers use.
     """
+    if isinstance(batch, BatchGroup):
+        crops = [c for c in (batch_pixels(part, device, size) for part in batch.parts) if c is not None]
+        return torch.cat(crops) if crops else None
     if not batch.order:
         return None
     crops = batch.crops.to(device, non_blocking=True) if batch.crops is not None else None
@@ -172,6 +194,33 @@ def batch_pixels(batch: DecodedBatch, device: torch.device, size: int = 224) -> 
     return torch.stack([crops[i] if kind == 0 else done[i] for kind, i in batch.order])
 
 
+class _Regrouped:
+    """Iterates a DataLoader over worker sub-batches and yields one :class:`BatchGroup` per caller batch."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, parts_per_batch: list[int]):
+        self.loader = loader
+        self.parts_per_batch = parts_per_batch
+
+    def __len__(self) -> int:
+        return len(self.parts_per_batch)
+
+    def __iter__(self):
+        counts = iter(self.parts_per_batch)
+        parts: list[DecodedBatch] = []
+        want = next(counts, 0)
+        for part in self.loader:  # the DataLoader yields in sampler order
+            parts.append(part)
+            if len(parts) == want:
+                yield BatchGroup(parts)
+                parts, want = [], next(counts, 0)
+
+
+def worker_batch_size(batch: int, workers: int) -> int:
+    """Files per worker task: a caller batch is shared by all workers, so the first batch is ready after
+    ~batch/workers decodes instead of a whole batch decoded by one worker (the build's start-up latency)."""
+    return max(8, min(64, -(-batch // max(1, workers))))
+
+
 def make_loader(
     items: Sequence[tuple[int, str]],
     batches: list[list[int]],
@@ -183,7 +232,7 @@ def make_loader(
     raw_max_pixels: int | None = None,
     roots: Sequence[str] | None = None,
     draft: bool = True,
-) -> torch.utils.data.DataLoader:
+) -> Iterable[DecodedBatch | BatchGroup]:
     """The build data loader: decoding in ``workers`` processes, batches in the given order.
 
     ``raw_max_pixels``: leave the CLIP crop of images up to this size to :func:`batch_pixels` on
@@ -191,16 +240,30 @@ def make_loader(
     resolve outside these folders are skipped (None: no check, for the user's own list files).
     Workers die with this process (:func:`die_with_parent`). ``draft``: decode JPEGs at the smallest
     libjpeg scale that keeps the shortest side >= the CLIP input (never when packing).
+
+    With workers, each batch is split into sub-batches of :func:`worker_batch_size` files decoded in
+    parallel and handed back regrouped (one :class:`BatchGroup` per batch, in the given order).
     """
     ds = _FileDataset(items, min_side=min_side, pack=pack, raw_max_pixels=raw_max_pixels, roots=roots, draft=draft)
-    kwargs: dict[str, Any] = {}
-    if workers > 0:
-        kwargs.update(
-            worker_init_fn=functools.partial(_worker_init, os.getpid()), prefetch_factor=4, persistent_workers=False
-        )
-    return torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory, **kwargs
+    if workers <= 0:
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=_collate, pin_memory=pin_memory)
+    subs, parts_per_batch = [], []
+    for b in batches:
+        step = worker_batch_size(len(b), workers)
+        pieces = [b[s : s + step] for s in range(0, len(b), step)]
+        subs.extend(pieces)
+        parts_per_batch.append(len(pieces))
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=subs,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
+        prefetch_factor=4,
+        persistent_workers=False,
     )
+    return _Regrouped(loader, parts_per_batch)
 
 
 RAW_MAX_PIXELS = 2_100_000  # up to ~1920x1080 the crop runs on the GPU; larger images are cropped in workers
