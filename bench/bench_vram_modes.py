@@ -89,6 +89,7 @@ def run_mode(
     pythonpath: tuple[str, ...],
     lr_side: int = 32,
     pil_loader: bool = False,
+    baseline: bool = False,
 ) -> dict:
     from bench_e2e import graphs
     from PIL import Image
@@ -113,13 +114,23 @@ def run_mode(
         failed = [ln.strip() for ln in log.splitlines() if "(IMPORT FAILED)" in ln]  # custom nodes (ours, the probe)
         if failed:
             raise ComfyError("a custom node failed to import: " + "; ".join(failed) + "\n" + server.log_tail(60))
-        times, states = [], []
+        times, states, plain = [], [], []
         for i in range(runs + 1):
             lr = base / "input" / f"lr_{mode}_{i}.png"
             synthetic_image(2000 + i, 256).resize((lr_side, lr_side), Image.BICUBIC).save(lr)
-            g = graphs(lr.name, names, steps, seed=i, mode="eager")["xsr"]
+            both = graphs(lr.name, names, steps, seed=i, mode="eager")
+            g = both["xsr"]
             if pil_loader:
                 g["lr"] = {"class_type": "XSRBench_LoadImagePIL", "inputs": {"image": lr.name}}
+                both["baseline"]["lr"] = g["lr"]
+            if baseline and "baseline_error" not in row:  # the graph without XSR's nodes, same server and mode
+                t = time.perf_counter()
+                try:
+                    server.run(both["baseline"], timeout=600)
+                    if i > 0:
+                        plain.append(time.perf_counter() - t)
+                except ComfyError as e:  # recorded; the XSR rows are still measured
+                    row["baseline_error"] = str(e)[-1000:]
             # warm-up (i == 0) with the probes on (first loads); timed runs with them off
             server.post_json("/xsr_bench/reset", {"probe": i == 0})
             t = time.perf_counter()
@@ -132,6 +143,7 @@ def run_mode(
         row.update(
             {
                 "median_s": round(statistics.median(times), 3) if times else None,
+                "baseline_median_s": round(statistics.median(plain), 3) if plain else None,
                 "runs_s": [round(t, 3) for t in times],
                 "torch_peak_allocated_mib": max((s["torch_peak_allocated_mib"] or 0) for s in states[1:] or states)
                 if gpu
@@ -169,9 +181,9 @@ def write_report(results: dict, out: Path, tag: str) -> None:
         "warm-up. Peak VRAM: torch's peak allocated in the server process / device-wide peak used (mem_get_info, "
         "includes comfy-aimdo's mappings and the CUDA context) during the timed runs. " + results.get("note", ""),
         "",
-        "| mode | flags | ok | s / image | torch peak GiB | device peak GiB "
+        "| mode | flags | ok | s / image | plain graph s / image | torch peak GiB | device peak GiB "
         "| XSR models as ComfyUI holds them | problems |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         held = sorted(
@@ -188,6 +200,7 @@ def write_report(results: dict, out: Path, tag: str) -> None:
         lines.append(
             f"| {r['mode']} | `{' '.join(r['flags']) or '(none)'}` | {'✔' if r['ok'] else '✘'} | "
             f"{r.get('median_s') if r.get('median_s') is not None else '-'} | "
+            f"{r.get('baseline_median_s') if r.get('baseline_median_s') is not None else 'not measured'} | "
             f"{gib(r.get('torch_peak_allocated_mib'))} | "
             f"{gib(r.get('device_peak_used_mib'))} | {'<br>'.join(held) or '-'} | {probs} |"
         )
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="load the LR with the probe pack's PIL loader instead of LoadImage (0.33's LoadImage needs PyAV)",
     )
+    ap.add_argument("--baseline", action="store_true", help="also time the same graph without XSR's nodes in each mode")
     ap.add_argument("--note", default="", help="a sentence for the report (e.g. which packages were stubbed)")
     args = ap.parse_args(argv)
     import torch
@@ -264,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             pythonpath=pythonpath,
             lr_side=args.lr_side,
             pil_loader=args.pil_loader,
+            baseline=args.baseline,
         )
         results["rows"].append(row)
         print(
@@ -274,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         "mode",
                         "ok",
                         "median_s",
+                        "baseline_median_s",
                         "torch_peak_allocated_mib",
                         "device_peak_used_mib",
                         "problems",
