@@ -22,7 +22,7 @@ run() { local t=$1; shift; [[ $t -gt 0 ]] || return 0; echo "=== $(date -u +%T) 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 
 # 1. ComfyUI 0.33's real main.py per VRAM mode (also installs the carried wheels into /tmp/site)
-run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs ${VRAM_RUNS:-1} --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram}" \
+run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs ${VRAM_RUNS:-1} --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram} ${VRAM_EXTRA:-}" \
     bash bench/run_gpu_vram.sh "${CARRY[@]}"
 cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
 
