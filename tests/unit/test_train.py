@@ -254,16 +254,16 @@ def test_split_parsing():
 
 def test_config_file_overrides_and_validation(tmp_path):
     from xsr_core.train.cli import build_parser
-    from xsr_core.train.config import config_from_args
+    from xsr_core.train.config import parse_config
 
     f = tmp_path / "c.yaml"
     f.write_text("data: /d\noutput_dir: /o\nbatch_size: 3\nmax_steps: 7\nmodel: {width: 16}\n")
-    args = build_parser().parse_args(["rfa", "--config", str(f), "--max_steps", "9", "--cpu"])
-    cfg = config_from_args(RFATrainConfig, args)
+    build_parser().parse_args(["rfa", "--config", str(f), "--max_steps", "9", "--cpu"])  # the CLI accepts them
+    cfg = parse_config(RFATrainConfig, ["--config", str(f), "--max_steps", "9", "--cpu"])
     assert (cfg.batch_size, cfg.max_steps, cfg.cpu, cfg.model) == (3, 9, True, {"width": 16})
     f.write_text("data: /d\noutput_dir: /o\nbatch_sise: 3\n")
     with pytest.raises(ValueError, match="batch_sise"):
-        config_from_args(RFATrainConfig, build_parser().parse_args(["rfa", "--config", str(f)]))
+        parse_config(RFATrainConfig, ["--config", str(f)])
     with pytest.raises(ValueError, match="mixed_precision"):
         RFATrainConfig(data="/d", output_dir="/o", mixed_precision="fp8")
     with pytest.raises(ValueError, match="--rfa"):
@@ -283,16 +283,51 @@ def test_rfa_checkpoints_and_resume_continue_exactly(world, tmp_path):
         _rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2, report_to="tensorboard")
     )
     assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
-    assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [4, 6]  # rotation kept the newest two
-    assert json.loads((tmp_path / "full" / "checkpoint-6" / "config.json").read_text())["max_steps"] == 6
+    ckpts = list_checkpoints(tmp_path / "full")
+    assert [s for s, _ in ckpts] == [4, 6]  # rotation kept the newest two
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    assert json.loads((ckpts[-1][1] / "config.json").read_text())["max_steps"] == 6
     train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=4))
-    res = train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest"))
+    loads = []
+    real_load = torch.load
+
+    def spy(*a, **kw):  # every pickle-format file accelerate reads back goes through the restricted unpickler
+        loads.append(kw.get("weights_only"))
+        return real_load(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", spy)
+        res = train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest"))
+    assert loads and all(w is True for w in loads), loads
     assert [h["step"] for h in res["history"]] == [5, 6]
     a = load_file(str(tmp_path / "full" / "final" / "rfa.safetensors"))
     b = load_file(str(tmp_path / "part" / "final" / "rfa.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert {"rfa_recall@1", "rfa_recall@4", "baseline_lr_cls_recall@1", "baseline_lr_cls_recall@4"} <= set(full["eval"])
+
+
+def test_resume_refuses_old_format_and_a_used_output_dir(world, tmp_path):
+    """Pre-accelerate checkpoints fail with a clear message; a fresh run never mixes into a used folder."""
+    from safetensors.torch import save_file
+
+    from xsr_core.train.engine import resolve_resume
+    from xsr_core.train.rfa import train_rfa
+
+    old = tmp_path / "old" / "checkpoint-4"
+    old.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(old / "trainable.safetensors"))
+    (old / "state.json").write_text('{"step": 4}')
+    for resume in ("latest", str(old)):
+        with pytest.raises(
+            ValueError, match=r"checkpoint-4 is a checkpoint in XSR's earlier own format.*new --output_dir"
+        ):
+            resolve_resume(_rfa_cfg(world, tmp_path / "old", resume_from_checkpoint=resume))
+    train_rfa(_rfa_cfg(world, tmp_path / "used", max_steps=2))
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint latest"):
+        train_rfa(_rfa_cfg(world, tmp_path / "used", max_steps=2))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(_rfa_cfg(world, tmp_path / "used", resume_from_checkpoint="checkpoint_7"))
 
 
 def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):
