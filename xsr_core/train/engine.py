@@ -198,6 +198,8 @@ def resolve_resume(cfg: EngineConfig) -> Path | None:
     return p
 
 
+# EMA is written here, not by accelerator.register_for_checkpointing: accelerate reloads registered objects
+# with torch.load(weights_only=False) (custom_checkpoint_<i>.pkl); ours is safetensors + JSON metadata.
 def _save_ema(ema: EMAModel, names: list[str], folder: Path) -> None:
     sd = ema.state_dict()
     tensors = {n: t.detach().cpu().contiguous() for n, t in zip(names, sd.pop("shadow_params"))}
