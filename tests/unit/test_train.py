@@ -330,6 +330,58 @@ def test_resume_refuses_old_format_and_a_used_output_dir(world, tmp_path):
         resolve_resume(_rfa_cfg(world, tmp_path / "used", resume_from_checkpoint="checkpoint_7"))
 
 
+class _ToyStage(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, batch):
+        x, y = batch
+        return {"loss": ((self.lin(x) - y) ** 2).mean()}
+
+
+def _toy_run(out: Path, max_steps: int, ema_decay: float, **kw):
+    from xsr_core.train.config import EngineConfig
+    from xsr_core.train.engine import make_accelerator, train_loop
+
+    cfg = EngineConfig(
+        data="-", output_dir=str(out), batch_size=4, max_steps=max_steps, cpu=True, log_steps=1,
+        checkpointing_steps=3, learning_rate=0.05, lr_warmup_steps=2, lr_schedule="cosine", **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = _ToyStage()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+    return train_loop(cfg, make_accelerator(cfg), module, data, ema_decay=ema_decay)
+
+
+def test_engine_schedule_ema_and_resume_with_ema(tmp_path):
+    """diffusers get_scheduler (warm-up from 0, cosine to 0 at max_steps); EMAModel weights are the returned
+    (exported) ones and survive a resume exactly."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from xsr_core.train.engine import list_checkpoints
+
+    full = _toy_run(tmp_path / "full", 6, 0.8)
+    want = [0.0, 0.025] + [0.05 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert [h["step"] for h in full["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["lr"] for h in full["history"]] == pytest.approx(want)
+    last = list_checkpoints(tmp_path / "full")[-1]
+    ema = load_file(str(last[1] / "ema.safetensors"))
+    assert last[0] == 6 and set(ema) == {"lin.weight", "lin.bias"}
+    for k, v in full["module"].state_dict().items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=0, msg=k)  # the module holds the EMA weights
+    plain = _toy_run(tmp_path / "plain", 6, 0.0)["module"].state_dict()
+    assert not torch.equal(plain["lin.weight"], full["module"].lin.weight)
+    _toy_run(tmp_path / "part", 3, 0.8)
+    res = _toy_run(tmp_path / "part", 6, 0.8, resume_from_checkpoint="latest")
+    assert [h["step"] for h in res["history"]] == [4, 5, 6]
+    for k, v in full["module"].state_dict().items():
+        torch.testing.assert_close(res["module"].state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):
     """RFA recall of the correct HR among hard distractors (same LR, other textures) beats the raw LR CLS."""
     from xsr_core.clip_vision import ClipVisionEncoder

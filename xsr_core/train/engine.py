@@ -8,13 +8,13 @@ are held as plain attributes so DDP neither wraps nor broadcasts them). The loop
   so a resumed run sees exactly the batches the interrupted one would have seen;
 * gradient accumulation (``no_sync`` on all but the last micro-batch), clipping, and the learning rate
   of ``diffusers.optimization.get_scheduler`` (``--lr_schedule``, linear warm-up from 0 over
-  ``--lr_warmup_steps``);
+  ``--lr_warmup_steps``; a function of the step, rebuilt on resume);
 * per-step seeding (seed, step, rank) of torch's RNG, so noise and dropout decisions resume exactly;
 * optional EMA of the trainable weights (``diffusers.training_utils.EMAModel``: the decay of update t is
   ``min(ema_decay, (1 + t) / (10 + t))``, 0 at the first update), copied into the module at the end;
 * resumable checkpoints by ``accelerator.save_state`` with automatic naming,
   ``output_dir/checkpoints/checkpoint_<i>/`` (rotation keeps the newest ``checkpoints_total_limit``):
-  weights in ``model.safetensors``; optimizer / scheduler / RNG states are accelerate's ``torch.save``
+  weights in ``model.safetensors``; optimizer / RNG (/ GradScaler) states are accelerate's ``torch.save``
   files, read back with ``weights_only=True``; we add ``ema.safetensors``, the resolved config and
   ``state.json`` (the optimiser step; written last, so a folder without it is incomplete).
   ``--resume_from_checkpoint latest`` picks the newest complete one;
@@ -89,17 +89,20 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def make_scheduler(cfg: EngineConfig, optimizer: torch.optim.Optimizer, world: int):
-    """``diffusers.optimization.get_scheduler`` for ``--lr_schedule`` / ``--lr_warmup_steps``.
+def make_scheduler(cfg: EngineConfig, optimizer: torch.optim.Optimizer, step: int = 0):
+    """``diffusers.optimization.get_scheduler`` for ``--lr_schedule`` / ``--lr_warmup_steps``, at ``step``.
 
     "constant" is diffusers' "constant_with_warmup" (our flag has always included the warm-up). The
-    lengths are multiplied by ``world`` because accelerate's prepared scheduler steps once per process.
+    learning rate stays a function of the step and the current config (a resumed run may extend
+    ``--max_steps``), so the scheduler is rebuilt at the resumed step instead of being checkpointed.
     """
     from diffusers.optimization import get_scheduler
 
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.learning_rate  # LambdaLR's base learning rate (also when resuming)
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     return get_scheduler(
-        name, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world, num_training_steps=cfg.max_steps * world
+        name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps, last_epoch=step - 1
     )
 
 
@@ -276,6 +279,7 @@ def train_loop(
     copied in when EMA is on)}``.
     """
     root = Path(cfg.output_dir)
+    resume = resolve_resume(cfg)  # before anything is written into output_dir
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         write_config(cfg, root)
@@ -283,7 +287,7 @@ def train_loop(
     n = len(dataset)
     bs = effective_batch_size(cfg, n, world)
     steps_per_epoch = n // (bs * world)
-    optimizer = make_optimizer(cfg, module)
+    raw_optimizer = make_optimizer(cfg, module)
     logger.info(
         "train_loop: processes: %d, device %s, per-process batch %d x %d accumulation, %d steps/epoch, "
         "mixed precision %s",
@@ -294,15 +298,15 @@ def train_loop(
         steps_per_epoch,
         cfg.mixed_precision,
     )
-    resume = resolve_resume(cfg)
-    model, optimizer, scheduler = accelerator.prepare(module, optimizer, make_scheduler(cfg, optimizer, world))
+    model, optimizer = accelerator.prepare(module, raw_optimizer)
     raw = accelerator.unwrap_model(model)
     names = [n for n, p in raw.named_parameters() if p.requires_grad]
+    trainable = [p for p in raw.parameters() if p.requires_grad]
     ema = None
     if ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel([p for p in raw.parameters() if p.requires_grad], decay=ema_decay)
+        ema = EMAModel(trainable, decay=ema_decay)
     folders = _ckpt_folders(root)
     if accelerator.is_main_process:
         for p in folders:
@@ -315,6 +319,7 @@ def train_loop(
     if resume is not None:
         step = load_checkpoint(accelerator, resume, ema, names)
         logger.info("resumed from %s at step %d", resume, step)
+    scheduler = make_scheduler(cfg, raw_optimizer, step)
     if cfg.report_to == "tensorboard":
         accelerator.init_trackers(
             "xsr", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
@@ -360,7 +365,7 @@ def train_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step([p for p in raw.parameters() if p.requires_grad])
+            ema.step(trainable)
         step += 1
         bar.update(1)
         if step % cfg.log_steps == 0 or step == cfg.max_steps:
@@ -412,7 +417,7 @@ def train_loop(
             accelerator.wait_for_everyone()
     bar.close()
     if ema is not None:
-        ema.copy_to([p for p in raw.parameters() if p.requires_grad])
+        ema.copy_to(trainable)
     accelerator.end_training()
     return {"step": step, "history": history, "eval": last_eval, "evals": evals, "module": raw}
 
