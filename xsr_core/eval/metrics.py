@@ -41,9 +41,10 @@ file, the folder to put it in and the public URL, before any network is built (t
 No builder then has a reason to fetch: CLIP loads with ``local_files_only=True`` (and ``xsr eval``
 sets ``HF_HUB_OFFLINE=1`` unless the environment says otherwise); every other network is built
 without weights and gets the state dict this module read with ``torch.load(weights_only=True)``.
-Three library constructors fetch-and-unpickle unconditionally (torch-fidelity's InceptionV3,
-pyiqa's DISTS asking torchvision for VGG16, pyiqa's MANIQA asking timm for a ViT); for those the
-fetch is replaced, for the constructor call only, by our already-loaded weights (:func:`_patched`).
+Four library constructors fetch (and unpickle) weights on their own: torch-fidelity's InceptionV3,
+torchmetrics' LPIPS and pyiqa's DISTS asking torchvision for AlexNet / VGG16, pyiqa's MANIQA asking
+timm for a ViT; for those the fetch is replaced, for the constructor call only, by our already-loaded
+weights (:func:`_patched`). The tests refuse every socket connection while these networks are built.
 
 Tests (and users) can replace any metric's construction through ``factories``: a mapping from
 metric key to ``factory(ctx: MetricContext) -> Metric``; a replaced metric skips the weight check.
