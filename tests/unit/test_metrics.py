@@ -64,6 +64,25 @@ def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
 
 
+@pytest.fixture()
+def no_network(monkeypatch: pytest.MonkeyPatch):
+    """Every socket connection attempt (IPv4/6, any library) is recorded and refused; the test fails on any."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args[1] if len(args) > 1 else args)
+        raise OSError("test: network access is forbidden")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(None, a))
+    yield attempts
+    assert attempts == [], f"network access attempted: {attempts}"
+
+
 # ---------------------------------------------------------------------------------------------
 # inputs
 
@@ -213,7 +232,9 @@ def _random_torchvision_features(arch: str, path: Path) -> None:
     torch.save(sd, path)
 
 
-def test_lpips_real_network_with_injected_weights(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
+def test_lpips_real_network_with_injected_weights(
+    sets: dict[str, Path], tmp_path: Path, empty_caches: None, no_network: list
+) -> None:
     wdir = tmp_path / "w"
     wdir.mkdir()
     _random_torchvision_features("alexnet", wdir / M.W_ALEXNET.name)
@@ -226,7 +247,9 @@ def test_lpips_real_network_with_injected_weights(sets: dict[str, Path], tmp_pat
     assert "AlexNet, v0.1" in v["same"]["variant"]
 
 
-def test_dists_real_network_with_injected_weights(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
+def test_dists_real_network_with_injected_weights(
+    sets: dict[str, Path], tmp_path: Path, empty_caches: None, no_network: list
+) -> None:
     pytest.importorskip("pyiqa")
     wdir = tmp_path / "w"
     wdir.mkdir()
@@ -244,7 +267,9 @@ def test_dists_real_network_with_injected_weights(sets: dict[str, Path], tmp_pat
     assert res["blur3"]["value"] > 1e-3
 
 
-def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: Path, empty_caches: None) -> None:
+def test_clip_i_real_loader_and_clip_t_scorer(
+    sets: dict[str, Path], tmp_path: Path, empty_caches: None, no_network: list
+) -> None:
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
@@ -291,7 +316,7 @@ def test_clip_i_real_loader_and_clip_t_scorer(sets: dict[str, Path], tmp_path: P
         scorer.image_text(x, x, None)
 
 
-def test_musiq_real_architecture_with_random_weights(tmp_path: Path, empty_caches: None) -> None:
+def test_musiq_real_architecture_with_random_weights(tmp_path: Path, empty_caches: None, no_network: list) -> None:
     pytest.importorskip("pyiqa")
     from pyiqa.archs.musiq_arch import MUSIQ
 
@@ -343,17 +368,32 @@ def test_weight_check_runs_before_any_factory(sets: dict[str, Path], empty_cache
     assert calls == []
 
 
-def test_no_downloads_guard() -> None:
-    import huggingface_hub.constants as hfc
+def test_missing_weights_with_the_real_builders_never_touch_the_network(
+    sets: dict[str, Path], empty_caches: None, no_network: list
+) -> None:
+    """The pre-flight check, not a download attempt, is what stops a run without weights."""
+    for key in ("fid", "lpips", "dists", "clip_i", "maniqa", "musiq"):
+        with pytest.raises(M.MissingWeightsError, match=r"put it in|huggingface-cli download") as err:
+            M.compute_metrics(sets["same"], sets["hr"], metrics=key)
+        assert METRIC_FILES[key] in str(err.value)
 
-    before = (torch.hub.download_url_to_file, torch.hub.load_state_dict_from_url, hfc.HF_HUB_OFFLINE)
-    with M.no_downloads():
-        with pytest.raises(M.MissingWeightsError, match="never downloads"):
-            torch.hub.load_state_dict_from_url("https://example.invalid/w.pth")
-        with pytest.raises(M.MissingWeightsError):
-            torch.hub.download_url_to_file("https://example.invalid/w.pth", "/nonexistent/w.pth")
-        assert hfc.HF_HUB_OFFLINE is True
-    assert (torch.hub.download_url_to_file, torch.hub.load_state_dict_from_url, hfc.HF_HUB_OFFLINE) == before
+
+METRIC_FILES = {
+    "fid": M.W_INCEPTION.name,
+    "lpips": M.W_ALEXNET.name,
+    "dists": M.W_VGG16.name,
+    "clip_i": M.CLIP_REPO,
+    "maniqa": M.W_MANIQA["koniq"].name,
+    "musiq": M.W_MUSIQ.name,
+}
+
+
+def test_socket_guard_sees_a_download_attempt(no_network: list, tmp_path: Path) -> None:
+    """The guard the tests above rely on does catch a real library download (torch hub over urllib)."""
+    with pytest.raises(Exception, match="network access is forbidden"):
+        torch.hub.download_url_to_file("https://example.invalid/w.pth", str(tmp_path / "w.pth"), progress=False)
+    assert no_network, "the socket guard recorded nothing"
+    no_network.clear()
 
 
 def test_weight_file_names_match_the_libraries() -> None:

@@ -254,16 +254,16 @@ def test_split_parsing():
 
 def test_config_file_overrides_and_validation(tmp_path):
     from xsr_core.train.cli import build_parser
-    from xsr_core.train.config import config_from_args
+    from xsr_core.train.config import parse_config
 
     f = tmp_path / "c.yaml"
     f.write_text("data: /d\noutput_dir: /o\nbatch_size: 3\nmax_steps: 7\nmodel: {width: 16}\n")
-    args = build_parser().parse_args(["rfa", "--config", str(f), "--max_steps", "9", "--cpu"])
-    cfg = config_from_args(RFATrainConfig, args)
+    build_parser().parse_args(["rfa", "--config", str(f), "--max_steps", "9", "--cpu"])  # the CLI accepts them
+    cfg = parse_config(RFATrainConfig, ["--config", str(f), "--max_steps", "9", "--cpu"])
     assert (cfg.batch_size, cfg.max_steps, cfg.cpu, cfg.model) == (3, 9, True, {"width": 16})
     f.write_text("data: /d\noutput_dir: /o\nbatch_sise: 3\n")
     with pytest.raises(ValueError, match="batch_sise"):
-        config_from_args(RFATrainConfig, build_parser().parse_args(["rfa", "--config", str(f)]))
+        parse_config(RFATrainConfig, ["--config", str(f)])
     with pytest.raises(ValueError, match="mixed_precision"):
         RFATrainConfig(data="/d", output_dir="/o", mixed_precision="fp8")
     with pytest.raises(ValueError, match="--rfa"):
@@ -283,16 +283,103 @@ def test_rfa_checkpoints_and_resume_continue_exactly(world, tmp_path):
         _rfa_cfg(world, tmp_path / "full", max_steps=6, checkpoints_total_limit=2, report_to="tensorboard")
     )
     assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
-    assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [4, 6]  # rotation kept the newest two
-    assert json.loads((tmp_path / "full" / "checkpoint-6" / "config.json").read_text())["max_steps"] == 6
+    ckpts = list_checkpoints(tmp_path / "full")
+    assert [s for s, _ in ckpts] == [4, 6]  # rotation kept the newest two
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    assert json.loads((ckpts[-1][1] / "config.json").read_text())["max_steps"] == 6
     train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=4))
-    res = train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest"))
+    loads = []
+    real_load = torch.load
+
+    def spy(*a, **kw):  # every pickle-format file accelerate reads back goes through the restricted unpickler
+        loads.append(kw.get("weights_only"))
+        return real_load(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", spy)
+        res = train_rfa(_rfa_cfg(world, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest"))
+    assert loads and all(w is True for w in loads), loads
     assert [h["step"] for h in res["history"]] == [5, 6]
     a = load_file(str(tmp_path / "full" / "final" / "rfa.safetensors"))
     b = load_file(str(tmp_path / "part" / "final" / "rfa.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert {"rfa_recall@1", "rfa_recall@4", "baseline_lr_cls_recall@1", "baseline_lr_cls_recall@4"} <= set(full["eval"])
+
+
+def test_resume_refuses_old_format_and_a_used_output_dir(world, tmp_path):
+    """Pre-accelerate checkpoints fail with a clear message; a fresh run never mixes into a used folder."""
+    from safetensors.torch import save_file
+
+    from xsr_core.train.engine import resolve_resume
+    from xsr_core.train.rfa import train_rfa
+
+    old = tmp_path / "old" / "checkpoint-4"
+    old.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(old / "trainable.safetensors"))
+    (old / "state.json").write_text('{"step": 4}')
+    for resume in ("latest", str(old)):
+        with pytest.raises(
+            ValueError, match=r"checkpoint-4 is a checkpoint in XSR's earlier own format.*new --output_dir"
+        ):
+            resolve_resume(_rfa_cfg(world, tmp_path / "old", resume_from_checkpoint=resume))
+    train_rfa(_rfa_cfg(world, tmp_path / "used", max_steps=2))
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint latest"):
+        train_rfa(_rfa_cfg(world, tmp_path / "used", max_steps=2))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(_rfa_cfg(world, tmp_path / "used", resume_from_checkpoint="checkpoint_7"))
+
+
+class _ToyStage(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, batch):
+        x, y = batch
+        return {"loss": ((self.lin(x) - y) ** 2).mean()}
+
+
+def _toy_run(out: Path, max_steps: int, ema_decay: float, **kw):
+    from xsr_core.train.config import EngineConfig
+    from xsr_core.train.engine import make_accelerator, train_loop
+
+    cfg = EngineConfig(
+        data="-", output_dir=str(out), batch_size=4, max_steps=max_steps, cpu=True, log_steps=1,
+        checkpointing_steps=3, learning_rate=0.05, lr_warmup_steps=2, lr_schedule="cosine", **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = _ToyStage()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+    return train_loop(cfg, make_accelerator(cfg), module, data, ema_decay=ema_decay)
+
+
+def test_engine_schedule_ema_and_resume_with_ema(tmp_path):
+    """diffusers get_scheduler (warm-up from 0, cosine to 0 at max_steps); EMAModel weights are the returned
+    (exported) ones and survive a resume exactly."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from xsr_core.train.engine import list_checkpoints
+
+    full = _toy_run(tmp_path / "full", 6, 0.8)
+    want = [0.0, 0.025] + [0.05 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert [h["step"] for h in full["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["lr"] for h in full["history"]] == pytest.approx(want)
+    last = list_checkpoints(tmp_path / "full")[-1]
+    ema = load_file(str(last[1] / "ema.safetensors"))
+    assert last[0] == 6 and set(ema) == {"lin.weight", "lin.bias"}
+    for k, v in full["module"].state_dict().items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=0, msg=k)  # the module holds the EMA weights
+    plain = _toy_run(tmp_path / "plain", 6, 0.0)["module"].state_dict()
+    assert not torch.equal(plain["lin.weight"], full["module"].lin.weight)
+    _toy_run(tmp_path / "part", 3, 0.8)
+    res = _toy_run(tmp_path / "part", 6, 0.8, resume_from_checkpoint="latest")
+    assert [h["step"] for h in res["history"]] == [4, 5, 6]
+    for k, v in full["module"].state_dict().items():
+        torch.testing.assert_close(res["module"].state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_rfa_learning_beats_raw_lr_cls(world, tmp_path):

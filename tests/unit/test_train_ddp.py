@@ -63,5 +63,7 @@ def test_rfa_ddp_two_cpu_processes(tiny_zoo, tmp_path):
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3, 4]  # one writer (the main process), every optimiser step once
-    assert (out / "final" / "rfa.safetensors").is_file() and (out / "checkpoint-4" / "state.json").is_file()
+    assert (out / "final" / "rfa.safetensors").is_file() and (
+        out / "checkpoints" / "checkpoint_1" / "state.json"
+    ).is_file()
     assert "world_size=2" in proc.stderr or "processes: 2" in proc.stderr

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from .metrics import METRICS, MetricInputError, MissingWeightsError
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # evaluation never downloads (read when huggingface_hub loads)
     parser = build_parser()
     if argv and argv[0] == "run":  # everything after "run" belongs to xsr_core.eval.run, verbatim
         args = argparse.Namespace(command="run", run_args=argv[1:], handler=_run_run, verbose=False)

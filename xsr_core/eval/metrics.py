@@ -35,10 +35,16 @@ Library per metric, and why
 
 Weights are never downloaded. Each metric lists the files it needs (:class:`WeightFile`); they are
 looked up in ``weights_dir`` and then in the library's own cache (torch hub ``checkpoints/`` for
-torchvision and torch-fidelity files, torch hub ``pyiqa/`` for pyiqa files, the Hugging Face cache
-for CLIP). Missing files raise :class:`MissingWeightsError` naming the metric, the file, the folder
-to put it in and the public URL, before any network is built; while networks are built, torch hub
-and pyiqa downloads are patched to raise and the Hugging Face hub is forced offline.
+torchvision and torch-fidelity files, torch hub ``pyiqa/`` for pyiqa files: ``$TORCH_HOME/hub``; the
+Hugging Face cache for CLIP). Missing files raise :class:`MissingWeightsError` naming the metric, the
+file, the folder to put it in and the public URL, before any network is built (the pre-flight check).
+No builder then has a reason to fetch: CLIP loads with ``local_files_only=True`` (and ``xsr eval``
+sets ``HF_HUB_OFFLINE=1`` unless the environment says otherwise); every other network is built
+without weights and gets the state dict this module read with ``torch.load(weights_only=True)``.
+Four library constructors fetch (and unpickle) weights on their own: torch-fidelity's InceptionV3,
+torchmetrics' LPIPS and pyiqa's DISTS asking torchvision for AlexNet / VGG16, pyiqa's MANIQA asking
+timm for a ViT; for those the fetch is replaced, for the constructor call only, by our already-loaded
+weights (:func:`_patched`). The tests refuse every socket connection while these networks are built.
 
 Tests (and users) can replace any metric's construction through ``factories``: a mapping from
 metric key to ``factory(ctx: MetricContext) -> Metric``; a replaced metric skips the weight check.
@@ -51,7 +57,6 @@ import datetime
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,54 +221,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# No-download guard
+# Handing our weights_only-loaded state dicts to library constructors
 # --------------------------------------------------------------------------------------------
-
-
-def _refuse_download(*args: Any, **kwargs: Any) -> Any:
-    url = args[0] if args else kwargs.get("url", "?")
-    raise MissingWeightsError(
-        f"a library tried to download {url}; XSR evaluation never downloads. Put the file in the "
-        f"library cache or --weights-dir (see the metric's weight list in xsr_core/eval/metrics.py)."
-    )
-
-
-@contextlib.contextmanager
-def no_downloads() -> Iterator[None]:
-    """Make torch hub / pyiqa downloads raise and put the Hugging Face hub offline, for the block."""
-    import sys
-
-    patches: list[tuple[Any, str, Any]] = [
-        (torch.hub, "download_url_to_file", _refuse_download),
-        (torch.hub, "load_state_dict_from_url", _refuse_download),
-    ]
-    for mod_name, attr in (
-        ("pyiqa.utils.download_util", "download_url_to_file"),
-        ("torch_fidelity.feature_extractor_inceptionv3", "load_state_dict_from_url"),
-        ("torchvision.models._api", "load_state_dict_from_url"),
-    ):
-        mod = sys.modules.get(mod_name)
-        if mod is not None and hasattr(mod, attr):
-            patches.append((mod, attr, _refuse_download))
-    hf_constants = sys.modules.get("huggingface_hub.constants")
-    if hf_constants is not None:
-        patches.append((hf_constants, "HF_HUB_OFFLINE", True))
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
-    env_saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    try:
-        for obj, attr, value in patches:
-            setattr(obj, attr, value)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        yield
-    finally:
-        for obj, attr, value in saved:
-            setattr(obj, attr, value)
-        for k, v in env_saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -1026,11 +985,10 @@ def compute_metrics(
     resolved = check_weights(keys, weights_dir, skip=tuple(factories))
 
     built: dict[str, Metric] = {}
-    with no_downloads():
-        for k in keys:
-            ctx = MetricContext(device=device, weights=resolved.get(k, {}), spec=METRICS[k])
-            logger.info("building %s", METRICS[k].label)
-            built[k] = factories.get(k, METRICS[k].factory)(ctx)
+    for k in keys:
+        ctx = MetricContext(device=device, weights=resolved.get(k, {}), spec=METRICS[k])
+        logger.info("building %s", METRICS[k].label)
+        built[k] = factories.get(k, METRICS[k].factory)(ctx)
 
     done = 0
     for batch_names, sr, hr in iter_batches(pairs, batch_size, saved_crops=saved_crops):

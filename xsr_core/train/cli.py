@@ -13,13 +13,7 @@ import json
 import logging
 import sys
 
-from .config import (
-    AdapterTrainConfig,
-    I2TTrainConfig,
-    RFATrainConfig,
-    add_config_arguments,
-    config_from_args,
-)
+from .config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig, config_parser, parse_config
 from .data import PrepareConfig, PrepareError
 
 STAGES = {"rfa": RFATrainConfig, "i2t": I2TTrainConfig, "adapter": AdapterTrainConfig}
@@ -49,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"(default: {f.default})")
     for name, cls in STAGES.items():
-        sp = sub.add_parser(name, parents=[common], help=(cls.__doc__ or "").strip().splitlines()[0])
-        add_config_arguments(sp, cls)
+        sub.add_parser(
+            name,
+            parents=[common, config_parser(cls, add_help=False)],
+            help=(cls.__doc__ or "").strip().splitlines()[0],
+        )
     e = sub.add_parser("export", parents=[common], help="write trained weights into a ComfyUI models/ layout")
     e.add_argument("--out", required=True, help="ComfyUI models/ folder")
     e.add_argument("--rfa", help="rfa run folder (or rfa.safetensors)")
@@ -66,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "prepare":
@@ -95,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in paths.items():
                 print(f"{k:12s} {v}")
             return 0
-        cfg = config_from_args(STAGES[args.cmd], args)
+        # the stage's flags once more, through its HfArgumentParser: defaults < --config file < flags
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("-v", "--verbose", action="store_true")
+        cfg = parse_config(STAGES[args.cmd], argv[argv.index(args.cmd) + 1 :], parents=[common])
         if args.cmd == "rfa":
             from .rfa import train_rfa as run
         elif args.cmd == "i2t":

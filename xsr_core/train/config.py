@@ -1,10 +1,10 @@
 """Training configuration: dataclasses, YAML/JSON config files and CLI overrides.
 
-Every stage (``rfa``, ``i2t``, ``adapter``) has one config dataclass. The command line exposes each
-field as ``--field value``; a ``--config FILE`` (YAML or JSON) supplies values first and explicit
-command-line flags override it. The resolved config is written beside every checkpoint
-(``config.json``, and ``config.yaml``) so a run can be reproduced exactly. Config keys are forever:
-add fields with defaults, never rename.
+Every stage (``rfa``, ``i2t``, ``adapter``) has one config dataclass. The command line
+(``transformers.HfArgumentParser``) exposes each field as ``--field value``; a ``--config FILE`` (YAML or
+JSON) supplies values first and explicit command-line flags override it. The resolved config is written
+beside every checkpoint (``config.json``, and ``config.yaml``) so a run can be reproduced exactly.
+Config keys are forever: add fields with defaults, never rename.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import argparse
 import dataclasses
 import json
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 
 @dataclass
@@ -33,8 +35,8 @@ class EngineConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
-    lr_warmup_steps: int = 0  # linear warm-up steps
-    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    lr_warmup_steps: int = 0  # linear warm-up steps (from 0 to learning_rate)
+    lr_schedule: str = "constant"  # after the warm-up: "constant", "cosine" (to 0) or "linear" (to 0)
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     mixed_precision: str = "no"  # accelerate mixed precision: "no", "fp16", "bf16"
     checkpointing_steps: int = 500  # save a resumable checkpoint every N optimiser steps
@@ -58,8 +60,8 @@ class EngineConfig:
             raise ValueError("checkpoints_total_limit must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
         if self.report_to not in ("none", "tensorboard"):
@@ -160,7 +162,8 @@ class AdapterTrainConfig(EngineConfig):
     adapter_proj_hidden: int = 256  # AdaINAdapterConfig.proj_hidden
     p_drop_text: float = 0.1  # classifier-free dropout of the text condition (empty prompt)
     p_drop_image: float = 0.1  # classifier-free dropout of the image embedding E (adapter off for that row)
-    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); exported weights are the EMA ones
+    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off; diffusers EMAModel, warm-up min(d, (1+t)/(10+t)));
+    # exported weights are the EMA ones
     gradient_checkpointing: bool = False  # recompute U-Net/ControlNet activations in backward
     noise_offset: float = 0.0  # optional noise offset
     variant: str = "adain"  # "adain": the full model (adapter + ControlNet); "text_only": the paper's Ours_Base
@@ -239,20 +242,6 @@ def write_config(config: Any, folder: str | os.PathLike) -> None:
         pass
 
 
-def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(cls)
-    return hints[f.name]
-
-
-def _str2bool(text: str) -> bool:
-    t = str(text).lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def _json_or_name(text: str) -> Any:
     """A JSON object, or a bare word (a preset name, resolved by the config)."""
     t = text.strip()
@@ -264,38 +253,29 @@ def _json_or_name(text: str) -> Any:
     return t
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--name`` option per dataclass field (default None = "not given"), plus ``--config``."""
+def config_parser(cls: type, **kwargs: Any) -> HfArgumentParser:
+    """``transformers.HfArgumentParser`` of ``cls`` (one ``--name`` per field) plus ``--config FILE``."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, **kwargs)
     parser.add_argument("--config", default=None, help="YAML/JSON file of options; command-line flags override it")
-    for f in dataclasses.fields(cls):
-        typ = _field_type(cls, f)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"(default: {default!r})"
-        if typ is bool:
-            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=None, help=help_)
-        elif typ is dict:
-            parser.add_argument(
-                f"--{f.name}",
-                type=_json_or_name,
-                default=None,
-                help=help_ + " JSON object" + (" or a preset name (tiny, paper)" if f.name == "model" else ""),
-            )
-        else:
-            parser.add_argument(f"--{f.name}", type=typ, default=None, help=help_)
+    for action in parser._actions:
+        if action.type is dict:  # a JSON object or a preset name (HfArgumentParser would call dict(text))
+            action.type = _json_or_name
+        if action.help is None:
+            action.help = "(default: %(default)r)"
+    return parser
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Resolve the config: dataclass defaults < ``--config`` file < explicit flags."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        data = read_config_file(args.config)
+def parse_config(cls: type, argv: list[str], **kwargs: Any) -> Any:
+    """Resolve the config of ``argv``: dataclass defaults < ``--config`` file < explicit flags."""
+    parser = config_parser(cls, **kwargs)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        data = read_config_file(known.config)
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"config file {args.config}: unknown options {unknown}; known: {sorted(names)}")
-        values.update(data)
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    return cls(**values)
+            raise ValueError(f"config file {known.config}: unknown options {unknown}; known: {sorted(names)}")
+        parser.set_defaults(**data)
+    return parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]

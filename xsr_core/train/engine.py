@@ -6,13 +6,18 @@ are held as plain attributes so DDP neither wraps nor broadcasts them). The loop
 
 * deterministic data order: epoch e is a permutation seeded with (seed, e), split across processes,
   so a resumed run sees exactly the batches the interrupted one would have seen;
-* gradient accumulation (``no_sync`` on all but the last micro-batch), clipping, warm-up + constant
-  or cosine learning rate (a pure function of the step, nothing to save);
+* gradient accumulation (``no_sync`` on all but the last micro-batch), clipping, and the learning rate
+  of ``diffusers.optimization.get_scheduler`` (``--lr_schedule``, linear warm-up from 0 over
+  ``--lr_warmup_steps``; a function of the step, rebuilt on resume);
 * per-step seeding (seed, step, rank) of torch's RNG, so noise and dropout decisions resume exactly;
-* resumable checkpoints ``output_dir/checkpoint-<step>/`` holding ``trainable.safetensors``,
-  ``optimizer.safetensors`` (tensors; the non-tensor state in its metadata - no pickle),
-  ``state.json`` and the resolved config; rotation keeps the newest ``checkpoints_total_limit``;
-  ``--resume_from_checkpoint latest`` picks the highest step;
+* optional EMA of the trainable weights (``diffusers.training_utils.EMAModel``: the decay of update t is
+  ``min(ema_decay, (1 + t) / (10 + t))``, 0 at the first update), copied into the module at the end;
+* resumable checkpoints by ``accelerator.save_state`` with automatic naming,
+  ``output_dir/checkpoints/checkpoint_<i>/`` (rotation keeps the newest ``checkpoints_total_limit``):
+  weights in ``model.safetensors``; optimizer / RNG (/ GradScaler) states are accelerate's ``torch.save``
+  files, read back with ``weights_only=True``; we add ``ema.safetensors``, the resolved config and
+  ``state.json`` (the optimiser step; written last, so a folder without it is incomplete).
+  ``--resume_from_checkpoint latest`` picks the newest complete one;
 * tqdm on the main process, ``log.jsonl`` and optional TensorBoard.
 """
 
@@ -21,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -37,9 +41,15 @@ from torch import nn
 
 from .config import EngineConfig, write_config
 
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
 logger = logging.getLogger(__name__)
 
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+CKPT_DIR = "checkpoints"  # accelerate's folder under project_dir with automatic_checkpoint_naming
+CKPT_RE = re.compile(r"^checkpoint_(\d+)$")  # accelerate's checkpoint_<save index>
+STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
 
 
 def make_accelerator(cfg: EngineConfig, *, find_unused_parameters: bool = False):
@@ -54,7 +64,12 @@ def make_accelerator(cfg: EngineConfig, *, find_unused_parameters: bool = False)
         cpu=cfg.cpu,
         log_with=log_with,
         kwargs_handlers=kwargs,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir,
+            logging_dir=str(Path(cfg.output_dir) / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=cfg.checkpoints_total_limit,
+        ),
     )
     return acc
 
@@ -74,15 +89,21 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def lr_at(cfg: EngineConfig, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then constant or cosine."""
-    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.lr_warmup_steps
-    if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.max_steps - cfg.lr_warmup_steps)
-        t = min(1.0, (step - cfg.lr_warmup_steps) / span)
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * t))
-    return cfg.learning_rate
+def make_scheduler(cfg: EngineConfig, optimizer: torch.optim.Optimizer, step: int = 0):
+    """``diffusers.optimization.get_scheduler`` for ``--lr_schedule`` / ``--lr_warmup_steps``, at ``step``.
+
+    "constant" is diffusers' "constant_with_warmup" (our flag has always included the warm-up). The
+    learning rate stays a function of the step and the current config (a resumed run may extend
+    ``--max_steps``), so the scheduler is rebuilt at the resumed step instead of being checkpointed.
+    """
+    from diffusers.optimization import get_scheduler
+
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.learning_rate  # LambdaLR's base learning rate (also when resuming)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps, last_epoch=step - 1
+    )
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -119,138 +140,112 @@ def make_optimizer(cfg: EngineConfig, module: nn.Module) -> torch.optim.Optimize
     )
 
 
-# ----------------------------------------------------------------------------------- EMA
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters (fp32 shadows)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                p.copy_(self.shadow[n].to(p.dtype))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{k}": v for k, v in self.shadow.items()}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for k in self.shadow:
-            if f"ema.{k}" in sd:
-                self.shadow[k].copy_(sd[f"ema.{k}"])
-
-
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
-    return tensors, meta
+def _ckpt_index(folder: Path) -> int:
+    m = CKPT_RE.match(folder.name)
+    return int(m.group(1)) if m else -1
 
 
-def _optimizer_from_file(opt: torch.optim.Optimizer, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        state: dict[int, dict[str, Any]] = {}
-        for key in f.keys():
-            _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = f.get_tensor(key)
-    for key, v in json.loads(meta["scalars"]).items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+def _ckpt_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoints/checkpoint_<i>`` folder (complete or not), oldest save first."""
+    root = Path(output_dir) / CKPT_DIR
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=_ckpt_index)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of the complete checkpoints in ``output_dir``, oldest first."""
+    """``(step, folder)`` of the complete checkpoints in ``output_dir``, oldest save first."""
     out = []
-    root = Path(output_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            m = CKPT_RE.match(p.name)
-            if m and (p / "state.json").is_file():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+    for p in _ckpt_folders(output_dir):
+        if (p / STATE_FILE).is_file():
+            out.append((int(json.loads((p / STATE_FILE).read_text())["step"]), p))
+    return out
+
+
+def _legacy_error(folder: Path) -> ValueError:
+    return ValueError(
+        f"{folder} is a checkpoint in XSR's earlier own format (trainable.safetensors + optimizer.safetensors); "
+        "this version resumes only accelerate checkpoints (<output_dir>/checkpoints/checkpoint_<i>/). Start again "
+        "without --resume_from_checkpoint in a new --output_dir, or finish that run with the XSR version that wrote it"
+    )
 
 
 def resolve_resume(cfg: EngineConfig) -> Path | None:
-    """The checkpoint folder ``--resume_from_checkpoint`` names ("latest" = highest step; None = fresh)."""
-    r = cfg.resume_from_checkpoint
+    """The checkpoint folder ``--resume_from_checkpoint`` names ("latest" = the newest save; None = fresh)."""
+    r, root = cfg.resume_from_checkpoint, Path(cfg.output_dir)
+    ckpts = list_checkpoints(root)
     if not r:
+        if ckpts:
+            raise ValueError(
+                f"{root} already holds checkpoints of a run (newest: {ckpts[-1][1].name}, step {ckpts[-1][0]}): "
+                "pass --resume_from_checkpoint latest to continue it, or choose a new --output_dir"
+            )
         return None
     if r == "latest":
-        ckpts = list_checkpoints(cfg.output_dir)
-        if not ckpts:
-            logger.info("no checkpoint in %s: starting from scratch", cfg.output_dir)
-            return None
-        return ckpts[-1][1]
+        if ckpts:
+            return ckpts[-1][1]
+        legacy = sorted(p for p in root.glob("checkpoint-*") if (p / "trainable.safetensors").is_file())
+        if legacy:
+            raise _legacy_error(legacy[-1])
+        logger.info("no checkpoint in %s: starting from scratch", root)
+        return None
     p = Path(r)
     if not p.is_absolute() and not p.exists():
-        p = Path(cfg.output_dir) / r
-    if not (p / "state.json").is_file():
+        p = root / CKPT_DIR / r if (root / CKPT_DIR / r).exists() else root / r
+    if (p / "trainable.safetensors").is_file():
+        raise _legacy_error(p)
+    if not (p / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {r}: {p} is not a complete checkpoint folder")
     return p
 
 
-def save_checkpoint(
-    cfg: EngineConfig,
-    step: int,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: EMA | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temp folder + rename) and rotate old ones."""
-    root = Path(cfg.output_dir)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    if ema is not None:
-        sd.update({k: v.cpu().contiguous() for k, v in ema.state_dict().items()})
-    save_file(sd, str(tmp / "trainable.safetensors"))
-    tensors, meta = _optimizer_to_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-    write_config(cfg, tmp)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time(), **(extra or {})}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ckpts = list_checkpoints(root)
-    for _, old in ckpts[: max(0, len(ckpts) - cfg.checkpoints_total_limit)]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved %s", final)
-    return final
+# EMA is written here, not by accelerator.register_for_checkpointing: accelerate reloads registered objects
+# with torch.load(weights_only=False) (custom_checkpoint_<i>.pkl); ours is safetensors + JSON metadata.
+def _save_ema(ema: EMAModel, names: list[str], folder: Path) -> None:
+    sd = ema.state_dict()
+    tensors = {n: t.detach().cpu().contiguous() for n, t in zip(names, sd.pop("shadow_params"))}
+    save_file(tensors, str(folder / EMA_FILE), metadata={"ema": json.dumps(sd)})
 
 
-def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> int:
-    """Restore module/optimizer/EMA from ``folder``; returns the step it was saved at."""
-    with safe_open(str(folder / "trainable.safetensors"), framework="pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    ema_sd = {k: sd.pop(k) for k in list(sd) if k.startswith("ema.")}
-    module.load_state_dict(sd, strict=True)
+def _load_ema(ema: EMAModel, names: list[str], folder: Path) -> None:
+    with safe_open(str(folder / EMA_FILE), framework="pt") as f:
+        sd = json.loads(f.metadata()["ema"])
+        sd["shadow_params"] = [f.get_tensor(n) for n in names]
+    ema.load_state_dict(sd)
+
+
+def save_checkpoint(cfg: EngineConfig, accelerator: Any, step: int, ema: EMAModel | None, names: list[str]) -> Path:
+    """``accelerator.save_state`` (rotation by ``total_limit``), then EMA, config and ``state.json`` (last)."""
+    folder = Path(accelerator.save_state())
+    if accelerator.is_main_process:
+        if ema is not None:
+            _save_ema(ema, names, folder)
+        write_config(cfg, folder)
+        state = {"step": step, "processes": accelerator.num_processes, "time": time.time()}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+        logger.info("saved %s (step %d)", folder, step)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_checkpoint(accelerator: Any, folder: Path, ema: EMAModel | None, names: list[str]) -> int:
+    """Restore the prepared model/optimizer/scheduler (and EMA) from ``folder``; returns its step."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state.get("processes", 1) != accelerator.num_processes:  # DDP-wrapped names, per-rank data order
+        raise ValueError(
+            f"{folder} was written by {state.get('processes', 1)} training processes, this run has "
+            f"{accelerator.num_processes}: resume with the same number (accelerate launch --num_processes N)"
+        )
+    # accelerate reads the weights from safetensors and optimizer/scheduler/RNG states with torch.load(weights_only)
+    accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
     if ema is not None:
-        ema.load_state_dict(ema_sd)
-    _optimizer_from_file(optimizer, folder / "optimizer.safetensors")
-    return int(json.loads((folder / "state.json").read_text())["step"])
+        if not (folder / EMA_FILE).is_file():
+            raise ValueError(f"{folder} holds no EMA weights ({EMA_FILE}) but --ema_decay is set: resume without EMA")
+        _load_ema(ema, names, folder)
+        ema.to(device=accelerator.device)
+    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -284,6 +279,7 @@ def train_loop(
     copied in when EMA is on)}``.
     """
     root = Path(cfg.output_dir)
+    resume = resolve_resume(cfg)  # before anything is written into output_dir
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         write_config(cfg, root)
@@ -291,7 +287,7 @@ def train_loop(
     n = len(dataset)
     bs = effective_batch_size(cfg, n, world)
     steps_per_epoch = n // (bs * world)
-    optimizer = make_optimizer(cfg, module)
+    raw_optimizer = make_optimizer(cfg, module)
     logger.info(
         "train_loop: processes: %d, device %s, per-process batch %d x %d accumulation, %d steps/epoch, "
         "mixed precision %s",
@@ -302,14 +298,28 @@ def train_loop(
         steps_per_epoch,
         cfg.mixed_precision,
     )
-    ema = EMA(module, ema_decay) if ema_decay > 0 else None
-    step = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        step = load_checkpoint(resume, module, optimizer, ema)
-        logger.info("resumed from %s at step %d", resume, step)
-    model, optimizer = accelerator.prepare(module, optimizer)
+    model, optimizer = accelerator.prepare(module, raw_optimizer)
     raw = accelerator.unwrap_model(model)
+    names = [n for n, p in raw.named_parameters() if p.requires_grad]
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+    ema = None
+    if ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=ema_decay)
+    folders = _ckpt_folders(root)
+    if accelerator.is_main_process:
+        for p in folders:
+            if not (p / STATE_FILE).is_file():  # an interrupted save: it would count against total_limit
+                logger.warning("removing the incomplete checkpoint %s", p)
+                shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    accelerator.project_configuration.iteration = max((_ckpt_index(p) for p in folders), default=-1) + 1
+    step = 0
+    if resume is not None:
+        step = load_checkpoint(accelerator, resume, ema, names)
+        logger.info("resumed from %s at step %d", resume, step)
+    scheduler = make_scheduler(cfg, raw_optimizer, step)
     if cfg.report_to == "tensorboard":
         accelerator.init_trackers(
             "xsr", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
@@ -337,9 +347,7 @@ def train_loop(
     running: dict[str, float] = {}
     while step < cfg.max_steps:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
-        lr = lr_at(cfg, step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = scheduler.get_last_lr()[0]
         for micro in range(accum):
             batch = _to_device(next(batches_iter), accelerator.device)
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
@@ -354,9 +362,10 @@ def train_loop(
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(raw)
+            ema.step(trainable)
         step += 1
         bar.update(1)
         if step % cfg.log_steps == 0 or step == cfg.max_steps:
@@ -390,9 +399,7 @@ def train_loop(
                     f.write(json.dumps(row) + "\n")
             accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
-            if accelerator.is_main_process:
-                save_checkpoint(cfg, step, raw, optimizer, ema)
-            accelerator.wait_for_everyone()
+            save_checkpoint(cfg, accelerator, step, ema, names)
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
             if evaluate is not None and accelerator.is_main_process:
                 model.eval()
@@ -410,7 +417,7 @@ def train_loop(
             accelerator.wait_for_everyone()
     bar.close()
     if ema is not None:
-        ema.copy_to(raw)
+        ema.copy_to(trainable)
     accelerator.end_training()
     return {"step": step, "history": history, "eval": last_eval, "evals": evals, "module": raw}
 
