@@ -8,9 +8,12 @@ sizes (ViT-L/14 tokens 257x1024, distilgpt2-size decoder, soft CLIP-text path).
 
     python bench/bench_train.py                         # GPU, writes bench/results/train_<device>.{json,md}
     python bench/bench_train.py --tiny                  # CPU smoke run with tiny models
+    python bench/bench_train.py --stage 2 --controlnet-train attention --controlnet-train all   # scopes side by side
     accelerate launch --num_processes 8 bench/bench_train.py --stage 2   # multi-GPU scaling (issue #8)
 
-img/s counts images over all processes.
+img/s counts images over all processes. Stage 2 trains the ControlNet scope of ``--controlnet-train`` (the
+trainer's ``--controlnet_train``; default ``attention``, the trainer's default), selected with the trainer's own
+``select_controlnet_params``; every row records its scope and trainable parameter counts.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from xsr_core.testing.sd15 import CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402
 
 
-def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt: bool):
+def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt: bool, scope: str = "attention"):
     from diffusers import (
         AutoencoderKL,
         ControlNetModel,
@@ -41,7 +44,7 @@ def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig
-    from xsr_core.train.adapter import AdapterStage
+    from xsr_core.train.adapter import AdapterStage, select_controlnet_params
     from xsr_core.train.config import AdapterTrainConfig
 
     torch.manual_seed(0)
@@ -56,6 +59,7 @@ def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         embed = 1024
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3)
+    select_controlnet_params(controlnet, scope)  # what `train adapter --controlnet_train SCOPE` trains
     sched = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -76,9 +80,11 @@ def build_stage2(tiny: bool, device: torch.device, dtype: torch.dtype, grad_ckpt
     return stage, embed
 
 
-def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmup: int, res: int) -> dict:
+def bench_stage2(
+    acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmup: int, res: int, scope: str = "attention"
+) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
-    stage, embed = build_stage2(tiny, acc.device, dtype, grad_ckpt)
+    stage, embed = build_stage2(tiny, acc.device, dtype, grad_ckpt, scope)
     params = [p for p in stage.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     model, opt = acc.prepare(stage, opt)
@@ -106,6 +112,7 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
     dt_s = _timed(acc, step, warmup, steps)
     out = {
         "stage": "2",
+        "controlnet_train": scope,
         "batch_per_process": batch,
         "processes": acc.num_processes,
         "grad_ckpt": grad_ckpt,
@@ -114,6 +121,8 @@ def bench_stage2(acc, tiny: bool, batch: int, grad_ckpt: bool, steps: int, warmu
         "s_per_step": dt_s / steps,
         "peak_mem_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if cuda else None,
         "trainable_params_m": sum(p.numel() for p in params) / 1e6,
+        "controlnet_trainable_params_m": sum(p.numel() for p in stage.controlnet.parameters() if p.requires_grad) / 1e6,
+        "adapter_params_m": sum(p.numel() for p in stage.adapter.parameters()) / 1e6,
     }
     raw.binding.detach()
     acc.free_memory(model, opt)  # accelerate keeps references to every prepared object otherwise
@@ -242,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--mixed-precision", default=None, help="no/bf16/fp16 (default bf16 on GPU, no on CPU)")
+    p.add_argument(
+        "--controlnet-train",
+        action="append",
+        default=None,
+        help="stage-2 ControlNet scope (attention, zero_convs, all, none or name substrings, as the trainer's "
+        "--controlnet_train); repeat to measure several side by side (default: attention)",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
     from accelerate import Accelerator
@@ -253,18 +269,27 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     res = 64 if args.tiny else 512
     sizes = [int(x) for x in (args.batch_sizes or ("1,2" if args.tiny else "8,16,32")).split(",")]
+    scopes = args.controlnet_train or ["attention"]
     rows: list[dict] = []
     if args.stage in ("all", "2"):
-        for ck in [s.strip() == "on" for s in args.grad_ckpt.split(",")]:
-            for bs in sizes:
-                try:
-                    r = bench_stage2(acc, args.tiny, bs, ck, steps, warmup, res)
-                except torch.cuda.OutOfMemoryError:
-                    r = {"stage": "2", "batch_per_process": bs, "grad_ckpt": ck, "resolution": res, "oom": True}
-                _release(acc)
-                rows.append(r)
-                if acc.is_main_process:
-                    print(json.dumps(r), flush=True)
+        for scope in scopes:
+            for ck in [s.strip() == "on" for s in args.grad_ckpt.split(",")]:
+                for bs in sizes:
+                    try:
+                        r = bench_stage2(acc, args.tiny, bs, ck, steps, warmup, res, scope)
+                    except torch.cuda.OutOfMemoryError:
+                        r = {
+                            "stage": "2",
+                            "controlnet_train": scope,
+                            "batch_per_process": bs,
+                            "grad_ckpt": ck,
+                            "resolution": res,
+                            "oom": True,
+                        }
+                    _release(acc)
+                    rows.append(r)
+                    if acc.is_main_process:
+                        print(json.dumps(r), flush=True)
     if args.stage in ("all", "1"):
         for r in bench_stage1(acc, args.tiny, steps, warmup):
             rows.append(r)
@@ -285,6 +310,7 @@ def write_results(out: Path, device: str, rows: list[dict], acc, args) -> None:
         "mixed_precision": acc.mixed_precision,
         "torch": torch.__version__,
         "tiny": args.tiny,
+        "controlnet_train": args.controlnet_train or ["attention"],
     }
     stem = (
         f"train_{device}" + ("_tiny" if args.tiny else "") + (f"_x{acc.num_processes}" if acc.num_processes > 1 else "")
@@ -295,20 +321,22 @@ def write_results(out: Path, device: str, rows: list[dict], acc, args) -> None:
         "",
         *(f"- {k}: `{v}`" for k, v in meta.items()),
         "",
-        "| stage | batch/proc | procs | grad ckpt | res | img/s | s/step | peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | ControlNet scope | trainable M | batch/proc | procs | grad ckpt | res | img/s | s/step | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("oom"):
             lines.append(
-                f"| {r['stage']} | {r['batch_per_process']} | | {r.get('grad_ckpt', '')} | "
-                f"{r.get('resolution', '')} | OOM | | |"
+                f"| {r['stage']} | {r.get('controlnet_train', '')} | | {r['batch_per_process']} | | "
+                f"{r.get('grad_ckpt', '')} | {r.get('resolution', '')} | OOM | | |"
             )
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        tp = f"{r['trainable_params_m']:.1f}" if r.get("trainable_params_m") is not None else "-"
         lines.append(
-            f"| {r['stage']} | {r['batch_per_process']} | {r['processes']} | {r.get('grad_ckpt', '')} | "
-            f"{r.get('resolution', '')} | {r['img_per_s']:.1f} | {r['s_per_step']:.3f} | {mem} |"
+            f"| {r['stage']} | {r.get('controlnet_train', '-')} | {tp} | {r['batch_per_process']} | "
+            f"{r['processes']} | {r.get('grad_ckpt', '')} | {r.get('resolution', '')} | {r['img_per_s']:.1f} | "
+            f"{r['s_per_step']:.3f} | {mem} |"
         )
     lines += ["", "Target: stage 2 >= 40 img/s at 512 px on one H100 (bf16)."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -9,8 +9,9 @@ One module-scoped run on CPU with the tiny zoo:
 2. ``prepare`` (packed reference DB, test-set dedup) → ``rfa`` → ``i2t`` → ``adapter`` in both variants
    (``adain`` = full model, ``text_only`` = Ours_Base) → ``export`` into a ComfyUI models/ folder.
 3. Learning proof: same-class precision@4 / hit@4 of the references the RFA retrieves for the test LR
-   images beats raw-LR CLS retrieval; stage-2 validation loss with the true E is lower than with a
-   shuffled E.
+   images beats raw-LR CLS retrieval; the trained adapter reads E (the validation loss changes when E is
+   shuffled; it does not at step 0, where the zero gates make the adapter the identity). That the true E
+   gives a *lower* validation loss than a shuffled one is not shown at this CPU scale (xfail, reason there).
 4. ``eval run`` of the shipped workflows (``xsr_x16.json``, ``xsr_x16_text_only.json``) in a live
    ComfyUI on the test split's non-square HR files, with exactly the exported files (asserted by
    fingerprint), then ``eval metrics`` against the originals (x16 crop) and one table with both rows.
@@ -199,14 +200,36 @@ def test_stage2_validation_figures(loop):
     assert ev["val_mse"] < loop["adain"]["evals"][0]["val_mse"]  # stage 2 learns (deterministic validation batch)
 
 
+def test_stage2_adapter_reads_the_image_embedding(loop):
+    """Wiring of E into the trained model, with its own negative control: the validation batch, noise and
+    timesteps are fixed (seeded) and only E differs between ``val_mse`` and ``val_mse_shuffled_e``. At step 0
+    the adapter's gates are zero (the adapter is the identity), so shuffling E cannot change the loss; after
+    training it must (an adapter detached from the model, a projector that ignores E or gates that never
+    leave zero all fail here)."""
+    first, last = loop["adain"]["evals"][0], loop["adain"]["evals"][-1]
+    assert first["step"] == 0 and last["step"] > 0
+    assert first["val_mse_shuffled_e"] == first["val_mse"]
+    assert abs(last["val_mse_shuffled_e"] - last["val_mse"]) > 1e-6 * last["val_mse"]
+    gates = loop["adain"]["module"].adapter.gates.detach()
+    FIGURES["stage2_e_shuffle"] = {
+        "val_mse": last["val_mse"],
+        "val_mse_shuffled_e": last["val_mse_shuffled_e"],
+        "rel_diff": last["val_mse_shuffled_e"] / last["val_mse"] - 1,
+        "gate_absmax": gates.abs().max().item(),
+    }
+    assert gates.abs().max().item() > 0
+
+
 @pytest.mark.xfail(
     strict=False,
-    reason="not yet shown at this CPU budget (40 tiny stage-2 steps): the validation "
-    "loss with the true E is not reliably below the shuffled-E loss; needs a longer run",
+    reason="not reachable at this CPU scale (measured, see the report of branch `learn`): the tiny random "
+    "TAESD latents have std ~0.19 and the HR detail E could add is a few % of that, so even an oracle E (a "
+    "perfect class code) trained 150 steps moves the shuffled-E validation loss by 0.00 +- 0.09 %; the proof "
+    "needs pretrained SD weights (real latents, a trained U-Net) and a longer run",
 )
-def test_stage2_uses_the_image_embedding(loop):
+def test_stage2_true_embedding_beats_a_shuffled_one(loop):
     ev = loop["adain"]["evals"][-1]
-    assert ev["val_mse"] < ev["val_mse_shuffled_e"]
+    assert ev["val_mse_shuffled_e"] > 1.01 * ev["val_mse"]  # a clear margin, not noise
 
 
 def test_both_variants_export_what_comfyui_runs_and_eval_scores_them(loop):

@@ -41,4 +41,7 @@ def test_bench_train_tiny_cpu(tmp_path):
     stages = [(r["stage"], r.get("grad_ckpt")) for r in data["results"]]
     assert stages == [("2", False), ("2", True), ("1-rfa", None), ("1-i2t", None)]
     assert all(r["img_per_s"] > 0 for r in data["results"])
+    s2 = [r for r in data["results"] if r["stage"] == "2"]
+    assert {r["controlnet_train"] for r in s2} == {"attention"}  # the trainer's default scope, not "all"
+    assert all(r["controlnet_trainable_params_m"] < r["trainable_params_m"] for r in s2)
     assert js.with_suffix(".md").read_text().startswith("# Training throughput")
