@@ -442,6 +442,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--compile-runs", type=int, default=1, help="timed runs of the compile mode (after 1 warm-up)")
     ap.add_argument(
+        "--offload-check",
+        action="store_true",
+        help="after the eager rows, time the XSR eager graph at the first step count again with the other "
+        "XSR_OFFLOAD setting (none vs stage1): peak VRAM and time side by side",
+    )
+    ap.add_argument(
         "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
     )
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
@@ -485,9 +491,9 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    def time_mode(mode: str) -> None:
-        for steps in compile_steps if mode == "compile" else steps_list:
-            for kind in kinds:
+    def time_mode(mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None) -> None:
+        for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
+            for kind in only_kinds or kinds:
                 times, traces = [], []
                 peak = None
                 runs = args.compile_runs if mode == "compile" else args.runs
@@ -514,6 +520,7 @@ def main(argv=None) -> int:
                     "steps": steps,
                     "compile": mode == "compile",
                     "mode": mode,
+                    "offload": os.environ.get("XSR_OFFLOAD") or "stage1",
                     "median_s": statistics.median(times) if times else None,
                     "runs": times,
                     "peak_vram_gib": peak,
@@ -528,6 +535,15 @@ def main(argv=None) -> int:
     for mode in modes:
         if mode != "compile":
             time_mode(mode)
+        if mode == "eager" and args.offload_check and "xsr" in kinds:
+            # the same XSR eager rows with the stage-1 models kept resident: VRAM vs per-image reload, side by side
+            before = os.environ.get("XSR_OFFLOAD")
+            os.environ["XSR_OFFLOAD"] = "none" if (before or "stage1") != "none" else "stage1"
+            time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
+            if before is None:
+                del os.environ["XSR_OFFLOAD"]
+            else:
+                os.environ["XSR_OFFLOAD"] = before
     for steps in steps_list:
         if "cudagraph" in modes and "eager" in modes:
             # same LR, same seed: eager vs cudagraph latent after sampling (fp16 noise expected)
@@ -569,9 +585,10 @@ def main(argv=None) -> int:
         return "-" if v is None else f.format(v)
 
     none = {"median_s": None, "peak_vram_gib": None}
+    own = os.environ.get("XSR_OFFLOAD") or "stage1"
     for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
         for mode in modes:
-            sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode]
+            sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode and r["offload"] == own]
             if not sel:
                 continue
             b = next((r for r in sel if r["graph"] == "baseline"), none)
@@ -583,6 +600,20 @@ def main(argv=None) -> int:
                 f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
                 f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |"
             )
+    other = [r for r in results["rows"] if r["offload"] != own]
+    if other:
+        lines += ["", f"XSR_OFFLOAD side by side (this run: {own}; XSR graph, eager):", ""]
+        lines += [
+            "| XSR_OFFLOAD | steps | XSR s | peak VRAM GiB | Retrieve ms | Enhance ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in [x for x in results["rows"] if x["graph"] == "xsr" and x["mode"] == "eager"]:
+            if r["steps"] in {o["steps"] for o in other}:
+                lines.append(
+                    f"| {r['offload']} | {r['steps']} | {fmt(r['median_s'])} | {fmt(r['peak_vram_gib'])} | "
+                    f"{fmt(r['nodes_ms'].get('XSR_Retrieve'), '{:.1f}')} | "
+                    f"{fmt(r['nodes_ms'].get('XSR_Enhance'), '{:.1f}')} |"
+                )
     if "compile" in modes:
         lines.append(
             f"\ncompile mode (TorchCompileModel, inductor): steps {compile_steps} only, median of "
@@ -595,14 +626,17 @@ def main(argv=None) -> int:
         "",
         "Per node, median ms (CUDA synchronised around each node):",
         "",
-        "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " |",
-        "|---" * (3 + len(NODE_COLUMNS)) + "|",
+        "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " | fixed XSR cost |",
+        "|---" * (4 + len(NODE_COLUMNS)) + "|",
     ]
+    fixed = ("XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix")
     for r in results["rows"]:
+        mode_s = r["mode"] if r["offload"] == own else f"{r['mode']} (XSR_OFFLOAD={r['offload']})"
+        cost = sum(r["nodes_ms"].get(c, 0.0) for c in fixed) if r["graph"] == "xsr" and r["nodes_ms"] else None
         lines.append(
-            f"| {r['graph']} | {r['mode']} | {r['steps']} | "
+            f"| {r['graph']} | {mode_s} | {r['steps']} | "
             + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS)
-            + " |"
+            + f" | {fmt(cost, '{:.1f}')} |"
         )
     if results["checks"]:
         lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]
