@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,7 +78,9 @@ def _stub_av() -> None:
     sys.modules["av"].time_base = 1
 
 
-def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
+def make_models(models: Path, tiny: bool, device: str, sd: bool = True) -> dict[str, str]:
+    """Write the benchmark's models under ``models``; ``sd=False`` skips the real-size U-Net, ControlNet and
+    VAE (the fixed-cost bench only needs the CLIP text / vision encoders, the XSR models and the DB)."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -134,10 +137,12 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
         zoo.write_controlnet(cn, models / "controlnet" / names["cn"])
         names["ckpt"] = "tiny.safetensors"
     else:
-        unet = zoo.randomize_(UNet2DConditionModel(**unet_cfg), 0)
-        save(unet, models / "diffusion_models" / names["unet"])
-        save(zoo.randomize_(ControlNetModel.from_unet(unet), 1), models / "controlnet" / names["cn"])
-        save(zoo.randomize_(AutoencoderKL(**SD_VAE), 2), models / "vae" / names["vae"])
+        unet = None
+        if sd:
+            unet = zoo.randomize_(UNet2DConditionModel(**unet_cfg), 0)
+            save(unet, models / "diffusion_models" / names["unet"])
+            save(zoo.randomize_(ControlNetModel.from_unet(unet), 1), models / "controlnet" / names["cn"])
+            save(zoo.randomize_(AutoencoderKL(**SD_VAE), 2), models / "vae" / names["vae"])
         save(
             zoo.randomize_(CLIPTextModel(CLIPTextConfig(**text_cfg)), 3),
             models / "text_encoders" / names["clip"],
@@ -173,6 +178,7 @@ def make_models(models: Path, tiny: bool, device: str) -> dict[str, str]:
     with torch.no_grad():
         ad.gates.uniform_(0.05, 0.2)  # every site active, as a trained adapter
     save_model(ad, models / "xsr" / "adain_adapter.safetensors")
+    shutil.rmtree(models / "xsr_refdb" / "bench", ignore_errors=True)  # a reused --workdir: build afresh
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_images(tmp, 64 if tiny else 256, size=256)
         build_db(
@@ -287,19 +293,10 @@ def comfy_version() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
-    ap.add_argument("--steps", default="20,50")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
-    ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
-    ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
-    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
-    args = ap.parse_args(argv)
-
-    sys.path.insert(0, os.path.abspath(args.comfy))
+def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True) -> types.SimpleNamespace:
+    """Models written, ComfyUI imported in-process with the XSR pack, and a prompt runner that records per-node
+    times (CUDA synchronised around each node) and what is resident after each node."""
+    sys.path.insert(0, os.path.abspath(comfy))
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,10 +304,10 @@ def main(argv=None) -> int:
 
     comfy.cli_args.args.cpu = device == "cpu"
     comfy.cli_args.args.disable_api_nodes = True
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="xsr_e2e_"))
+    work = Path(workdir or tempfile.mkdtemp(prefix="xsr_e2e_"))
     models = work / "models"
     t0 = time.time()
-    names = make_models(models, args.tiny, device)
+    names = make_models(models, tiny, device, sd=sd)
     print(f"models written in {time.time() - t0:.0f} s", flush=True)
     _stub_av()  # after diffusers (which probes for av with find_spec), before ComfyUI
     if device == "cuda":
@@ -321,6 +318,8 @@ def main(argv=None) -> int:
     folder_paths.set_output_directory(str(work / "output"))
     folder_paths.set_input_directory(str(work / "input"))
     folder_paths.set_temp_directory(str(work / "temp"))
+    for sub in ("output", "input", "temp"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
     for sub in (
         "checkpoints",
         "diffusion_models",
@@ -337,7 +336,7 @@ def main(argv=None) -> int:
     link = cn_dir / "comfyui-xsr"
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    if args.tiny:
+    if tiny:
         sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
         (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(cn_dir)], set())
@@ -424,6 +423,42 @@ def main(argv=None) -> int:
             raise RuntimeError(f"execution failed: {executor.status_messages[-3:]}")
         return time.perf_counter() - t, [dict(r, **{"class": prompt[r["node"]]["class_type"]}) for r in trace]
 
+    return types.SimpleNamespace(
+        run=run, new_lr=new_lr, names=names, device=device, captured=captured, torch=torch, mm=mm, work=work
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap.add_argument("--steps", default="20,50")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
+    ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
+    ap.add_argument(
+        "--compile-steps",
+        default="20",
+        help="step counts of the compile mode (each graph compiles in its warm-up run: keep it short)",
+    )
+    ap.add_argument("--compile-runs", type=int, default=1, help="timed runs of the compile mode (after 1 warm-up)")
+    ap.add_argument(
+        "--offload-check",
+        action="store_true",
+        help="after the eager rows, time the XSR eager graph at the first step count again with the other "
+        "XSR_OFFLOAD setting (none vs stage1): peak VRAM and time side by side",
+    )
+    ap.add_argument(
+        "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
+    )
+    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    s = session(args.comfy, args.tiny, args.workdir)
+    run, new_lr, names, device, captured = s.run, s.new_lr, s.names, s.device, s.captured
+    import torch
+
     steps_list = [int(s) for s in args.steps.split(",")]
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -447,15 +482,25 @@ def main(argv=None) -> int:
     def save_partial():  # a later mode that hangs (compile) must not lose the rows already measured
         (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
 
-    for mode in modes:
-        for steps in steps_list:
-            for kind in ("baseline", "xsr"):
+    kinds = [k for k in args.graphs.split(",") if k]
+    compile_steps = [int(x) for x in args.compile_steps.split(",") if x]
+    if "compile" in modes:
+        print(
+            f"compile mode: steps {compile_steps}, {args.compile_runs} timed run(s) after one warm-up "
+            "(the warm-up compiles)",
+            flush=True,
+        )
+
+    def time_mode(mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None) -> None:
+        for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
+            for kind in only_kinds or kinds:
                 times, traces = [], []
                 peak = None
+                runs = args.compile_runs if mode == "compile" else args.runs
                 try:
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    for i in range(args.runs + 1):
+                    for i in range(runs + 1):
                         g = graphs(new_lr(), names, steps, seed=i, mode=mode)[kind]
                         dt, tr = run(g)
                         if i > 0:
@@ -475,6 +520,7 @@ def main(argv=None) -> int:
                     "steps": steps,
                     "compile": mode == "compile",
                     "mode": mode,
+                    "offload": os.environ.get("XSR_OFFLOAD") or "stage1",
                     "median_s": statistics.median(times) if times else None,
                     "runs": times,
                     "peak_vram_gib": peak,
@@ -485,6 +531,19 @@ def main(argv=None) -> int:
                 results["rows"].append(row)
                 save_partial()
                 print(json.dumps({k: v for k, v in row.items() if k != "resident"}), flush=True)
+
+    for mode in modes:
+        if mode != "compile":
+            time_mode(mode)
+        if mode == "eager" and args.offload_check and "xsr" in kinds:
+            # the same XSR eager rows with the stage-1 models kept resident: VRAM vs per-image reload, side by side
+            before = os.environ.get("XSR_OFFLOAD")
+            os.environ["XSR_OFFLOAD"] = "none" if (before or "stage1") != "none" else "stage1"
+            time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
+            if before is None:
+                del os.environ["XSR_OFFLOAD"]
+            else:
+                os.environ["XSR_OFFLOAD"] = before
     for steps in steps_list:
         if "cudagraph" in modes and "eager" in modes:
             # same LR, same seed: eager vs cudagraph latent after sampling (fp16 noise expected)
@@ -505,6 +564,8 @@ def main(argv=None) -> int:
                 results["checks"].append(chk)
                 save_partial()
                 print(json.dumps(chk), flush=True)
+    if "compile" in modes:  # last: its warm-ups compile, the slowest part of a run
+        time_mode("compile")
     for name, mod in list(sys.modules.items()):
         cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
         if cache is not None:
@@ -523,18 +584,41 @@ def main(argv=None) -> int:
     def fmt(v, f="{:.3f}"):
         return "-" if v is None else f.format(v)
 
-    for steps in steps_list:
+    none = {"median_s": None, "peak_vram_gib": None}
+    own = os.environ.get("XSR_OFFLOAD") or "stage1"
+    for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
         for mode in modes:
-            b = next(
-                r for r in results["rows"] if r["graph"] == "baseline" and r["steps"] == steps and r["mode"] == mode
-            )
-            x = next(r for r in results["rows"] if r["graph"] == "xsr" and r["steps"] == steps and r["mode"] == mode)
+            sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode and r["offload"] == own]
+            if not sel:
+                continue
+            b = next((r for r in sel if r["graph"] == "baseline"), none)
+            x = next((r for r in sel if r["graph"] == "xsr"), none)
             ov = x["median_s"] / b["median_s"] - 1 if x["median_s"] and b["median_s"] else None
-            x["overhead"] = ov
+            if x is not none:
+                x["overhead"] = ov
             lines.append(
                 f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
                 f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |"
             )
+    other = [r for r in results["rows"] if r["offload"] != own]
+    if other:
+        lines += ["", f"XSR_OFFLOAD side by side (this run: {own}; XSR graph, eager):", ""]
+        lines += [
+            "| XSR_OFFLOAD | steps | XSR s | peak VRAM GiB | Retrieve ms | Enhance ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in [x for x in results["rows"] if x["graph"] == "xsr" and x["mode"] == "eager"]:
+            if r["steps"] in {o["steps"] for o in other}:
+                lines.append(
+                    f"| {r['offload']} | {r['steps']} | {fmt(r['median_s'])} | {fmt(r['peak_vram_gib'])} | "
+                    f"{fmt(r['nodes_ms'].get('XSR_Retrieve'), '{:.1f}')} | "
+                    f"{fmt(r['nodes_ms'].get('XSR_Enhance'), '{:.1f}')} |"
+                )
+    if "compile" in modes:
+        lines.append(
+            f"\ncompile mode (TorchCompileModel, inductor): steps {compile_steps} only, median of "
+            f"{args.compile_runs} run(s) after one warm-up run that compiles (other modes: {args.runs} runs)."
+        )
     for r in results["rows"]:
         if r["error"]:
             lines.append(f"\n{r['graph']} {r['mode']} {r['steps']} steps failed: `{r['error']}`")
@@ -542,14 +626,17 @@ def main(argv=None) -> int:
         "",
         "Per node, median ms (CUDA synchronised around each node):",
         "",
-        "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " |",
-        "|---" * (3 + len(NODE_COLUMNS)) + "|",
+        "| graph | mode | steps | " + " | ".join(NODE_COLUMNS) + " | fixed XSR cost |",
+        "|---" * (4 + len(NODE_COLUMNS)) + "|",
     ]
+    fixed = ("XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix")
     for r in results["rows"]:
+        mode_s = r["mode"] if r["offload"] == own else f"{r['mode']} (XSR_OFFLOAD={r['offload']})"
+        cost = sum(r["nodes_ms"].get(c, 0.0) for c in fixed) if r["graph"] == "xsr" and r["nodes_ms"] else None
         lines.append(
-            f"| {r['graph']} | {r['mode']} | {r['steps']} | "
+            f"| {r['graph']} | {mode_s} | {r['steps']} | "
             + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS)
-            + " |"
+            + f" | {fmt(cost, '{:.1f}')} |"
         )
     if results["checks"]:
         lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]

@@ -260,9 +260,15 @@ class XSRAdapterPatcher(WholeModelPatcher):
 
 
 def make_adapter_patcher(adapter: AdaINAdapter) -> XSRAdapterPatcher:
+    """The adapter's ModelPatcher, in fp16 where ComfyUI would run fp16 on the load device (as the RFA and
+    I2T, nodes/loaders.py): it stays resident beside the U-Net, and its statistics are cast to the
+    activations' dtype (fp16 there) anyway."""
     import comfy.model_management as mm
 
-    return XSRAdapterPatcher(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    device = mm.get_torch_device()
+    if mm.should_use_fp16(device, prioritize_performance=False):
+        adapter = adapter.half()
+    return XSRAdapterPatcher(adapter, load_device=device, offload_device=mm.unet_offload_device())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 
 from .comfy_binding import attach_embedding
 from .common import XSRModels, XSRRefs, throw_if_interrupted
+from .loaders import offload_after_use
 from .validation import check_batch, check_text, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class XSREnhance(io.ComfyNode):
             )
             throw_if_interrupted()
             captions = i2t.generate_caption(E, xsr_models.tokenizer, max_new_tokens=max_tokens, num_beams=num_beams)
+        E = E.float().to(comfy.model_management.intermediate_device())
+        offload_after_use(xsr_models.i2t)  # not needed again for this image (XSR_OFFLOAD)
         texts = []
         for cap in captions:
             text = caption_override.strip() or cap.strip()
@@ -147,7 +150,6 @@ class XSREnhance(io.ComfyNode):
                 text = f"{text}, {extra_prompt.strip()}" if text else extra_prompt.strip()
             texts.append(text)
         cond, pooled = encode_texts(clip, texts)
-        E = E.float().to(comfy.model_management.intermediate_device())
         opts = {}
         if pooled is not None:
             opts["pooled_output"] = pooled

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+import comfy.model_management
 from comfy_api.latest import io
 
 from ..xsr_core import MAX_LR_SIDE, SCALE
@@ -92,6 +94,22 @@ class XSRColorFix(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, lr: torch.Tensor, method: str) -> io.NodeOutput:
         try:
-            return io.NodeOutput(color_fix(image, lr, method))
+            dev = _fix_device(image)
+            out = color_fix(image.to(dev), lr.to(dev), method)
         except (ValueError, LRImageError) as e:
             raise ValueError(f"XSR_ColorFix: {e}") from None
+        return io.NodeOutput(out.to(comfy.model_management.intermediate_device()))
+
+
+def _fix_device(image: torch.Tensor) -> torch.device:
+    """Where the colour fix runs: ComfyUI's torch device when the working set fits its free memory (a few
+    small kernels there instead of seconds of CPU convolutions at large sizes), else the image's device."""
+    dev = comfy.model_management.get_torch_device()
+    if dev.type == "cpu" or image.device == dev:
+        return image.device
+    need = image[..., :1].numel() * 4 * 3 * 10  # float32 RGB: SR, reference, the batched pyramid, temporaries
+    try:
+        free = comfy.model_management.get_free_memory(dev)
+    except Exception:  # noqa: BLE001 - a device that cannot report its memory: stay where the image is
+        return image.device
+    return dev if need < free else image.device

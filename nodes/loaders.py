@@ -54,6 +54,40 @@ def _patcher(module):
     )
 
 
+OFFLOAD_POLICIES = ("stage1", "none")
+
+
+def offload_policy() -> str:
+    """``XSR_OFFLOAD`` of the server's environment (read per call): ``stage1`` (default) hands the RFA back to
+    ComfyUI's offload device once XSR_Retrieve has its query and the I2T once XSR_Enhance has its output, so
+    neither stays in VRAM while the sampler and the VAE run (each image then loads them again: a host-to-device
+    copy of their weights); ``none`` keeps them loaded until ComfyUI's model management needs the room."""
+    value = (os.environ.get("XSR_OFFLOAD") or "stage1").strip().lower()
+    if value not in OFFLOAD_POLICIES:
+        logger.warning("XSR_OFFLOAD=%r is not one of %s; using 'stage1'", value, OFFLOAD_POLICIES)
+        return "stage1"
+    return value
+
+
+def offload_after_use(patcher) -> bool:
+    """Unload a stage-1 model (its ModelPatcher) from the GPU through ComfyUI's model management, as
+    ``comfy.model_management.free_memory`` does for the models it evicts, when ``XSR_OFFLOAD`` asks for it.
+    Returns True when it was unloaded. Nothing happens on the CPU, for a model ComfyUI does not hold, or for
+    one under ComfyUI's Dynamic VRAM (0.33+: its weights are streamed on demand already)."""
+    if offload_policy() == "none" or patcher.load_device.type == "cpu":
+        return False
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return False
+    models = comfy.model_management.current_loaded_models
+    for i, loaded in enumerate(models):
+        if loaded.model is patcher:
+            if loaded.model_unload():
+                models.pop(i)
+                return True
+            return False
+    return False
+
+
 class XSRLoadModels(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

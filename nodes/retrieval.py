@@ -18,6 +18,7 @@ from comfy_api.latest import io, ui
 from ..xsr_core.imaging import LRImageError, resize_center_crop, validate_lr
 from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
+from .loaders import offload_after_use
 from .common import (
     XSRModels,
     XSRRefDB,
@@ -47,18 +48,20 @@ class Retrieval:
 
 @dataclass(eq=False)
 class _CachedRef:
-    tokens: torch.Tensor  # (T, D) CLIP tokens on the encoder's device, in the encoder's output dtype (lossless)
+    tokens: torch.Tensor  # (T, D) CLIP tokens on the CPU, in the encoder's output dtype (lossless)
     thumb: torch.Tensor  # (THUMB, THUMB, 3) float32 CPU
     name: str
     full: dict  # ComfyUI temp-preview entry of the full-resolution reference (the gallery's enlarged view)
+    preview: dict  # ComfyUI temp-preview entry of the thumbnail (the gallery's grid)
 
 
 class RefCache:
-    """LRU of per-reference work that does not change between prompts: the reference's CLIP tokens (kept on
-    the encoder's device) and its thumbnail, keyed by DB folder + DB signature + encoder fingerprint + row id.
+    """LRU of per-reference work that does not change between prompts: the reference's CLIP tokens and its
+    thumbnail with their temp-folder previews, keyed by DB folder + DB signature + encoder fingerprint + row id.
 
-    A repeated reference then costs no image decode, resize or ViT pass. ``XSR_REF_CACHE_SIZE`` (entries,
-    default 128, 0 = off) bounds it: at ViT-L/14 fp16 an entry is ~0.5 MB of VRAM and ~0.8 MB of RAM.
+    A repeated reference then costs no image decode, resize, ViT pass or PNG encode. The tokens stay in RAM
+    (one small upload per prompt), so the cache takes no VRAM while the sampler runs. ``XSR_REF_CACHE_SIZE``
+    (entries, default 128, 0 = off) bounds it: at ViT-L/14 fp16 an entry is ~1.3 MB of RAM.
     """
 
     def __init__(self, capacity: int):
@@ -107,8 +110,9 @@ def _square(t: torch.Tensor, side: int) -> torch.Tensor:
 
 def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedRef]:
     """Tokens + thumbnail of every distinct retrieved row: cached ones from :data:`REF_CACHE`, the others
-    decoded and encoded in ONE batched ViT pass over all LR images' references. The full-resolution
-    preview of a reference (temp folder, kept for the server's life) is written once, when it is cached."""
+    decoded and encoded in ONE batched ViT pass over all LR images' references. The previews of a reference
+    (thumbnail and full resolution, temp folder, kept for the server's life) are written once, when it is
+    cached."""
     prefix = _ref_cache_prefix(refdb, clip_vision) if REF_CACHE.capacity else None
     wanted = sorted({int(x) for x in ids.reshape(-1) if x >= 0})
     out: dict[int, _CachedRef] = {}
@@ -121,21 +125,24 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedR
             out[rid] = hit
     if missing:
         try:
-            imgs = refdb.load_images(missing)
+            imgs = refdb.load_images(missing, as_numpy=True)
             recs = refdb.records(missing)
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
         # decoded bytes go to the encoder's device once; both resizes run there
         dev = clip_vision.load_device
-        hr = [torch.from_numpy(np.asarray(im.convert("RGB"))).to(dev).float() / 255.0 for im in imgs]
+        hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im in imgs]  # writable copies
         tokens = encode_clip(
             clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False, to_intermediate=False
         ).tokens
         out_dtype = next(clip_vision.model.parameters()).dtype
-        thumbs = [_square(x, THUMB).cpu() for x in hr]
-        for rid, x, thumb, rec, tok in zip(missing, hr, thumbs, recs, tokens):
+        tokens = tokens.to(out_dtype).cpu()  # lossless: the encoder's own output dtype
+        thumbs = torch.stack([_square(x, THUMB) for x in hr]).cpu()
+        previews = ui.PreviewImage(thumbs, cls=cls).values  # one temp-folder scan for all new thumbnails
+        for rid, x, thumb, preview, rec, tok in zip(missing, hr, thumbs, previews, recs, tokens):
             full = ui.PreviewImage(x[None].cpu(), cls=cls).values[0]
-            entry = _CachedRef(tok.to(out_dtype), thumb, os.path.basename(rec.path) or f"#{rec.id}", dict(full))
+            name = os.path.basename(rec.path) or f"#{rec.id}"
+            entry = _CachedRef(tok.clone(), thumb.clone(), name, dict(full), dict(preview))
             out[rid] = entry
             if prefix is not None:
                 REF_CACHE.put(prefix + (rid,), entry)
@@ -203,6 +210,7 @@ class XSRRetrieve(io.ComfyNode):
         p = next(rfa.parameters())
         with torch.no_grad():
             query = rfa.query_embedding(feats.tokens.to(device=p.device, dtype=p.dtype)).float().cpu()
+        offload_after_use(xsr_models.rfa)  # not needed again for this image (XSR_OFFLOAD)
         try:
             scores, ids = refdb.search(query, k=top_k)
         except RefDBError as e:
@@ -214,22 +222,26 @@ class XSRRetrieve(io.ComfyNode):
         refs = _gather_refs(clip_vision, refdb, ids, cls)
         t, d = feats.tokens.shape[1:]
         dev = feats.tokens.device
-        ref_tokens = torch.zeros(b, top_k, t, d, device=dev)
         ref_mask = torch.zeros(b, top_k, dtype=torch.bool)
-        thumbs, names, lines, fulls = [], [], [], []
+        order, slots, names, lines = [], [], [], []  # the references in (image, rank) order, their flat slots
         for i in range(b):
             row_names = []
             valid = [j for j in range(k) if ids[i, j] >= 0]
             for n, j in enumerate(valid):
                 ref = refs[int(ids[i, j])]
-                ref_tokens[i, n] = ref.tokens.to(dev)
                 ref_mask[i, n] = True
-                thumbs.append(ref.thumb)
-                fulls.append(ref.full)
+                order.append(ref)
+                slots.append(i * top_k + n)
                 row_names.append(ref.name)
                 lines.append(f"image {i} ref {n}: {float(scores[i, j]):.4f} {ref.name}")
             names.append(row_names)
-        refs_image = torch.stack(thumbs) if thumbs else torch.zeros(1, THUMB, THUMB, 3)
+        ref_tokens = torch.zeros(b * top_k, t, d, device=dev)
+        if order:  # one upload of all references' tokens, one scatter (no per-slot copies, no host sync)
+            stacked = torch.stack([r.tokens for r in order]).to(device=dev, dtype=ref_tokens.dtype)
+            ref_tokens.index_copy_(0, torch.tensor(slots, device=dev), stacked)
+        ref_tokens = ref_tokens.view(b, top_k, t, d)
+        refs_image = torch.stack([r.thumb for r in order]) if order else torch.zeros(1, THUMB, THUMB, 3)
+        fulls = [r.full for r in order]
         result = Retrieval(feats.tokens, ref_tokens, ref_mask, ids, scores, names)
         gallery = [
             {"image": i, "rank": j, "score": float(scores[i, j]), "name": names[i][j]}
@@ -238,8 +250,10 @@ class XSRRetrieve(io.ComfyNode):
         ]
         for entry, full in zip(gallery, fulls):
             entry["full"] = dict(full)
-        # not under "images": the frontend would show its stock preview beside web/xsr.js's gallery
-        ui_out = {"xsr_thumbs": ui.PreviewImage(refs_image, cls=cls).as_dict()["images"], "xsr_refs": gallery}
+        # not under "images": the frontend would show its stock preview beside web/xsr.js's gallery; the
+        # thumbnails' previews were written when their references were first gathered
+        thumbs_ui = [dict(r.preview) for r in order] or ui.PreviewImage(refs_image, cls=cls).values
+        ui_out = {"xsr_thumbs": thumbs_ui, "xsr_refs": gallery}
         return io.NodeOutput(refs_image, result, "\n".join(lines), ui=ui_out)
 
 

@@ -21,44 +21,45 @@ METHODS = ("wavelet", "adain")
 
 
 def _reference(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """The LR bicubic-upscaled to the SR size: (1 or B, H, W, 3), one per distinct LR (broadcast over the SR)."""
     lr = ensure_rgb(lr, what="lr")
     if lr.shape[0] not in (1, sr.shape[0]):
         raise ValueError(f"colour fix: {lr.shape[0]} LR images for {sr.shape[0]} SR images")
-    ref = bicubic_resize(lr, tuple(sr.shape[1:3]), antialias=False)
-    return ref.expand(sr.shape[0], *ref.shape[1:])
+    return bicubic_resize(lr.to(sr.device), tuple(sr.shape[1:3]), antialias=False)
 
 
-def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    k = torch.tensor(
-        [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]], dtype=x.dtype, device=x.device
-    )
-    k = k[None, None].repeat(x.shape[1], 1, 1, 1)
-    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    return F.conv2d(x, k, groups=x.shape[1], dilation=radius)
+_KERNEL = ((1 / 16, 1 / 8, 1 / 16), (1 / 8, 1 / 4, 1 / 8), (1 / 16, 1 / 8, 1 / 16))
 
 
-def _wavelet_decompose(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    high = torch.zeros_like(x)
+def _wavelet_low(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The lowest-frequency layer of StableSR's à-trous pyramid of ``x`` (B, C, H, W): ``levels`` 3x3 binomial
+    blurs with dilation 1, 2, 4, ... (replicate padding). The high-frequency layers sum to ``x`` minus it."""
+    c = x.shape[1]
+    k = torch.tensor(_KERNEL, dtype=x.dtype).to(x.device)[None, None].repeat(c, 1, 1, 1)  # built once per call
     for i in range(levels):
-        low = _wavelet_blur(x, 2**i)
-        high = high + (x - low)
-        x = low
-    return high, x
+        r = 2**i
+        x = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, groups=c, dilation=r)
+    return x
 
 
 def wavelet_color_fix(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """SR high frequencies + LR (upscaled) low frequencies."""
+    """SR high frequencies + LR (upscaled) low frequencies, on the device of ``sr``.
+
+    The SR's high-frequency layers telescope to ``sr - low(sr)``, so the result is
+    ``sr - low(sr) + low(ref)``; both pyramids run as one batched pass.
+    """
     sr = ensure_rgb(sr, what="image").float()
     ref = _reference(sr, lr).float()
-    sr_high, _ = _wavelet_decompose(sr.movedim(-1, 1))
-    _, ref_low = _wavelet_decompose(ref.movedim(-1, 1))
-    return (sr_high + ref_low).clamp(0, 1).movedim(1, -1)
+    b = sr.shape[0]
+    low = _wavelet_low(torch.cat([sr, ref]).movedim(-1, 1))  # (B + 1 or 2B, 3, H, W)
+    out = sr.movedim(-1, 1) - low[:b] + low[b:]  # low(ref) broadcasts when one LR serves every SR image
+    return out.clamp(0, 1).movedim(1, -1)
 
 
 def adain_color_fix(sr: torch.Tensor, lr: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-channel mean/std of the SR matched to the (upscaled) LR."""
     sr = ensure_rgb(sr, what="image").float()
-    ref = _reference(sr, lr).float()
+    ref = _reference(sr, lr).float().expand(sr.shape[0], -1, -1, -1)
     s_var, s_mean = torch.var_mean(sr, dim=(1, 2), keepdim=True, correction=0)
     r_var, r_mean = torch.var_mean(ref, dim=(1, 2), keepdim=True, correction=0)
     return ((sr - s_mean) / (s_var + eps).sqrt() * (r_var + eps).sqrt() + r_mean).clamp(0, 1)

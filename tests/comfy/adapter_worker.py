@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
@@ -306,15 +308,32 @@ import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 
-def compiled_run(m, cn, opts):
+def compiled_run(m, cn, opts, backend="aot_eager"):
     """Sampler run with the model under TorchCompileModel's wrapper; (out, batches, graphs, graph breaks)."""
     torch._dynamo.reset()
     counters.clear()
     m = m.clone()
-    set_torch_compile_wrapper(model=m, backend="aot_eager")
+    set_torch_compile_wrapper(model=m, backend=backend)
     seen, out = sampler_batches(m, cn, opts)
     return out, seen, int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
+
+# XSR_TEST_INDUCTOR=1: also the inductor backend TorchCompileModel uses by default (needs a C++ compiler on
+# CPU; minutes of code generation, so not in the default run)
+if os.environ.get("XSR_TEST_INDUCTOR") == "1":
+    try:
+        t0 = time.time()
+        i_out, i_seen, i_graphs, _ = compiled_run(full_m, full_cn, with_e, backend="inductor")
+        results["compile_inductor"] = {
+            "ok": True,
+            "maxdiff": float((i_out - cfg["xsr"]["out"]).abs().max()),
+            "scale": float(cfg["xsr"]["out"].abs().max()),
+            "batches": i_seen,
+            "frames_compiled": i_graphs,
+            "seconds": time.time() - t0,
+        }
+    except Exception as e:  # recorded for the test's message
+        results["compile_inductor"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
 
 try:
     c_out, c_seen, c_graphs, c_breaks = compiled_run(full_m, full_cn, with_e)

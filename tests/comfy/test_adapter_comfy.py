@@ -83,6 +83,16 @@ def test_torch_compile_through_comfyui_helper_matches_eager(worker_results):
     assert c["plain_maxdiff"] <= 1e-4 * max(1.0, c["scale"]), c
 
 
+def test_torch_compile_inductor_matches_eager(worker_results):
+    """TorchCompileModel's default backend (inductor): run with XSR_TEST_INDUCTOR=1 (a C++ compiler, minutes)."""
+    c = worker_results.get("compile_inductor")
+    if c is None:
+        pytest.skip("inductor compile not requested (XSR_TEST_INDUCTOR=1)")
+    assert c["ok"], c.get("error")
+    assert c["frames_compiled"] > 0 and c["batches"] == [2, 2], c
+    assert c["maxdiff"] <= 1e-4 * max(1.0, c["scale"]), c
+
+
 def test_multigpu_clones_refused_clearly_and_copy_keeps_patches(worker_results):
     m = worker_results["multigpu"]
     assert m["copy_keeps_xsr"]

@@ -48,6 +48,24 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+def test_reference_previews_are_written_once_per_reference(comfy, tmp_path):
+    from xsr_core.testing.synthetic import synthetic_image
+
+    p = tmp_path / "lr_previews.png"  # an LR of its own: ComfyUI's cache must not answer for Retrieve
+    synthetic_image(11, 128).resize((8, 8), Image.BICUBIC).save(p)
+    lr = comfy.upload_image(p)
+    first = comfy.run(graph(lr, top_k=3))["outputs"]["retrieve"]
+    again = comfy.run(graph(lr, top_k=2))["outputs"]["retrieve"]  # Retrieve runs again: the same top 2
+    assert [r["name"] for r in again["xsr_refs"]] == [r["name"] for r in first["xsr_refs"]][:2]
+    # cached references reuse their thumbnail and full-size previews (no new PNG per prompt)
+    assert again["xsr_thumbs"] == first["xsr_thumbs"][:2]
+    assert [r["full"] for r in again["xsr_refs"]] == [r["full"] for r in first["xsr_refs"]][:2]
+    for thumb, ref in zip(first["xsr_thumbs"], first["xsr_refs"]):
+        small, full = _pixels(comfy.view(thumb)), _pixels(comfy.view(ref["full"]))
+        assert small.shape == (256, 256, 3) and full.ndim == 3  # the 256 px thumbnail and the HR image
+        assert thumb != ref["full"]
+
+
 def test_strength_zero_is_bit_identical_to_graph_without_xsr_patches(comfy, lr8):
     g = graph(lr8, strength=0.0)
     xsr = comfy.output_images(comfy.run(g), "save")[0]

@@ -1,0 +1,189 @@
+"""Fixed per-image XSR cost: XSR_PrepareLR + XSR_Retrieve + XSR_Enhance + XSR_ColorFix through ComfyUI in-process.
+
+Only the XSR nodes that run once per image (no sampling, no VAE): the LR is loaded, prepared, its references
+retrieved from the DB, the I2T embedding and caption made and encoded with the CLIP text encoder, and the
+colour fix applied to the x16 hint (the same 512 px shape as a decoded image). A new LR image every run, so
+the per-image work really runs (references may repeat: the reference-token cache serves those, as in use).
+Uses the models and the DB of ``bench_e2e.py`` (real-shape random weights on CUDA, fp16; ``--tiny``: the tiny
+zoo on CPU) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the peak
+VRAM and what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
+
+    python bench/bench_fixed_cost.py --comfy /path/to/ComfyUI --runs 20          # real shapes (GPU)
+    python bench/bench_fixed_cost.py --comfy .comfyui/ComfyUI --tiny --runs 10   # CPU, tiny zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_e2e  # noqa: E402
+
+FIXED = ["XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix"]
+
+
+def graph(lr_name: str, names: dict[str, str]) -> dict:
+    if "ckpt" in names:  # tiny zoo: one checkpoint file
+        text = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt"]}}}
+        clip = ["ckpt", 1]
+    else:
+        text = {
+            "clipl": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
+        }
+        clip = ["clipl", 0]
+    return {
+        "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
+        "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
+        **text,
+        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": names["cv"]}},
+        "models": {
+            "class_type": "XSR_LoadModels",
+            "inputs": {"rfa_name": "rfa.safetensors", "i2t_name": "i2t.safetensors"},
+        },
+        "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": "bench"}},
+        "retrieve": {
+            "class_type": "XSR_Retrieve",
+            "inputs": {
+                "image": ["prep", 2],
+                "clip_vision": ["cv", 0],
+                "xsr_models": ["models", 0],
+                "refdb": ["db", 0],
+                "top_k": 4,
+            },
+        },
+        "enhance": {
+            "class_type": "XSR_Enhance",
+            "inputs": {
+                "xsr_models": ["models", 0],
+                "refs": ["retrieve", 1],
+                "clip": clip,
+                "max_tokens": 32,
+                "num_beams": 1,
+                "caption_override": "",
+                "extra_prompt": "high quality, detailed",
+            },
+        },
+        "fix": {"class_type": "XSR_ColorFix", "inputs": {"image": ["prep", 0], "lr": ["prep", 2], "method": "wavelet"}},
+        "show_caption": {"class_type": "PreviewAny", "inputs": {"source": ["enhance", 1]}},
+        "show_fix": {"class_type": "PreviewAny", "inputs": {"source": ["fix", 0]}},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap.add_argument("--runs", type=int, default=20, help="timed runs (after --warmup untimed ones)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="tiny zoo on CPU")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
+    ap.add_argument(
+        "--offload",
+        default=None,
+        help="comma list of XSR_OFFLOAD settings to time side by side (default: none,stage1 on CUDA, none on CPU)",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. a setting being compared)")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    s = bench_e2e.session(args.comfy, args.tiny, args.workdir, sd=False)
+    torch = s.torch
+    print(f"set up in {time.time() - t0:.0f} s", flush=True)
+    policies = [p for p in (args.offload or ("none,stage1" if s.device == "cuda" else "none")).split(",") if p]
+    device = torch.cuda.get_device_name() if s.device == "cuda" else "cpu"
+    res = {
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "comfyui": bench_e2e.comfy_version(),
+        "command": " ".join(["python", "bench/bench_fixed_cost.py", *(argv if argv is not None else sys.argv[1:])]),
+        "tiny": args.tiny,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "rows": [],
+    }
+    for policy in policies:
+        os.environ["XSR_OFFLOAD"] = policy  # read by the nodes at every call
+        per_node: dict[str, list[float]] = {}
+        totals, last = [], None
+        if s.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup + args.runs):
+            _, tr = s.run(graph(s.new_lr(), s.names))
+            if i < args.warmup:
+                continue
+            by = {r["class"]: r["s"] for r in tr}
+            for c in FIXED:
+                per_node.setdefault(c, []).append(by.get(c, float("nan")))
+            totals.append(sum(by.get(c, 0.0) for c in FIXED))
+            last = tr
+        row = {
+            "offload": policy,
+            "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in per_node.items()},
+            "nodes_ms_min": {c: round(min(v) * 1000, 2) for c, v in per_node.items()},
+            "fixed_ms_median": round(statistics.median(totals) * 1000, 2),
+            "fixed_ms_all": [round(t * 1000, 2) for t in totals],
+            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if s.device == "cuda" else None,
+            "resident_after": last,
+        }
+        res["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "resident_after"}), flush=True)
+    retrieval = next(
+        (m for n, m in sys.modules.items() if n.endswith("nodes.retrieval") and hasattr(m, "REF_CACHE")), None
+    )
+    cache = retrieval.REF_CACHE if retrieval is not None else None
+    res["ref_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses, "cap": cache.capacity}
+
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = ("tiny_cpu" if args.tiny else device.lower().replace(" ", "_")) + (f"_{args.tag}" if args.tag else "")
+    lines = [
+        f"# Fixed per-image XSR cost, ComfyUI {res['comfyui']} in-process — {device}, {res['date']}, "
+        f"torch {res['torch']}",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Median of {args.runs} runs after {args.warmup} warm-up runs per XSR_OFFLOAD setting, a new LR image each "
+        f"run ({'tiny zoo' if args.tiny else 'real-shape random weights'}; CUDA synchronised around each node; "
+        "min in brackets).",
+        "",
+        "| node | " + " | ".join(f"XSR_OFFLOAD={r['offload']}" for r in res["rows"]) + " |",
+        "|---" * (1 + len(res["rows"])) + "|",
+        *(
+            f"| {c} | " + " | ".join(f"{r['nodes_ms'][c]:.1f} ({r['nodes_ms_min'][c]:.1f})" for r in res["rows"]) + " |"
+            for c in FIXED
+        ),
+        "| **sum** | " + " | ".join(f"**{r['fixed_ms_median']:.1f}**" for r in res["rows"]) + " |",
+        "| peak VRAM GiB (these nodes only) | "
+        + " | ".join("-" if r["peak_vram_gib"] is None else f"{r['peak_vram_gib']:.3f}" for r in res["rows"])
+        + " |",
+        "",
+        f"Reference cache over the run: {res['ref_cache']}.",
+    ]
+    for r in res["rows"]:
+        if r["resident_after"]:
+            lines += ["", f"Resident after each node, XSR_OFFLOAD={r['offload']} (MiB):", ""]
+            lines += ["| after node | resident models |", "|---|---|"]
+            lines += [
+                f"| {t['class']} | {', '.join(f'{n} {m}' for n, m in t['resident_mib']) or '-'} |"
+                for t in r["resident_after"]
+                if t["class"] in FIXED
+            ]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    (out / f"fixed_cost_{tag}.json").write_text(json.dumps(res, indent=1))
+    (out / f"fixed_cost_{tag}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
