@@ -520,7 +520,7 @@ def main(argv=None) -> int:
                     "steps": steps,
                     "compile": mode == "compile",
                     "mode": mode,
-                    "offload": os.environ.get("XSR_OFFLOAD") or "stage1",
+                    "offload": os.environ.get("XSR_OFFLOAD") or "none",
                     "median_s": statistics.median(times) if times else None,
                     "runs": times,
                     "peak_vram_gib": peak,
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
         if mode == "eager" and args.offload_check and "xsr" in kinds:
             # the same XSR eager rows with the stage-1 models kept resident: VRAM vs per-image reload, side by side
             before = os.environ.get("XSR_OFFLOAD")
-            os.environ["XSR_OFFLOAD"] = "none" if (before or "stage1") != "none" else "stage1"
+            os.environ["XSR_OFFLOAD"] = "stage1" if (before or "none") == "none" else "none"
             time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
             if before is None:
                 del os.environ["XSR_OFFLOAD"]
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
         return "-" if v is None else f.format(v)
 
     none = {"median_s": None, "peak_vram_gib": None}
-    own = os.environ.get("XSR_OFFLOAD") or "stage1"
+    own = os.environ.get("XSR_OFFLOAD") or "none"
     for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
         for mode in modes:
             sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode and r["offload"] == own]

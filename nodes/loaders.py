@@ -54,18 +54,21 @@ def _patcher(module):
     )
 
 
-OFFLOAD_POLICIES = ("stage1", "none")
+OFFLOAD_POLICIES = ("none", "stage1")
+DEFAULT_OFFLOAD = "none"
 
 
 def offload_policy() -> str:
-    """``XSR_OFFLOAD`` of the server's environment (read per call): ``stage1`` (default) hands the RFA back to
-    ComfyUI's offload device once XSR_Retrieve has its query and the I2T once XSR_Enhance has its output, so
-    neither stays in VRAM while the sampler and the VAE run (each image then loads them again: a host-to-device
-    copy of their weights); ``none`` keeps them loaded until ComfyUI's model management needs the room."""
-    value = (os.environ.get("XSR_OFFLOAD") or "stage1").strip().lower()
+    """``XSR_OFFLOAD`` of the server's environment (read per call): ``none`` (default) keeps the RFA and I2T
+    loaded until ComfyUI's model management needs the room (it evicts them like any model); ``stage1`` hands
+    the RFA back to ComfyUI's offload device once XSR_Retrieve has its query and the I2T once XSR_Enhance has
+    its output, so neither stays in VRAM while the sampler and the VAE run, at the price of loading them again
+    for every image (a host-to-device copy of their weights and the caption decode's CUDA graph recaptured;
+    bench/results/fixed_cost_*.md measures both)."""
+    value = (os.environ.get("XSR_OFFLOAD") or DEFAULT_OFFLOAD).strip().lower()
     if value not in OFFLOAD_POLICIES:
-        logger.warning("XSR_OFFLOAD=%r is not one of %s; using 'stage1'", value, OFFLOAD_POLICIES)
-        return "stage1"
+        logger.warning("XSR_OFFLOAD=%r is not one of %s; using %r", value, OFFLOAD_POLICIES, DEFAULT_OFFLOAD)
+        return DEFAULT_OFFLOAD
     return value
 
 
