@@ -117,22 +117,8 @@ def _common_inputs() -> list:
             step=0.05,
             tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit",
         ),
-        io.Float.Input(
-            "start_percent",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="sampling progress at which the adapter starts acting",
-        ),
-        io.Float.Input(
-            "end_percent",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="sampling progress at which the adapter stops acting",
-        ),
+        _percent_input("start_percent", 0.0, "sampling progress at which the adapter starts acting"),
+        _percent_input("end_percent", 1.0, "sampling progress at which the adapter stops acting"),
         io.Combo.Input(
             "apply_to",
             options=list(APPLY_TO),
@@ -141,6 +127,18 @@ def _common_inputs() -> list:
             "both: the negative branch gets it too",
         ),
     ]
+
+
+def _percent_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
+
+
+def _window_problems(node: str, kw: dict) -> list[str]:
+    """Queue-time check of the sampling window (both ends are widgets; linked values arrive as None)."""
+    s, e = kw.get("start_percent"), kw.get("end_percent")
+    if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
+        return [f"{node}: start_percent {s} is after end_percent {e}; make start <= end."]
+    return []
 
 
 def _allow_other_input() -> io.Boolean.Input:
@@ -224,9 +222,7 @@ class XSRApplyAdaIN(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
         problems = schema_problems(cls, kw)
-        s, e = kw.get("start_percent"), kw.get("end_percent")
-        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
-            problems.append(f"XSR_ApplyAdaIN: start_percent {s} is after end_percent {e}; make start <= end.")
+        problems += _window_problems("XSR_ApplyAdaIN", kw)
         return verdict(problems)
 
     @classmethod
@@ -289,9 +285,7 @@ class XSRAdaINPatch(io.ComfyNode):
         problems = schema_problems(cls, kw, skip=("adapter_name",))
         if kw.get("adapter_name") is not None:
             collect(problems, check_weights_file, "XSR_AdaINPatch", "adapter_name", kw["adapter_name"], "AdaINAdapter")
-        s, e = kw.get("start_percent"), kw.get("end_percent")
-        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
-            problems.append(f"XSR_AdaINPatch: start_percent {s} is after end_percent {e}; make start <= end.")
+        problems += _window_problems("XSR_AdaINPatch", kw)
         return verdict(problems)
 
     @classmethod
