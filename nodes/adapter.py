@@ -133,12 +133,18 @@ def _percent_input(name: str, default: float, tooltip: str) -> io.Float.Input:
     return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
 
 
-def _window_problems(node: str, kw: dict) -> list[str]:
-    """Queue-time check of the sampling window (both ends are widgets; linked values arrive as None)."""
+def _validate(cls, kw: dict, node: str, *, adapter_file: bool) -> bool | str:
+    """``validate_inputs`` of the adapter nodes: the widget values (schema), the adapter file when a widget names
+    it, and the sampling window (linked values arrive as None and are checked at execution)."""
+    from .loaders import check_weights_file
+
+    problems = schema_problems(cls, kw, skip=("adapter_name",) if adapter_file else ())
+    if adapter_file and kw.get("adapter_name") is not None:
+        collect(problems, check_weights_file, node, "adapter_name", kw["adapter_name"], "AdaINAdapter")
     s, e = kw.get("start_percent"), kw.get("end_percent")
     if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
-        return [f"{node}: start_percent {s} is after end_percent {e}; make start <= end."]
-    return []
+        problems.append(f"{node}: start_percent {s} is after end_percent {e}; make start <= end.")
+    return verdict(problems)
 
 
 def _allow_other_input() -> io.Boolean.Input:
@@ -181,14 +187,7 @@ class XSRLoadAdaINAdapter(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        from .loaders import check_weights_file
-
-        problems = schema_problems(cls, kw, skip=("adapter_name",))
-        if kw.get("adapter_name") is not None:
-            collect(
-                problems, check_weights_file, "XSR_LoadAdaINAdapter", "adapter_name", kw["adapter_name"], "AdaINAdapter"
-            )
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_LoadAdaINAdapter", adapter_file=True)
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
@@ -221,9 +220,7 @@ class XSRApplyAdaIN(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        problems = schema_problems(cls, kw)
-        problems += _window_problems("XSR_ApplyAdaIN", kw)
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_ApplyAdaIN", adapter_file=False)
 
     @classmethod
     def execute(
@@ -280,13 +277,7 @@ class XSRAdaINPatch(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        from .loaders import check_weights_file
-
-        problems = schema_problems(cls, kw, skip=("adapter_name",))
-        if kw.get("adapter_name") is not None:
-            collect(problems, check_weights_file, "XSR_AdaINPatch", "adapter_name", kw["adapter_name"], "AdaINAdapter")
-        problems += _window_problems("XSR_AdaINPatch", kw)
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_AdaINPatch", adapter_file=True)
 
     @classmethod
     def execute(
