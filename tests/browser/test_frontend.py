@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 from xsr_core.workflow import ui_to_api
+from xsr_helpers import upload_lr8
 
 pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
@@ -108,11 +108,7 @@ def with_names(wf: dict, mapping: dict, steps: int | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def lr_name(comfy, tmp_path_factory):
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("browser_lr") / "browser_lr8.png"
-    synthetic_image(11, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("browser_lr"), "browser_lr8.png", 11)
 
 
 class PageErrors:
