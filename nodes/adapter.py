@@ -147,6 +147,11 @@ def _validate(cls, kw: dict, node: str, *, adapter_file: bool) -> bool | str:
     return verdict(problems)
 
 
+def _check_finite_settings(node: str, settings: dict) -> None:
+    """Execution-time guard of the float widgets (``settings``: the inputs after the adapter, see apply_adapter)."""
+    check_finite(node, **{k: settings[k] for k in ("strength", "start_percent", "end_percent")})
+
+
 def _allow_other_input() -> io.Boolean.Input:
     return io.Boolean.Input(
         "allow_other_controlnet",
@@ -223,31 +228,10 @@ class XSRApplyAdaIN(io.ComfyNode):
         return _validate(cls, kw, "XSR_ApplyAdaIN", adapter_file=False)
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        control_net,
-        adapter,
-        strength: float,
-        start_percent: float,
-        end_percent: float,
-        apply_to: str,
-        allow_other_controlnet: bool = False,
-    ) -> io.NodeOutput:
-        check_finite("XSR_ApplyAdaIN", strength=strength, start_percent=start_percent, end_percent=end_percent)
-        return io.NodeOutput(
-            *apply_adapter(
-                "XSR_ApplyAdaIN",
-                model,
-                control_net,
-                adapter,
-                strength,
-                start_percent,
-                end_percent,
-                apply_to,
-                allow_other_controlnet,
-            )
-        )
+    def execute(cls, model, control_net, adapter, **settings) -> io.NodeOutput:
+        node = "XSR_ApplyAdaIN"
+        _check_finite_settings(node, settings)
+        return io.NodeOutput(*apply_adapter(node, model, control_net, adapter, **settings))
 
 
 class XSRAdaINPatch(io.ComfyNode):
@@ -280,23 +264,9 @@ class XSRAdaINPatch(io.ComfyNode):
         return _validate(cls, kw, "XSR_AdaINPatch", adapter_file=True)
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        control_net,
-        adapter_name: str,
-        strength: float,
-        start_percent: float,
-        end_percent: float,
-        apply_to: str,
-        allow_other_controlnet: bool = False,
-    ) -> io.NodeOutput:
+    def execute(cls, model, control_net, adapter_name: str, **settings) -> io.NodeOutput:
         node = "XSR_AdaINPatch"
-        check_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
+        _check_finite_settings(node, settings)
         path = xsr_file_path(node, "adapter_name", adapter_name)
-        loaded = load_adapter(node, path) if strength != 0.0 else None
-        return io.NodeOutput(
-            *apply_adapter(
-                node, model, control_net, loaded, strength, start_percent, end_percent, apply_to, allow_other_controlnet
-            )
-        )
+        loaded = load_adapter(node, path) if settings["strength"] != 0.0 else None
+        return io.NodeOutput(*apply_adapter(node, model, control_net, loaded, **settings))
