@@ -43,10 +43,12 @@ OURS_JS = "/extensions/comfyui-xsr/"
 NOISE = re.compile(r"Content Security Policy|Failed to load resource")  # offline registry look-ups, 404 thumbnails
 SCHEMA = re.compile(r"Invalid workflow|zod", re.I)
 
+# ready to load a workflow: the stock and XSR node types, the frontend's own Note (the shipped workflows carry one;
+# with Nodes 2.0 it can register after the pack's extensions) and the gallery extension
 APP_READY = """() => {
   const app = window.comfyAPI?.app?.app;
   const types = window.LiteGraph?.registered_node_types ?? {};
-  return !!(app?.graph && app.canvas && types.KSampler && types.XSR_Retrieve && types.XSR_Enhance
+  return !!(app?.graph && app.canvas && types.KSampler && types.Note && types.XSR_Retrieve && types.XSR_Enhance
             && app.extensions?.some((e) => e.name === "xsr.gallery"));
 }"""
 
