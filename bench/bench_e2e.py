@@ -46,36 +46,7 @@ from xsr_core.testing.sd15 import (  # noqa: E402
     SD15_UNET_CONFIG as SD15_UNET,
     SD15_VAE_CONFIG as SD_VAE,
 )
-
-
-def _stub_av() -> None:
-    """PyAV is only needed by ComfyUI's video types; the GPU image lacks it. Stub it for this benchmark."""
-    try:
-        import av  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    for name in (
-        "av",
-        "av.container",
-        "av.subtitles",
-        "av.subtitles.stream",
-        "av.video",
-        "av.video.frame",
-        "av.audio",
-        "av.audio.frame",
-        "av.error",
-    ):
-        mod = types.ModuleType(name)
-        mod.__path__ = []  # package-like
-        sys.modules[name] = mod
-    sys.modules["av.container"].InputContainer = type("InputContainer", (), {})
-    sys.modules["av.container"].OutputContainer = type("OutputContainer", (), {})
-    sys.modules["av.subtitles.stream"].SubtitleStream = type("SubtitleStream", (), {})
-    sys.modules["av.video.frame"].VideoFrame = type("VideoFrame", (), {})
-    sys.modules["av.audio.frame"].AudioFrame = type("AudioFrame", (), {})
-    sys.modules["av"].time_base = 1
+from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
 def make_models(models: Path, tiny: bool, device: str, sd: bool = True) -> dict[str, str]:
@@ -190,11 +161,9 @@ def make_models(models: Path, tiny: bool, device: str, sd: bool = True) -> dict[
     return names
 
 
-def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str) -> dict[str, dict]:
-    from xsr_core.demo import xsr_graph
-
-    xsr = xsr_graph(
-        lr_name,
+def graph_args(names: dict[str, str], steps: int, seed: int) -> dict:
+    """The keyword arguments of xsr_core.demo's graph builders for the model files make_models wrote."""
+    return dict(
         ckpt=names.get("ckpt", "unused"),
         controlnet=names["cn"],
         clip_vision=names["cv"],
@@ -202,12 +171,29 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
         steps=steps,
         seed=seed,
     )
-    loaders = {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}},
-        "clipl": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}},
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
-    }
+
+
+def separate_loaders(g: dict, names: dict[str, str]) -> dict:
+    """``g`` with its checkpoint loader replaced by the U-Net / CLIP-L / VAE loaders of the real-size files
+    (tiny: the zoo's single-file checkpoint stays)."""
+    if "ckpt" in names:
+        return g
+    del g["ckpt"]
     remap = {0: ["unet", 0], 1: ["clipl", 0], 2: ["vae", 0]}
+    for node in g.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, list) and v[0] == "ckpt":
+                node["inputs"][k] = list(remap[v[1]])
+    g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}}
+    g["clipl"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
+    g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}}
+    return g
+
+
+def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str) -> dict[str, dict]:
+    from xsr_core.demo import xsr_graph
+
+    xsr = xsr_graph(lr_name, **graph_args(names, steps, seed))
 
     def add_mode(g):
         if mode == "compile":
@@ -226,14 +212,7 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
     def relink(g):
         if "ckpt" in names:  # tiny: keep the single-file checkpoint loader
             g["ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt"]}}
-            return add_mode(g)
-        del g["ckpt"]
-        for node in g.values():
-            for k, v in node["inputs"].items():
-                if isinstance(v, list) and v[0] == "ckpt":
-                    node["inputs"][k] = list(remap[v[1]])
-        g.update(json.loads(json.dumps(loaders)))
-        return add_mode(g)
+        return add_mode(separate_loaders(g, names))
 
     base = {
         "lr": xsr["lr"],
@@ -296,70 +275,11 @@ def comfy_version() -> str:
 def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True) -> types.SimpleNamespace:
     """Models written, ComfyUI imported in-process with the XSR pack, and a prompt runner that records per-node
     times (CUDA synchronised around each node) and what is resident after each node."""
-    sys.path.insert(0, os.path.abspath(comfy))
+    c = start_comfy(comfy, workdir, "xsr_e2e_", tiny, lambda models, t, dev: make_models(models, t, dev, sd=sd))
+    device, names, execution, executor, work = c.device, c.names, c.execution, c.executor, c.work
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    comfy.cli_args.args.disable_api_nodes = True
-    work = Path(workdir or tempfile.mkdtemp(prefix="xsr_e2e_"))
-    models = work / "models"
-    t0 = time.time()
-    names = make_models(models, tiny, device, sd=sd)
-    print(f"models written in {time.time() - t0:.0f} s", flush=True)
-    _stub_av()  # after diffusers (which probes for av with find_spec), before ComfyUI
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
     import folder_paths
-
-    folder_paths.set_output_directory(str(work / "output"))
-    folder_paths.set_input_directory(str(work / "input"))
-    folder_paths.set_temp_directory(str(work / "temp"))
-    for sub in ("output", "input", "temp"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    for sub in (
-        "checkpoints",
-        "diffusion_models",
-        "controlnet",
-        "vae",
-        "text_encoders",
-        "clip_vision",
-        "xsr",
-        "xsr_refdb",
-    ):
-        folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
-    cn_dir = work / "custom_nodes"
-    cn_dir.mkdir(exist_ok=True)
-    link = cn_dir / "comfyui-xsr"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    if tiny:
-        sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
-        (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(cn_dir)], set())
-    import utils.extra_config  # noqa: F401  (ComfyUI: before nodes)
-    import nodes
-    import execution
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-
-    class Server:
-        client_id = None
-        last_node_id = None
-        last_prompt_id = None
-
-        def send_sync(self, *a, **k):
-            pass
-
-        def queue_updated(self):
-            pass
-
-    executor = execution.PromptExecutor(
-        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
-    )
     from PIL import Image
 
     import comfy.model_management as mm

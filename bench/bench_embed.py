@@ -32,19 +32,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VIT_L14 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_channels=3,
-    image_size=224,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-
 
 def _write_jpeg(args: tuple[str, int, int]) -> None:
     from PIL import Image, ImageFilter
@@ -73,9 +60,10 @@ def make_encoder(tiny: bool, device, dtype):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from xsr_core.clip_vision import ClipVisionEncoder
+    from xsr_core.testing.sd15 import CLIP_L14_VISION_CONFIG
     from xsr_core.testing.tiny_clip import tiny_clip_config
 
-    cfg = tiny_clip_config() if tiny else dict(VIT_L14)
+    cfg = tiny_clip_config() if tiny else dict(CLIP_L14_VISION_CONFIG)  # ViT-L/14 (num_channels, eps: defaults)
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)).eval().requires_grad_(False)
     model.config._attn_implementation = "sdpa"
@@ -173,53 +161,36 @@ def main(argv: list[str] | None = None) -> int:
         raw = RAW_MAX_PIXELS if device.type == "cuda" and not args.crop_in_workers else None
         res["crop_on"] = "device" if raw else "workers"
 
-        # (c) loader alone (with the crop on the device when that is where `refdb build` does it)
-        loader = make_loader(
-            items,
-            batches,
-            workers=args.workers,
-            min_side=1,
-            pack=None,
-            pin_memory=device.type == "cuda",
-            raw_max_pixels=raw,
-        )
-        t = time.time()
-        n_seen = 0
-        for b in loader:
-            batch_pixels(b, device)
-            n_seen += len(b.samples)
-        sync()
-        res["loader_only_img_s"] = n_seen / (time.time() - t)
+        def new_loader(**extra):
+            """A fresh loader as `refdb build` makes it (its workers start when it is first iterated)."""
+            return make_loader(
+                items,
+                batches,
+                workers=args.workers,
+                min_side=1,
+                pack=None,
+                pin_memory=device.type == "cuda",
+                raw_max_pixels=raw,
+                **extra,
+            )
 
+        def loader_img_s(**extra) -> float:
+            loader = new_loader(**extra)
+            t = time.time()
+            n_seen = 0
+            for b in loader:
+                batch_pixels(b, device)
+                n_seen += len(b.samples)
+            sync()
+            return n_seen / (time.time() - t)
+
+        # (c) loader alone (with the crop on the device when that is where `refdb build` does it)
+        res["loader_only_img_s"] = loader_img_s()
         # (c') the same loader with full-size JPEG decoding (no libjpeg draft), side by side
-        loader = make_loader(
-            items,
-            batches,
-            workers=args.workers,
-            min_side=1,
-            pack=None,
-            pin_memory=device.type == "cuda",
-            raw_max_pixels=raw,
-            draft=False,
-        )
-        t = time.time()
-        n_seen = 0
-        for b in loader:
-            batch_pixels(b, device)
-            n_seen += len(b.samples)
-        sync()
-        res["loader_only_full_decode_img_s"] = n_seen / (time.time() - t)
+        res["loader_only_full_decode_img_s"] = loader_img_s(draft=False)
 
         # (a) full pipeline, as in `refdb build` (loader workers started fresh, timed end to end)
-        loader = make_loader(
-            items,
-            batches,
-            workers=args.workers,
-            min_side=1,
-            pack=None,
-            pin_memory=device.type == "cuda",
-            raw_max_pixels=raw,
-        )
+        loader = new_loader()
         t = time.time()
         first = None
         n_done = 0

@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,86 +26,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_e2e import _stub_av, make_models  # noqa: E402
+from bench.support.comfy_inprocess import start_comfy  # noqa: E402
+from bench_e2e import graph_args, make_models, separate_loaders  # noqa: E402
 
 
 def tiled_graph(lr_name: str, names: dict[str, str], steps: int, seed: int, tile_batch: int) -> dict:
     """The xsr_x16_tiled prompt on the benchmark's model files (separate loaders for the real sizes)."""
     from xsr_core.demo import xsr_tiled_graph
 
-    g = xsr_tiled_graph(
-        lr_name,
-        ckpt=names.get("ckpt", "unused"),
-        controlnet=names["cn"],
-        clip_vision=names["cv"],
-        refdb="bench",
-        steps=steps,
-        seed=seed,
-        tile_batch=tile_batch,
-    )
-    if "ckpt" in names:  # tiny: the zoo's single-file checkpoint
-        return g
-    del g["ckpt"]
-    remap = {0: ["unet", 0], 1: ["clipl", 0], 2: ["vae", 0]}
-    for node in g.values():
-        for k, v in node["inputs"].items():
-            if isinstance(v, list) and v[0] == "ckpt":
-                node["inputs"][k] = list(remap[v[1]])
-    g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}}
-    g["clipl"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
-    g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}}
-    return g
+    g = xsr_tiled_graph(lr_name, **graph_args(names, steps, seed), tile_batch=tile_batch)
+    return separate_loaders(g, names)
 
 
-def setup_comfy(comfy: str, work: Path, models: Path, tiny: bool):
-    """Import ComfyUI in-process with this pack (and the test-support pack for --tiny); returns run(prompt)."""
+def timed_runner(c):
+    """run(prompt) -> seconds for one whole prompt on the in-process ComfyUI ``c`` (after validation)."""
     import torch
 
-    import folder_paths
-
-    folder_paths.set_output_directory(str(work / "output"))
-    folder_paths.set_input_directory(str(work / "input"))
-    folder_paths.set_temp_directory(str(work / "temp"))
-    for sub in (
-        "checkpoints",
-        "diffusion_models",
-        "controlnet",
-        "vae",
-        "text_encoders",
-        "clip_vision",
-        "xsr",
-        "xsr_refdb",
-    ):
-        folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
-    cn_dir = work / "custom_nodes"
-    cn_dir.mkdir(exist_ok=True)
-    link = cn_dir / "comfyui-xsr"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    if tiny:
-        sup = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
-        (cn_dir / sup.name).exists() or (cn_dir / sup.name).symlink_to(sup, target_is_directory=True)
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(cn_dir)], set())
-    import utils.extra_config  # noqa: F401  (ComfyUI: before nodes)
-    import nodes
-    import execution
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-
-    class Server:
-        client_id = None
-        last_node_id = None
-        last_prompt_id = None
-
-        def send_sync(self, *a, **k):
-            pass
-
-        def queue_updated(self):
-            pass
-
-    executor = execution.PromptExecutor(
-        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
-    )
+    execution, executor = c.execution, c.executor
     cuda = torch.cuda.is_available()
 
     def run(prompt) -> float:
@@ -151,23 +86,10 @@ def main(argv=None) -> int:
     steps = args.steps or (2 if args.tiny else 20)
     tile_batches = [int(b) for b in (args.tile_batch or ("2" if args.tiny else "0,4")).split(",")]
 
-    sys.path.insert(0, os.path.abspath(args.comfy))
+    c = start_comfy(args.comfy, args.workdir, "xsr_tiled_", args.tiny, make_models)
+    device, names = c.device, c.names
+    run = timed_runner(c)
     import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    comfy.cli_args.args.disable_api_nodes = True
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="xsr_tiled_"))
-    models = work / "models"
-    t0 = time.time()
-    names = make_models(models, args.tiny, device)
-    print(f"models written in {time.time() - t0:.0f} s", flush=True)
-    _stub_av()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    run = setup_comfy(args.comfy, work, models, args.tiny)
 
     from PIL import Image
 

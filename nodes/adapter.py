@@ -117,22 +117,8 @@ def _common_inputs() -> list:
             step=0.05,
             tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit",
         ),
-        io.Float.Input(
-            "start_percent",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="sampling progress at which the adapter starts acting",
-        ),
-        io.Float.Input(
-            "end_percent",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="sampling progress at which the adapter stops acting",
-        ),
+        _percent_input("start_percent", 0.0, "sampling progress at which the adapter starts acting"),
+        _percent_input("end_percent", 1.0, "sampling progress at which the adapter stops acting"),
         io.Combo.Input(
             "apply_to",
             options=list(APPLY_TO),
@@ -141,6 +127,29 @@ def _common_inputs() -> list:
             "both: the negative branch gets it too",
         ),
     ]
+
+
+def _percent_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
+
+
+def _validate(cls, kw: dict, node: str, *, adapter_file: bool) -> bool | str:
+    """``validate_inputs`` of the adapter nodes: the widget values (schema), the adapter file when a widget names
+    it, and the sampling window (linked values arrive as None and are checked at execution)."""
+    from .loaders import check_weights_file
+
+    problems = schema_problems(cls, kw, skip=("adapter_name",) if adapter_file else ())
+    if adapter_file and kw.get("adapter_name") is not None:
+        collect(problems, check_weights_file, node, "adapter_name", kw["adapter_name"], "AdaINAdapter")
+    s, e = kw.get("start_percent"), kw.get("end_percent")
+    if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
+        problems.append(f"{node}: start_percent {s} is after end_percent {e}; make start <= end.")
+    return verdict(problems)
+
+
+def _check_finite_settings(node: str, settings: dict) -> None:
+    """Execution-time guard of the float widgets (``settings``: the inputs after the adapter, see apply_adapter)."""
+    check_finite(node, **{k: settings[k] for k in ("strength", "start_percent", "end_percent")})
 
 
 def _allow_other_input() -> io.Boolean.Input:
@@ -183,14 +192,7 @@ class XSRLoadAdaINAdapter(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        from .loaders import check_weights_file
-
-        problems = schema_problems(cls, kw, skip=("adapter_name",))
-        if kw.get("adapter_name") is not None:
-            collect(
-                problems, check_weights_file, "XSR_LoadAdaINAdapter", "adapter_name", kw["adapter_name"], "AdaINAdapter"
-            )
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_LoadAdaINAdapter", adapter_file=True)
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
@@ -223,38 +225,13 @@ class XSRApplyAdaIN(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        problems = schema_problems(cls, kw)
-        s, e = kw.get("start_percent"), kw.get("end_percent")
-        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
-            problems.append(f"XSR_ApplyAdaIN: start_percent {s} is after end_percent {e}; make start <= end.")
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_ApplyAdaIN", adapter_file=False)
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        control_net,
-        adapter,
-        strength: float,
-        start_percent: float,
-        end_percent: float,
-        apply_to: str,
-        allow_other_controlnet: bool = False,
-    ) -> io.NodeOutput:
-        check_finite("XSR_ApplyAdaIN", strength=strength, start_percent=start_percent, end_percent=end_percent)
-        return io.NodeOutput(
-            *apply_adapter(
-                "XSR_ApplyAdaIN",
-                model,
-                control_net,
-                adapter,
-                strength,
-                start_percent,
-                end_percent,
-                apply_to,
-                allow_other_controlnet,
-            )
-        )
+    def execute(cls, model, control_net, adapter, **settings) -> io.NodeOutput:
+        node = "XSR_ApplyAdaIN"
+        _check_finite_settings(node, settings)
+        return io.NodeOutput(*apply_adapter(node, model, control_net, adapter, **settings))
 
 
 class XSRAdaINPatch(io.ComfyNode):
@@ -284,34 +261,12 @@ class XSRAdaINPatch(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw) -> bool | str:
-        from .loaders import check_weights_file
-
-        problems = schema_problems(cls, kw, skip=("adapter_name",))
-        if kw.get("adapter_name") is not None:
-            collect(problems, check_weights_file, "XSR_AdaINPatch", "adapter_name", kw["adapter_name"], "AdaINAdapter")
-        s, e = kw.get("start_percent"), kw.get("end_percent")
-        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s > e:
-            problems.append(f"XSR_AdaINPatch: start_percent {s} is after end_percent {e}; make start <= end.")
-        return verdict(problems)
+        return _validate(cls, kw, "XSR_AdaINPatch", adapter_file=True)
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        control_net,
-        adapter_name: str,
-        strength: float,
-        start_percent: float,
-        end_percent: float,
-        apply_to: str,
-        allow_other_controlnet: bool = False,
-    ) -> io.NodeOutput:
+    def execute(cls, model, control_net, adapter_name: str, **settings) -> io.NodeOutput:
         node = "XSR_AdaINPatch"
-        check_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
+        _check_finite_settings(node, settings)
         path = xsr_file_path(node, "adapter_name", adapter_name)
-        loaded = load_adapter(node, path) if strength != 0.0 else None
-        return io.NodeOutput(
-            *apply_adapter(
-                node, model, control_net, loaded, strength, start_percent, end_percent, apply_to, allow_other_controlnet
-            )
-        )
+        loaded = load_adapter(node, path) if settings["strength"] != 0.0 else None
+        return io.NodeOutput(*apply_adapter(node, model, control_net, loaded, **settings))

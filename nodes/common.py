@@ -134,6 +134,19 @@ def encode_clip(
     return ClipFeaturesC(torch.cat(toks).to(inter), torch.cat(clss).to(inter))
 
 
+def controls_of(conds: list) -> list:
+    """Every ControlNet object reachable from the conditionings (chains included), each once."""
+    out, seen = [], set()
+    for group in conds:
+        for c in group or []:
+            ctrl = c.get("control")
+            while ctrl is not None and id(ctrl) not in seen:
+                seen.add(id(ctrl))
+                out.append(ctrl)
+                ctrl = getattr(ctrl, "previous_controlnet", None)
+    return out
+
+
 def throw_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 

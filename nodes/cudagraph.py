@@ -43,6 +43,8 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
+from .common import controls_of
+
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "xsr_cudagraph"
@@ -66,19 +68,6 @@ def _describe(fn: Any) -> str:
     fn = getattr(fn, "__func__", fn)
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{getattr(fn, '__module__', type(fn).__module__)}.{name}"
-
-
-def _controls(conds: list) -> list:
-    """Every ControlNet object reachable from the conditionings (chains included), each once."""
-    out, seen = [], set()
-    for group in conds:
-        for c in group or []:
-            ctrl = c.get("control")
-            while ctrl is not None and id(ctrl) not in seen:
-                seen.add(id(ctrl))
-                out.append(ctrl)
-                ctrl = getattr(ctrl, "previous_controlnet", None)
-    return out
 
 
 def static_refusal(model_options: dict, conds: list) -> str | None:
@@ -107,7 +96,7 @@ def static_refusal(model_options: dict, conds: list) -> str | None:
             for key in ("hooks", "gligen", "default"):
                 if c.get(key) is not None:
                     return f"conditioning has {key!r}"
-    for ctrl in _controls(conds):
+    for ctrl in controls_of(conds):
         mod = type(ctrl).__module__
         if not (mod == "comfy.controlnet" or _is_ours(ctrl)):
             return f"unknown ControlNet class {type(ctrl).__module__}.{type(ctrl).__qualname__}"
@@ -121,7 +110,7 @@ def residency_refusal(model: Any, conds: list) -> str | None:
     if mp is not None:
         patchers.append(mp)
         patchers += list(mp.get_additional_models()) if hasattr(mp, "get_additional_models") else []
-    for ctrl in _controls(conds):
+    for ctrl in controls_of(conds):
         w = getattr(ctrl, "control_model_wrapped", None)
         if w is not None:
             patchers.append(w)
@@ -160,7 +149,7 @@ def _window_free(conds: list, controls: list) -> bool:
 def make_plan(conds: list, x_in: torch.Tensor, timestep: torch.Tensor, window_free: bool) -> Plan:
     """The step's plan. Reads the sigma on the host only when some window depends on it."""
     shapes = (tuple(x_in.shape), x_in.dtype, tuple(timestep.shape), len(conds))
-    controls = _controls(conds)
+    controls = controls_of(conds)
     if window_free:
         keep = tuple(tuple(range(len(g or []))) for g in conds)
         return Plan(key=(shapes, keep), active_controls=tuple(controls), cond_keep=keep)
@@ -316,7 +305,7 @@ class CudaGraphSampling:
                     self._refuse(run, reason)
             if run.refused is not None:
                 return executor(model, conds, x_in, timestep, model_options)
-            run.window_free = _window_free(conds, _controls(conds))
+            run.window_free = _window_free(conds, controls_of(conds))
 
         plan = make_plan(conds, x_in, timestep, run.window_free)
         if plan.key is None:

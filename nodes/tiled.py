@@ -67,7 +67,7 @@ from ..xsr_core.tiling import (
 )
 from .comfy_binding import XSR_KEY, CONDXSR
 from .validation import max_tiles
-from .common import XSRRefs
+from .common import XSRRefs, controls_of
 
 logger = logging.getLogger(__name__)
 
@@ -191,18 +191,6 @@ def _slice_entry(name: str, entry: Any, rows: torch.Tensor, n_tiles: int, batch:
     return entry
 
 
-def _controls(conds: list) -> list:
-    seen, out = set(), []
-    for group in conds:
-        for c in group or []:
-            ctrl = c.get("control")
-            while ctrl is not None and id(ctrl) not in seen:
-                seen.add(id(ctrl))
-                out.append(ctrl)
-                ctrl = getattr(ctrl, "previous_controlnet", None)
-    return out
-
-
 class TiledRuntime:
     """State of one XSR_TiledModel: the tiling, its weights and per-run caches (light under clone())."""
 
@@ -238,7 +226,7 @@ class TiledRuntime:
         chunks = max(1, sum(1 for g in conds if g))
         th, tw = (s * LATENT_PER_LR for s in self.tiling.tile_hw)
         free = comfy.model_management.get_free_memory(x_in.device)
-        factor = 1.5 * (1.5 if _controls(conds) else 1.0)  # ComfyUI's margin; a ControlNet adds about half a U-Net
+        factor = 1.5 * (1.5 if controls_of(conds) else 1.0)  # ComfyUI's margin; a ControlNet adds about half a U-Net
         g = n
         while g > 1 and model.memory_required([chunks * g * x_in.shape[0], x_in.shape[1], th, tw]) * factor >= free:
             g -= 1
@@ -300,7 +288,7 @@ class TiledRuntime:
             )
         n, batch = len(tiling), x_in.shape[0]
         weights = self.weights(x_in.device, x_in.dtype)
-        controls = _controls(conds)
+        controls = controls_of(conds)
         g = self.group_size(model, x_in, conds)
         out = [torch.zeros_like(x_in) for _ in conds]
         for start in range(0, n, g):

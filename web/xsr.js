@@ -8,7 +8,16 @@
 // Captions and file names are untrusted (they come from a model and from the reference DB): every
 // piece of text is set with textContent, never innerHTML; image URLs are built with URLSearchParams.
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import {
+  el,
+  ensureStyle,
+  fitNode,
+  formatScore,
+  getOrAddWidget,
+  hookExecuted,
+  openOverlay,
+  viewURL,
+} from "./xsr_dom.js";
 
 const GALLERY_WIDGET = "xsr_gallery";
 const CAPTION_WIDGET = "xsr_caption";
@@ -28,95 +37,11 @@ const CSS = `
 .xsr-caption { white-space: pre-wrap; overflow: auto; flex: 1; font: 12px sans-serif; padding: 4px; box-sizing: border-box;
   color: var(--input-text, #ddd); background: transparent; border: 1px dashed var(--border-color, #555);
   border-radius: 4px; user-select: text; cursor: text; }
-.xsr-overlay { position: fixed; inset: 0; z-index: 10000; background: rgba(0, 0, 0, 0.85); display: flex;
-  flex-direction: column; align-items: center; justify-content: center; gap: 8px; cursor: zoom-out; }
-.xsr-overlay img { max-width: 90vw; max-height: 85vh; image-rendering: auto; object-fit: contain; }
-.xsr-overlay-caption { color: #eee; font: 14px sans-serif; max-width: 90vw; text-align: center; }
 `;
 
-function ensureStyle() {
-  if (document.getElementById(STYLE_ID)) return;
-  const style = document.createElement("style");
-  style.id = STYLE_ID;
-  style.textContent = CSS;
-  document.head.appendChild(style);
-}
-
-function el(tag, className, text) {
-  const e = document.createElement(tag);
-  if (className) e.className = className;
-  if (text !== undefined) e.textContent = String(text);
-  return e;
-}
-
-function viewURL(image) {
-  const params = new URLSearchParams({
-    filename: String(image?.filename ?? ""),
-    subfolder: String(image?.subfolder ?? ""),
-    type: String(image?.type ?? "temp"),
-  });
-  return api.apiURL("/view?" + params.toString());
-}
-
-function formatScore(score) {
-  const s = Number(score);
-  return Number.isFinite(s) ? s.toFixed(3) : "?";
-}
-
-// ---- overlay -------------------------------------------------------------------------------------
-function closeOverlay() {
-  document.querySelector(".xsr-overlay")?.remove();
-  document.removeEventListener("keydown", onOverlayKey, true);
-}
-
-function onOverlayKey(e) {
-  if (e.key === "Escape") {
-    e.stopPropagation();
-    closeOverlay();
-  }
-}
-
-function openOverlay(src, text) {
-  closeOverlay();
-  const overlay = el("div", "xsr-overlay");
-  overlay.setAttribute("role", "dialog");
-  overlay.setAttribute("aria-label", "XSR reference");
-  const img = el("img");
-  img.alt = text;
-  const caption = el("div", "xsr-overlay-caption", text);
-  img.addEventListener("load", () => { caption.textContent = `${text}  (${img.naturalWidth}x${img.naturalHeight})`; }, { once: true });
-  img.src = src;
-  overlay.append(img, caption);
-  overlay.addEventListener("click", closeOverlay);
-  document.addEventListener("keydown", onOverlayKey, true);
-  document.body.appendChild(overlay);
-}
-
-// ---- DOM widgets ---------------------------------------------------------------------------------
-function getOrAddWidget(node, name, className, minHeight) {
-  let widget = node.widgets?.find((w) => w.name === name);
-  if (widget) return widget;
-  ensureStyle();
-  const container = el("div", className);
-  // keep wheel/drag on the gallery from moving the canvas
-  container.addEventListener("wheel", (e) => e.stopPropagation(), { passive: true });
-  widget = node.addDOMWidget(name, name, container, {
-    serialize: false,
-    hideOnZoom: false,
-    getValue() {
-      return undefined;
-    },
-    setValue() {},
-    getMinHeight: () => minHeight,
-  });
-  widget.serialize = false; // not a node input: never part of widgets_values
-  return widget;
-}
-
-function fitNode(node) {
-  const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
-  node.setDirtyCanvas?.(true, true);
+function styledWidget(node, name, className, minHeight) {
+  ensureStyle(STYLE_ID, CSS);
+  return getOrAddWidget(node, name, className, minHeight);
 }
 
 function showGallery(node, output) {
@@ -130,7 +55,7 @@ function showGallery(node, output) {
     rows.get(key).push({ ref, image: images[i] });
   });
   const height = Math.min(110 * Math.max(rows.size, 1) + 10, 460);
-  const widget = getOrAddWidget(node, GALLERY_WIDGET, "xsr-gallery", height);
+  const widget = styledWidget(node, GALLERY_WIDGET, "xsr-gallery", height);
   const box = widget.element;
   box.replaceChildren();
   if (!refs.length) {
@@ -168,7 +93,7 @@ function showGallery(node, output) {
 
 function showCaption(node, output) {
   const lines = Array.isArray(output?.text) ? output.text.map((t) => String(t ?? "")) : [];
-  const widget = getOrAddWidget(node, CAPTION_WIDGET, "xsr-caption-box", 76);
+  const widget = styledWidget(node, CAPTION_WIDGET, "xsr-caption-box", 76);
   const box = widget.element;
   let text = box.querySelector(".xsr-caption");
   if (!text) {
@@ -180,19 +105,6 @@ function showCaption(node, output) {
   }
   text.textContent = lines.join("\n");
   fitNode(node);
-}
-
-function hookExecuted(nodeType, fn) {
-  const orig = nodeType.prototype.onExecuted;
-  nodeType.prototype.onExecuted = function (output) {
-    const r = orig?.apply(this, arguments);
-    try {
-      fn(this, output);
-    } catch (e) {
-      console.warn("[xsr] could not show the node's result:", e);
-    }
-    return r;
-  };
 }
 
 app.registerExtension({

@@ -1,4 +1,4 @@
-// XSR tiled x16: per-tile references on the XSR_TilePreview node (independent of web/xsr.js).
+// XSR tiled x16: per-tile references on the XSR_TilePreview node (helpers shared with web/xsr.js in web/xsr_dom.js).
 //  - a grid laid out like the LR's tiles, each cell showing the tile's top reference and its score;
 //  - click a cell: all references of that tile (rank, score, source name) and the tile's caption;
 //    click a reference there to see it large. The caption(s) are listed under the grid.
@@ -8,7 +8,7 @@
 //     tiles: [{refs: [{index, rank, score, name}]}], captions: [one per tile | one | none]}]
 // Names and captions come from the reference DB and a model: text is set with textContent only.
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { el, ensureStyle, fitNode, formatScore as fmt, getOrAddWidget, hookExecuted, openOverlay, viewURL } from "./xsr_dom.js";
 
 const WIDGET = "xsr_tiles";
 const STYLE_ID = "xsr-tiles-style";
@@ -28,76 +28,11 @@ const CSS = `
 .xsr-tile-refs figcaption { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .xsr-tile-caption { white-space: pre-wrap; user-select: text; background: var(--comfy-input-bg, #222);
   border-radius: 4px; padding: 4px; font-size: 12px; }
-.xsr-tiles-zoom { position: fixed; inset: 0; z-index: 10000; background: rgba(0, 0, 0, 0.85); display: flex;
-  flex-direction: column; align-items: center; justify-content: center; gap: 8px; cursor: zoom-out; color: #eee; }
-.xsr-tiles-zoom img { max-width: 90vw; max-height: 85vh; }
 `;
 
-function ensureStyle() {
-  if (document.getElementById(STYLE_ID)) return;
-  const style = document.createElement("style");
-  style.id = STYLE_ID;
-  style.textContent = CSS;
-  document.head.appendChild(style);
-}
-
-function el(tag, className, text) {
-  const e = document.createElement(tag);
-  if (className) e.className = className;
-  if (text !== undefined) e.textContent = String(text);
-  return e;
-}
-
-function viewURL(image) {
-  const params = new URLSearchParams({
-    filename: String(image?.filename ?? ""),
-    subfolder: String(image?.subfolder ?? ""),
-    type: String(image?.type ?? "temp"),
-  });
-  return api.apiURL("/view?" + params.toString());
-}
-
-const fmt = (s) => (Number.isFinite(Number(s)) ? Number(s).toFixed(3) : "?");
-
-function zoom(src, text) {
-  document.querySelector(".xsr-tiles-zoom")?.remove();
-  const overlay = el("div", "xsr-tiles-zoom");
-  const img = el("img");
-  img.src = src;
-  img.alt = text;
-  overlay.append(img, el("div", "", text));
-  const close = () => {
-    overlay.remove();
-    document.removeEventListener("keydown", onKey, true);
-  };
-  const onKey = (e) => {
-    if (e.key === "Escape") {
-      e.stopPropagation();
-      close();
-    }
-  };
-  overlay.addEventListener("click", close);
-  document.addEventListener("keydown", onKey, true);
-  document.body.appendChild(overlay);
-}
-
 function getWidget(node) {
-  let widget = node.widgets?.find((w) => w.name === WIDGET);
-  if (widget) return widget;
-  ensureStyle();
-  const box = el("div", "xsr-tiles");
-  box.addEventListener("wheel", (e) => e.stopPropagation(), { passive: true });
-  widget = node.addDOMWidget(WIDGET, WIDGET, box, {
-    serialize: false,
-    hideOnZoom: false,
-    getValue() {
-      return undefined;
-    },
-    setValue() {},
-    getMinHeight: () => 320,
-  });
-  widget.serialize = false;
-  return widget;
+  ensureStyle(STYLE_ID, CSS);
+  return getOrAddWidget(node, WIDGET, "xsr-tiles", 320);
 }
 
 function captionOf(info, i) {
@@ -124,7 +59,7 @@ function showDetail(detail, info, images, i) {
     fig.append(img, el("figcaption", "", label));
     fig.addEventListener("click", (e) => {
       e.stopPropagation();
-      if (image) zoom(viewURL(image), label);
+      if (image) openOverlay(viewURL(image), label);
     });
     row.appendChild(fig);
   }
@@ -181,24 +116,13 @@ function showTiles(node, output) {
     cells[0].classList.add("xsr-selected");
     showDetail(detail, info, images, 0);
   }
-  const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
-  node.setDirtyCanvas?.(true, true);
+  fitNode(node);
 }
 
 app.registerExtension({
   name: "xsr.tiles",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== "XSR_TilePreview") return;
-    const orig = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (output) {
-      const r = orig?.apply(this, arguments);
-      try {
-        showTiles(this, output);
-      } catch (e) {
-        console.warn("[xsr] could not show the tile references:", e);
-      }
-      return r;
-    };
+    hookExecuted(nodeType, showTiles);
   },
 });

@@ -38,6 +38,16 @@ def _row(path: Path, n: int, row: dict) -> tuple[str, str]:
     return str(key), str(cap).strip()
 
 
+def _json_object(text: str, where: str, expected: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CaptionFileError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CaptionFileError(f"{where}: expected {expected}")
+    return data
+
+
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """{image key: caption} from a caption file in any of the module's formats."""
     path = Path(path)
@@ -47,23 +57,13 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
     text = path.read_text(encoding="utf-8")
     out: dict[str, str] = {}
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CaptionFileError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CaptionFileError(f"{path}: expected a JSON object {{image name: caption}}")
+        data = _json_object(text, str(path), "a JSON object {image name: caption}")
         return {str(k): str(v).strip() for k, v in data.items()}
     if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CaptionFileError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise CaptionFileError(f"{path}:{n}: expected a JSON object per line")
+            row = _json_object(line, f"{path}:{n}", "a JSON object per line")
             k, c = _row(path, n, row)
             out[k] = c
         return out

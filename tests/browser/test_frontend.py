@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 from xsr_core.workflow import ui_to_api
+from xsr_helpers import upload_lr8
 
 pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 
@@ -43,10 +43,12 @@ OURS_JS = "/extensions/comfyui-xsr/"
 NOISE = re.compile(r"Content Security Policy|Failed to load resource")  # offline registry look-ups, 404 thumbnails
 SCHEMA = re.compile(r"Invalid workflow|zod", re.I)
 
+# ready to load a workflow: the stock and XSR node types, the frontend's own Note (the shipped workflows carry one;
+# with Nodes 2.0 it can register after the pack's extensions) and the gallery extension
 APP_READY = """() => {
   const app = window.comfyAPI?.app?.app;
   const types = window.LiteGraph?.registered_node_types ?? {};
-  return !!(app?.graph && app.canvas && types.KSampler && types.XSR_Retrieve && types.XSR_Enhance
+  return !!(app?.graph && app.canvas && types.KSampler && types.Note && types.XSR_Retrieve && types.XSR_Enhance
             && app.extensions?.some((e) => e.name === "xsr.gallery"));
 }"""
 
@@ -108,11 +110,7 @@ def with_names(wf: dict, mapping: dict, steps: int | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def lr_name(comfy, tmp_path_factory):
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("browser_lr") / "browser_lr8.png"
-    synthetic_image(11, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("browser_lr"), "browser_lr8.png", 11)
 
 
 class PageErrors:

@@ -9,39 +9,22 @@ Runs in its own process because ComfyUI's modules keep global state and a top-le
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from worker_boot import boot
+
 COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
-sys.path.insert(0, str(COMFY_DIR))
-
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
-import torch  # noqa: E402
-
-torch.manual_seed(0)
+boot(COMFY_DIR, REPO, cpu=True)
 import comfy.controlnet  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
 import comfy.sd  # noqa: E402
-
-
-def load_package(name: str, init: Path):
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-load_package("xsr_test_support", REPO / "tests/comfy/support/xsr_test_support/__init__.py")
-load_package("comfyui_xsr", REPO / "__init__.py")
-import importlib  # noqa: E402
+import torch  # noqa: E402
 
 binding = importlib.import_module("comfyui_xsr.nodes.comfy_binding")
 core_adapter = importlib.import_module("comfyui_xsr.xsr_core.adapter")

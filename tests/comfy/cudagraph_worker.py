@@ -12,43 +12,24 @@ replaced); ``cuda`` uses torch.cuda.CUDAGraph.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
+from worker_boot import boot
+
 COMFY_DIR, REPO, MODELS, OUT = (Path(a) for a in sys.argv[1:5])
 MODE = sys.argv[5]
-sys.path.insert(0, str(COMFY_DIR))
-sys.path.insert(1, str(REPO))
-from bench.bench_e2e import _stub_av  # noqa: E402
-
-_stub_av()
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = MODE == "cpu"
-import torch  # noqa: E402
-
-torch.manual_seed(0)
+boot(COMFY_DIR, REPO, cpu=MODE == "cpu", stub_av=True)
 import comfy.controlnet  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
+import torch  # noqa: E402
 from comfy.patcher_extension import WrappersMP  # noqa: E402
 
-
-def load_package(name: str, init: Path):
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-load_package("xsr_test_support", REPO / "tests/comfy/support/xsr_test_support/__init__.py")
-load_package("comfyui_xsr", REPO / "__init__.py")
 cg = importlib.import_module("comfyui_xsr.nodes.cudagraph")
 binding = importlib.import_module("comfyui_xsr.nodes.comfy_binding")
 core_adapter = importlib.import_module("comfyui_xsr.xsr_core.adapter")

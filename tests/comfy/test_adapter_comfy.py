@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from xsr_helpers import upload_lr8
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 pytestmark = pytest.mark.comfy
@@ -143,13 +145,7 @@ def _graph(lr_name, strength, split):
 
 @pytest.fixture(scope="module")
 def lr8(comfy, tmp_path_factory):
-    from PIL import Image
-
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("lr") / "lr8_adapter.png"
-    synthetic_image(11, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("lr"), "lr8_adapter.png", 11)
 
 
 def _live(comfy) -> dict:

@@ -17,6 +17,7 @@ from xsr_core.comfy_server import ComfyError
 from xsr_core.demo import xsr_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 from xsr_core.weights import load_model, save_model
+from xsr_helpers import upload_lr8
 
 pytestmark = pytest.mark.comfy
 
@@ -50,13 +51,7 @@ def files(comfy, tiny_zoo):
 
 @pytest.fixture(scope="module")
 def lr(comfy, tmp_path_factory):
-    from PIL import Image
-
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("ident") / "ident_lr8.png"
-    synthetic_image(5, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("ident"), "ident_lr8.png", 5)
 
 
 def _graph(lr, adapter, allow=False):

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from xsr_helpers import committed_chunks, tamper, upload_lr8
 from xsr_core.comfy_server import ComfyError, execution_error
 from xsr_core.demo import xsr_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
@@ -45,11 +46,7 @@ def retrieve_only(lr_name, refdb=DEMO_REFDB, top_k=4):
 
 @pytest.fixture(scope="module")
 def lr8(comfy, tmp_path_factory):
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("lr") / "hostile_lr8.png"
-    synthetic_image(3, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("lr"), "hostile_lr8.png", 3)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +71,6 @@ def _still_serving(comfy, lr8):
     assert len(entry["outputs"]["retrieve"]["xsr_refs"]) == k
 
 
-def _tamper(db: Path, sql: str, *args) -> None:
-    conn = sqlite3.connect(db / "meta.sqlite")
-    conn.execute(sql, args)
-    conn.commit()
-    conn.close()
-    info = json.loads((db / "info.json").read_text())
-    info["files"]["meta.sqlite"] = (db / "meta.sqlite").stat().st_size
-    (db / "info.json").write_text(json.dumps(info))
-
-
 # ----------------------------------------------------------------------------- 1. confinement
 
 
@@ -94,7 +81,7 @@ def test_crafted_packed_db_cannot_read_or_preview_outside_its_folder(comfy, lr8,
     shutil.rmtree(db, ignore_errors=True)
     shutil.copytree(refdb_root / DEMO_REFDB, db)
     target = str(secret) if how == "absolute" else os.path.relpath(secret, db)
-    _tamper(db, "UPDATE refs SET pack_file=?, pack_offset=0, pack_length=?", target, secret.stat().st_size)
+    tamper(db, "UPDATE refs SET pack_file=?, pack_offset=0, pack_length=?", target, secret.stat().st_size)
     pid = comfy.queue(retrieve_only(lr8, refdb=name))
     entry = comfy.wait(pid)
     err = execution_error(entry)
@@ -111,7 +98,7 @@ def test_crafted_paths_db_pointing_anywhere_is_refused(comfy, lr8, refdb_root, s
     info = json.loads((db / "info.json").read_text())
     info["mode"] = "paths"
     (db / "info.json").write_text(json.dumps(info))
-    _tamper(db, "UPDATE refs SET path=?, pack_file=NULL", str(secret))
+    tamper(db, "UPDATE refs SET path=?, pack_file=NULL", str(secret))
     with pytest.raises(ComfyError, match=r"secret\.png.*outside the folders XSR may read"):
         comfy.run(retrieve_only(lr8, refdb="crafted_paths"))
     _still_serving(comfy, lr8)
@@ -308,13 +295,7 @@ def test_interrupted_node_build_keeps_finished_chunks_and_resumes(comfy, lr8, re
     pid = comfy.queue(_build_prompt("hostile_interrupt", name))
     committed, deadline = 0, time.monotonic() + 300
     while time.monotonic() < deadline and committed < 1:
-        if manifest.exists():
-            try:
-                conn = sqlite3.connect(manifest, timeout=1)
-                committed = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-                conn.close()
-            except sqlite3.Error:
-                committed = 0
+        committed = committed_chunks(manifest)
         time.sleep(0.05)
     comfy.interrupt()
     entry = comfy.wait(pid)

@@ -12,6 +12,7 @@ from comfy_helpers import png_size
 from xsr_core.demo import xsr_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
 from xsr_core.workflow import substitute_models, ui_to_api
+from xsr_helpers import upload_lr8
 
 pytestmark = pytest.mark.comfy
 
@@ -54,11 +55,7 @@ def node_id(api: dict, class_type: str) -> str:
 
 @pytest.fixture(scope="module")
 def lr8(comfy, tmp_path_factory):
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("wf_lr") / "wf_lr8.png"
-    synthetic_image(3, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("wf_lr"), "wf_lr8.png", 3)
 
 
 def test_xsr_x16_workflow_is_the_xsr_graph():

@@ -13,6 +13,7 @@ from comfy_helpers import png_size
 from xsr_core.comfy_server import ComfyError
 from xsr_core.demo import xsr_graph
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+from xsr_helpers import upload_lr8
 
 pytestmark = pytest.mark.comfy
 
@@ -26,11 +27,7 @@ def graph(lr_name, **kw):
 
 @pytest.fixture(scope="module")
 def lr8(comfy, tmp_path_factory):
-    from xsr_core.testing.synthetic import synthetic_image
-
-    p = tmp_path_factory.mktemp("lr") / "lr8.png"
-    synthetic_image(7, 128).resize((8, 8), Image.BICUBIC).save(p)
-    return comfy.upload_image(p)
+    return upload_lr8(comfy, tmp_path_factory.mktemp("lr"), "lr8.png", 7)
 
 
 def test_xsr_x16_runs_end_to_end(comfy, lr8):

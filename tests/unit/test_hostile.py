@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
+from xsr_helpers import tamper
 from xsr_core.models import RFA
 from xsr_core.refdb import BuildConfig, ReferenceDB, RefDBError, build_db, verify_db
 from xsr_core.refdb.cli import main as cli_main
@@ -56,17 +57,6 @@ def packed(data):
     return out
 
 
-def _tamper(db: Path, sql: str, *args) -> None:
-    """Edit meta.sqlite in place and re-record its size (a crafted DB is consistent on its face)."""
-    conn = sqlite3.connect(db / "meta.sqlite")
-    conn.execute(sql, args)
-    conn.commit()
-    conn.close()
-    info = json.loads((db / "info.json").read_text())
-    info["files"]["meta.sqlite"] = (db / "meta.sqlite").stat().st_size
-    (db / "info.json").write_text(json.dumps(info))
-
-
 # ------------------------------------------------------------------------------- confinement
 
 
@@ -83,7 +73,7 @@ def test_packed_rows_pointing_outside_the_db_are_refused_and_verified(tmp_path, 
         (db / "packed" / "evil.bin").symlink_to(secret)
         target = "packed/evil.bin"
     size = secret.stat().st_size
-    _tamper(db, "UPDATE refs SET pack_file=?, pack_offset=0, pack_length=? WHERE id=0", target, size)
+    tamper(db, "UPDATE refs SET pack_file=?, pack_offset=0, pack_length=? WHERE id=0", target, size)
     with ReferenceDB.open(db) as ref:
         with pytest.raises(RefDBError, match=r"outside the folders XSR may read.*crafted"):
             ref.load_images([0])
@@ -96,7 +86,7 @@ def test_packed_rows_pointing_outside_the_db_are_refused_and_verified(tmp_path, 
 def test_packed_row_with_absurd_length_is_refused_before_reading(tmp_path, packed):
     db = tmp_path / "crafted"
     shutil.copytree(packed, db)
-    _tamper(db, "UPDATE refs SET pack_offset=0, pack_length=? WHERE id=0", 1 << 40)
+    tamper(db, "UPDATE refs SET pack_offset=0, pack_length=? WHERE id=0", 1 << 40)
     with ReferenceDB.open(db) as ref, pytest.raises(RefDBError, match="damaged or crafted"):
         ref.load_images([0])
     assert any("beyond the end" in p for p in verify_db(db))
@@ -107,7 +97,7 @@ def test_paths_db_reads_only_under_allowed_roots(tmp_path, data, monkeypatch):
     monkeypatch.delenv("XSR_REFDB_ALLOWED_ROOTS", raising=False)
     db = tmp_path / "paths"
     build_db(db, data["enc"], images=data["images"], config=_cfg(mode="paths"))
-    _tamper(db, "UPDATE refs SET path=? WHERE id=0", str(data["secret"]))
+    tamper(db, "UPDATE refs SET path=? WHERE id=0", str(data["secret"]))
     with ReferenceDB.open(db, allowed_roots=[data["images"]]) as ref:
         with pytest.raises(RefDBError, match=r"private\.png.*outside the folders XSR may read"):
             ref.load_images([0])

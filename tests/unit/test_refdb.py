@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from xsr_helpers import committed_chunks
 from xsr_core.clip_vision import ClipVisionEncoder
 from xsr_core.refdb import (
     BuildConfig,
@@ -346,16 +347,10 @@ def test_kill9_during_build_then_resume_gives_identical_db(tmp_path, db, data):
     committed = 0
     try:
         while time.time() < deadline and proc.poll() is None:
-            if manifest.exists():
-                try:
-                    conn = sqlite3.connect(manifest, timeout=1)
-                    committed = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-                    conn.close()
-                except sqlite3.Error:
-                    committed = 0
-                if committed >= 2:
-                    time.sleep(0.35)  # land inside the write → commit window of the next chunk
-                    break
+            committed = committed_chunks(manifest)
+            if committed >= 2:
+                time.sleep(0.35)  # land inside the write → commit window of the next chunk
+                break
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -56,14 +56,16 @@ def world(tiny_zoo, tmp_path_factory):
     }
 
 
+def _run_opts(world, out, batch_size: int, max_steps: int) -> dict:
+    """The options every tiny training run of this module shares: the prepared data, CPU, a log line per step."""
+    return dict(
+        data=str(world["data"]), output_dir=str(out), batch_size=batch_size, max_steps=max_steps, cpu=True, log_steps=1
+    )
+
+
 def _rfa_cfg(world, out, **kw):
     base = dict(
-        data=str(world["data"]),
-        output_dir=str(out),
-        batch_size=8,
-        max_steps=4,
-        cpu=True,
-        log_steps=1,
+        **_run_opts(world, out, batch_size=8, max_steps=4),
         checkpointing_steps=2,
         model=TINY_RFA,
         learning_rate=1e-3,
@@ -87,12 +89,7 @@ def i2t_run(world, rfa_run):
     out = world["root"] / "i2t"
     res = train_i2t(
         I2TTrainConfig(
-            data=str(world["data"]),
-            output_dir=str(out),
-            batch_size=4,
-            max_steps=3,
-            cpu=True,
-            log_steps=1,
+            **_run_opts(world, out, batch_size=4, max_steps=3),
             rfa=str(rfa_run / "final" / "rfa.safetensors"),
             decoder_dir=str(world["zoo"]["distilgpt2"]),
             pretrained=str(world["diffusers"]),
@@ -107,12 +104,7 @@ def i2t_run(world, rfa_run):
 
 def _adapter_cfg(world, rfa_run, i2t_run, out, **kw):
     base = dict(
-        data=str(world["data"]),
-        output_dir=str(out),
-        batch_size=2,
-        max_steps=3,
-        cpu=True,
-        log_steps=1,
+        **_run_opts(world, out, batch_size=2, max_steps=3),
         rfa=str(rfa_run / "final" / "rfa.safetensors"),
         i2t=str(i2t_run[0] / "final" / "i2t.safetensors"),
         pretrained=str(world["diffusers"]),

@@ -61,23 +61,19 @@ def _add_allow_root(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+# BuildConfig fields set from the command-line option of the same name (every build-like command has them)
+_SAME_NAMED = "batch_size workers device precision index chunk_size min_side max_memory_gb threads".split()
+
+
 def _config(args: argparse.Namespace, **over):
     from .build import BuildConfig
 
     shard = over.pop("shard", None) or (0, 1)
     return BuildConfig(
+        **{name: getattr(args, name) for name in _SAME_NAMED},
         mode=getattr(args, "mode", "paths"),
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        precision=args.precision,
-        index=args.index,
-        chunk_size=args.chunk_size,
-        min_side=args.min_side,
         exclude_threshold=getattr(args, "exclude_threshold", 0.95),
         shard=shard,
-        max_memory_gb=args.max_memory_gb,
-        threads=args.threads,
         progress=not args.no_progress,
         allowed_roots=tuple(args.allow_root),
         **over,

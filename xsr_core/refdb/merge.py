@@ -16,6 +16,19 @@ from .store import EMB_DIR, EXCLUDE_EMB, PACKED_DIR, Manifest, RefDBError, write
 
 logger = logging.getLogger(__name__)
 
+# manifest settings that decide what the vectors and packed images are: equal across the shards of a build,
+# carried into an exported subset
+_ENCODING_KEYS = (
+    "encoder",
+    "mode",
+    "chunk_size",
+    "min_side",
+    "pack_side",
+    "pack_quality",
+    "exclude_threshold",
+    "dim",
+)
+
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -49,17 +62,7 @@ def merge_shards(
     mans = [Manifest(s) for s in shards]
     try:
         ref = mans[0]
-        keys = (
-            "encoder",
-            "mode",
-            "chunk_size",
-            "min_side",
-            "pack_side",
-            "pack_quality",
-            "exclude_threshold",
-            "dim",
-            "exclude_sources",
-        )
+        keys = (*_ENCODING_KEYS, "exclude_sources")
         for s, m in zip(shards[1:], mans[1:]):
             for k in keys:
                 if m.get(k) != ref.get(k):
@@ -151,18 +154,7 @@ def export_db(
             raise RefDBError("export: empty selection")
         recs = db.records(sel)
         with Manifest(src) as sman:
-            keys = (
-                "encoder",
-                "mode",
-                "chunk_size",
-                "min_side",
-                "pack_side",
-                "pack_quality",
-                "exclude_threshold",
-                "dim",
-                "encoder_source",
-                "sources",
-            )
+            keys = (*_ENCODING_KEYS, "encoder_source", "sources")
             conf = {k: sman.get(k) for k in keys}
             loc = {
                 r[0]: r[1:]

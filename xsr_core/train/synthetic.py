@@ -29,6 +29,15 @@ def _texture(kind: int, size: int | tuple[int, int]) -> np.ndarray:
     return t - t.mean()
 
 
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill) -> None:
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def make_image(
     seed: int, size: int = 512, texture: int | None = None, colour: int | None = None, wh: tuple[int, int] | None = None
 ) -> tuple[Image.Image, str]:
@@ -61,12 +70,7 @@ def make_image(
     else:
         cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
     fill = COLOURS[names[ci]]
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    _draw_shape(d, shape, cx, cy, r, fill)
     kind = ci % len(TEXTURES) if texture is None else texture
     arr = np.asarray(img, dtype=np.float32) + 40.0 * _texture(kind, (h, w))[..., None]
     arr = np.clip(arr, 0, 255).astype(np.uint8)
@@ -108,12 +112,7 @@ def make_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> t
     r = int(rng.integers(side // 5, side // 3))
     cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
     fill = COLOURS[names[cls]]
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    _draw_shape(d, shape, cx, cy, r, fill)
     arr = np.asarray(img, dtype=np.float32) + TEXTURE_AMPLITUDE * _texture(cls % len(TEXTURES), (h, w))[..., None]
     caption = f"a {names[cls]} {shape} with {TEXTURES[cls % len(TEXTURES)]}"
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), caption

@@ -1,0 +1,49 @@
+"""Helpers shared by tests/unit, tests/comfy and tests/browser.
+
+Imported by module name (``from xsr_helpers import ...``): pytest puts tests/ on sys.path for tests/conftest.py,
+and ``tests.`` would resolve to the top-level ``tests`` package that some installed distributions ship.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+
+def upload_lr8(comfy, folder: Path, name: str, seed: int) -> str:
+    """An 8x8 LR (synthetic 128 px image ``seed``, bicubic down) saved as ``folder/name`` and uploaded to the live
+    server's input folder; returns its name there."""
+    from PIL import Image
+
+    from xsr_core.testing.synthetic import synthetic_image
+
+    p = folder / name
+    synthetic_image(seed, 128).resize((8, 8), Image.BICUBIC).save(p)
+    return comfy.upload_image(p)
+
+
+def tamper(db: Path, sql: str, *args) -> None:
+    """Edit a finished DB's meta.sqlite in place and re-record its size (a crafted DB is consistent on its face)."""
+    conn = sqlite3.connect(db / "meta.sqlite")
+    conn.execute(sql, args)
+    conn.commit()
+    conn.close()
+    info = json.loads((db / "info.json").read_text())
+    info["files"]["meta.sqlite"] = (db / "meta.sqlite").stat().st_size
+    (db / "info.json").write_text(json.dumps(info))
+
+
+def committed_chunks(manifest: Path) -> int:
+    """Chunks an unfinished build has committed to its manifest; 0 while the manifest is not readable
+    (polled while the build runs in another process)."""
+    if not manifest.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(manifest, timeout=1)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
