@@ -83,3 +83,6 @@ def test_worker_sub_batches_regroup_to_the_callers_batches_in_order(tmp_path):
             assert g.n_ok == r.n_ok == sum(s.ok for s in r.samples)
             assert torch.equal(batch_pixels(g, torch.device("cpu")), batch_pixels(r, torch.device("cpu")))
         assert sum(not s.ok for g in got for s in g.samples) == 1
+    # an empty caller batch comes back as an empty group, in its place
+    got = list(make_loader(items, [[0, 1], [], [2]], workers=2, min_side=1, pack=None))
+    assert [[s.seq for s in g.samples] for g in got] == [[0, 1], [], [2]] and got[1].n_ok == 0

@@ -207,12 +207,18 @@ class _Regrouped:
     def __iter__(self):
         counts = iter(self.parts_per_batch)
         parts: list[DecodedBatch] = []
-        want = next(counts, 0)
+        want = next(counts, None)
+        while want == 0:  # an empty caller batch has no sub-batch: hand it back empty, in order
+            yield BatchGroup([])
+            want = next(counts, None)
         for part in self.loader:  # the DataLoader yields in sampler order
             parts.append(part)
             if len(parts) == want:
                 yield BatchGroup(parts)
-                parts, want = [], next(counts, 0)
+                parts, want = [], next(counts, None)
+                while want == 0:
+                    yield BatchGroup([])
+                    want = next(counts, None)
 
 
 def worker_batch_size(batch: int, workers: int) -> int:
