@@ -222,7 +222,7 @@ def test_stage2_adapter_reads_the_image_embedding(loop):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="not reachable at this CPU scale (measured, see the report of branch `learn`): the tiny random "
+    reason="not reachable at this CPU scale (measured 2026-12-01 with the real stage-2 trainer): the tiny random "
     "TAESD latents have std ~0.19 and the HR detail E could add is a few % of that, so even an oracle E (a "
     "perfect class code) trained 150 steps moves the shuffled-E validation loss by 0.00 +- 0.09 %; the proof "
     "needs pretrained SD weights (real latents, a trained U-Net) and a longer run",
