@@ -32,50 +32,21 @@ FIXED = ["XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix"]
 
 
 def graph(lr_name: str, names: dict[str, str]) -> dict:
+    """The per-image XSR nodes of the shipped x16 graph (xsr_core.demo.xsr_graph), without sampling and decoding:
+    ColorFix takes the 512 px hint, PreviewAny nodes are the outputs."""
+    from xsr_core.demo import xsr_graph
+
+    full = xsr_graph(lr_name, ckpt=names.get("ckpt", ""), controlnet="", clip_vision=names["cv"], refdb="bench")
+    g = {k: full[k] for k in ("lr", "prep", "cv", "models", "db", "retrieve", "enhance", "fix")}
     if "ckpt" in names:  # tiny zoo: one checkpoint file
-        text = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt"]}}}
-        clip = ["ckpt", 1]
-    else:
-        text = {
-            "clipl": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
-        }
-        clip = ["clipl", 0]
-    return {
-        "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
-        "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
-        **text,
-        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": names["cv"]}},
-        "models": {
-            "class_type": "XSR_LoadModels",
-            "inputs": {"rfa_name": "rfa.safetensors", "i2t_name": "i2t.safetensors"},
-        },
-        "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": "bench"}},
-        "retrieve": {
-            "class_type": "XSR_Retrieve",
-            "inputs": {
-                "image": ["prep", 2],
-                "clip_vision": ["cv", 0],
-                "xsr_models": ["models", 0],
-                "refdb": ["db", 0],
-                "top_k": 4,
-            },
-        },
-        "enhance": {
-            "class_type": "XSR_Enhance",
-            "inputs": {
-                "xsr_models": ["models", 0],
-                "refs": ["retrieve", 1],
-                "clip": clip,
-                "max_tokens": 32,
-                "num_beams": 1,
-                "caption_override": "",
-                "extra_prompt": "high quality, detailed",
-            },
-        },
-        "fix": {"class_type": "XSR_ColorFix", "inputs": {"image": ["prep", 0], "lr": ["prep", 2], "method": "wavelet"}},
-        "show_caption": {"class_type": "PreviewAny", "inputs": {"source": ["enhance", 1]}},
-        "show_fix": {"class_type": "PreviewAny", "inputs": {"source": ["fix", 0]}},
-    }
+        g["ckpt"] = full["ckpt"]
+    else:  # real shapes: only the text encoder (no U-Net / ControlNet / VAE written)
+        g["clipl"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}}
+        g["enhance"]["inputs"]["clip"] = ["clipl", 0]
+    g["fix"]["inputs"]["image"] = ["prep", 0]
+    g["show_caption"] = {"class_type": "PreviewAny", "inputs": {"source": ["enhance", 1]}}
+    g["show_fix"] = {"class_type": "PreviewAny", "inputs": {"source": ["fix", 0]}}
+    return g
 
 
 def main(argv=None) -> int:
