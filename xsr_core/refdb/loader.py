@@ -205,20 +205,9 @@ class _Regrouped:
         return len(self.parts_per_batch)
 
     def __iter__(self):
-        counts = iter(self.parts_per_batch)
-        parts: list[DecodedBatch] = []
-        want = next(counts, None)
-        while want == 0:  # an empty caller batch has no sub-batch: hand it back empty, in order
-            yield BatchGroup([])
-            want = next(counts, None)
-        for part in self.loader:  # the DataLoader yields in sampler order
-            parts.append(part)
-            if len(parts) == want:
-                yield BatchGroup(parts)
-                parts, want = [], next(counts, None)
-                while want == 0:
-                    yield BatchGroup([])
-                    want = next(counts, None)
+        parts = iter(self.loader)  # the DataLoader yields in sampler order
+        for want in self.parts_per_batch:  # an empty caller batch has no sub-batch: an empty group in its place
+            yield BatchGroup([next(parts) for _ in range(want)])
 
 
 def worker_batch_size(batch: int, workers: int) -> int:
