@@ -43,6 +43,9 @@ MODES = {
     "novram": ["--novram"],
     "lowvram": ["--lowvram"],
     "lowvram+disable-dynamic-vram": ["--lowvram", "--disable-dynamic-vram"],
+    # default flags, but outputs of nodes outside the current prompt are kept while 16 GB of RAM stay free
+    # (0.33's default inactive headroom is all of RAM: switching workflows re-runs their loaders)
+    "cache-ram-16": ["--cache-ram", "10", "16"],
 }
 XSR_MODELS = ("RFA", "I2T", "AdaINAdapter")
 
@@ -114,36 +117,50 @@ def run_mode(
         failed = [ln.strip() for ln in log.splitlines() if "(IMPORT FAILED)" in ln]  # custom nodes (ours, the probe)
         if failed:
             raise ComfyError("a custom node failed to import: " + "; ".join(failed) + "\n" + server.log_tail(60))
-        times, states, plain = [], [], []
-        for i in range(runs + 1):
+        times, states, plain, mixed = [], [], [], []
+        nodes: dict[str, list] = {}
+
+        def prompt(i: int, which: str, probe: bool = False) -> float:
             lr = base / "input" / f"lr_{mode}_{i}.png"
             synthetic_image(2000 + i, 256).resize((lr_side, lr_side), Image.BICUBIC).save(lr)
-            both = graphs(lr.name, names, steps, seed=i, mode="eager")
-            g = both["xsr"]
+            g = graphs(lr.name, names, steps, seed=i, mode="eager")[which]
             if pil_loader:
                 g["lr"] = {"class_type": "XSRBench_LoadImagePIL", "inputs": {"image": lr.name}}
-                both["baseline"]["lr"] = g["lr"]
-            if baseline and "baseline_error" not in row:  # the graph without XSR's nodes, same server and mode
-                t = time.perf_counter()
-                try:
-                    server.run(both["baseline"], timeout=600)
-                    if i > 0:
-                        plain.append(time.perf_counter() - t)
-                except ComfyError as e:  # recorded; the XSR rows are still measured
-                    row["baseline_error"] = str(e)[-1000:]
-            # warm-up (i == 0) with the probes on (first loads); timed runs with them off
-            server.post_json("/xsr_bench/reset", {"probe": i == 0})
+            for node in ("up", "lat"):  # the plain graph's fixed 512 px: follow --lr-side like the XSR graph
+                if node in g and which == "baseline":
+                    g[node]["inputs"].update(width=16 * lr_side, height=16 * lr_side)
+            server.post_json("/xsr_bench/reset", {"probe": probe})
             t = time.perf_counter()
             server.run(g, timeout=600)
             dt = time.perf_counter() - t
             st = server.get_json("/xsr_bench/state")
-            states.append(st)
+            nodes[f"{which} #{i}"] = [n for n in st.get("nodes", []) if n[2] >= 0.005]
+            if which == "xsr":
+                states.append(st)
+            return dt
+
+        # XSR alone: one warm-up with the probes on (first loads), then timed runs with them off
+        for i in range(runs + 1):
+            dt = prompt(i, "xsr", probe=i == 0)
             if i > 0:
                 times.append(dt)
+        # then, when asked, the graph without XSR's nodes alternating with the XSR graph in the same server: the
+        # per-node times show what each switch re-executes (a node absent from a prompt's list was cached)
+        if baseline:
+            try:
+                prompt(100, "baseline")  # its warm-up (first loads of the plain graph's own models)
+                for i in range(101, 101 + runs):
+                    plain.append(prompt(i, "baseline"))
+                    mixed.append(prompt(i, "xsr"))
+            except ComfyError as e:  # recorded; the XSR-alone rows are still reported
+                row["baseline_error"] = str(e)[-1000:]
         row.update(
             {
                 "median_s": round(statistics.median(times), 3) if times else None,
                 "baseline_median_s": round(statistics.median(plain), 3) if plain else None,
+                "alternating_median_s": round(statistics.median(mixed), 3) if mixed else None,
+                "alternating_runs_s": [round(t, 3) for t in mixed],
+                "nodes": nodes,
                 "runs_s": [round(t, 3) for t in times],
                 "torch_peak_allocated_mib": max((s["torch_peak_allocated_mib"] or 0) for s in states[1:] or states)
                 if gpu
@@ -181,9 +198,9 @@ def write_report(results: dict, out: Path, tag: str) -> None:
         "warm-up. Peak VRAM: torch's peak allocated in the server process / device-wide peak used (mem_get_info, "
         "includes comfy-aimdo's mappings and the CUDA context) during the timed runs. " + results.get("note", ""),
         "",
-        "| mode | flags | ok | s / image | plain graph s / image | torch peak GiB | device peak GiB "
-        "| XSR models as ComfyUI holds them | problems |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | flags | ok | s / image | plain graph s / image | XSR s / image alternating with plain "
+        "| torch peak GiB | device peak GiB | XSR models as ComfyUI holds them | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         held = sorted(
@@ -201,9 +218,14 @@ def write_report(results: dict, out: Path, tag: str) -> None:
             f"| {r['mode']} | `{' '.join(r['flags']) or '(none)'}` | {'✔' if r['ok'] else '✘'} | "
             f"{r.get('median_s') if r.get('median_s') is not None else '-'} | "
             f"{r.get('baseline_median_s') if r.get('baseline_median_s') is not None else 'not measured'} | "
+            f"{r.get('alternating_median_s') if r.get('alternating_median_s') is not None else 'not measured'} | "
             f"{gib(r.get('torch_peak_allocated_mib'))} | "
             f"{gib(r.get('device_peak_used_mib'))} | {'<br>'.join(held) or '-'} | {probs} |"
         )
+    for r in results["rows"]:
+        if r.get("nodes"):
+            lines += ["", f"Executed nodes ≥ 5 ms per prompt, mode {r['mode']} (seconds; absent = cached):", ""]
+            lines += [f"- {k}: " + ", ".join(f"{n[0]} {n[1]} {n[2]:.3f}" for n in v) for k, v in r["nodes"].items()]
     (out / f"vram_modes_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"vram_modes_{tag}.md").write_text("\n".join(lines) + "\n")
 

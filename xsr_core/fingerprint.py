@@ -71,17 +71,26 @@ def _finish(entries: list[tuple[str, tuple[int, ...], np.ndarray]]) -> dict[str,
 @torch.no_grad()
 def fingerprint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Fingerprint of a state dict (live tensors on any device/dtype); keys in the LDM layout."""
-    entries = []
+    picked = []  # (name, shape, sampled values on the tensor's device)
+    index: dict[tuple[torch.device, int], torch.Tensor] = {}
     for name, t in state_dict.items():
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue  # integer buffers (position ids, step counters) are not weights
         flat = t.detach().reshape(-1)
-        pos = _positions(flat.numel())
-        vals = flat[torch.tensor(pos, dtype=torch.long, device=flat.device)] if pos else flat[:0]
-        entries.append((_canonical_name(name), tuple(t.shape), vals.float().cpu().numpy().astype(np.float16)))
-    if not entries:
+        key = (flat.device, flat.numel())
+        if key not in index:
+            index[key] = torch.tensor(_positions(flat.numel()), dtype=torch.long, device=flat.device)
+        picked.append((_canonical_name(name), tuple(t.shape), flat[index[key]].float()))
+    if not picked:
         raise FingerprintError("fingerprint: the state dict holds no floating-point tensors")
-    return _finish(entries)
+    # one device-to-host copy per device, not one per tensor (a model on the GPU has hundreds)
+    host: dict[int, np.ndarray] = {}
+    for dev in {v.device for _, _, v in picked}:
+        mine = [i for i, (_, _, v) in enumerate(picked) if v.device == dev]
+        flat = torch.cat([picked[i][2] for i in mine]).cpu().numpy().astype(np.float16)
+        for i, part in zip(mine, np.split(flat, np.cumsum([picked[i][2].numel() for i in mine])[:-1])):
+            host[i] = part
+    return _finish([(n, shape, host[i]) for i, (n, shape, _) in enumerate(picked)])
 
 
 def fingerprint_module(module: torch.nn.Module) -> dict[str, Any]:

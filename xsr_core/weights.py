@@ -168,11 +168,12 @@ class _DeclaredSizeGuard:
         self._handle.remove()
 
 
-def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> None:
+def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> torch.nn.Module:
     """Build ``cls(config)`` on the meta device (no memory) and compare its tensors with the file header.
 
     Raises :class:`XSRWeightsError` naming missing / unexpected / mis-shaped tensors, or a config
-    declaring more than the file holds, before any real allocation.
+    declaring more than the file holds, before any real allocation. Returns the meta-device model
+    (:func:`load_model` fills it with the file's tensors instead of building the model again).
     """
     shapes = header_shapes(path)
     file_numel = sum(math.prod(s) for s in shapes.values())
@@ -190,7 +191,6 @@ def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> Non
         ) from e
     want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     total = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
-    del meta
     if total > file_numel + NON_PERSISTENT_SLACK:
         raise XSRWeightsError(
             f"{path}: its config declares {total} values but the file holds {file_numel}; the "
@@ -212,6 +212,33 @@ def check_against_header(cls: type, config: Any, path: str | os.PathLike) -> Non
         parts.append(f"{len(wrong)} tensors of another shape: {_fmt(wrong)}")
     if parts:
         raise XSRWeightsError(f"{path}: does not match its {cls.__name__} config; " + "; ".join(parts))
+    return meta
+
+
+def _fill_meta_model(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """``model`` (built on the meta device) holding the tensors of ``sd``, without building it again on the
+    CPU: constructing a model runs its random initialisation, which costs more than reading the file (seconds
+    for the I2T's GPT-2 on a CPU). Each tensor takes the dtype the model declares (as a copying
+    ``load_state_dict`` would), parameters the model ties (one parameter under several names, e.g. GPT-2's
+    head and its token embedding) stay tied. Returns None when something stays on the meta device (a tensor
+    the file lacks, or a non-persistent buffer the constructor computed on the meta device): the caller then
+    builds the model the ordinary way."""
+    declared = model.state_dict(keep_vars=True)
+    sd = {k: (v.to(declared[k].dtype) if k in declared and v.dtype != declared[k].dtype else v) for k, v in sd.items()}
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        return None
+    for names in aliases.values():
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model
 
 
 def describe(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -308,9 +335,16 @@ def load_model(
         if isinstance(e, XSRWeightsError):
             raise
         raise XSRWeightsError(f"{path}: invalid {cls.__name__} config ({e})") from e
-    check_against_header(cls, config, path)  # on the meta device, before any allocation
-    model = cls(config)
+    meta = check_against_header(cls, config, path)  # on the meta device, before any allocation
     sd = load_state_dict(path)
+    model = _fill_meta_model(meta, sd)
+    if model is not None:
+        model.to(device=device)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return model.eval()
+    logger.debug("%s: %s built on the CPU (its meta-device build left tensors unfilled)", path, cls_name)
+    model = cls(config)
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
 

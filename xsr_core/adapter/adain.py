@@ -547,7 +547,9 @@ class AdaINAdapter(nn.Module):
         self.head = nn.Linear(config.proj_hidden, 2 * self.layout.total)
         self.gates = nn.Parameter(torch.zeros(len(config.blocks), len(GATE_NAMES)))  # (blocks, [α, β, γ])
         for site in SITES:  # block index of every channel of a site (not saved: derived from the config)
-            self.register_buffer(f"_owner_{site}", torch.tensor(self.layout.channel_block[site]), persistent=False)
+            # on the CPU even when the model is built on the meta device (weights.load_model fills a meta build)
+            owner = torch.tensor(self.layout.channel_block[site], device="cpu")
+            self.register_buffer(f"_owner_{site}", owner, persistent=False)
         self._index_cache: dict = {}
         # one fused Triton kernel per apply on CUDA when available and no gradient is needed
         # (inference); the eager path below is the reference and the training path

@@ -11,7 +11,9 @@ so the benchmark can see, from outside, how ComfyUI's model management treats th
   forward probes (off for timed runs: they add a Python call per module);
 - the probe log records, per XSR module class (RFA, I2T and its parts, the AdaIN adapter's
   ``compute_stats``, and ``AdapterForward.apply``), the devices of its weights and inputs at each call, and after every
-  ``load_models_gpu`` which models are loaded where and how much of each.
+  ``load_models_gpu`` which models are loaded where and how much of each;
+- always (probes on or off), the nodes that executed in each prompt and their seconds (CUDA synchronised
+  around each node): a node missing from the list came from ComfyUI's output cache.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import time
 import torch
 
 import comfy.model_management as mm
+import execution
 from server import PromptServer
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
-STATE = {"probe": True, "calls": {}, "loads": [], "device_peak": 0, "device_base": 0}
+STATE = {"probe": True, "calls": {}, "loads": [], "nodes": [], "device_peak": 0, "device_base": 0}
 _LOCK = threading.Lock()
 
 
@@ -140,6 +143,26 @@ for _name in (
         _m.load_models_gpu = _load_models_gpu
 
 
+_orig_get_output_data = execution.get_output_data
+
+
+async def _timed_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k):
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    try:
+        return await _orig_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+        with _LOCK:
+            STATE["nodes"].append([str(unique_id), type(obj).__name__, round(time.perf_counter() - t, 4)])
+
+
+execution.get_output_data = _timed_get_output_data
+
+
 def _sampler() -> None:
     while True:
         try:
@@ -172,6 +195,7 @@ async def _state(request):
             "device_base_used_mib": round(STATE["device_base"] / 2**20, 1) if cuda else None,
             "calls": dict(STATE["calls"]),
             "loads": list(STATE["loads"]),
+            "nodes": list(STATE["nodes"]),
             "aimdo_enabled": getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", None),
         }
     return web.json_response(body)
@@ -184,6 +208,7 @@ async def _reset(request):
     with _LOCK:
         STATE["calls"].clear()
         STATE["loads"].clear()
+        STATE["nodes"].clear()
         STATE["probe"] = bool(data.get("probe", STATE["probe"]))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
