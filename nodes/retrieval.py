@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import comfy.model_management
 from comfy_api.latest import io, ui
@@ -32,6 +34,7 @@ from .validation import check_batch, check_folder_name, collect, schema_problems
 
 logger = logging.getLogger(__name__)
 THUMB = 256  # side of the reference images this node outputs / previews
+PREVIEW_QUALITY = 95  # JPEG quality of the reference previews XSR writes (thumbnails, non-JPEG sources)
 
 
 @dataclass(eq=False)
@@ -108,11 +111,61 @@ def _square(t: torch.Tensor, side: int) -> torch.Tensor:
     return resize_center_crop(t[None], side)[0]
 
 
-def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedRef]:
+_FILE_KINDS = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))  # + RIFF....WEBP below
+
+
+def _browser_ext(data: bytes) -> str | None:
+    """The extension of an image file a browser shows as it is (JPEG, PNG, WebP), else None."""
+    for magic, ext in _FILE_KINDS:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _temp_preview(ext: str) -> tuple[str, dict]:
+    """A new file in ComfyUI's temp folder (served by /view like its own previews) and its UI entry.
+
+    Named uniquely without scanning the folder (ComfyUI's own preview writer lists the whole temp folder
+    for every file, which grows over the server's life)."""
+    import folder_paths
+
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    name = f"xsr_ref_{uuid.uuid4().hex}.{ext}"
+    return os.path.join(folder, name), {"filename": name, "subfolder": "", "type": "temp"}
+
+
+def _write_full_preview(data: bytes, rgb: np.ndarray) -> dict:
+    """The gallery's enlarged view of a reference: its stored file as it is (a packed DB's JPEG, a paths DB's
+    JPEG / PNG / WebP source: no decode or encode), other formats as a JPEG of the decoded RGB."""
+    ext = _browser_ext(data)
+    path, entry = _temp_preview(ext or "jpg")
+    if ext is None:
+        Image.fromarray(rgb).save(path, format="JPEG", quality=PREVIEW_QUALITY)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+    return entry
+
+
+def _write_thumb_previews(thumbs: torch.Tensor) -> list[dict]:
+    """The gallery-grid previews of (N, THUMB, THUMB, 3) thumbnails in 0..1 (ComfyUI's 8-bit conversion),
+    as JPEG files: no PNG deflate on the execution thread, no prompt metadata in each file."""
+    out = []
+    for a in np.clip(255.0 * thumbs.numpy(), 0, 255).astype(np.uint8):
+        path, entry = _temp_preview("jpg")
+        Image.fromarray(a).save(path, format="JPEG", quality=PREVIEW_QUALITY)
+        out.append(entry)
+    return out
+
+
+def _gather_refs(clip_vision, refdb, ids: np.ndarray) -> dict[int, _CachedRef]:
     """Tokens + thumbnail of every distinct retrieved row: cached ones from :data:`REF_CACHE`, the others
     decoded and encoded in ONE batched ViT pass over all LR images' references. The previews of a reference
     (thumbnail and full resolution, temp folder, kept for the server's life) are written once, when it is
-    cached."""
+    cached; the full-resolution ones while the GPU runs the ViT."""
     prefix = _ref_cache_prefix(refdb, clip_vision) if REF_CACHE.capacity else None
     wanted = sorted({int(x) for x in ids.reshape(-1) if x >= 0})
     out: dict[int, _CachedRef] = {}
@@ -125,24 +178,25 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedR
             out[rid] = hit
     if missing:
         try:
-            imgs = refdb.load_images(missing, as_numpy=True)
+            loaded = refdb.load_images_and_bytes(missing, as_numpy=True)
             recs = refdb.records(missing)
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
         # decoded bytes go to the encoder's device once; both resizes run there
         dev = clip_vision.load_device
-        hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im in imgs]  # writable copies
+        hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im, _ in loaded]  # writable copies
         tokens = encode_clip(
             clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False, to_intermediate=False
         ).tokens
         out_dtype = next(clip_vision.model.parameters()).dtype
+        thumbs = torch.stack([_square(x, THUMB) for x in hr])
+        fulls = [_write_full_preview(data, im) for im, data in loaded]  # CPU work while the GPU is busy
         tokens = tokens.to(out_dtype).cpu()  # lossless: the encoder's own output dtype
-        thumbs = torch.stack([_square(x, THUMB) for x in hr]).cpu()
-        previews = ui.PreviewImage(thumbs, cls=cls).values  # one temp-folder scan for all new thumbnails
-        for rid, x, thumb, preview, rec, tok in zip(missing, hr, thumbs, previews, recs, tokens):
-            full = ui.PreviewImage(x[None].cpu(), cls=cls).values[0]
+        thumbs = thumbs.cpu()
+        previews = _write_thumb_previews(thumbs)
+        for rid, thumb, preview, full, rec, tok in zip(missing, thumbs, previews, fulls, recs, tokens):
             name = os.path.basename(rec.path) or f"#{rec.id}"
-            entry = _CachedRef(tok.clone(), thumb.clone(), name, dict(full), dict(preview))
+            entry = _CachedRef(tok.clone(), thumb.clone(), name, full, preview)
             out[rid] = entry
             if prefix is not None:
                 REF_CACHE.put(prefix + (rid,), entry)
@@ -219,7 +273,7 @@ class XSRRetrieve(io.ComfyNode):
         if refdb.n == 0 or k == 0:
             raise ValueError(f"XSR_Retrieve: the reference DB {refdb.path} is empty; build it from HR images first.")
         throw_if_interrupted()
-        refs = _gather_refs(clip_vision, refdb, ids, cls)
+        refs = _gather_refs(clip_vision, refdb, ids)
         t, d = feats.tokens.shape[1:]
         dev = feats.tokens.device
         ref_mask = torch.zeros(b, top_k, dtype=torch.bool)
