@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +102,90 @@ class RefCache:
 REF_CACHE = RefCache(int(os.environ.get("XSR_REF_CACHE_SIZE", "128") or 0))
 
 
+class VisionGraphs:
+    """CUDA graphs of the CLIP vision tower (XSR_Retrieve's LR pass and reference pass), one per pixel batch
+    shape and dtype and per placement of the weights; ``XSR_CLIP_CUDAGRAPH=0`` turns them off.
+
+    The ViT-L/14 pass of one image is a few hundred small kernels (ComfyUI's CLIP vision runs manual-cast ops),
+    so it is launch-bound. The first call of a shape runs eagerly (warm-up), the second captures, checks the
+    replay against its own eager result (any difference beyond float noise, or any failure: eager from then
+    on for that model, one log line) and later calls replay. Only for weights all on the CUDA device (a
+    lowvram-streamed model runs eagerly); a moved weight (ComfyUI unloaded / reloaded the encoder) changes
+    the key, and at most :attr:`keep` graphs per model are kept (oldest out). Weak-keyed by the vision
+    module: the graphs go with the model.
+    """
+
+    keep = 4
+
+    def __init__(self):
+        self._per_model: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+        self.captures = self.replays = 0
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("XSR_CLIP_CUDAGRAPH", "1").strip().lower() not in ("0", "false", "off", "no")
+
+    def __call__(self, vm, pix: torch.Tensor):
+        if pix.device.type != "cuda" or not self.enabled():
+            return vm(pixel_values=pix)
+        st = self._per_model.get(vm)
+        if st is None:
+            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None}
+        if st["off"] is not None:
+            return vm(pixel_values=pix)
+        tensors = list(itertools.chain(vm.parameters(), vm.buffers()))
+        if any(t.device != pix.device for t in tensors):
+            return vm(pixel_values=pix)  # streamed / partially loaded: nothing fixed to capture
+        key = (tuple(pix.shape), pix.dtype, torch.is_inference_mode_enabled(), tuple(t.data_ptr() for t in tensors))
+        entry = st["graphs"].get(key)
+        if entry is None:
+            if key not in st["warm"]:
+                st["warm"].add(key)
+                return vm(pixel_values=pix)
+            return self._capture(vm, pix, st, key)
+        st["graphs"].move_to_end(key)
+        static, graph, out = entry
+        static.copy_(pix)
+        graph.replay()
+        self.replays += 1
+        return out[0].clone(), None, out[2].clone()
+
+    def _capture(self, vm, pix, st, key):
+        try:
+            static = pix.clone()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local")
+                try:
+                    out = vm(pixel_values=static)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
+            eager = vm(pixel_values=pix)
+            graph.replay()
+            worst = 0.0
+            for a, b in ((out[0], eager[0]), (out[2], eager[2])):
+                tol = 1e-3 * max(1.0, float(b.abs().max()))
+                worst = max(worst, float((a.float() - b.float()).abs().max()) / tol)
+            if worst > 1.0:
+                raise RuntimeError(f"the replay differs from eager ({worst:.1f} x the float tolerance)")
+        except Exception as e:  # noqa: BLE001 - any failure: this model's vision pass stays eager
+            st["off"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            st["graphs"].clear()
+            logger.info("XSR_Retrieve: the CLIP vision pass runs eagerly (no CUDA graph): %s", st["off"])
+            return vm(pixel_values=pix)
+        st["graphs"][key] = (static, graph, out)
+        while len(st["graphs"]) > self.keep:
+            st["graphs"].popitem(last=False)
+        self.captures += 1
+        return eager
+
+
+VISION_GRAPHS = VisionGraphs()
+
+
 def _ref_cache_prefix(refdb, clip_vision) -> tuple:
     fp = clip_vision_fingerprint(clip_vision)
     p = next(clip_vision.model.parameters())
@@ -185,9 +271,13 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray) -> dict[int, _CachedRef]:
         # decoded bytes go to the encoder's device once; both resizes run there
         dev = clip_vision.load_device
         hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im, _ in loaded]  # writable copies
-        tokens = encode_clip(
-            clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False, to_intermediate=False
-        ).tokens
+        pix = torch.stack([_square(x, 224) for x in hr])
+        bucket = min(int(ids.size), 32)  # pad the misses to a fixed batch: one CUDA graph serves any miss count
+        pad = -len(hr) % bucket
+        if pad and pix.device.type == "cuda" and VISION_GRAPHS.enabled():
+            pix = torch.cat([pix, pix.new_zeros((pad, *pix.shape[1:]))])
+        tokens = encode_clip(clip_vision, pix, lr=False, to_intermediate=False, vision=VISION_GRAPHS).tokens
+        tokens = tokens[: len(hr)]
         out_dtype = next(clip_vision.model.parameters()).dtype
         thumbs = torch.stack([_square(x, THUMB) for x in hr])
         fulls = [_write_full_preview(data, im) for im, data in loaded]  # CPU work while the GPU is busy
@@ -258,7 +348,7 @@ class XSRRetrieve(io.ComfyNode):
             refdb.check_encoder(clip_vision_fingerprint(clip_vision))
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
-        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False)
+        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False, vision=VISION_GRAPHS)
         comfy.model_management.load_model_gpu(xsr_models.rfa)
         rfa = xsr_models.rfa.model
         p = next(rfa.parameters())

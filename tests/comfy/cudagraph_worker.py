@@ -410,4 +410,34 @@ del holder, hs
 gc.collect()
 res["freed_with_model"] = {"had_graphs": had, "alive_after_del": ref_s() is not None}
 
+# 10. XSR_Retrieve's CLIP vision CUDA graphs (CUDA only): warm-up, capture, replays equal eager for new pixels
+if MODE == "cuda":
+    try:  # recorded, not raised: the sections above must still reach the report
+        import comfy.clip_vision  # noqa: E402
+
+        retrieval = importlib.import_module("comfyui_xsr.nodes.retrieval")
+        cv = comfy.clip_vision.load(str(MODELS / "clip_vision" / zoo.CLIP_VISION_NAME))
+        comfy.model_management.load_model_gpu(cv.patcher)
+        vg = retrieval.VisionGraphs()
+        worst = 0.0
+        with torch.inference_mode():
+            for i in range(4):
+                pix = torch.randn(4, 3, 224, 224, device=device, generator=None)
+                got = vg(cv.model.vision_model, pix)
+                ref = cv.model.vision_model(pixel_values=pix)
+                worst = max(
+                    worst,
+                    diff(got[0].float().cpu(), ref[0].float().cpu()),
+                    diff(got[2].float().cpu(), ref[2].float().cpu()),
+                )
+        res["vision_graphs"] = {
+            "captures": vg.captures,
+            "replays": vg.replays,
+            "maxdiff": worst,
+            "off": [st["off"] for st in vg._per_model.values()],
+        }
+
+    except Exception as e:  # noqa: BLE001
+        res["vision_graphs"] = {"error": f"{type(e).__name__}: {e}"}
+
 OUT.write_text(json.dumps(res, indent=1))

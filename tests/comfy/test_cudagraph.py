@@ -155,3 +155,6 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
             assert (run["captures"], run["reused"], run["replays"]) == (0, 1, 5), run
             assert run["maxdiff"] <= 1e-3 * max(1.0, run["scale"]), run
     assert r["freed_with_model"]["alive_after_del"] is False
+    v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
+    assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
+    assert v["maxdiff"] <= 1e-3, v
