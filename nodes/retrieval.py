@@ -111,8 +111,8 @@ class VisionGraphs:
     replay against its own eager result (any difference beyond float noise, or any failure: eager from then
     on for that model, one log line) and later calls replay. Only for weights all on the CUDA device (a
     lowvram-streamed model runs eagerly); a moved weight (ComfyUI unloaded / reloaded the encoder) changes
-    the key, and at most :attr:`keep` graphs per model are kept (oldest out). Weak-keyed by the vision
-    module: the graphs go with the model.
+    the key, and at most :attr:`keep` graphs per model are kept (oldest out), sharing one memory pool (it stays
+    reserved between prompts). Weak-keyed by the vision module: the graphs go with the model.
     """
 
     keep = 4
@@ -130,7 +130,7 @@ class VisionGraphs:
             return vm(pixel_values=pix)
         st = self._per_model.get(vm)
         if st is None:
-            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None}
+            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
         if st["off"] is not None:
             return vm(pixel_values=pix)
         tensors = list(itertools.chain(vm.parameters(), vm.buffers()))
@@ -157,7 +157,9 @@ class VisionGraphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                graph.capture_begin(pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local")
+                if st["pool"] is None:  # one memory pool per model: its graphs replay one at a time, outputs cloned
+                    st["pool"] = torch.cuda.graph_pool_handle()
+                graph.capture_begin(pool=st["pool"], capture_error_mode="thread_local")
                 try:
                     out = vm(pixel_values=static)
                 finally:
