@@ -6,10 +6,11 @@ colour fix applied to the x16 hint (the same 512 px shape as a decoded image). A
 the per-image work really runs. Each XSR_OFFLOAD setting is timed with the reference cache ``warm`` (kept
 between prompts as in use: repeated references are hits) and ``cold`` (cleared before every prompt, so every
 reference is a miss: decode, ViT pass, previews — the case of a large DB, where references rarely repeat);
-each row reports its cache hits and misses. Uses the models and the DB of ``bench_e2e.py`` (real-shape random
-weights on CUDA, fp16; ``--tiny``: the tiny zoo on CPU; DB images of ``--ref-side`` px, as a packed DB stores
-them) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the peak VRAM and
-what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
+each row reports its cache hits and misses. ``--clip-cudagraph on,off`` also times XSR_Retrieve's CLIP vision
+pass eagerly (``XSR_CLIP_CUDAGRAPH=0``) beside its CUDA graph. Uses the models and the DB of ``bench_e2e.py``
+(real-shape random weights on CUDA, fp16; ``--tiny``: the tiny zoo on CPU; DB images of ``--ref-side`` px, as a
+packed DB stores them) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the
+peak VRAM and what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
 
     python bench/bench_fixed_cost.py --comfy /path/to/ComfyUI --runs 20          # real shapes (GPU)
     python bench/bench_fixed_cost.py --comfy .comfyui/ComfyUI --tiny --runs 10   # CPU, tiny zoo
@@ -52,6 +53,11 @@ def graph(lr_name: str, names: dict[str, str]) -> dict:
     return g
 
 
+def _label(r: dict) -> str:
+    vit = "" if r.get("clip_cudagraph", "on") == "on" else ", ViT eager (XSR_CLIP_CUDAGRAPH=0)"
+    return f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}{vit}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
@@ -73,6 +79,12 @@ def main(argv=None) -> int:
         "every prompt: every reference a miss, the large-DB case)",
     )
     ap.add_argument("--ref-side", type=int, default=512, help="side of the DB's images (packed DBs store 512 px)")
+    ap.add_argument(
+        "--clip-cudagraph",
+        default="on",
+        help="comma list of on, off: XSR_Retrieve's CLIP vision pass on its CUDA graph or eager "
+        "(XSR_CLIP_CUDAGRAPH), timed side by side",
+    )
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -102,8 +114,12 @@ def main(argv=None) -> int:
     cache = retrieval.REF_CACHE if retrieval is not None else None
     if cache is None or cache.capacity == 0:
         print("the reference cache is off (XSR_REF_CACHE_SIZE=0) or not found: warm = cold", flush=True)
-    for policy, state in [(p, c) for p in policies for c in states]:
+    graphs = [g for g in args.clip_cudagraph.split(",") if g]
+    if not graphs or any(g not in ("on", "off") for g in graphs):
+        ap.error(f"--clip-cudagraph: a comma list of on, off (got {args.clip_cudagraph!r})")
+    for policy, state, vit in [(p, c, g) for p in policies for c in states for g in graphs]:
         os.environ["XSR_OFFLOAD"] = policy  # read by the nodes at every call
+        os.environ["XSR_CLIP_CUDAGRAPH"] = "1" if vit == "on" else "0"
         per_node: dict[str, list[float]] = {}
         totals, last = [], None
         hits = misses = 0
@@ -126,6 +142,7 @@ def main(argv=None) -> int:
         row = {
             "offload": policy,
             "ref_cache": state,
+            "clip_cudagraph": vit,
             "ref_hits": hits if cache is not None else None,
             "ref_misses": misses if cache is not None else None,
             "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in per_node.items()},
@@ -153,7 +170,7 @@ def main(argv=None) -> int:
         "synchronised around each node; min in brackets). Reference cache `warm`: kept between prompts; `cold`: "
         "cleared before every prompt (every reference a miss: the large-DB case).",
         "",
-        "| node | " + " | ".join(f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}" for r in res["rows"]) + " |",
+        "| node | " + " | ".join(_label(r) for r in res["rows"]) + " |",
         "|---" * (1 + len(res["rows"])) + "|",
         *(
             f"| {c} | " + " | ".join(f"{r['nodes_ms'][c]:.1f} ({r['nodes_ms_min'][c]:.1f})" for r in res["rows"]) + " |"
@@ -171,7 +188,7 @@ def main(argv=None) -> int:
     ]
     for r in res["rows"]:
         if r["resident_after"]:
-            lines += ["", f"Resident after each node, XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']} (MiB):", ""]
+            lines += ["", f"Resident after each node, {_label(r)} (MiB):", ""]
             lines += ["| after node | resident models |", "|---|---|"]
             lines += [
                 f"| {t['class']} | {', '.join(f'{n} {m}' for n, m in t['resident_mib']) or '-'} |"
