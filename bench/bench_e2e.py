@@ -49,9 +49,10 @@ from xsr_core.testing.sd15 import (  # noqa: E402
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
-def make_models(models: Path, tiny: bool, device: str, sd: bool = True) -> dict[str, str]:
+def make_models(models: Path, tiny: bool, device: str, sd: bool = True, ref_side: int = 256) -> dict[str, str]:
     """Write the benchmark's models under ``models``; ``sd=False`` skips the real-size U-Net, ControlNet and
-    VAE (the fixed-cost bench only needs the CLIP text / vision encoders, the XSR models and the DB)."""
+    VAE (the fixed-cost bench only needs the CLIP text / vision encoders, the XSR models and the DB).
+    ``ref_side``: side of the DB's procedural images (a real packed DB stores 512 px references)."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -151,7 +152,7 @@ def make_models(models: Path, tiny: bool, device: str, sd: bool = True) -> dict[
     save_model(ad, models / "xsr" / "adain_adapter.safetensors")
     shutil.rmtree(models / "xsr_refdb" / "bench", ignore_errors=True)  # a reused --workdir: build afresh
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_images(tmp, 64 if tiny else 256, size=256)
+        write_synthetic_images(tmp, 64 if tiny else 256, size=ref_side)
         build_db(
             models / "xsr_refdb" / "bench",
             models / "clip_vision" / names["cv"],
@@ -272,10 +273,12 @@ def comfy_version() -> str:
         return "unknown"
 
 
-def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True) -> types.SimpleNamespace:
+def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_side: int = 256) -> types.SimpleNamespace:
     """Models written, ComfyUI imported in-process with the XSR pack, and a prompt runner that records per-node
     times (CUDA synchronised around each node) and what is resident after each node."""
-    c = start_comfy(comfy, workdir, "xsr_e2e_", tiny, lambda models, t, dev: make_models(models, t, dev, sd=sd))
+    c = start_comfy(
+        comfy, workdir, "xsr_e2e_", tiny, lambda models, t, dev: make_models(models, t, dev, sd=sd, ref_side=ref_side)
+    )
     device, names, execution, executor, work = c.device, c.names, c.execution, c.executor, c.work
     import torch
 

@@ -3,10 +3,14 @@
 Only the XSR nodes that run once per image (no sampling, no VAE): the LR is loaded, prepared, its references
 retrieved from the DB, the I2T embedding and caption made and encoded with the CLIP text encoder, and the
 colour fix applied to the x16 hint (the same 512 px shape as a decoded image). A new LR image every run, so
-the per-image work really runs (references may repeat: the reference-token cache serves those, as in use).
-Uses the models and the DB of ``bench_e2e.py`` (real-shape random weights on CUDA, fp16; ``--tiny``: the tiny
-zoo on CPU) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the peak
-VRAM and what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
+the per-image work really runs. Each XSR_OFFLOAD setting is timed with the reference cache ``warm`` (kept
+between prompts as in use: repeated references are hits) and ``cold`` (cleared before every prompt, so every
+reference is a miss: decode, ViT pass, previews — the case of a large DB, where references rarely repeat);
+each row reports its cache hits and misses. ``--clip-cudagraph on,off`` also times XSR_Retrieve's CLIP vision
+pass eagerly (``XSR_CLIP_CUDAGRAPH=0``) beside its CUDA graph. Uses the models and the DB of ``bench_e2e.py``
+(real-shape random weights on CUDA, fp16; ``--tiny``: the tiny zoo on CPU; DB images of ``--ref-side`` px, as a
+packed DB stores them) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the
+peak VRAM and what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
 
     python bench/bench_fixed_cost.py --comfy /path/to/ComfyUI --runs 20          # real shapes (GPU)
     python bench/bench_fixed_cost.py --comfy .comfyui/ComfyUI --tiny --runs 10   # CPU, tiny zoo
@@ -49,6 +53,11 @@ def graph(lr_name: str, names: dict[str, str]) -> dict:
     return g
 
 
+def _label(r: dict) -> str:
+    vit = "" if r.get("clip_cudagraph", "on") == "on" else ", ViT eager (XSR_CLIP_CUDAGRAPH=0)"
+    return f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}{vit}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
@@ -63,10 +72,26 @@ def main(argv=None) -> int:
         help="comma list of XSR_OFFLOAD settings to time side by side (default: none,stage1 on CUDA, none on CPU)",
     )
     ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. a setting being compared)")
+    ap.add_argument(
+        "--ref-cache",
+        default="warm,cold",
+        help="comma list of reference-cache states to time: warm (kept between prompts), cold (cleared before "
+        "every prompt: every reference a miss, the large-DB case)",
+    )
+    ap.add_argument("--ref-side", type=int, default=512, help="side of the DB's images (packed DBs store 512 px)")
+    ap.add_argument(
+        "--clip-cudagraph",
+        default="on",
+        help="comma list of on, off: XSR_Retrieve's CLIP vision pass on its CUDA graph or eager "
+        "(XSR_CLIP_CUDAGRAPH), timed side by side",
+    )
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    s = bench_e2e.session(args.comfy, args.tiny, args.workdir, sd=False)
+    states = [c for c in args.ref_cache.split(",") if c]
+    if not states or any(c not in ("warm", "cold") for c in states):
+        ap.error(f"--ref-cache: a comma list of warm, cold (got {args.ref_cache!r})")
+    s = bench_e2e.session(args.comfy, args.tiny, args.workdir, sd=False, ref_side=args.ref_side)
     torch = s.torch
     print(f"set up in {time.time() - t0:.0f} s", flush=True)
     policies = [p for p in (args.offload or ("none,stage1" if s.device == "cuda" else "none")).split(",") if p]
@@ -80,18 +105,35 @@ def main(argv=None) -> int:
         "tiny": args.tiny,
         "runs": args.runs,
         "warmup": args.warmup,
+        "ref_side": args.ref_side,
         "rows": [],
     }
-    for policy in policies:
+    retrieval = next(
+        (m for n, m in sys.modules.items() if n.endswith("nodes.retrieval") and hasattr(m, "REF_CACHE")), None
+    )
+    cache = retrieval.REF_CACHE if retrieval is not None else None
+    if cache is None or cache.capacity == 0:
+        print("the reference cache is off (XSR_REF_CACHE_SIZE=0) or not found: warm = cold", flush=True)
+    graphs = [g for g in args.clip_cudagraph.split(",") if g]
+    if not graphs or any(g not in ("on", "off") for g in graphs):
+        ap.error(f"--clip-cudagraph: a comma list of on, off (got {args.clip_cudagraph!r})")
+    for policy, state, vit in [(p, c, g) for p in policies for c in states for g in graphs]:
         os.environ["XSR_OFFLOAD"] = policy  # read by the nodes at every call
+        os.environ["XSR_CLIP_CUDAGRAPH"] = "1" if vit == "on" else "0"
         per_node: dict[str, list[float]] = {}
         totals, last = [], None
+        hits = misses = 0
         if s.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for i in range(args.warmup + args.runs):
+            if state == "cold" and cache is not None:
+                cache.clear()
+            before = (cache.hits, cache.misses) if cache is not None else (0, 0)
             _, tr = s.run(graph(s.new_lr(), s.names))
             if i < args.warmup:
                 continue
+            if cache is not None:
+                hits, misses = hits + cache.hits - before[0], misses + cache.misses - before[1]
             by = {r["class"]: r["s"] for r in tr}
             for c in FIXED:
                 per_node.setdefault(c, []).append(by.get(c, float("nan")))
@@ -99,6 +141,10 @@ def main(argv=None) -> int:
             last = tr
         row = {
             "offload": policy,
+            "ref_cache": state,
+            "clip_cudagraph": vit,
+            "ref_hits": hits if cache is not None else None,
+            "ref_misses": misses if cache is not None else None,
             "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in per_node.items()},
             "nodes_ms_min": {c: round(min(v) * 1000, 2) for c, v in per_node.items()},
             "fixed_ms_median": round(statistics.median(totals) * 1000, 2),
@@ -108,10 +154,6 @@ def main(argv=None) -> int:
         }
         res["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "resident_after"}), flush=True)
-    retrieval = next(
-        (m for n, m in sys.modules.items() if n.endswith("nodes.retrieval") and hasattr(m, "REF_CACHE")), None
-    )
-    cache = retrieval.REF_CACHE if retrieval is not None else None
     res["ref_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses, "cap": cache.capacity}
 
     out = Path(args.results)
@@ -123,11 +165,12 @@ def main(argv=None) -> int:
         "",
         f"`{res['command']}`",
         "",
-        f"Median of {args.runs} runs after {args.warmup} warm-up runs per XSR_OFFLOAD setting, a new LR image each "
-        f"run ({'tiny zoo' if args.tiny else 'real-shape random weights'}; CUDA synchronised around each node; "
-        "min in brackets).",
+        f"Median of {args.runs} runs after {args.warmup} warm-up runs per column, a new LR image each "
+        f"run ({'tiny zoo' if args.tiny else 'real-shape random weights'}, DB images {args.ref_side} px; CUDA "
+        "synchronised around each node; min in brackets). Reference cache `warm`: kept between prompts; `cold`: "
+        "cleared before every prompt (every reference a miss: the large-DB case).",
         "",
-        "| node | " + " | ".join(f"XSR_OFFLOAD={r['offload']}" for r in res["rows"]) + " |",
+        "| node | " + " | ".join(_label(r) for r in res["rows"]) + " |",
         "|---" * (1 + len(res["rows"])) + "|",
         *(
             f"| {c} | " + " | ".join(f"{r['nodes_ms'][c]:.1f} ({r['nodes_ms_min'][c]:.1f})" for r in res["rows"]) + " |"
@@ -137,12 +180,15 @@ def main(argv=None) -> int:
         "| peak VRAM GiB (these nodes only) | "
         + " | ".join("-" if r["peak_vram_gib"] is None else f"{r['peak_vram_gib']:.3f}" for r in res["rows"])
         + " |",
+        "| reference cache hits / misses (timed runs) | "
+        + " | ".join(f"{r['ref_hits']} / {r['ref_misses']}" for r in res["rows"])
+        + " |",
         "",
-        f"Reference cache over the run: {res['ref_cache']}.",
+        f"Reference cache over the whole run: {res['ref_cache']}.",
     ]
     for r in res["rows"]:
         if r["resident_after"]:
-            lines += ["", f"Resident after each node, XSR_OFFLOAD={r['offload']} (MiB):", ""]
+            lines += ["", f"Resident after each node, {_label(r)} (MiB):", ""]
             lines += ["| after node | resident models |", "|---|---|"]
             lines += [
                 f"| {t['class']} | {', '.join(f'{n} {m}' for n, m in t['resident_mib']) or '-'} |"

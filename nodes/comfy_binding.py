@@ -251,6 +251,18 @@ class AdaINRuntime:
         self._last = (weakref.ref(batch), weakref.ref(adapter), state)
         return state
 
+    def current_state(self) -> tuple | None:
+        """(XSRBatch, adapter, AdapterForward) of the last activation, or None (XSR_CUDAGraph's static copies)."""
+        last = self._last
+        if last is None:
+            return None
+        batch, adapter = last[0](), last[1]()
+        return None if batch is None or adapter is None else (batch, adapter, last[2])
+
+    def pin_state(self, batch: Any, adapter: AdaINAdapter, state: AdapterForward | None) -> None:
+        """Make :meth:`activate` return ``state`` for ``batch`` (XSR_CUDAGraph: the static copy a graph reads)."""
+        self._last = (weakref.ref(batch), weakref.ref(adapter), state)
+
 
 class XSRAdapterPatcher(WholeModelPatcher):
     """The adapter's ModelPatcher: ComfyUI budgets/offloads it (whole); multi-GPU deep clones are refused clearly."""
@@ -376,6 +388,7 @@ def _calc_cond_batch_wrapper(runtime: AdaINRuntime):
         conds = _fill_embeddings(conds, runtime.apply_to)
         return executor(model, conds, x_in, timestep, model_options)
 
+    wrapper.xsr_runtime = runtime  # found by XSR_CUDAGraph (nodes/cudagraph.py) in the model options
     return wrapper
 
 

@@ -115,11 +115,18 @@ def clip_vision_width(clip_vision: Any) -> int:
 
 
 def encode_clip(
-    clip_vision: Any, images_bhwc: torch.Tensor, *, lr: bool, batch: int = 32, to_intermediate: bool = True
+    clip_vision: Any,
+    images_bhwc: torch.Tensor,
+    *,
+    lr: bool,
+    batch: int = 32,
+    to_intermediate: bool = True,
+    vision: Any = None,
 ) -> ClipFeaturesC:
     """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build).
 
     ``to_intermediate=False`` leaves the features on the encoder's device (no round trip to the CPU).
+    ``vision(model, pixel_values)``: runs the vision tower instead of calling it (e.g. a CUDA-graph replay).
     """
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
@@ -127,7 +134,8 @@ def encode_clip(
     toks, clss = [], []
     for s in range(0, images_bhwc.shape[0], batch):
         pix = prep(images_bhwc[s : s + batch].to(device)).float()
-        x, _, pooled = clip_vision.model.vision_model(pixel_values=pix)
+        vm = clip_vision.model.vision_model
+        x, _, pooled = vision(vm, pix) if vision is not None else vm(pixel_values=pix)
         toks.append(x.float())
         clss.append(pooled.float())
     inter = comfy.model_management.intermediate_device() if to_intermediate else device

@@ -7,11 +7,24 @@ ComfyUI runs it (so the ControlNet's ``get_control``, every patch in ``model_opt
 own wrappers run during capture, treated as opaque), into a CUDA graph with static input buffers for
 the latent and the sigma, and replays it at every later step of the run.
 
-Per sampling run (an ``OUTER_SAMPLE`` wrapper starts and ends one; the graphs are freed at its end):
+Per sampling run (an ``OUTER_SAMPLE`` wrapper starts and ends one):
 
 - The first step of each distinct *plan* (input shapes + which ControlNets and conditionings are active
-  at this sigma) runs eagerly: it is the warm-up (lazy state such as the ControlNet hint is made there)
-  and its result is used. The second captures and replays; later steps replay.
+  at this sigma) runs eagerly: it is the warm-up (lazy state such as the ControlNet hint and the adapter
+  statistics is made there, by ComfyUI's and XSR's own code) and its result is used. The second step
+  replays a kept graph or captures one; later steps replay.
+- Graphs are kept across prompts (sampling runs) on the MODEL this node returns, keyed by everything that
+  is baked into them: input shapes and dtypes, the active conditionings' structure (keys, tensor shapes,
+  Python scalars such as strengths), each ControlNet's settings and hint shape, the adapter plan's
+  structure, the model options' patches and wrappers. What changes between prompts (the text context and
+  other conditioning tensors, the ControlNet hint, the adapter's folded statistics) lives in static buffers
+  of the graph: a later prompt with a new LR / seed / caption copies its values in and replays without a
+  new capture. The kept graphs are dropped (one log line) when the weights move (model unloaded,
+  offloaded or re-patched: checked by the weights' addresses at each run, and by ComfyUI's detach
+  callback when it unloads the model); at most ``XSR_CUDAGRAPH_KEEP`` (default 4) are kept, least
+  recently used first out, each with its own memory pool (VRAM held between prompts); they are freed
+  with the MODEL (no module-level cache holds them). ``XSR_CUDAGRAPH_KEEP=0`` frees them at the end of
+  every run (the earlier behaviour).
 - Python branches on the sigma cannot live in a graph, so they are resolved outside it: conditionings
   with ``timestep_start``/``timestep_end`` are filtered per plan, and the ControlNets' start/end window
   is decided on the host (a ControlNet active at this sigma is captured with its window test switched
@@ -32,7 +45,12 @@ before each replay. The graph backend is a small object so that the decision log
 
 from __future__ import annotations
 
+import copy
+import enum
+import itertools
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +58,10 @@ from typing import Any
 import comfy.conds
 import comfy.model_management
 import torch
-from comfy.patcher_extension import WrappersMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 
+from ..xsr_core.adapter.adain import AdaINPlan, AdapterForward
 from .common import controls_of
 
 logger = logging.getLogger(__name__)
@@ -51,6 +70,7 @@ WRAPPER_KEY = "xsr_cudagraph"
 # wrapper keys whose callables are XSR's own (reviewed: no host sync on the full-window path)
 KNOWN_WRAPPER_KEYS = frozenset({WRAPPER_KEY, "xsr_adain"})
 MAX_GRAPHS_PER_RUN = 8
+DEFAULT_KEEP = 4  # graphs kept across prompts per XSR_CUDAGraph MODEL (XSR_CUDAGRAPH_KEEP)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # the node pack's package name (nodes/cudagraph.py -> pack)
 _FULL_SIGMA = 1e8  # ControlNet windows store percent_to_sigma(0) = 999999999.9 for "from the start"
 
@@ -172,8 +192,18 @@ def make_plan(conds: list, x_in: torch.Tensor, timestep: torch.Tensor, window_fr
     return Plan(key=(shapes, keep), active_controls=tuple(controls), cond_keep=keep)
 
 
+_SKIP_COND_KEYS = ("timestep_start", "timestep_end", "uuid")  # host-side / bookkeeping, not read by the graph
+
+
+def _cond_tensor(v: Any) -> torch.Tensor | None:
+    t = getattr(v, "cond", None)
+    return t if isinstance(v, comfy.conds.CONDRegular) and torch.is_tensor(t) else None
+
+
 def prepare_conds(conds: list, keep: tuple, device: torch.device) -> list:
-    """Per-plan conditionings: inactive ones dropped, window keys removed, CPU tensors moved to ``device``.
+    """Per-plan conditionings: inactive ones dropped, window keys removed, every tensor (model_conds entries and
+    plain tensor values) copied to a buffer of its own on ``device``: the graph's static inputs, which later
+    prompts copy their values into (:func:`cond_feeds`).
 
     Only fresh dicts / COND copies are made: the run's conditionings are not mutated.
     """
@@ -184,16 +214,211 @@ def prepare_conds(conds: list, keep: tuple, device: torch.device) -> list:
             continue
         new_g = []
         for i in idx:
-            c = {k: v for k, v in g[i].items() if k not in ("timestep_start", "timestep_end")}
+            c = {}
+            for k, v in g[i].items():
+                if k in ("timestep_start", "timestep_end"):
+                    continue
+                c[k] = v.to(device, copy=True) if torch.is_tensor(v) else v
             mc = dict(c.get("model_conds", {}))
             for k, v in mc.items():
-                t = getattr(v, "cond", None)
-                if isinstance(v, comfy.conds.CONDRegular) and torch.is_tensor(t) and t.device != device:
-                    mc[k] = v._copy_with(t.to(device))
+                t = _cond_tensor(v)
+                if t is not None:
+                    mc[k] = v._copy_with(t.to(device, copy=True))
             c["model_conds"] = mc
             new_g.append(c)
         out.append(new_g)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a graph bakes in (its key) and what it reads from buffers (its feeds)
+# ---------------------------------------------------------------------------------------------
+def value_sig(v: Any) -> Any:
+    """A hashable signature of a value a graph may bake in: Python scalars by value, containers recursively,
+    tensors by shape / dtype, any other object by identity (so an unknown object never matches another)."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(value_sig(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted(((repr(k), value_sig(x)) for k, x in v.items()), key=lambda kv: kv[0])))
+    if torch.is_tensor(v):
+        return ("tensor", tuple(v.shape), v.dtype)
+    if isinstance(v, (frozenset, set)):
+        return ("set", tuple(sorted(repr(x) for x in v)))
+    if isinstance(v, enum.Enum):
+        return ("enum", type(v).__qualname__, v.name)
+    return ("id", type(v).__qualname__, id(v))
+
+
+def _entry(k: str, v: Any, feeds: list) -> tuple:
+    """Signature of one conditioning entry; its tensors (read by the graph) are appended to ``feeds``."""
+    t = v if torch.is_tensor(v) else _cond_tensor(v)
+    if t is not None:
+        feeds.append(t)
+        return (k, type(v).__qualname__, tuple(t.shape), t.dtype)
+    if hasattr(v, "embed") and hasattr(v, "active") and hasattr(v, "stats_for"):  # CONDXSR: fed as adapter state
+        e = v.embed
+        return (k, "xsr", bool(v.active), v.batch, None if e is None else (tuple(e.shape), e.dtype))
+    if isinstance(v, comfy.conds.CONDConstant):
+        return (k, "const", value_sig(v.cond))
+    return (k, value_sig(v))
+
+
+def cond_feeds(conds: list, keep: tuple, controls: list) -> tuple[tuple, list[torch.Tensor]]:
+    """(signature, tensors) of the active conditionings, in the order :func:`prepare_conds` lays them out:
+    the tensors a graph reads from its static buffers; everything else baked in goes into the signature."""
+    sig, feeds = [], []
+    ctrl_index = {id(c): i for i, c in enumerate(controls)}
+    for g, idx in zip(conds, keep):
+        if g is None:
+            sig.append(None)
+            continue
+        gs = []
+        for i in idx:
+            c = g[i]
+            items = []
+            for k in sorted(c):
+                v = c[k]
+                if k in _SKIP_COND_KEYS:
+                    continue
+                if k == "model_conds":
+                    items.append((k, tuple(_entry(mk, v[mk], feeds) for mk in sorted(v))))
+                elif k == "control" and id(v) in ctrl_index:
+                    items.append((k, "control", ctrl_index[id(v)]))
+                else:
+                    items.append(_entry(k, v, feeds))
+            gs.append(tuple(items))
+        sig.append(tuple(gs))
+    return tuple(sig), feeds
+
+
+_CONTROL_PER_RUN = (
+    "cond_hint",
+    "cond_hint_original",
+    "previous_controlnet",
+    "model_sampling_current",
+    "timestep_range",
+)
+
+
+def control_feeds(controls: list) -> tuple[tuple, list[torch.Tensor]]:
+    """(signature, hint tensors) of the active ControlNets: their settings baked into the graph, and the
+    hint each one made in the warm-up step (read by the graph from a static buffer)."""
+    sig, feeds = [], []
+    for c in controls:
+        hint = getattr(c, "cond_hint", None)
+        attrs = tuple((k, value_sig(v)) for k, v in sorted(vars(c).items()) if k not in _CONTROL_PER_RUN)
+        sig.append((type(c).__module__, type(c).__qualname__, value_sig(hint), attrs))
+        if torch.is_tensor(hint):
+            feeds.append(hint)
+    return tuple(sig), feeds
+
+
+def adapter_runtimes(model_options: dict, controls: list) -> list:
+    """XSR's AdaIN runtimes of this sampling (the U-Net's CALC_COND_BATCH wrapper, then the ControlNets'), each once."""
+    out, seen = [], set()
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    fns = list(itertools.chain.from_iterable(by_key.get("xsr_adain", []) for by_key in wrappers.values()))
+    for rt in [getattr(f, "xsr_runtime", None) for f in fns] + [getattr(c, "xsr_runtime", None) for c in controls]:
+        if rt is not None and id(rt) not in seen and hasattr(rt, "current_state"):
+            seen.add(id(rt))
+            out.append(rt)
+    return out
+
+
+def _plan_tensors(state: AdapterForward) -> list:
+    out = []
+    for dt in sorted(state.plans, key=str):
+        plan = state.plans[dt]
+        for site in sorted(plan.sites if plan is not None else {}):
+            out += [e for e in plan.sites[site]]
+    return out
+
+
+def state_feeds(states: list) -> tuple[tuple, list[torch.Tensor]]:
+    """(signature, tensors) of the adapter states (:class:`AdapterForward`) a step uses: strength, rows and the
+    folded plan's structure are baked in; its (k, c, 1-g) tensors are read from static buffers."""
+    sig, feeds = [], []
+    for st in states:
+        if st is None:
+            sig.append(None)
+            continue
+        plans = []
+        for dt in sorted(st.plans, key=str):
+            plan = st.plans[dt]
+            if plan is None:
+                plans.append((str(dt), None))
+                continue
+            sites = tuple(
+                (site, tuple(None if e is None else tuple(tuple(t.shape) for t in e) for e in plan.sites[site]))
+                for site in sorted(plan.sites)
+            )
+            plans.append((str(dt), sites, value_sig(plan.mask), plan.eps))
+        sig.append((st.strength, st.rows_key, st.batch, st.fused, tuple(plans)))
+        feeds += [t for e in _plan_tensors(st) if e is not None for t in e]
+    return tuple(sig), feeds
+
+
+def clone_state(state: AdapterForward | None) -> AdapterForward | None:
+    """A copy of an adapter state whose folded plan tensors are buffers of its own (a graph's static inputs)."""
+    if state is None:
+        return None
+    new = copy.copy(state)
+    plans = {}
+    for dt, plan in state.plans.items():
+        if plan is None or not plan.sites:
+            plans[dt] = plan
+            continue
+        sites = {
+            site: [None if e is None else tuple(t.clone() for t in e) for e in entries]
+            for site, entries in plan.sites.items()
+        }
+        plans[dt] = AdaINPlan(sites, plan.mask, plan.eps)
+    new.plans = plans
+    return new
+
+
+def weights_fingerprint(model: Any, controls: list) -> tuple:
+    """Addresses of every weight and buffer a step reads (U-Net, its additional models such as the adapter, the
+    ControlNets): an unload / offload / re-patch moves them, and a kept graph would read freed memory."""
+    modules = []
+    if model is not None and hasattr(model, "parameters"):
+        modules.append(model)
+    mp = getattr(model, "current_patcher", None)
+    if mp is not None and hasattr(mp, "get_additional_models"):
+        modules += [getattr(p, "model", None) for p in mp.get_additional_models()]
+    for c in controls:
+        modules.append(getattr(c, "control_model", None))
+    ptrs = []
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            ptrs.append(id(m))
+            ptrs += [t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())]
+    return tuple(ptrs)
+
+
+def options_sig(model_options: dict) -> tuple:
+    """The model options' patches and wrappers by identity (they are baked into a capture)."""
+    topts = model_options.get("transformer_options", {})
+    wr = tuple(
+        (str(wt), k, tuple(id(f) for f in fns))
+        for wt, by_key in sorted(topts.get("wrappers", {}).items(), key=lambda kv: str(kv[0]))
+        for k, fns in sorted(by_key.items())
+    )
+    pa = tuple((n, tuple(id(f) for f in fns)) for n, fns in sorted(topts.get("patches", {}).items()))
+    pr = tuple(
+        (n, tuple(sorted((repr(b), id(f)) for b, f in by_block.items())))
+        for n, by_block in sorted(topts.get("patches_replace", {}).items())
+    )
+    return (wr, pa, pr, id(model_options.get("model_function_wrapper")))
+
+
+def keep_limit() -> int:
+    try:
+        return max(0, int(os.environ.get("XSR_CUDAGRAPH_KEEP", DEFAULT_KEEP)))
+    except ValueError:
+        return DEFAULT_KEEP
 
 
 class CudaGraphBackend:
@@ -234,6 +459,8 @@ class _Graph:
     static_t: torch.Tensor
     outputs: Any
     keep_alive: list = field(default_factory=list)
+    feeds: list = field(default_factory=list)  # static input buffers, in the order of step_feeds()
+    uses: int = 0  # sampling runs that replayed this graph
 
 
 @dataclass
@@ -243,25 +470,61 @@ class _Run:
     checked: bool = False
     window_free: bool = True
     warm: set = field(default_factory=set)
-    graphs: dict = field(default_factory=dict)
+    graphs: dict = field(default_factory=dict)  # plan key -> the graph this run replays for it
     logged: set = field(default_factory=set)
     replays: int = 0
     eager_steps: int = 0
+    captures: int = 0  # graphs captured in this run
+    reused: int = 0  # kept graphs of earlier runs replayed in this run (no capture)
+    fingerprint_checked: bool = False
+
+
+def step_feeds(plan: Plan, conds: list, model_options: dict) -> tuple[tuple, list[torch.Tensor], list]:
+    """(key part, tensors, adapter runtimes) of one step after its warm-up: everything a graph bakes in, and the
+    tensors it reads from static buffers (conditionings, ControlNet hints, adapter plans), in one order."""
+    controls = list(plan.active_controls)
+    csig, cfeeds = cond_feeds(conds, plan.cond_keep, controls)
+    hsig, hfeeds = control_feeds(controls)
+    runtimes = adapter_runtimes(model_options, controls)
+    states = [(rt.current_state() or (None, None, None))[2] for rt in runtimes]
+    ssig, sfeeds = state_feeds(states)
+    return (csig, hsig, ssig, options_sig(model_options)), cfeeds + hfeeds + sfeeds, runtimes
 
 
 class CudaGraphSampling:
     """The ``OUTER_SAMPLE`` + ``CALC_COND_BATCH`` wrappers of one XSR_CUDAGraph MODEL.
 
     One instance is shared by the clones of that MODEL (ComfyUI copies wrapper lists shallowly); its
-    per-run state is made at the start of each sampling run and dropped (graphs freed) at its end.
+    per-run state is made at the start of each sampling run; its graphs are kept across runs (:attr:`kept`,
+    bounded, least recently used first out) and dropped when the weights they read move.
     """
 
     def __init__(self, backend_factory: Callable[[], Any] | None = None):
         self.backend_factory = backend_factory or CudaGraphBackend
         self.run: _Run | None = None
+        self.kept: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.fingerprint: tuple | None = None
+        self.backend: Any = None
+        self.captures = 0  # over this MODEL's life
+        self.dropped = 0
 
     def __deepcopy__(self, memo):
         return CudaGraphSampling(self.backend_factory)
+
+    def drop_graphs(self, why: str) -> None:
+        """Free every kept graph (one log line when there were any)."""
+        if self.kept:
+            logger.info("XSR_CUDAGraph: %s: dropping %d kept graph(s)", why, len(self.kept))
+            self.dropped += len(self.kept)
+        self.kept.clear()
+        self.fingerprint = None
+
+    def on_detach(self, patcher=None, unpatch_all: bool = True, *args, **kwargs) -> None:
+        """ComfyUI's ON_DETACH callback. ``unpatch_all``: the model is unloaded (weights to the offload device):
+        its graphs are void and their memory is freed now. Without it ComfyUI only hands the loaded weights to
+        another clone of the same model (they stay where they are; the next run checks their addresses)."""
+        if unpatch_all:
+            self.drop_graphs("the model was unloaded from the GPU")
 
     # OUTER_SAMPLE
     def outer_sample(self, executor, *args, **kwargs):
@@ -270,10 +533,14 @@ class CudaGraphSampling:
             return executor(*args, **kwargs)
         finally:
             run, self.run = self.run, None
+            if keep_limit() == 0:
+                self.kept.clear()
             if run is not None and (run.replays or run.graphs):
                 logger.debug(
-                    "XSR_CUDAGraph: %d graph(s), %d replays, %d eager steps",
+                    "XSR_CUDAGraph: %d graph(s) (%d captured, %d kept from earlier runs), %d replays, %d eager steps",
                     len(run.graphs),
+                    run.captures,
+                    run.reused,
                     run.replays,
                     run.eager_steps,
                 )
@@ -315,7 +582,7 @@ class CudaGraphSampling:
         graph = run.graphs.get(plan.key)
         if graph is None:
             if plan.key not in run.warm:
-                run.warm.add(plan.key)  # warm-up: eager, makes lazy state (hint, memo) outside the graph
+                run.warm.add(plan.key)  # warm-up: eager, makes lazy state (hint, statistics) outside the graph
                 run.eager_steps += 1
                 return executor(model, conds, x_in, timestep, model_options)
             if len(run.graphs) >= MAX_GRAPHS_PER_RUN:
@@ -324,22 +591,51 @@ class CudaGraphSampling:
                 return executor(model, conds, x_in, timestep, model_options)
             reason = residency_refusal(model, conds)
             if reason is not None:
+                self.drop_graphs(reason)
                 self._refuse(run, reason)
                 return executor(model, conds, x_in, timestep, model_options)
-            if run.graphs:
-                self._log_once(
-                    run,
-                    ("recapture", plan.key),
-                    "new input shape %s or window state: capturing another graph",
-                    tuple(x_in.shape),
-                )
-            try:
-                graph = self._capture(run, plan, executor, model, conds, x_in, timestep, model_options)
-            except comfy.model_management.InterruptProcessingException:
-                raise
-            except Exception as e:  # noqa: BLE001 - any capture failure means: run this sampling eagerly
-                self._refuse(run, f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                return executor(model, conds, x_in, timestep, model_options)
+            if not run.fingerprint_checked:
+                run.fingerprint_checked = True
+                fp = weights_fingerprint(model, controls_of(conds))
+                if self.fingerprint is not None and fp != self.fingerprint:
+                    self.drop_graphs("the model's weights moved (reloaded, offloaded or re-patched)")
+                self.fingerprint = fp
+            sig, feeds, runtimes = step_feeds(plan, conds, model_options)
+            full_key = (plan.key, sig)
+            graph = self.kept.get(full_key)
+            if graph is not None and (
+                len(graph.feeds) != len(feeds) or any(d.shape != f.shape for d, f in zip(graph.feeds, feeds))
+            ):
+                del self.kept[full_key]  # cannot happen with an exact signature; never copy into a wrong buffer
+                graph = None
+            if graph is not None:  # a graph of an earlier run: this run's values into its static buffers
+                for dst, src in zip(graph.feeds, feeds):
+                    dst.copy_(src)
+                self.kept.move_to_end(full_key)
+                run.reused += 1
+            else:
+                if run.graphs or self.kept:
+                    self._log_once(
+                        run,
+                        ("recapture", plan.key),
+                        "new input shape %s, window state or conditioning structure: capturing another graph",
+                        tuple(x_in.shape),
+                    )
+                try:
+                    graph = self._capture(run, plan, executor, model, conds, x_in, timestep, model_options, runtimes)
+                except comfy.model_management.InterruptProcessingException:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any capture failure means: run this sampling eagerly
+                    self._refuse(run, f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                    return executor(model, conds, x_in, timestep, model_options)
+                run.captures += 1
+                self.captures += 1
+                limit = keep_limit()
+                if limit:
+                    self.kept[full_key] = graph
+                    while len(self.kept) > limit:
+                        self.kept.popitem(last=False)
+            graph.uses += 1
             run.graphs[plan.key] = graph
         # eager ops check the interrupt flag (comfy.ops.run_every_op); a replay runs no Python: check it here
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -349,17 +645,43 @@ class CudaGraphSampling:
         run.replays += 1
         return [o.clone() for o in graph.outputs]
 
-    def _capture(self, run, plan, executor, model, conds, x_in, timestep, model_options) -> _Graph:
-        if run.backend is None:
-            run.backend = self.backend_factory()
+    def _capture(self, run, plan, executor, model, conds, x_in, timestep, model_options, runtimes) -> _Graph:
+        if self.backend is None:
+            self.backend = self.backend_factory()
         static_x = x_in.clone()
         static_t = timestep.clone()
         conds_c = prepare_conds(conds, plan.cond_keep, x_in.device)
         controls = list(plan.active_controls)
-        keep_alive = [conds_c] + [getattr(c, "cond_hint", None) for c in controls]
+        # static copies of the per-run state made in the warm-up: the graph reads these, later runs copy into them
+        pinned_controls = []
+        for c in controls:
+            hint = getattr(c, "cond_hint", None)
+            if torch.is_tensor(hint):
+                c.cond_hint = hint = hint.clone()
+            pinned_controls.append((c, hint, getattr(c, "model_sampling_current", None)))
+        pinned_states = []
+        for rt in runtimes:
+            cur = rt.current_state()
+            if cur is not None:
+                batch, adapter, state = cur
+                pinned_states.append((rt, batch, adapter, clone_state(state)))
+        # the captured closure re-pins them (a replay runs no Python; a re-running test backend does)
         saved = [(c, c.timestep_range) for c in controls if getattr(c, "timestep_range", None) is not None]
-        for c, _ in saved:
-            c.timestep_range = None  # active at this plan: the host already decided; no tensor test in the graph
+
+        def body():
+            for c, hint, ms in pinned_controls:
+                c.cond_hint = hint
+                c.model_sampling_current = ms
+            for rt, batch, adapter, st in pinned_states:
+                rt.pin_state(batch, adapter, st)
+            for c, _ in saved:
+                c.timestep_range = None  # active at this plan: the host already decided; no tensor test in the graph
+            try:
+                return executor(model, conds_c, static_x, static_t, model_options)
+            finally:
+                for c, r in saved:
+                    c.timestep_range = r
+
         # calc_cond_batch sizes its batch from the free memory; read it once here, not through CUDA mid-capture
         free = comfy.model_management.get_free_memory(x_in.device)
         mm_get_free = comfy.model_management.get_free_memory
@@ -367,15 +689,16 @@ class CudaGraphSampling:
             (free, free) if torch_free_too else free
         )
         try:
-            replay, outputs = run.backend.capture(lambda: executor(model, conds_c, static_x, static_t, model_options))
+            replay, outputs = self.backend.capture(body)
         finally:
             comfy.model_management.get_free_memory = mm_get_free
-            for c, r in saved:
-                c.timestep_range = r
-        keep_alive += [getattr(c, "cond_hint", None) for c in controls]
         if not (isinstance(outputs, (list, tuple)) and all(torch.is_tensor(o) for o in outputs)):
             raise TypeError(f"calc_cond_batch returned {type(outputs).__name__}, not a list of tensors")
-        return _Graph(replay, static_x, static_t, list(outputs), keep_alive)
+        _, cf = cond_feeds(conds_c, tuple(tuple(range(len(g))) if g is not None else () for g in conds_c), controls)
+        _, hf = control_feeds(controls)
+        _, sf = state_feeds([st for _, _, _, st in pinned_states] if pinned_states else [None] * len(runtimes))
+        keep_alive = [conds_c, pinned_controls, pinned_states]
+        return _Graph(replay, static_x, static_t, list(outputs), keep_alive, cf + hf + sf)
 
 
 def _put_first(by_key: dict, key: str) -> dict:
@@ -390,6 +713,8 @@ def apply_cudagraph(model, backend_factory: Callable[[], Any] | None = None):
     m.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling.outer_sample)
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, sampling.calc_cond_batch)
+    m.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    m.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, sampling.on_detach)
     # outermost: the wrappers inside (XSR's own included) are captured with the model
     m.wrappers[WrappersMP.CALC_COND_BATCH] = _put_first(m.wrappers[WrappersMP.CALC_COND_BATCH], WRAPPER_KEY)
     return m

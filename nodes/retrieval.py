@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
+import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import comfy.model_management
 from comfy_api.latest import io, ui
@@ -32,6 +36,7 @@ from .validation import check_batch, check_folder_name, collect, schema_problems
 
 logger = logging.getLogger(__name__)
 THUMB = 256  # side of the reference images this node outputs / previews
+PREVIEW_QUALITY = 95  # JPEG quality of the reference previews XSR writes (thumbnails, non-JPEG sources)
 
 
 @dataclass(eq=False)
@@ -97,6 +102,92 @@ class RefCache:
 REF_CACHE = RefCache(int(os.environ.get("XSR_REF_CACHE_SIZE", "128") or 0))
 
 
+class VisionGraphs:
+    """CUDA graphs of the CLIP vision tower (XSR_Retrieve's LR pass and reference pass), one per pixel batch
+    shape and dtype and per placement of the weights; ``XSR_CLIP_CUDAGRAPH=0`` turns them off.
+
+    The ViT-L/14 pass of one image is a few hundred small kernels (ComfyUI's CLIP vision runs manual-cast ops),
+    so it is launch-bound. The first call of a shape runs eagerly (warm-up), the second captures, checks the
+    replay against its own eager result (any difference beyond float noise, or any failure: eager from then
+    on for that model, one log line) and later calls replay. Only for weights all on the CUDA device (a
+    lowvram-streamed model runs eagerly); a moved weight (ComfyUI unloaded / reloaded the encoder) changes
+    the key, and at most :attr:`keep` graphs per model are kept (oldest out), sharing one memory pool (it stays
+    reserved between prompts). Weak-keyed by the vision module: the graphs go with the model.
+    """
+
+    keep = 4
+
+    def __init__(self):
+        self._per_model: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+        self.captures = self.replays = 0
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("XSR_CLIP_CUDAGRAPH", "1").strip().lower() not in ("0", "false", "off", "no")
+
+    def __call__(self, vm, pix: torch.Tensor):
+        if pix.device.type != "cuda" or not self.enabled():
+            return vm(pixel_values=pix)
+        st = self._per_model.get(vm)
+        if st is None:
+            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
+        if st["off"] is not None:
+            return vm(pixel_values=pix)
+        tensors = list(itertools.chain(vm.parameters(), vm.buffers()))
+        if any(t.device != pix.device for t in tensors):
+            return vm(pixel_values=pix)  # streamed / partially loaded: nothing fixed to capture
+        key = (tuple(pix.shape), pix.dtype, torch.is_inference_mode_enabled(), tuple(t.data_ptr() for t in tensors))
+        entry = st["graphs"].get(key)
+        if entry is None:
+            if key not in st["warm"]:
+                st["warm"].add(key)
+                return vm(pixel_values=pix)
+            return self._capture(vm, pix, st, key)
+        st["graphs"].move_to_end(key)
+        static, graph, out = entry
+        static.copy_(pix)
+        graph.replay()
+        self.replays += 1
+        return out[0].clone(), None, out[2].clone()
+
+    def _capture(self, vm, pix, st, key):
+        try:
+            static = pix.clone()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                if st["pool"] is None:  # one memory pool per model: its graphs replay one at a time, outputs cloned
+                    st["pool"] = torch.cuda.graph_pool_handle()
+                graph.capture_begin(pool=st["pool"], capture_error_mode="thread_local")
+                try:
+                    out = vm(pixel_values=static)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
+            eager = vm(pixel_values=pix)
+            graph.replay()
+            worst = 0.0
+            for a, b in ((out[0], eager[0]), (out[2], eager[2])):
+                tol = 1e-3 * max(1.0, float(b.abs().max()))
+                worst = max(worst, float((a.float() - b.float()).abs().max()) / tol)
+            if worst > 1.0:
+                raise RuntimeError(f"the replay differs from eager ({worst:.1f} x the float tolerance)")
+        except Exception as e:  # noqa: BLE001 - any failure: this model's vision pass stays eager
+            st["off"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            st["graphs"].clear()
+            logger.info("XSR_Retrieve: the CLIP vision pass runs eagerly (no CUDA graph): %s", st["off"])
+            return vm(pixel_values=pix)
+        st["graphs"][key] = (static, graph, out)
+        while len(st["graphs"]) > self.keep:
+            st["graphs"].popitem(last=False)
+        self.captures += 1
+        return eager
+
+
+VISION_GRAPHS = VisionGraphs()
+
+
 def _ref_cache_prefix(refdb, clip_vision) -> tuple:
     fp = clip_vision_fingerprint(clip_vision)
     p = next(clip_vision.model.parameters())
@@ -108,11 +199,61 @@ def _square(t: torch.Tensor, side: int) -> torch.Tensor:
     return resize_center_crop(t[None], side)[0]
 
 
-def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedRef]:
+_FILE_KINDS = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))  # + RIFF....WEBP below
+
+
+def _browser_ext(data: bytes) -> str | None:
+    """The extension of an image file a browser shows as it is (JPEG, PNG, WebP), else None."""
+    for magic, ext in _FILE_KINDS:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _temp_preview(ext: str) -> tuple[str, dict]:
+    """A new file in ComfyUI's temp folder (served by /view like its own previews) and its UI entry.
+
+    Named uniquely without scanning the folder (ComfyUI's own preview writer lists the whole temp folder
+    for every file, which grows over the server's life)."""
+    import folder_paths
+
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    name = f"xsr_ref_{uuid.uuid4().hex}.{ext}"
+    return os.path.join(folder, name), {"filename": name, "subfolder": "", "type": "temp"}
+
+
+def _write_full_preview(data: bytes, rgb: np.ndarray) -> dict:
+    """The gallery's enlarged view of a reference: its stored file as it is (a packed DB's JPEG, a paths DB's
+    JPEG / PNG / WebP source: no decode or encode), other formats as a JPEG of the decoded RGB."""
+    ext = _browser_ext(data)
+    path, entry = _temp_preview(ext or "jpg")
+    if ext is None:
+        Image.fromarray(rgb).save(path, format="JPEG", quality=PREVIEW_QUALITY)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+    return entry
+
+
+def _write_thumb_previews(thumbs: torch.Tensor) -> list[dict]:
+    """The gallery-grid previews of (N, THUMB, THUMB, 3) thumbnails in 0..1 (ComfyUI's 8-bit conversion),
+    as JPEG files: no PNG deflate on the execution thread, no prompt metadata in each file."""
+    out = []
+    for a in np.clip(255.0 * thumbs.numpy(), 0, 255).astype(np.uint8):
+        path, entry = _temp_preview("jpg")
+        Image.fromarray(a).save(path, format="JPEG", quality=PREVIEW_QUALITY)
+        out.append(entry)
+    return out
+
+
+def _gather_refs(clip_vision, refdb, ids: np.ndarray) -> dict[int, _CachedRef]:
     """Tokens + thumbnail of every distinct retrieved row: cached ones from :data:`REF_CACHE`, the others
     decoded and encoded in ONE batched ViT pass over all LR images' references. The previews of a reference
     (thumbnail and full resolution, temp folder, kept for the server's life) are written once, when it is
-    cached."""
+    cached; the full-resolution ones while the GPU runs the ViT."""
     prefix = _ref_cache_prefix(refdb, clip_vision) if REF_CACHE.capacity else None
     wanted = sorted({int(x) for x in ids.reshape(-1) if x >= 0})
     out: dict[int, _CachedRef] = {}
@@ -125,24 +266,29 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray, cls) -> dict[int, _CachedR
             out[rid] = hit
     if missing:
         try:
-            imgs = refdb.load_images(missing, as_numpy=True)
+            loaded = refdb.load_images_and_bytes(missing, as_numpy=True)
             recs = refdb.records(missing)
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
         # decoded bytes go to the encoder's device once; both resizes run there
         dev = clip_vision.load_device
-        hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im in imgs]  # writable copies
-        tokens = encode_clip(
-            clip_vision, torch.stack([_square(x, 224) for x in hr]), lr=False, to_intermediate=False
-        ).tokens
+        hr = [torch.from_numpy(np.array(im)).to(dev).float() / 255.0 for im, _ in loaded]  # writable copies
+        pix = torch.stack([_square(x, 224) for x in hr])
+        bucket = min(int(ids.size), 32)  # pad the misses to a fixed batch: one CUDA graph serves any miss count
+        pad = -len(hr) % bucket
+        if pad and pix.device.type == "cuda" and VISION_GRAPHS.enabled():
+            pix = torch.cat([pix, pix.new_zeros((pad, *pix.shape[1:]))])
+        tokens = encode_clip(clip_vision, pix, lr=False, to_intermediate=False, vision=VISION_GRAPHS).tokens
+        tokens = tokens[: len(hr)]
         out_dtype = next(clip_vision.model.parameters()).dtype
+        thumbs = torch.stack([_square(x, THUMB) for x in hr])
+        fulls = [_write_full_preview(data, im) for im, data in loaded]  # CPU work while the GPU is busy
         tokens = tokens.to(out_dtype).cpu()  # lossless: the encoder's own output dtype
-        thumbs = torch.stack([_square(x, THUMB) for x in hr]).cpu()
-        previews = ui.PreviewImage(thumbs, cls=cls).values  # one temp-folder scan for all new thumbnails
-        for rid, x, thumb, preview, rec, tok in zip(missing, hr, thumbs, previews, recs, tokens):
-            full = ui.PreviewImage(x[None].cpu(), cls=cls).values[0]
+        thumbs = thumbs.cpu()
+        previews = _write_thumb_previews(thumbs)
+        for rid, thumb, preview, full, rec, tok in zip(missing, thumbs, previews, fulls, recs, tokens):
             name = os.path.basename(rec.path) or f"#{rec.id}"
-            entry = _CachedRef(tok.clone(), thumb.clone(), name, dict(full), dict(preview))
+            entry = _CachedRef(tok.clone(), thumb.clone(), name, full, preview)
             out[rid] = entry
             if prefix is not None:
                 REF_CACHE.put(prefix + (rid,), entry)
@@ -204,7 +350,7 @@ class XSRRetrieve(io.ComfyNode):
             refdb.check_encoder(clip_vision_fingerprint(clip_vision))
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
-        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False)
+        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False, vision=VISION_GRAPHS)
         comfy.model_management.load_model_gpu(xsr_models.rfa)
         rfa = xsr_models.rfa.model
         p = next(rfa.parameters())
@@ -219,7 +365,7 @@ class XSRRetrieve(io.ComfyNode):
         if refdb.n == 0 or k == 0:
             raise ValueError(f"XSR_Retrieve: the reference DB {refdb.path} is empty; build it from HR images first.")
         throw_if_interrupted()
-        refs = _gather_refs(clip_vision, refdb, ids, cls)
+        refs = _gather_refs(clip_vision, refdb, ids)
         t, d = feats.tokens.shape[1:]
         dev = feats.tokens.device
         ref_mask = torch.zeros(b, top_k, dtype=torch.bool)

@@ -25,6 +25,7 @@ boot(COMFY_DIR, REPO, cpu=MODE == "cpu", stub_av=True)
 import comfy.controlnet  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
@@ -307,5 +308,136 @@ res["static_none_for_plain"] = cg.static_refusal({"transformer_options": {}}, [[
 # 7. the node on this device
 node_out = cg.XSRCUDAGraph.execute(model)
 res["node_passthrough"] = node_out.result[0] is model
+
+
+# 8. graphs kept across prompts: a second prompt with a new LR (hint), caption (text context), seed and image
+# embedding replays the first prompt's graph (no capture) and matches eager
+def prompt(m, seed, ctx, hnt, embed=None, cn=control, steps=6, strength=1.0):
+    c = cn.copy().set_cond_hint(hnt.movedim(-1, 1), strength, (0.0, 1.0))
+    pos_opts = {"control": c, "control_apply_to_uncond": False}
+    if embed is not None:
+        pos_opts[binding.XSR_KEY] = binding.CONDXSR(embed)  # as XSR_Enhance attaches it (attach_embedding)
+    pos, neg = [[ctx, pos_opts]], [[neg_ctx, {"control": c, "control_apply_to_uncond": False}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        out = comfy.sample.sample(
+            m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=seed, disable_pbar=True
+        )
+    return out.float().cpu()
+
+
+g2 = torch.Generator().manual_seed(11)
+prompts = [
+    (7, pos_ctx, hint, E),
+    (
+        21,
+        torch.randn(1, 77, ctx_dim, generator=g2),
+        torch.rand(1, 64, 64, 3, generator=g2),
+        torch.randn(1, 257, 24, generator=g2),
+    ),
+    (
+        33,
+        torch.randn(1, 77, ctx_dim, generator=g2),
+        torch.rand(1, 64, 64, 3, generator=g2),
+        torch.randn(1, 257, 24, generator=g2),
+    ),
+]
+for name, eager_m, graph_m, samp, spy, cnet in (
+    ("reuse_plain", model, gm, sampling, runs, control),
+    ("reuse_xsr", xsr_model, gx, sx, sx_runs, xsr_cn),
+):
+    samp.drop_graphs("test: start afresh")
+    per = []
+    for seed, ctx, hnt, embed in prompts:
+        emb = embed if name == "reuse_xsr" else None
+        ref = prompt(eager_m, seed, ctx, hnt, emb, cnet)
+        got = prompt(graph_m, seed, ctx, hnt, emb, cnet)
+        r = spy[-1]
+        per.append(
+            {
+                "maxdiff": diff(ref, got),
+                "scale": float(ref.abs().max()),
+                "captures": r.captures,
+                "reused": r.reused,
+                "replays": r.replays,
+                "eager_steps": r.eager_steps,
+                "refused": r.refused,
+            }
+        )
+    per_seed_differs = diff(
+        prompt(eager_m, 21, *prompts[1][1:3], prompts[1][3] if name == "reuse_xsr" else None, cnet), ref
+    )
+    res[name] = {
+        "runs": per,
+        "kept": len(samp.kept),
+        "captures_total": samp.captures,
+        "prompts_differ": per_seed_differs,
+    }
+
+# 8b. a setting baked into the graph (the ControlNet strength) is part of the key: a new capture, eager result
+ref = prompt(model, 21, *prompts[1][1:3], strength=0.5)
+got = prompt(gm, 21, *prompts[1][1:3], strength=0.5)
+res["reuse_other_strength"] = {"maxdiff": diff(ref, got), "captures": runs[-1].captures, "reused": runs[-1].reused}
+
+# 9. invalidation: weights moved (fingerprint), the detach callback, the bound on kept graphs; freed with the MODEL
+import gc  # noqa: E402
+import weakref  # noqa: E402
+
+log.lines.clear()
+sampling.fingerprint = (0,)  # as if the weights had moved since the last run
+prompt(gm, 5, pos_ctx, hint)
+res["moved"] = {"captures": runs[-1].captures, "reused": runs[-1].reused, "log": list(log.lines)}
+log.lines.clear()
+for cb in gm.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_DETACH):
+    cb(gm, True)
+res["detach"] = {"kept": len(sampling.kept), "log": list(log.lines)}
+
+bound = cg.CudaGraphSampling(backend_factory=RerunBackend if MODE == "cpu" else None)
+for size in (8, 12, 16, 20, 24, 28):
+    bound.run = cg._Run()
+    for _ in range(3):
+        xx = torch.randn(2, 4, size, size, device=dev)
+        bound.calc_cond_batch(fake_executor, None, [[], None], xx, torch.full((2,), 5.0, device=dev), mo)
+res["bound"] = {"kept": len(bound.kept), "limit": cg.keep_limit(), "captures": bound.captures}
+
+holder = cg.apply_cudagraph(model, backend_factory=backend)
+hs = holder.get_wrappers(WrappersMP.CALC_COND_BATCH, cg.WRAPPER_KEY)[0].__self__
+prompt(holder, 5, pos_ctx, hint)
+ref_s = weakref.ref(hs)
+had = len(hs.kept)
+del holder, hs
+gc.collect()
+res["freed_with_model"] = {"had_graphs": had, "alive_after_del": ref_s() is not None}
+
+# 10. XSR_Retrieve's CLIP vision CUDA graphs (CUDA only): warm-up, capture, replays equal eager for new pixels
+if MODE == "cuda":
+    try:  # recorded, not raised: the sections above must still reach the report
+        import comfy.clip_vision  # noqa: E402
+
+        retrieval = importlib.import_module("comfyui_xsr.nodes.retrieval")
+        cv = comfy.clip_vision.load(str(MODELS / "clip_vision" / zoo.CLIP_VISION_NAME))
+        comfy.model_management.load_model_gpu(cv.patcher)
+        vg = retrieval.VisionGraphs()
+        worst = 0.0
+        with torch.inference_mode():
+            for i in range(4):
+                pix = torch.randn(4, 3, 224, 224, device=device, generator=None)
+                got = vg(cv.model.vision_model, pix)
+                ref = cv.model.vision_model(pixel_values=pix)
+                worst = max(
+                    worst,
+                    diff(got[0].float().cpu(), ref[0].float().cpu()),
+                    diff(got[2].float().cpu(), ref[2].float().cpu()),
+                )
+        res["vision_graphs"] = {
+            "captures": vg.captures,
+            "replays": vg.replays,
+            "maxdiff": worst,
+            "off": [st["off"] for st in vg._per_model.values()],
+        }
+
+    except Exception as e:  # noqa: BLE001
+        res["vision_graphs"] = {"error": f"{type(e).__name__}: {e}"}
 
 OUT.write_text(json.dumps(res, indent=1))

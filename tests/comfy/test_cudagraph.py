@@ -53,7 +53,7 @@ def test_replay_equals_eager_and_progress_runs_every_step(cpu_results):
     assert (p["eager_steps"], p["graphs"], p["replays"]) == (1, 1, 5)  # 6 steps: warm-up, then capture + replays
     assert p["callback_steps"] == list(range(6))
     s = cpu_results["second_run"]
-    assert s["maxdiff"] == 0.0 and s["replays"] == 5 and s["graphs"] == 1  # graphs are per run
+    assert s["maxdiff"] == 0.0 and s["replays"] == 5 and s["graphs"] == 1
 
 
 def test_interrupt_stops_a_replaying_run_and_the_next_run_works(cpu_results):
@@ -67,7 +67,9 @@ def test_controlnet_window_steps_outside_run_eagerly(cpu_results):
     assert w["refused"] is None and w["maxdiff"] == 0.0
     assert w["graphs"] == 1 and w["replays"] >= 1 and w["eager_steps"] >= 2
     assert w["replays"] + w["eager_steps"] == 8
-    assert len(w["log"]) == 1 and "start/end window" in w["log"][0]
+    # one line for the eager steps; one more as the run's ControlNet window differs from the kept graphs' settings
+    assert [line for line in w["log"] if "start/end window" in line] == w["log"][-1:]
+    assert len(w["log"]) == 2 and "capturing another graph" in w["log"][0]
 
 
 @pytest.mark.parametrize("case, needle", [("unknown_wrapper", "someone_else"), ("unknown_patch", "attn2_patch")])
@@ -94,6 +96,39 @@ def test_recapture_on_shape_change_and_lowvram_refusal(cpu_results):
     assert cpu_results["static_none_for_plain"] is None
 
 
+@pytest.mark.parametrize("case", ["reuse_plain", "reuse_xsr"])
+def test_second_prompt_replays_the_kept_graph_without_capture(cpu_results, case):
+    """New LR (ControlNet hint), caption (text context), seed and image embedding: copied into the kept graph's
+    static buffers; the result is the eager one bit for bit (the CPU backend re-runs the captured closure)."""
+    r = cpu_results[case]
+    first, *later = r["runs"]
+    assert first["refused"] is None and (first["captures"], first["reused"], first["replays"]) == (1, 0, 5)
+    for run in later:
+        assert run["refused"] is None and run["maxdiff"] == 0.0, run
+        assert (run["captures"], run["reused"], run["eager_steps"], run["replays"]) == (0, 1, 1, 5), run
+    assert first["maxdiff"] == 0.0 and r["kept"] == 1
+    assert r["prompts_differ"] > 1e-3  # the prompts really differ: a stale buffer would show
+    o = cpu_results["reuse_other_strength"]  # a Python scalar baked into the graph is part of its key
+    assert (o["captures"], o["reused"], o["maxdiff"]) == (1, 0, 0.0)
+
+
+def test_kept_graphs_are_dropped_when_weights_move_or_the_model_is_detached(cpu_results):
+    m = cpu_results["moved"]
+    assert (m["captures"], m["reused"]) == (1, 0)
+    assert (
+        len(m["log"]) == 1 and "weights moved" in m["log"][0] and "dropping 2 kept graph" in m["log"][0]
+    )  # plain + strength 0.5
+    d = cpu_results["detach"]
+    assert d["kept"] == 0 and len(d["log"]) == 1 and "unloaded" in d["log"][0]
+
+
+def test_kept_graphs_are_bounded_and_freed_with_the_model(cpu_results):
+    b = cpu_results["bound"]
+    assert b["captures"] == 6 and b["kept"] == b["limit"] == 4  # six shapes, the four latest kept
+    f = cpu_results["freed_with_model"]
+    assert f["had_graphs"] == 1 and f["alive_after_del"] is False
+
+
 def test_node_is_a_passthrough_on_cpu(cpu_results):
     assert cpu_results["node_passthrough"] is True
 
@@ -112,3 +147,14 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
     assert r["window"]["maxdiff"] <= 1e-3 * max(1.0, p["scale"]), r["window"]
     assert r["shapes"]["maxdiff"] == 0.0 and r["shapes"]["graphs"] == 2
     assert r["node_passthrough"] is False
+    # later prompts (new LR, caption, seed, embedding) replay the first prompt's graph: no capture, eager result
+    for case in ("reuse_plain", "reuse_xsr"):
+        first, *later = r[case]["runs"]
+        assert first["captures"] == 1 and r[case]["kept"] == 1, r[case]
+        for run in later:
+            assert (run["captures"], run["reused"], run["replays"]) == (0, 1, 5), run
+            assert run["maxdiff"] <= 1e-3 * max(1.0, run["scale"]), run
+    assert r["freed_with_model"]["alive_after_del"] is False
+    v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
+    assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
+    assert v["maxdiff"] <= 1e-3, v

@@ -58,9 +58,12 @@ def test_reference_previews_are_written_once_per_reference(comfy, tmp_path):
     assert again["xsr_thumbs"] == first["xsr_thumbs"][:2]
     assert [r["full"] for r in again["xsr_refs"]] == [r["full"] for r in first["xsr_refs"]][:2]
     for thumb, ref in zip(first["xsr_thumbs"], first["xsr_refs"]):
-        small, full = _pixels(comfy.view(thumb)), _pixels(comfy.view(ref["full"]))
+        full_bytes = comfy.view(ref["full"])
+        small, full = _pixels(comfy.view(thumb)), _pixels(full_bytes)
         assert small.shape == (256, 256, 3) and full.ndim == 3  # the 256 px thumbnail and the HR image
         assert thumb != ref["full"]
+        # a packed DB's enlarged view is its stored JPEG as it is (no decode / re-encode per new reference)
+        assert full_bytes[:3] == b"\xff\xd8\xff" and min(full.shape[:2]) >= 256
 
 
 def test_strength_zero_is_bit_identical_to_graph_without_xsr_patches(comfy, lr8):

@@ -328,30 +328,35 @@ class ReferenceDB:
         ``packed`` mode reads the JPEGs stored in the DB. Decoding follows the build (RGB, alpha
         over black, EXIF orientation).
         """
+        return [im for im, _ in self.load_images_and_bytes(ids, as_numpy=as_numpy)]
+
+    def image_bytes(self, rec: RefRecord) -> tuple[bytes, str]:
+        """(the stored file bytes of ``rec``, a name for messages): the packed JPEG, or the source file."""
+        if self.mode == "packed":
+            return self.read_packed_bytes(rec), f"{self.path}/{rec.pack_file}@{rec.pack_offset}"
+        src = self.source_path(rec)
+        try:
+            with open(src, "rb") as f:
+                return f.read(), rec.path
+        except OSError as e:
+            raise RefDBError(
+                f"reference DB {self.path}: reference image {rec.path} (id {rec.id}) cannot be read "
+                f"({e.strerror or e}); it was moved or deleted since the build. Restore it, or rebuild the "
+                "DB (--mode packed stores the images inside the DB)"
+            ) from e
+
+    def load_images_and_bytes(self, ids: Sequence[int], *, as_numpy: bool = False) -> list[tuple[Any, bytes]]:
+        """:meth:`load_images` with each image's file bytes (e.g. to show the stored file without re-encoding)."""
         out = []
         for rec in self.records(ids):
-            if self.mode == "packed":
-                data = self.read_packed_bytes(rec)
-                what = f"{self.path}/{rec.pack_file}@{rec.pack_offset}"
-            else:
-                src = self.source_path(rec)
-                try:
-                    with open(src, "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    raise RefDBError(
-                        f"reference DB {self.path}: reference image {rec.path} (id {rec.id}) cannot be read "
-                        f"({e.strerror or e}); it was moved or deleted since the build. Restore it, or rebuild the "
-                        "DB (--mode packed stores the images inside the DB)"
-                    ) from e
-                what = rec.path
+            data, what = self.image_bytes(rec)
             try:
                 img = decode_image(data, min_side=1, what=what)
             except ImageSkip as e:
                 raise RefDBError(
                     f"reference DB {self.path}: reference image {what} (id {rec.id}) is unreadable: {e}"
                 ) from e
-            out.append(np.asarray(img) if as_numpy else img)
+            out.append((np.asarray(img) if as_numpy else img, data))
         return out
 
 
