@@ -23,6 +23,19 @@ def upload_lr8(comfy, folder: Path, name: str, seed: int) -> str:
     return comfy.upload_image(p)
 
 
+def prepare_folder(out: Path, encoder, images: Path, captions: Path | None = None, **config) -> dict:
+    """``train prepare`` of an image folder into ``out`` with the CLIP vision file ``encoder``; returns its info.
+
+    ``captions`` defaults to the ``captions.jsonl`` that ``write_image_set`` / ``write_class_set`` write beside
+    the images; ``config``: :class:`~xsr_core.train.data.PrepareConfig` fields (``device`` defaults to the CPU).
+    """
+    from xsr_core.train.data import PrepareConfig, prepare
+
+    captions = Path(images) / "captions.jsonl" if captions is None else captions
+    config = PrepareConfig(**{"device": "cpu", **config})
+    return prepare(out, encoder, images=str(images), captions=str(captions), config=config)
+
+
 def tamper(db: Path, sql: str, *args) -> None:
     """Edit a finished DB's meta.sqlite in place and re-record its size (a crafted DB is consistent on its face)."""
     conn = sqlite3.connect(db / "meta.sqlite")
