@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from pathlib import Path
+
+SUPPORT_NODES = Path(__file__).resolve().parent / "comfy" / "support" / "xsr_test_support"
 
 
 def upload_lr8(comfy, folder: Path, name: str, seed: int) -> str:
@@ -34,6 +37,31 @@ def prepare_folder(out: Path, encoder, images: Path, captions: Path | None = Non
     captions = Path(images) / "captions.jsonl" if captions is None else captions
     config = PrepareConfig(**{"device": "cpu", **config})
     return prepare(out, encoder, images=str(images), captions=str(captions), config=config)
+
+
+def eval_run_cmd(inputs: Path, out: Path, workflow: Path, models: Path, *extra: str) -> list[str]:
+    """argv of ``python -m xsr_core eval run`` over ``inputs`` into ``out``, with the test-support custom nodes
+    loaded and 2 sampler steps; ``extra``: more flags."""
+    return [
+        sys.executable,
+        "-m",
+        "xsr_core",
+        "eval",
+        "run",
+        "--input",
+        str(inputs),
+        "--out",
+        str(out),
+        "--workflow",
+        str(workflow),
+        "--models",
+        str(models),
+        "--extra-node",
+        str(SUPPORT_NODES),
+        "--set",
+        "KSampler.steps=2",
+        *extra,
+    ]
 
 
 def tamper(db: Path, sql: str, *args) -> None:
