@@ -107,26 +107,49 @@ def apply_adapter(
     return patch_unet(model, runtime), patch_controlnet(control_net, runtime)
 
 
-def _common_inputs() -> list:
-    return [
-        io.Float.Input(
-            "strength",
-            default=1.0,
-            min=0.0,
-            max=2.0,
-            step=0.05,
-            tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit",
-        ),
-        _percent_input("start_percent", 0.0, "sampling progress at which the adapter starts acting"),
-        _percent_input("end_percent", 1.0, "sampling progress at which the adapter stops acting"),
-        io.Combo.Input(
-            "apply_to",
-            options=list(APPLY_TO),
-            default="cond",
-            tooltip="cond: only the positive branch gets the image embedding (default); "
-            "both: the negative branch gets it too",
-        ),
-    ]
+def _patch_schema(node_id: str, display_name: str, description: str, control_net_tooltip: str, adapter) -> io.Schema:
+    """The schema of the two patch nodes (XSR_ApplyAdaIN, XSR_AdaINPatch): the same inputs and outputs but for
+    where the adapter comes from (``adapter``: a loaded-adapter socket or the file combo)."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category="xsr",
+        description=description,
+        inputs=[
+            io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
+            io.ControlNet.Input("control_net", tooltip=control_net_tooltip),
+            adapter,
+            io.Float.Input(
+                "strength",
+                default=1.0,
+                min=0.0,
+                max=2.0,
+                step=0.05,
+                tooltip="multiplies every adapter gate; 0 = the unpatched models, bit for bit",
+            ),
+            _percent_input("start_percent", 0.0, "sampling progress at which the adapter starts acting"),
+            _percent_input("end_percent", 1.0, "sampling progress at which the adapter stops acting"),
+            io.Combo.Input(
+                "apply_to",
+                options=list(APPLY_TO),
+                default="cond",
+                tooltip="cond: only the positive branch gets the image embedding (default); "
+                "both: the negative branch gets it too",
+            ),
+            io.Boolean.Input(
+                "allow_other_controlnet",
+                default=False,
+                optional=True,
+                tooltip="run the adapter on a ControlNet other than the one it was trained with "
+                "(e.g. the stock tile ControlNet, stage 2's initialisation); off = such a "
+                "ControlNet is an error",
+            ),
+        ],
+        outputs=[
+            io.Model.Output("patched_model", display_name="model"),
+            io.ControlNet.Output("patched_control_net", display_name="control_net"),
+        ],
+    )
 
 
 def _percent_input(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -152,29 +175,12 @@ def _check_finite_settings(node: str, settings: dict) -> None:
     check_finite(node, **{k: settings[k] for k in ("strength", "start_percent", "end_percent")})
 
 
-def _allow_other_input() -> io.Boolean.Input:
-    return io.Boolean.Input(
-        "allow_other_controlnet",
-        default=False,
-        optional=True,
-        tooltip="run the adapter on a ControlNet other than the one it was trained with "
-        "(e.g. the stock tile ControlNet, stage 2's initialisation); off = such a "
-        "ControlNet is an error",
-    )
-
-
 def _adapter_combo() -> io.Combo.Input:
     files = xsr_files()
     default = "adain_adapter.safetensors" if "adain_adapter.safetensors" in files else None
     return io.Combo.Input(
         "adapter_name", options=files, default=default, tooltip="AdaIN adapter weights (.safetensors in models/xsr)"
     )
-
-
-_OUTPUTS = [
-    io.Model.Output("patched_model", display_name="model"),
-    io.ControlNet.Output("patched_control_net", display_name="control_net"),
-]
 
 
 class XSRLoadAdaINAdapter(io.ComfyNode):
@@ -203,24 +209,15 @@ class XSRLoadAdaINAdapter(io.ComfyNode):
 class XSRApplyAdaIN(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_ApplyAdaIN",
-            display_name="XSR Apply AdaIN Adapter (U-Net + ControlNet)",
-            category="xsr",
-            description="Patches the U-Net and the ControlNet with a loaded AdaIN adapter (cross-attention Q/K and "
+        return _patch_schema(
+            "XSR_ApplyAdaIN",
+            "XSR Apply AdaIN Adapter (U-Net + ControlNet)",
+            "Patches the U-Net and the ControlNet with a loaded AdaIN adapter (cross-attention Q/K and "
             "LayerNorm statistics moved toward the image embedding that arrives through the positive "
             "conditioning from XSR Enhance). Apply the patched ControlNet with the stock "
             "ControlNetApplyAdvanced.",
-            inputs=[
-                io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input(
-                    "control_net", tooltip="the ControlNet trained with this adapter (ControlNetLoader)"
-                ),
-                XSRAdaINAdapterSocket.Input("adapter", tooltip="from XSR Load AdaIN Adapter"),
-                *_common_inputs(),
-                _allow_other_input(),
-            ],
-            outputs=list(_OUTPUTS),
+            control_net_tooltip="the ControlNet trained with this adapter (ControlNetLoader)",
+            adapter=XSRAdaINAdapterSocket.Input("adapter", tooltip="from XSR Load AdaIN Adapter"),
         )
 
     @classmethod
@@ -237,26 +234,16 @@ class XSRApplyAdaIN(io.ComfyNode):
 class XSRAdaINPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_AdaINPatch",
-            display_name="XSR AdaIN Patch (U-Net + ControlNet)",
-            category="xsr",
-            description="Patches the U-Net and the ControlNet with the gated AdaIN adapter (cross-attention Q/K and "
+        return _patch_schema(
+            "XSR_AdaINPatch",
+            "XSR AdaIN Patch (U-Net + ControlNet)",
+            "Patches the U-Net and the ControlNet with the gated AdaIN adapter (cross-attention Q/K and "
             "LayerNorm statistics moved toward the image embedding). The image embedding itself arrives "
             "through the positive conditioning from XSR Enhance, so these patched models are reused "
             "across images. Apply the patched ControlNet with the stock ControlNetApplyAdvanced.",
-            inputs=[
-                io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
-                io.ControlNet.Input(
-                    "control_net",
-                    tooltip="the XSR ControlNet trained with this adapter "
-                    "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)",
-                ),
-                _adapter_combo(),
-                *_common_inputs(),
-                _allow_other_input(),
-            ],
-            outputs=list(_OUTPUTS),
+            control_net_tooltip="the XSR ControlNet trained with this adapter "
+            "(ControlNetLoader on xsr_controlnet.safetensors, written by `train export`)",
+            adapter=_adapter_combo(),
         )
 
     @classmethod

@@ -17,6 +17,22 @@ LATENT_CHANNELS = 4  # SD1.x/SD2.x latent space
 VAE_FACTOR = 8
 
 
+def prepare_outputs() -> list:
+    """The first outputs of XSR_PrepareLR and XSR_PrepareLRTiled: x16 hint, empty latent, validated LR."""
+    return [
+        io.Image.Output("hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"),
+        io.Latent.Output("latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"),
+        io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB (for XSR Color Fix)"),
+    ]
+
+
+def hint_and_latent(lr: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The x16 ControlNet hint of a validated LR batch and the empty SD latent of the same output size."""
+    hint = structure_hint(lr, SCALE)
+    b, h, w, _ = hint.shape
+    return hint, {"samples": torch.zeros(b, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR)}
+
+
 class XSRPrepareLR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -36,15 +52,7 @@ class XSRPrepareLR(io.ComfyNode):
                     "Alpha is composited over black; grayscale becomes RGB.",
                 ),
             ],
-            outputs=[
-                io.Image.Output(
-                    "hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the LR (ControlNet hint)"
-                ),
-                io.Latent.Output(
-                    "latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"
-                ),
-                io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB"),
-            ],
+            outputs=prepare_outputs(),
         )
 
     @classmethod
@@ -59,10 +67,7 @@ class XSRPrepareLR(io.ComfyNode):
                     "(workflows/xsr_x16_tiled.json: XSR Prepare LR Tiles + XSR Tiled Diffusion)."
                 ) from None
             raise ValueError(str(e)) from None
-        hint = structure_hint(lr, SCALE)
-        b, h, w, _ = hint.shape
-        latent = torch.zeros(b, LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR)
-        return io.NodeOutput(hint, {"samples": latent}, lr)
+        return io.NodeOutput(*hint_and_latent(lr), lr)
 
 
 class XSRColorFix(io.ComfyNode):

@@ -53,7 +53,7 @@ from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io, ui
 
 from ..xsr_core import SCALE
-from ..xsr_core.imaging import LRImageError, bicubic_resize, structure_hint, validate_lr
+from ..xsr_core.imaging import LRImageError, bicubic_resize, validate_lr
 from ..xsr_core.tiling import (
     LATENT_PER_LR,
     MAX_TILED_LR_SIDE,
@@ -68,12 +68,12 @@ from ..xsr_core.tiling import (
 from .comfy_binding import XSR_KEY, CONDXSR
 from .validation import max_tiles
 from .common import XSRRefs, controls_of
+from .image import hint_and_latent, prepare_outputs
 
 logger = logging.getLogger(__name__)
 
 XSRTiles = io.Custom("XSR_TILES")
 WRAPPER_KEY = "xsr_tiled"
-LATENT_CHANNELS = 4
 PREVIEW_THUMB = 128  # side of the reference thumbnails XSR_TilePreview shows
 
 
@@ -105,13 +105,7 @@ class XSRPrepareLRTiled(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output(
-                    "hint", display_name="hint", tooltip=f"bicubic x{SCALE} upscale of the whole LR (ControlNet hint)"
-                ),
-                io.Latent.Output(
-                    "latent", display_name="latent", tooltip=f"empty SD latent of the x{SCALE} output size"
-                ),
-                io.Image.Output("lr_rgb", display_name="lr_rgb", tooltip="the validated LR as RGB (for XSR Color Fix)"),
+                *prepare_outputs(),
                 io.Image.Output(
                     "tiles", display_name="tiles", tooltip="the LR tiles as a batch, row-major (for XSR Retrieve)"
                 ),
@@ -142,9 +136,6 @@ class XSRPrepareLRTiled(io.ComfyNode):
                 f"the cap of {cap} (XSR_MAX_TILES in the server's environment); lower the overlap "
                 "(the default 8 gives at most 121 tiles) or raise the cap."
             )
-        hint = structure_hint(lr, SCALE)
-        lh, lw = tiling.latent_hw
-        latent = torch.zeros(1, LATENT_CHANNELS, lh, lw)
         logger.info(
             "XSR tiled: %dx%d LR -> %d tiles (%dx%d grid, overlap %d px)",
             w,
@@ -154,7 +145,7 @@ class XSRPrepareLRTiled(io.ComfyNode):
             tiling.cols,
             overlap,
         )
-        return io.NodeOutput(hint, {"samples": latent}, lr, tiling.crop_lr(lr), tiling)
+        return io.NodeOutput(*hint_and_latent(lr), lr, tiling.crop_lr(lr), tiling)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from pathlib import Path
+
+SUPPORT_NODES = Path(__file__).resolve().parent / "comfy" / "support" / "xsr_test_support"
 
 
 def upload_lr8(comfy, folder: Path, name: str, seed: int) -> str:
@@ -21,6 +24,44 @@ def upload_lr8(comfy, folder: Path, name: str, seed: int) -> str:
     p = folder / name
     synthetic_image(seed, 128).resize((8, 8), Image.BICUBIC).save(p)
     return comfy.upload_image(p)
+
+
+def prepare_folder(out: Path, encoder, images: Path, captions: Path | None = None, **config) -> dict:
+    """``train prepare`` of an image folder into ``out`` with the CLIP vision file ``encoder``; returns its info.
+
+    ``captions`` defaults to the ``captions.jsonl`` that ``write_image_set`` / ``write_class_set`` write beside
+    the images; ``config``: :class:`~xsr_core.train.data.PrepareConfig` fields (``device`` defaults to the CPU).
+    """
+    from xsr_core.train.data import PrepareConfig, prepare
+
+    captions = Path(images) / "captions.jsonl" if captions is None else captions
+    config = PrepareConfig(**{"device": "cpu", **config})
+    return prepare(out, encoder, images=str(images), captions=str(captions), config=config)
+
+
+def eval_run_cmd(inputs: Path, out: Path, workflow: Path, models: Path, *extra: str) -> list[str]:
+    """argv of ``python -m xsr_core eval run`` over ``inputs`` into ``out``, with the test-support custom nodes
+    loaded and 2 sampler steps; ``extra``: more flags."""
+    return [
+        sys.executable,
+        "-m",
+        "xsr_core",
+        "eval",
+        "run",
+        "--input",
+        str(inputs),
+        "--out",
+        str(out),
+        "--workflow",
+        str(workflow),
+        "--models",
+        str(models),
+        "--extra-node",
+        str(SUPPORT_NODES),
+        "--set",
+        "KSampler.steps=2",
+        *extra,
+    ]
 
 
 def tamper(db: Path, sql: str, *args) -> None:

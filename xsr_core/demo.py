@@ -240,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     names = dict(SHIPPED_NAMES)
     server_args: list[str] = []
     if tiny:
-        from .testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB, write_zoo
+        from .testing.zoo import DEMO_REFDB, ZOO_NAMES, write_zoo
 
         if not (models / "xsr_refdb" / DEMO_REFDB / "info.json").is_file():
             logger.info("no --models given: writing the tiny random-weight zoo and demo reference DB to %s", models)
             comfy_dir = find_comfyui(REPO)
             write_zoo(models, clip_tokenizer_dir=comfy_dir / "comfy" / "sd1_tokenizer", diffusers_folder=False)
-        names.update(ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB)
+        names.update(ZOO_NAMES)
         steps = args.steps or 4
     else:
         cfg = base / "extra_model_paths.yaml"

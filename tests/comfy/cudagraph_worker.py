@@ -102,8 +102,24 @@ def sample(m, steps=6, size=8, window=(0.0, 1.0), cnet=True, callback=None):
 
 
 def graph_model(m):
+    """``m`` under XSR_CUDAGraph's wrappers, and the list its finished sampling runs' counters are appended to."""
     gm = cg.apply_cudagraph(m, backend_factory=backend)
-    return gm, gm.get_wrappers(WrappersMP.CALC_COND_BATCH, cg.WRAPPER_KEY)[0].__self__
+    sampling = gm.get_wrappers(WrappersMP.CALC_COND_BATCH, cg.WRAPPER_KEY)[0].__self__
+    runs: list = []
+    orig_outer = sampling.outer_sample
+
+    def spy_outer(executor, *a, **k):  # keep the finished run's counters for the report
+        def inner(*aa, **kk):
+            try:
+                return executor(*aa, **kk)
+            finally:
+                runs.append(sampling.run)
+
+        return orig_outer(inner, *a, **k)
+
+    gm.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
+    gm.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_outer)
+    return gm, runs
 
 
 def diff(a, b):
@@ -115,23 +131,7 @@ steps_seen = []
 
 # 1. plain SD + ControlNet: same result, one warm-up, then replays; progress callback every step
 eager = sample(model)
-gm, sampling = graph_model(model)
-runs: list = []
-orig_outer = sampling.outer_sample
-
-
-def spy_outer(executor, *a, **k):  # keep the finished run's counters for the report
-    def inner(*aa, **kk):
-        try:
-            return executor(*aa, **kk)
-        finally:
-            runs.append(sampling.run)
-
-    return orig_outer(inner, *a, **k)
-
-
-gm.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
-gm.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_outer)
+gm, runs = graph_model(model)
 graphed = sample(gm, callback=lambda i, *a: steps_seen.append(i))
 r = runs[-1]
 res["plain"] = {
@@ -225,23 +225,7 @@ def sample_xsr(m, steps=6):
 
 
 eager_x = sample_xsr(xsr_model)
-gx, sx = graph_model(xsr_model)
-sx_runs: list = []
-orig_x = sx.outer_sample
-
-
-def spy_x(executor, *a, **k):
-    def inner(*aa, **kk):
-        try:
-            return executor(*aa, **kk)
-        finally:
-            sx_runs.append(sx.run)
-
-    return orig_x(inner, *a, **k)
-
-
-gx.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
-gx.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_x)
+gx, sx_runs = graph_model(xsr_model)
 graphed_x = sample_xsr(gx)
 res["xsr"] = {
     "maxdiff": diff(eager_x, graphed_x),

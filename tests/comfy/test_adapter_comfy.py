@@ -114,17 +114,9 @@ def test_cli_encoder_and_comfyui_clip_vision_agree(worker_results):
 # --- live server: loading split from applying, and no adapter kept alive by a cache ----------------------
 def _graph(lr_name, strength, split):
     from xsr_core.demo import xsr_graph
-    from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+    from xsr_core.testing.zoo import ZOO_NAMES
 
-    g = xsr_graph(
-        lr_name,
-        ckpt=CHECKPOINT_NAME,
-        controlnet=CONTROLNET_NAME,
-        clip_vision=CLIP_VISION_NAME,
-        refdb=DEMO_REFDB,
-        steps=1,
-        strength=strength,
-    )
+    g = xsr_graph(lr_name, **ZOO_NAMES, steps=1, strength=strength)
     if split:  # XSR_LoadAdaINAdapter -> XSR_ApplyAdaIN instead of the one-node XSR_AdaINPatch
         old = g["patch"]["inputs"]
         g["adload"] = {"class_type": "XSR_LoadAdaINAdapter", "inputs": {"adapter_name": old["adapter_name"]}}

@@ -15,7 +15,7 @@ import pytest
 from xsr_core import fingerprint as wfp
 from xsr_core.comfy_server import ComfyError
 from xsr_core.demo import xsr_graph
-from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+from xsr_core.testing.zoo import CONTROLNET_NAME, ZOO_NAMES
 from xsr_core.weights import load_model, save_model
 from xsr_helpers import upload_lr8
 
@@ -55,15 +55,7 @@ def lr(comfy, tmp_path_factory):
 
 
 def _graph(lr, adapter, allow=False):
-    g = xsr_graph(
-        lr,
-        ckpt=CHECKPOINT_NAME,
-        controlnet=CONTROLNET_NAME,
-        clip_vision=CLIP_VISION_NAME,
-        refdb=DEMO_REFDB,
-        adapter=adapter,
-        steps=1,
-    )
+    g = xsr_graph(lr, **ZOO_NAMES, adapter=adapter, steps=1)
     g["patch"]["inputs"]["allow_other_controlnet"] = allow
     return g
 

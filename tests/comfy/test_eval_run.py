@@ -16,10 +16,10 @@ from PIL import Image
 from xsr_core.demo import xsr_graph
 from xsr_core.eval.run import hr_to_lr
 from xsr_core.testing.synthetic import write_synthetic_images
-from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+from xsr_core.testing.zoo import ZOO_NAMES
+from xsr_helpers import eval_run_cmd
 
 REPO = Path(__file__).resolve().parents[2]
-SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 
@@ -30,46 +30,15 @@ def test_hr_to_lr_is_the_training_degradation():
 
 
 def _cmd(hr, out, wf, models):
-    return [
-        sys.executable,
-        "-m",
-        "xsr_core",
-        "eval",
-        "run",
-        "--input",
-        str(hr),
-        "--out",
-        str(out),
-        "--workflow",
-        str(wf),
-        "--models",
-        str(models),
-        "--hr-side",
-        "128",
-        "--extra-node",
-        str(SUPPORT),
-        "--set",
-        "KSampler.steps=2",
-        "--allow-unexcluded-db",
-    ]  # the demo DB was not deduplicated against these images
+    # the demo DB was not deduplicated against these images
+    return eval_run_cmd(hr, out, wf, models, "--hr-side", "128", "--allow-unexcluded-db")
 
 
 def test_run_resumes_after_kill_then_metrics_table(tmp_path, tiny_zoo, comfy_dir):
     hr = tmp_path / "hr"
     write_synthetic_images(hr, 6, size=160, seed=3)
     wf = tmp_path / "xsr_x16_api.json"
-    wf.write_text(
-        json.dumps(
-            xsr_graph(
-                "placeholder.png",
-                ckpt=CHECKPOINT_NAME,
-                controlnet=CONTROLNET_NAME,
-                clip_vision=CLIP_VISION_NAME,
-                refdb=DEMO_REFDB,
-                steps=2,
-            )
-        )
-    )
+    wf.write_text(json.dumps(xsr_graph("placeholder.png", **ZOO_NAMES, steps=2)))
     out = tmp_path / "sr"
     env = dict(os.environ, COMFYUI_PATH=str(comfy_dir))
     proc = subprocess.Popen(

@@ -23,16 +23,14 @@ from safetensors.torch import save_file
 from xsr_helpers import committed_chunks, tamper, upload_lr8
 from xsr_core.comfy_server import ComfyError, execution_error
 from xsr_core.demo import xsr_graph
-from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+from xsr_core.testing.zoo import CLIP_VISION_NAME, DEMO_REFDB, ZOO_NAMES
 
 pytestmark = pytest.mark.comfy
 
 
 def graph(lr_name, **kw):
     kw.setdefault("steps", 1)
-    return xsr_graph(
-        lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB, **kw
-    )
+    return xsr_graph(lr_name, **ZOO_NAMES, **kw)
 
 
 def retrieve_only(lr_name, refdb=DEMO_REFDB, top_k=4):

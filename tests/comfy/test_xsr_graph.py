@@ -12,7 +12,7 @@ from PIL import Image
 from comfy_helpers import png_size
 from xsr_core.comfy_server import ComfyError
 from xsr_core.demo import xsr_graph
-from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME, CONTROLNET_NAME, DEMO_REFDB
+from xsr_core.testing.zoo import ZOO_NAMES
 from xsr_helpers import upload_lr8
 
 pytestmark = pytest.mark.comfy
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.comfy
 
 def graph(lr_name, **kw):
     kw.setdefault("steps", 2)
-    return xsr_graph(
-        lr_name, ckpt=CHECKPOINT_NAME, controlnet=CONTROLNET_NAME, clip_vision=CLIP_VISION_NAME, refdb=DEMO_REFDB, **kw
-    )
+    return xsr_graph(lr_name, **ZOO_NAMES, **kw)
 
 
 @pytest.fixture(scope="module")

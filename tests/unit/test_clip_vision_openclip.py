@@ -26,22 +26,18 @@ from xsr_core.clip_vision import (
     is_open_clip_state_dict,
     open_clip_to_hf,
 )
+from xsr_core.testing.tiny_clip import tiny_clip_config
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is in the [openclip]/[train]/[test] extras")
 
 VISION = dict(image_size=224, layers=2, width=64, head_width=32, patch_size=14, mlp_ratio=2.0)
-HF_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_channels=3,
-    image_size=224,
-    patch_size=14,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=32,
-)
+# the same tower as a transformers CLIPVisionConfig (the layout ComfyUI's CLIPVisionLoader converts to):
+# OpenCLIP's MLP ratio and exact GELU instead of the tiny zoo encoder's 4x quick_gelu
+HF_CONFIG = {
+    **tiny_clip_config(hidden=VISION["width"], layers=VISION["layers"], heads=VISION["width"] // VISION["head_width"]),
+    "intermediate_size": int(VISION["width"] * VISION["mlp_ratio"]),
+    "hidden_act": "gelu",
+}
 
 
 def _tiny_open_clip(seed: int):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from xsr_core.train.config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig
-from xsr_core.train.data import PrepareConfig, PrepareError, load_items, prepare
+from xsr_core.train.data import PrepareError, load_items, prepare
 from xsr_core.train.synthetic import write_image_set
+from xsr_helpers import prepare_folder
 
 N_IMAGES = 56
 SPLIT = "0.65,0.15,0.2"
@@ -23,6 +24,7 @@ TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_t
 # the tiny random CLIP puts these synthetic images within CLS cosine 0.95 of each other: the real-CLIP default
 # test-set dedup threshold would empty the reference DB, so only near-exact copies are excluded here
 DEDUP = 0.999
+WORLD_PREPARE = dict(split=SPLIT, dedup_threshold=DEDUP)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,13 +38,7 @@ def world(tiny_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     imgs = write_image_set(root / "imgs", n=N_IMAGES)
     data = root / "data"
-    info = prepare(
-        data,
-        tiny_zoo["clip_vision"],
-        images=str(imgs),
-        captions=str(imgs / "captions.jsonl"),
-        config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP),
-    )
+    info = prepare_folder(data, tiny_zoo["clip_vision"], imgs, **WORLD_PREPARE)
     clip_tok = root / "cliptok"
     train_tiny_clip_tokenizer(clip_tok)
     return {
@@ -149,13 +145,7 @@ def test_prepare_is_resumable_and_deterministic(world, tmp_path):
     before = (data / "items.jsonl").read_text()
     shard = next((data / "cache" / "clip" / "train").glob("shard-*.safetensors"))
     mtime = shard.stat().st_mtime_ns
-    prepare(
-        data,
-        world["zoo"]["clip_vision"],
-        images=str(world["imgs"]),
-        captions=str(world["imgs"] / "captions.jsonl"),
-        config=PrepareConfig(split=SPLIT, device="cpu", dedup_threshold=DEDUP),
-    )
+    prepare_folder(data, world["zoo"]["clip_vision"], world["imgs"], **WORLD_PREPARE)
     assert (data / "items.jsonl").read_text() == before
     assert shard.stat().st_mtime_ns == mtime  # complete shard not rewritten
 
@@ -190,43 +180,19 @@ def test_prepare_bad_inputs(tiny_zoo, tmp_path):
     with pytest.raises(PrepareError, match="BLIP-2 model folder"):
         prepare(tmp_path / "d2", enc, images=str(imgs), blip2=str(tmp_path / "no_blip2"))
     with pytest.raises(ValueError, match="--degradation"):
-        prepare(
-            tmp_path / "d1",
-            enc,
-            images=str(imgs),
-            captions=str(imgs / "captions.jsonl"),
-            config=PrepareConfig(degradation="no_such_module:f"),
-        )
+        prepare_folder(tmp_path / "d1", enc, imgs, degradation="no_such_module:f")
     # a caption file missing entries names the images
     lines = (imgs / "captions.jsonl").read_text().splitlines()
     (tmp_path / "partial.jsonl").write_text("\n".join(lines[:1]) + "\n")
     with pytest.raises(PrepareError, match="img_0003.png"):
-        prepare(
-            tmp_path / "d3",
-            enc,
-            images=str(imgs),
-            captions=str(tmp_path / "partial.jsonl"),
-            config=PrepareConfig(split="2,0,2", min_side=64),
-        )
+        prepare_folder(tmp_path / "d3", enc, imgs, tmp_path / "partial.jsonl", split="2,0,2", min_side=64)
     # an unreadable image is named, and --skip_bad leaves it out
     (imgs / "broken.png").write_bytes(b"not a png")
     with pytest.raises(PrepareError, match="broken.png"):
-        prepare(
-            tmp_path / "d4",
-            enc,
-            images=str(imgs),
-            captions=str(imgs / "captions.jsonl"),
-            config=PrepareConfig(split="2,0,2", min_side=64),
-        )
+        prepare_folder(tmp_path / "d4", enc, imgs, split="2,0,2", min_side=64)
     assert not (tmp_path / "d4").exists()  # nothing written before the checks passed
     with pytest.raises(PrepareError, match="asks for 9 images"):
-        prepare(
-            tmp_path / "d5",
-            enc,
-            images=str(imgs),
-            captions=str(imgs / "captions.jsonl"),
-            config=PrepareConfig(split="3,3,3", min_side=64, skip_bad=True),
-        )
+        prepare_folder(tmp_path / "d5", enc, imgs, split="3,3,3", min_side=64, skip_bad=True)
 
 
 def test_split_parsing():

@@ -15,18 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_rfa_ddp_two_cpu_processes(tiny_zoo, tmp_path):
-    from xsr_core.train.data import PrepareConfig, prepare
     from xsr_core.train.synthetic import write_image_set
+    from xsr_helpers import prepare_folder
 
     imgs = write_image_set(tmp_path / "imgs", n=12, size=128)
     data = tmp_path / "data"
-    prepare(
-        data,
-        tiny_zoo["clip_vision"],
-        images=str(imgs),
-        captions=str(imgs / "captions.jsonl"),
-        config=PrepareConfig(split="8,2,2", min_side=64, device="cpu", dedup_threshold=0.999),
-    )
+    prepare_folder(data, tiny_zoo["clip_vision"], imgs, split="8,2,2", min_side=64, dedup_threshold=0.999)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [

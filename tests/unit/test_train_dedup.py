@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from xsr_core.train.data import TEST_EXCLUSION, PrepareConfig, load_items, prepare
+from xsr_core.train.data import TEST_EXCLUSION, load_items
 from xsr_core.train.synthetic import make_image
+from xsr_helpers import prepare_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,15 +25,9 @@ def test_prepare_excludes_near_duplicates_of_test_images(tiny_zoo, tmp_path):
         img.save(imgs / f"a{i:02d}.png")
         img.resize((120, 120), Image.BICUBIC).save(imgs / f"a{i:02d}_copy.jpg", quality=90)
         rows += [{"image": f"a{i:02d}.png", "caption": cap}, {"image": f"a{i:02d}_copy.jpg", "caption": cap}]
-    (imgs / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (imgs / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = tmp_path / "data"
-    info = prepare(
-        data,
-        tiny_zoo["clip_vision"],
-        images=str(imgs),
-        captions=str(imgs / "c.jsonl"),
-        config=PrepareConfig(split="6,8,6", min_side=64, device="cpu", dedup_threshold=0.99),
-    )
+    info = prepare_folder(data, tiny_zoo["clip_vision"], imgs, split="6,8,6", min_side=64, dedup_threshold=0.99)
     items = load_items(data)
     twin = {Path(it["source"]).name.split(".")[0].removesuffix("_copy"): [] for it in items}
     for it in items:

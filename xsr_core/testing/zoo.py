@@ -47,6 +47,13 @@ CLIP_VISION_NAME = "xsr_tiny_clip_vision.safetensors"
 ADAPTER_NAME = "adain_adapter.safetensors"
 DEMO_REFDB = "xsr_demo"
 DIFFUSERS_DIR = "xsr_tiny_sd15"
+# the zoo's files by role: the model-name arguments of xsr_core.demo.xsr_graph (keys of demo.SHIPPED_NAMES)
+ZOO_NAMES = {
+    "ckpt": CHECKPOINT_NAME,
+    "controlnet": CONTROLNET_NAME,
+    "clip_vision": CLIP_VISION_NAME,
+    "refdb": DEMO_REFDB,
+}
 
 # Tiny SD1.x-structured U-Net (diffusers config). attention_head_dim is the *head count* for SD1.x
 # in diffusers' naming (8 heads, like SD1.5).
