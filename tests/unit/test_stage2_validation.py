@@ -31,6 +31,7 @@ class _RecordingStage(nn.Module):
         assert self.cfg.p_drop_text == self.cfg.p_drop_image == 0.0  # validation never drops a condition
         noise = torch.randn(b["pixels"].shape)  # what AdapterStage draws under the evaluator's seed
         self.seen.append({"t": b["timesteps"].clone(), "E": b["E"][:, 0, 0].clone(), "noise": noise})
+        assert len(b["timesteps"]) <= 5  # chunks of the training batch size
         # a loss that is low when each row's E matches its own image (E[i] == i), and grows with t
         err = (b["E"][:, 0, 0] - b["index"].float()).abs() + b["timesteps"].float() / 1000
         return {"mse": err.mean()}
@@ -55,7 +56,7 @@ def test_spread_timesteps_are_stratified_and_in_range():
 def test_validation_low_t_and_shuffled_e_figures():
     n, repeats = 6, 4
     stage = _RecordingStage()
-    ev = make_evaluator(SimpleNamespace(), _dataset(n), _Collate(), n=n, repeats=repeats)
+    ev = make_evaluator(SimpleNamespace(batch_size=5), _dataset(n), _Collate(), n=n, repeats=repeats)
     res = ev(stage, 0)
     assert set(res) == {
         "low_t_max",
@@ -66,7 +67,12 @@ def test_validation_low_t_and_shuffled_e_figures():
     }
     assert res["low_t_max"] == round(LOW_T_FRACTION * 1000)
     assert stage.cfg.p_drop_text == 0.3  # restored
-    full, full_sh, low, low_sh = stage.seen
+    per = -(-n * repeats // 5)  # chunks per figure (24 rows: 5, 5, 5, 5, 4)
+    assert len(stage.seen) == 4 * per
+    full, full_sh, low, low_sh = (
+        {k: torch.cat([c[k] for c in stage.seen[f * per : (f + 1) * per]]) for k in ("t", "E", "noise")}
+        for f in range(4)
+    )
     # every image is scored at `repeats` timesteps spread over the schedule (one per n-th part), not a narrow range
     for i in range(n):
         ts = full["t"][i::n]
@@ -84,5 +90,5 @@ def test_validation_without_e_has_no_shuffled_figure():
     stage = _RecordingStage()
     stage.adapter = None  # the text-only variant
     rows = [{k: v for k, v in r.items()} for r in _dataset(3)]
-    res = make_evaluator(SimpleNamespace(), rows, _Collate(), n=3, repeats=2)(stage, 0)
+    res = make_evaluator(SimpleNamespace(batch_size=5), rows, _Collate(), n=3, repeats=2)(stage, 0)
     assert set(res) == {"low_t_max", "val_mse", "val_mse_low_t"}

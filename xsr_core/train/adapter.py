@@ -489,7 +489,8 @@ def make_evaluator(
     """Deterministic validation losses: fixed images, noise and timesteps.
 
     Each of the first ``n`` images is scored at ``repeats`` timesteps; the ``n * repeats`` timesteps are
-    stratified over the schedule and dealt out round-robin, so every image sees low and high noise.
+    stratified over the range and dealt out round-robin, so every image is scored once in each of
+    ``repeats`` equal parts of it. The rows run in chunks of the training batch size (``batch_size``).
 
     - ``val_mse``: the noise-prediction loss over the whole schedule (the training objective).
     - ``val_mse_low_t``: the same images and noise at timesteps stratified over the lowest
@@ -503,23 +504,29 @@ def make_evaluator(
     """
     n = min(n, len(dataset))
     base = collate([dataset[i] for i in range(n)])
+    chunk = max(1, int(stage_cfg.batch_size))
 
     def _rows(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # image i at slots i, i + n, i + 2n, ...; slot k * n + i gets the (k * n + i)-th timestep stratum,
-        # so each image is scored once in every n-th part of the range
+        # image i at rows i, i + n, i + 2n, ...; row r gets the r-th timestep stratum
         return {k: v.repeat(repeats, *([1] * (v.dim() - 1))) for k, v in b.items()}
 
     def _loss(stage: AdapterStage, b: dict[str, torch.Tensor]) -> float:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            c = stage.cfg
-            saved = (c.p_drop_text, c.p_drop_image)
-            c.p_drop_text = c.p_drop_image = 0.0
-            try:
-                return stage(b)["mse"].item()
-            finally:
-                stage.end_step()
-                c.p_drop_text, c.p_drop_image = saved
+        c = stage.cfg
+        saved = (c.p_drop_text, c.p_drop_image)
+        c.p_drop_text = c.p_drop_image = 0.0
+        total, rows = 0.0, len(b["timesteps"])
+        try:
+            for j, s in enumerate(range(0, rows, chunk)):
+                part = {k: v[s : s + chunk] for k, v in b.items()}
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(1234 + j)  # the same noise for the same rows in every call
+                    try:
+                        total += stage(part)["mse"].item() * len(part["timesteps"])
+                    finally:
+                        stage.end_step()
+        finally:
+            c.p_drop_text, c.p_drop_image = saved
+        return total / rows
 
     def evaluate(stage: AdapterStage, step: int) -> dict[str, float]:
         dev = next(stage.parameters()).device
