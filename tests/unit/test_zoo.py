@@ -48,3 +48,29 @@ def test_zoo_is_seeded_and_deterministic(tmp_path):
     p1 = write_controlnet(cn1, tmp_path / "a.safetensors")
     p2 = write_controlnet(cn2, tmp_path / "b.safetensors")
     assert hashlib.sha256(p1.read_bytes()).digest() == hashlib.sha256(p2.read_bytes()).digest()
+
+
+def test_tiny_vae_latents_are_unit_variance_and_framework_consistent(tiny_zoo):
+    """The U-Net sees unit-variance latents (as SD's 0.18215 gives for its VAE), the same in diffusers (the
+    trainer: ``encode(x).latents * scaling_factor``) and in ComfyUI (TAESD ``encoder(x) / vae_scale``, then the
+    SD1.x latent format's x 0.18215)."""
+    import numpy as np
+    from diffusers import AutoencoderTiny
+    from safetensors import safe_open
+
+    from xsr_core.imaging import crop_hr
+    from xsr_core.testing.zoo import SD15_SCALING_FACTOR
+    from xsr_core.train.synthetic import make_class_image, make_image
+
+    vae = AutoencoderTiny.from_pretrained(str(tiny_zoo["diffusers"] / "vae")).eval()
+    imgs = [make_image(i, 128)[0] for i in range(3)] + [make_class_image(c, c, (160, 128))[0] for c in range(3)]
+    x = torch.cat([crop_hr(torch.from_numpy(np.array(im)).float()[None] / 255, 128) for im in imgs])
+    with torch.no_grad():
+        enc = vae.encode(x.permute(0, 3, 1, 2) * 2 - 1).latents
+    z = enc * vae.config.scaling_factor
+    assert 0.6 < z.std().item() < 1.6, z.std().item()
+    with safe_open(str(tiny_zoo["checkpoint"]), framework="pt") as f:
+        scale = next(f.get_tensor(k) for k in f.keys() if k.endswith("vae_scale")).item()
+        shift = next(f.get_tensor(k) for k in f.keys() if k.endswith("vae_shift")).item()
+    comfy_z = (enc / scale + shift) * SD15_SCALING_FACTOR  # comfy.taesd.taesd.TAESD.encode + latent_formats.SD15
+    assert torch.allclose(comfy_z, z, rtol=1e-5, atol=1e-6)

@@ -85,6 +85,13 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
 }
 TINY_CLIP_VISION = {"hidden": 32, "layers": 2, "heads": 2}
 SD15_SCALING_FACTOR = 0.18215
+# The random tiny TAESD encoder's latents have std ~0.2 on natural-looking images (measured on the synthetic sets of
+# xsr_core.train.synthetic): this factor makes the latents the U-Net sees unit-variance, as SD's 0.18215 does for
+# its VAE, so the noise schedule has the meaning it has for real SD (at 1.0 every timestep's noise buries the
+# image detail). Diffusers multiplies by it (AutoencoderTiny.config.scaling_factor); ComfyUI gives the U-Net
+# ``latent / vae_scale * 0.18215`` (SD1.x latent format), so the checkpoint's TAESD ``vae_scale`` is
+# SD15_SCALING_FACTOR / TINY_VAE_SCALING_FACTOR and both frameworks feed the U-Net the same latents.
+TINY_VAE_SCALING_FACTOR = 5.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +137,7 @@ def build_tiny_sd(seed: int = 0):
             encoder_block_out_channels=(64, 64, 64, 64),
             decoder_block_out_channels=(64, 64, 64, 64),
             latent_channels=4,
-            scaling_factor=1.0,
+            scaling_factor=TINY_VAE_SCALING_FACTOR,
         ),
         seed + 2,
     )
@@ -153,8 +160,9 @@ def vae_tiny_to_taesd(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"taesd_decoder.{int(idx) + 1}.{rest}"] = v
         else:
             raise KeyError(f"unexpected AutoencoderTiny key {k}")
-    # diffusers works in the scaled latent space itself; ComfyUI's TAESD un-scales by these
-    out["vae_scale"] = torch.tensor(1.0)
+    # ComfyUI's TAESD returns encoder(x) / vae_scale + vae_shift and the SD1.x latent format multiplies by 0.18215:
+    # the U-Net then sees encoder(x) * TINY_VAE_SCALING_FACTOR, as in diffusers (see TINY_VAE_SCALING_FACTOR)
+    out["vae_scale"] = torch.tensor(SD15_SCALING_FACTOR / TINY_VAE_SCALING_FACTOR)
     out["vae_shift"] = torch.tensor(0.0)
     return out
 

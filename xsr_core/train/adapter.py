@@ -11,7 +11,10 @@ mixed-precision dtype); the adapter and the chosen ControlNet parameters train w
 noise-prediction loss (epsilon, or v for ``prediction_type: v_prediction`` schedulers).
 Classifier-free dropout: per row, the caption is replaced by the empty prompt with ``p_drop_text``
 and the adapter is switched off (``rows``) with ``p_drop_image``. E for every image comes from the
-trained I2T over the RFA-retrieved references and is cached (``DATA/cache/E-*``).
+trained I2T over the RFA-retrieved references and is cached (``DATA/cache/E-*``). Validation
+(:func:`make_evaluator`): the noise-prediction loss on fixed test images, noise and timesteps, over the
+whole schedule (``val_mse``) and its low-noise part (``val_mse_low_t``), each also with E shuffled
+across the images (``..._shuffled_e``).
 """
 
 from __future__ import annotations
@@ -416,7 +419,9 @@ class AdapterStage(nn.Module):
         if c.noise_offset:
             noise = noise + c.noise_offset * torch.randn(B, lat.shape[1], 1, 1, device=lat.device, dtype=lat.dtype)
         sched = self.scheduler
-        t = torch.randint(0, sched.config.num_train_timesteps, (B,), device=lat.device).long()
+        t = batch.get("timesteps")  # fixed by the validation; training draws them uniformly
+        if t is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (B,), device=lat.device).long()
         noisy = sched.add_noise(lat, noise, t)
         if self.adapter is None:  # text-only base (Ours_Base): ControlNet + text, no image embedding
             return self._denoise_loss(lat, noise, noisy, t, text, batch["hint"], dtype)
@@ -465,33 +470,76 @@ class AdapterStage(nn.Module):
             self._ctx = None
 
 
-def make_evaluator(stage_cfg: AdapterTrainConfig, dataset: AdapterDataset, collate: AdapterCollate, n: int = 8):
-    """Deterministic validation loss: fixed images, noise and timesteps (spread over the schedule).
+LOW_T_FRACTION = 0.2  # val_mse_low_t: timesteps in the lowest 20 % of the training schedule
 
-    With E (the adain variant) it also reports ``val_mse_shuffled_e``: the same batch, noise and timesteps
-    with each image's E replaced by another image's (rolled by one). A lower ``val_mse`` than that shows
-    the adapter uses the image embedding, not just its presence.
+
+def _spread_timesteps(n: int, lo: int, hi: int) -> torch.Tensor:
+    """``n`` timesteps stratified over [lo, hi): the midpoints of ``n`` equal bins (deterministic)."""
+    return (lo + (torch.arange(n, dtype=torch.float64) + 0.5) * (hi - lo) / n).long().clamp(lo, hi - 1)
+
+
+def make_evaluator(
+    stage_cfg: AdapterTrainConfig,
+    dataset: AdapterDataset,
+    collate: AdapterCollate,
+    n: int = 16,
+    repeats: int = 2,
+    low_t_fraction: float = LOW_T_FRACTION,
+):
+    """Deterministic validation losses: fixed images, noise and timesteps.
+
+    Each of the first ``n`` images is scored at ``repeats`` timesteps; the ``n * repeats`` timesteps are
+    stratified over the range and dealt out round-robin, so every image is scored once in each of
+    ``repeats`` equal parts of it. The rows run in chunks of the training batch size (``batch_size``).
+
+    - ``val_mse``: the noise-prediction loss over the whole schedule (the training objective).
+    - ``val_mse_low_t``: the same images and noise at timesteps stratified over the lowest
+      ``low_t_fraction`` of the schedule (``low_t_max`` = the excluded upper bound). Low noise is where
+      the HR detail the LR does not show (texture) decides the loss; at high noise the error is dominated
+      by what no condition can tell, so a condition that carries HR detail shows here first.
+
+    With E (the adain variant) both come with a ``..._shuffled_e`` twin: the same batch, noise and
+    timesteps with each image's E replaced by another image's (rolled by one). A lower true-E loss than
+    that shows the adapter uses what the image embedding says about *this* image, not just its presence.
     """
-    batch = collate([dataset[i] for i in range(min(n, len(dataset)))])
+    n = min(n, len(dataset))
+    base = collate([dataset[i] for i in range(n)])
+    chunk = max(1, int(stage_cfg.batch_size))
+
+    def _rows(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # image i at rows i, i + n, i + 2n, ...; row r gets the r-th timestep stratum
+        return {k: v.repeat(repeats, *([1] * (v.dim() - 1))) for k, v in b.items()}
 
     def _loss(stage: AdapterStage, b: dict[str, torch.Tensor]) -> float:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            c = stage.cfg
-            saved = (c.p_drop_text, c.p_drop_image)
-            c.p_drop_text = c.p_drop_image = 0.0
-            try:
-                return stage(b)["mse"].item()
-            finally:
-                stage.end_step()
-                c.p_drop_text, c.p_drop_image = saved
+        c = stage.cfg
+        saved = (c.p_drop_text, c.p_drop_image)
+        c.p_drop_text = c.p_drop_image = 0.0
+        total, rows = 0.0, len(b["timesteps"])
+        try:
+            for j, s in enumerate(range(0, rows, chunk)):
+                part = {k: v[s : s + chunk] for k, v in b.items()}
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(1234 + j)  # the same noise for the same rows in every call
+                    try:
+                        total += stage(part)["mse"].item() * len(part["timesteps"])
+                    finally:
+                        stage.end_step()
+        finally:
+            c.p_drop_text, c.p_drop_image = saved
+        return total / rows
 
     def evaluate(stage: AdapterStage, step: int) -> dict[str, float]:
         dev = next(stage.parameters()).device
-        b = {k: v.to(dev) for k, v in batch.items()}
-        res = {"val_mse": _loss(stage, b)}
-        if "E" in b and stage.adapter is not None and b["E"].shape[0] > 1:
-            res["val_mse_shuffled_e"] = _loss(stage, {**b, "E": b["E"].roll(1, dims=0)})
+        T = stage.scheduler.config.num_train_timesteps
+        low_max = max(1, round(low_t_fraction * T))
+        b = {k: v.to(dev) for k, v in base.items()}
+        shuffled = "E" in b and stage.adapter is not None and n > 1
+        res: dict[str, float] = {"low_t_max": low_max}
+        for name, (lo, hi) in (("val_mse", (0, T)), ("val_mse_low_t", (0, low_max))):
+            t = _spread_timesteps(n * repeats, lo, hi).to(dev)
+            res[name] = _loss(stage, {**_rows(b), "timesteps": t})
+            if shuffled:
+                res[name + "_shuffled_e"] = _loss(stage, {**_rows({**b, "E": b["E"].roll(1, dims=0)}), "timesteps": t})
         return res
 
     return evaluate
