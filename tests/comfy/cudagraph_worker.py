@@ -102,7 +102,8 @@ def sample(m, steps=6, size=8, window=(0.0, 1.0), cnet=True, callback=None):
 
 
 def graph_model(m):
-    """``m`` under XSR_CUDAGraph's wrappers, and the list its finished sampling runs' counters are appended to."""
+    """``m`` under XSR_CUDAGraph's wrappers, its sampling object, and the list its finished sampling runs' counters
+    are appended to."""
     gm = cg.apply_cudagraph(m, backend_factory=backend)
     sampling = gm.get_wrappers(WrappersMP.CALC_COND_BATCH, cg.WRAPPER_KEY)[0].__self__
     runs: list = []
@@ -119,7 +120,7 @@ def graph_model(m):
 
     gm.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY)
     gm.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, cg.WRAPPER_KEY, spy_outer)
-    return gm, runs
+    return gm, sampling, runs
 
 
 def diff(a, b):
@@ -131,7 +132,7 @@ steps_seen = []
 
 # 1. plain SD + ControlNet: same result, one warm-up, then replays; progress callback every step
 eager = sample(model)
-gm, runs = graph_model(model)
+gm, sampling, runs = graph_model(model)
 graphed = sample(gm, callback=lambda i, *a: steps_seen.append(i))
 r = runs[-1]
 res["plain"] = {
@@ -225,7 +226,7 @@ def sample_xsr(m, steps=6):
 
 
 eager_x = sample_xsr(xsr_model)
-gx, sx_runs = graph_model(xsr_model)
+gx, sx, sx_runs = graph_model(xsr_model)
 graphed_x = sample_xsr(gx)
 res["xsr"] = {
     "maxdiff": diff(eager_x, graphed_x),
