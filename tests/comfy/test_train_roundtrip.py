@@ -27,12 +27,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from xsr_helpers import eval_run_cmd
 from xsr_core import fingerprint as wfp
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME
 from xsr_core.train.config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig
@@ -40,7 +40,6 @@ from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
 from xsr_core.train.synthetic import write_class_set
 
 REPO = Path(__file__).resolve().parents[2]
-SUPPORT = REPO / "tests" / "comfy" / "support" / "xsr_test_support"
 pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 N_IMAGES, SPLIT = 96, "48,32,16"
@@ -267,31 +266,9 @@ def test_both_variants_export_what_comfyui_runs_and_eval_scores_them(loop):
         ("xsr_x16", "XSR full AdaIN (tiny, CPU)"),
     ):
         out = root / f"sr_{wf}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "xsr_core",
-            "eval",
-            "run",
-            "--input",
-            str(loop["test_hr"]),
-            "--out",
-            str(out),
-            "--workflow",
-            str(REPO / "workflows" / f"{wf}.json"),
-            "--models",
-            str(models),
-            "--model",
-            f"ckpt={CHECKPOINT_NAME}",
-            "--model",
-            f"clip_vision={CLIP_VISION_NAME}",
-            "--model",
-            f"refdb={DB_NAME}",
-            "--extra-node",
-            str(SUPPORT),
-            "--set",
-            "KSampler.steps=2",
-        ]
+        models_flags = [f"ckpt={CHECKPOINT_NAME}", f"clip_vision={CLIP_VISION_NAME}", f"refdb={DB_NAME}"]
+        wf_file = REPO / "workflows" / f"{wf}.json"
+        cmd = eval_run_cmd(loop["test_hr"], out, wf_file, models, *(a for m in models_flags for a in ("--model", m)))
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
         run = json.loads((out / "run.json").read_text())
