@@ -415,25 +415,34 @@ def main(argv=None) -> int:
         )
 
     def time_mode(mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None) -> None:
+        """Each graph's warm-up run first, then the timed runs of the graphs alternating (A B A B ...): the
+        device's drift over minutes falls on both graphs alike, so their ratio is measured side by side."""
         for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
-            for kind in only_kinds or kinds:
-                times, traces = [], []
-                peak = None
-                runs = args.compile_runs if mode == "compile" else args.runs
-                try:
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    for i in range(runs + 1):
+            order = list(only_kinds or kinds)
+            runs = args.compile_runs if mode == "compile" else args.runs
+            acc = {k: {"times": [], "traces": [], "err": None} for k in order}
+            for i in range(runs + 1):
+                for kind in order:
+                    a = acc[kind]
+                    if a["err"] is not None:
+                        continue
+                    try:
                         g = graphs(new_lr(), names, steps, seed=i, mode=mode)[kind]
                         dt, tr = run(g)
-                        if i > 0:
-                            times.append(dt)
-                            traces.append(tr)
-                    peak = max((r.get("node_peak_gib") or 0) for tr in traces for r in tr) if device == "cuda" else None
-                    err = None
-                except Exception as e:  # noqa: BLE001 - a failing mode is a result too (e.g. compile)
-                    err = f"{type(e).__name__}: {str(e)[:300]}"
-                    print(f"{kind} {mode} {steps}: FAILED {err}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a failing mode is a result too (e.g. compile)
+                        a["err"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        print(f"{kind} {mode} {steps}: FAILED {a['err']}", flush=True)
+                        continue
+                    if i > 0:
+                        a["times"].append(dt)
+                        a["traces"].append(tr)
+            for kind in order:
+                times, traces, err = acc[kind]["times"], acc[kind]["traces"], acc[kind]["err"]
+                peak = (
+                    max((r.get("node_peak_gib") or 0) for tr in traces for r in tr)
+                    if device == "cuda" and traces
+                    else None
+                )
                 nodes = {}
                 for tr in traces:
                     for r in tr:

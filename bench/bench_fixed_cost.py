@@ -58,6 +58,86 @@ def _label(r: dict) -> str:
     return f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}{vit}"
 
 
+def _graph_memory(s) -> str:
+    """What the kept CUDA graphs of the per-image nodes hold: allocated memory beyond the loaded models, then
+    after dropping XSR_Retrieve's ViT graphs and the I2T's caption-decode graphs (they are re-captured on the
+    next prompt)."""
+    import gc
+
+    torch, mm = s.torch, s.mm
+
+    def beyond() -> float:
+        gc.collect()
+        torch.cuda.synchronize()
+        models = sum(lm.model.loaded_size() for lm in mm.current_loaded_models if lm.model is not None)
+        return (torch.cuda.memory_allocated() - models) / 2**20
+
+    lines = [f"allocated beyond the loaded models: {beyond():.1f} MiB"]
+    retrieval = next((m for n, m in sys.modules.items() if n.endswith("nodes.retrieval")), None)
+    if retrieval is not None:
+        retrieval.VISION_GRAPHS._per_model.clear()
+        lines.append(f"after dropping the ViT graphs: {beyond():.1f} MiB")
+    for lm in mm.current_loaded_models:
+        fast = getattr(getattr(lm.model, "model", None), "_fast", None)
+        if fast is not None:
+            fast.clear_graphs()
+    lines.append(f"after dropping the caption-decode graphs too: {beyond():.1f} MiB")
+    return "\n".join(lines)
+
+
+def _profile(s, n: int, cache, policy: str) -> str:
+    """cProfile of ``n`` prompts with a cold reference cache (every reference a miss): where the host time of
+    the per-image nodes goes, cumulative and own time (CUDA waits show up in the call that synchronises)."""
+    import cProfile
+    import io
+    import pstats
+
+    os.environ["XSR_OFFLOAD"] = policy
+    os.environ["XSR_CLIP_CUDAGRAPH"] = "1"
+    prof = cProfile.Profile()
+    for _ in range(n):
+        if cache is not None:
+            cache.clear()
+        prompt = graph(s.new_lr(), s.names)
+        prof.enable()
+        s.run(prompt)
+        prof.disable()
+    buf = io.StringIO()
+    if s.device == "cuda":
+        buf.write(_graph_memory(s) + "\n\n")
+    st = pstats.Stats(prof, stream=buf).strip_dirs()
+    buf.write(f"{n} prompts, XSR_OFFLOAD={policy}, reference cache cold, ViT on its CUDA graph\n")
+    st.sort_stats("cumulative").print_stats(70)
+    st.sort_stats("tottime").print_stats(40)
+    for hot in (r"\(parameters\)", r"\(memory_stats\)", r"'cpu'", r"\(load_models_gpu\)"):
+        st.print_callers(hot)
+    if s.device == "cuda":
+        buf.write("\n" + _kernel_profile(s, graph, cache) + "\n")
+    return buf.getvalue()
+
+
+def _kernel_profile(s, make_graph, cache, n: int = 3) -> str:
+    """torch.profiler over ``n`` cold-cache prompts: the GPU kernels by their own CUDA time, and the wall time
+    against the GPU-busy time (a launch- or host-bound node shows a large gap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = [make_graph(s.new_lr(), s.names) for _ in range(n)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            for p in prompts:
+                if cache is not None:
+                    cache.clear()
+                s.run(p)
+            wall = time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - the profile is an extra; the timings above stand
+        return f"torch.profiler failed: {type(e).__name__}: {e}"
+    ka = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ka) / 1e3
+    head = f"torch.profiler, {n} prompts, cold cache: wall {wall * 1e3:.1f} ms, GPU kernels {busy:.1f} ms in total"
+    return head + "\n" + ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
@@ -84,6 +164,13 @@ def main(argv=None) -> int:
         default="on",
         help="comma list of on, off: XSR_Retrieve's CLIP vision pass on its CUDA graph or eager "
         "(XSR_CLIP_CUDAGRAPH), timed side by side",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after the timed columns, run this many more prompts (reference cache cold, first XSR_OFFLOAD "
+        "setting) under cProfile and write the hottest functions to fixed_cost_profile_<device>.txt",
     )
     args = ap.parse_args(argv)
 
@@ -155,6 +242,7 @@ def main(argv=None) -> int:
         res["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "resident_after"}), flush=True)
     res["ref_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses, "cap": cache.capacity}
+    profile_text = _profile(s, args.profile, cache, policies[0]) if args.profile > 0 else None
 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +287,8 @@ def main(argv=None) -> int:
     print(md)
     (out / f"fixed_cost_{tag}.json").write_text(json.dumps(res, indent=1))
     (out / f"fixed_cost_{tag}.md").write_text(md)
+    if profile_text:
+        (out / f"fixed_cost_profile_{tag}.txt").write_text(f"{res['command']}\n{res['date']}\n\n{profile_text}")
     return 0
 
 

@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # 1. ComfyUI 0.33's real main.py per VRAM mode (also installs the carried wheels into /tmp/site)
 run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs ${VRAM_RUNS:-1} --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram} ${VRAM_EXTRA:-}" \
     bash bench/run_gpu_vram.sh "${CARRY[@]}"
-cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
+[[ ${VRAM_T:-150} -gt 0 ]] && cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
 
 # 2.-4. ComfyUI 0.3.75 in-process
 export PYTHONPATH=/tmp/site

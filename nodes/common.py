@@ -114,6 +114,20 @@ def clip_vision_width(clip_vision: Any) -> int:
     return int(clip_vision.model.vision_model.post_layernorm.weight.shape[0])
 
 
+def vision_compute_dtype(clip_vision: Any) -> torch.dtype:
+    """The dtype XSR runs a ComfyUI CLIP_VISION in: its weights' half dtype on CUDA, else float32.
+
+    ComfyUI's own CLIPVisionEncode feeds float32 pixels, so its manual-cast layers cast every fp16 weight
+    up to float32 on every call and run float32 GEMMs. XSR feeds pixels in the weights' dtype instead: no
+    casts and tensor-core GEMMs, the precision of the reference-DB build and the training caches (the CLI
+    encoder runs fp16 autocast on CUDA). On the CPU (and for fp32 / fp8 weights) float32, as ComfyUI.
+    """
+    if clip_vision.load_device.type != "cuda":
+        return torch.float32
+    dtype = clip_vision.model.vision_model.post_layernorm.weight.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def encode_clip(
     clip_vision: Any,
     images_bhwc: torch.Tensor,
@@ -122,18 +136,22 @@ def encode_clip(
     batch: int = 32,
     to_intermediate: bool = True,
     vision: Any = None,
+    load: bool = True,
 ) -> ClipFeaturesC:
     """CLIP features of ComfyUI images with XSR's one preprocessing (the same as the DB build).
 
     ``to_intermediate=False`` leaves the features on the encoder's device (no round trip to the CPU).
     ``vision(model, pixel_values)``: runs the vision tower instead of calling it (e.g. a CUDA-graph replay).
+    ``load=False``: the caller has loaded the encoder through ComfyUI's model management already.
     """
-    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    if load:
+        comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
+    dtype = vision_compute_dtype(clip_vision)
     prep = preprocess_lr if lr else preprocess_hr
     toks, clss = [], []
     for s in range(0, images_bhwc.shape[0], batch):
-        pix = prep(images_bhwc[s : s + batch].to(device)).float()
+        pix = prep(images_bhwc[s : s + batch].to(device)).to(dtype)
         vm = clip_vision.model.vision_model
         x, _, pooled = vision(vm, pix) if vision is not None else vm(pixel_values=pix)
         toks.append(x.float())
@@ -187,6 +205,6 @@ class ComfyClipEncoder:
         from ..xsr_core.clip_preprocess import normalize_u8
 
         comfy.model_management.load_model_gpu(self.cv.patcher)
-        pix = normalize_u8(pixels_u8.to(self.device), torch.float32)
+        pix = normalize_u8(pixels_u8.to(self.device), vision_compute_dtype(self.cv))
         _, _, pooled = self.cv.model.vision_model(pixel_values=pix)
         return pooled.float()

@@ -278,7 +278,7 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray) -> dict[int, _CachedRef]:
         pad = -len(hr) % bucket
         if pad and pix.device.type == "cuda" and VISION_GRAPHS.enabled():
             pix = torch.cat([pix, pix.new_zeros((pad, *pix.shape[1:]))])
-        tokens = encode_clip(clip_vision, pix, lr=False, to_intermediate=False, vision=VISION_GRAPHS).tokens
+        tokens = encode_clip(clip_vision, pix, lr=False, to_intermediate=False, vision=VISION_GRAPHS, load=False).tokens
         tokens = tokens[: len(hr)]
         out_dtype = next(clip_vision.model.parameters()).dtype
         thumbs = torch.stack([_square(x, THUMB) for x in hr])
@@ -350,8 +350,9 @@ class XSRRetrieve(io.ComfyNode):
             refdb.check_encoder(clip_vision_fingerprint(clip_vision))
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
-        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False, vision=VISION_GRAPHS)
-        comfy.model_management.load_model_gpu(xsr_models.rfa)
+        # one pass of ComfyUI's model management for both models (each load call costs host time)
+        comfy.model_management.load_models_gpu([clip_vision.patcher, xsr_models.rfa])
+        feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False, vision=VISION_GRAPHS, load=False)
         rfa = xsr_models.rfa.model
         p = next(rfa.parameters())
         with torch.no_grad():

@@ -425,4 +425,30 @@ if MODE == "cuda":
     except Exception as e:  # noqa: BLE001
         res["vision_graphs"] = {"error": f"{type(e).__name__}: {e}"}
 
+# 11. XSR's CLIP vision compute dtype on CUDA: fp16 weights run in fp16 (ComfyUI's own CLIPVisionEncode feeds
+# float32 pixels: every weight cast up and float32 GEMMs); the features agree with that float32 run
+if MODE == "cuda":
+    try:
+        import comfy.clip_vision  # noqa: E402
+
+        common = importlib.import_module("comfyui_xsr.nodes.common")
+        cv = comfy.clip_vision.load(str(MODELS / "clip_vision" / zoo.CLIP_VISION_NAME))
+        imgs = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(11))
+        with torch.inference_mode():
+            half = common.encode_clip(cv, imgs, lr=True, to_intermediate=False)
+            pix = common.preprocess_lr(imgs.to(cv.load_device)).float()
+            x32, _, pooled32 = cv.model.vision_model(pixel_values=pix)
+
+        def cos(a, b):
+            return float(torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1)).min())
+
+        res["vision_dtype"] = {
+            "weights": str(cv.model.vision_model.post_layernorm.weight.dtype),
+            "compute": str(common.vision_compute_dtype(cv)),
+            "tokens_cos_min": cos(half.tokens, x32),
+            "cls_cos_min": cos(half.cls, pooled32),
+        }
+    except Exception as e:  # noqa: BLE001
+        res["vision_dtype"] = {"error": f"{type(e).__name__}: {e}"}
+
 OUT.write_text(json.dumps(res, indent=1))

@@ -158,3 +158,6 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
     v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
     assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
     assert v["maxdiff"] <= 1e-3, v
+    d = r["vision_dtype"]  # encode_clip runs fp16 weights in fp16 and agrees with ComfyUI's float32 convention
+    assert (d.get("weights"), d.get("compute")) == ("torch.float16", "torch.float16"), d
+    assert d["tokens_cos_min"] > 0.999 and d["cls_cos_min"] > 0.999, d
