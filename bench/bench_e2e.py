@@ -415,27 +415,34 @@ def main(argv=None) -> int:
         )
 
     def time_mode(mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None) -> None:
-        """Each graph's warm-up run first, then the timed runs of the graphs alternating (A B A B ...): the
-        device's drift over minutes falls on both graphs alike, so their ratio is measured side by side."""
+        """The graphs take turns (A A' B B' A A' ...: one untimed run after every switch, then a timed one), so the
+        device's drift over minutes falls on both graphs alike and their ratio is measured side by side. The
+        untimed run absorbs what a switch of workflow costs by itself: ComfyUI 0.3.75's default cache keeps only
+        the outputs of the last prompt's nodes, so the other graph's loaders run again. ``compile`` keeps one
+        block per graph (one warm-up that compiles, then its timed runs): a switch could recompile."""
         for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
             order = list(only_kinds or kinds)
             runs = args.compile_runs if mode == "compile" else args.runs
             acc = {k: {"times": [], "traces": [], "err": None} for k in order}
-            for i in range(runs + 1):
-                for kind in order:
-                    a = acc[kind]
-                    if a["err"] is not None:
-                        continue
-                    try:
-                        g = graphs(new_lr(), names, steps, seed=i, mode=mode)[kind]
-                        dt, tr = run(g)
-                    except Exception as e:  # noqa: BLE001 - a failing mode is a result too (e.g. compile)
-                        a["err"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        print(f"{kind} {mode} {steps}: FAILED {a['err']}", flush=True)
-                        continue
-                    if i > 0:
-                        a["times"].append(dt)
-                        a["traces"].append(tr)
+            plan = (
+                [(k, i) for k in order for i in range(runs + 1)]
+                if mode == "compile" or len(order) == 1
+                else [(k, i) for r in range(runs) for k in order for i in (0, r + 1)]
+            )
+            for kind, i in plan:
+                a = acc[kind]
+                if a["err"] is not None:
+                    continue
+                try:
+                    g = graphs(new_lr(), names, steps, seed=i, mode=mode)[kind]
+                    dt, tr = run(g)
+                except Exception as e:  # noqa: BLE001 - a failing mode is a result too (e.g. compile)
+                    a["err"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"{kind} {mode} {steps}: FAILED {a['err']}", flush=True)
+                    continue
+                if i > 0:
+                    a["times"].append(dt)
+                    a["traces"].append(tr)
             for kind in order:
                 times, traces, err = acc[kind]["times"], acc[kind]["traces"], acc[kind]["err"]
                 peak = (
@@ -458,11 +465,12 @@ def main(argv=None) -> int:
                     "peak_vram_gib": peak,
                     "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
                     "resident": traces[-1] if traces else None,
+                    "executed": [[r["class"] for r in tr] for tr in traces],  # per timed run (cached nodes absent)
                     "error": err,
                 }
                 results["rows"].append(row)
                 save_partial()
-                print(json.dumps({k: v for k, v in row.items() if k != "resident"}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("resident", "executed")}), flush=True)
 
     for mode in modes:
         if mode != "compile":

@@ -124,8 +124,24 @@ def vision_compute_dtype(clip_vision: Any) -> torch.dtype:
     """
     if clip_vision.load_device.type != "cuda":
         return torch.float32
-    dtype = clip_vision.model.vision_model.post_layernorm.weight.dtype
+    dtype = vision_weight_dtype(clip_vision)
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+_WEIGHT_DTYPES: "weakref.WeakKeyDictionary[Any, torch.dtype]" = weakref.WeakKeyDictionary()
+
+
+def vision_weight_dtype(clip_vision: Any) -> torch.dtype:
+    """The dtype holding most of a CLIP_VISION's weights (ComfyUI builds its LayerNorms in float32 beside
+    fp16 linear layers); cached per loaded model."""
+    vm = clip_vision.model.vision_model
+    dtype = _WEIGHT_DTYPES.get(vm)
+    if dtype is None:
+        count: dict[torch.dtype, int] = {}
+        for p in vm.parameters():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+        dtype = _WEIGHT_DTYPES[vm] = max(count, key=count.get)
+    return dtype
 
 
 def encode_clip(

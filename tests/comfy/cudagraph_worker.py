@@ -443,7 +443,7 @@ if MODE == "cuda":
             return float(torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1)).min())
 
         res["vision_dtype"] = {
-            "weights": str(cv.model.vision_model.post_layernorm.weight.dtype),
+            "weights": str(common.vision_weight_dtype(cv)),
             "compute": str(common.vision_compute_dtype(cv)),
             "tokens_cos_min": cos(half.tokens, x32),
             "cls_cos_min": cos(half.cls, pooled32),
