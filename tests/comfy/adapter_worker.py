@@ -301,20 +301,25 @@ def compiled_run(m, cn, opts, backend="aot_eager"):
     return out, seen, int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
+def against_eager(out, seen, graphs):
+    """A compiled XSR run beside the eager one (cfg["xsr"]): max abs difference, output scale, batches, frames."""
+    eager = cfg["xsr"]["out"]
+    return {
+        "ok": True,
+        "maxdiff": float((out - eager).abs().max()),
+        "scale": float(eager.abs().max()),
+        "batches": seen,
+        "frames_compiled": graphs,
+    }
+
+
 # the inductor backend TorchCompileModel uses by default (a C++ compiler on CPU, minutes of code generation);
 # XSR_TEST_INDUCTOR=0 leaves it out of a quick local run
 if os.environ.get("XSR_TEST_INDUCTOR", "1") != "0":
     try:
         t0 = time.time()
         i_out, i_seen, i_graphs, _ = compiled_run(full_m, full_cn, with_e, backend="inductor")
-        results["compile_inductor"] = {
-            "ok": True,
-            "maxdiff": float((i_out - cfg["xsr"]["out"]).abs().max()),
-            "scale": float(cfg["xsr"]["out"].abs().max()),
-            "batches": i_seen,
-            "frames_compiled": i_graphs,
-            "seconds": time.time() - t0,
-        }
+        results["compile_inductor"] = {**against_eager(i_out, i_seen, i_graphs), "seconds": time.time() - t0}
     except Exception as e:  # recorded for the test's message
         results["compile_inductor"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
 
@@ -322,11 +327,7 @@ try:
     c_out, c_seen, c_graphs, c_breaks = compiled_run(full_m, full_cn, with_e)
     p_out, _, p_graphs, p_breaks = compiled_run(model, control, {})
     results["compile"] = {
-        "ok": True,
-        "maxdiff": float((c_out - cfg["xsr"]["out"]).abs().max()),
-        "scale": float(cfg["xsr"]["out"].abs().max()),
-        "batches": c_seen,
-        "frames_compiled": c_graphs,
+        **against_eager(c_out, c_seen, c_graphs),
         "graph_breaks": c_breaks,
         "plain_frames_compiled": p_graphs,
         "plain_graph_breaks": p_breaks,

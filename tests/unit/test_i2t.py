@@ -1,5 +1,7 @@
 """I2T (DESIGN §2.3): enhancer shapes and masks, losses and gradients, weights + tokenizer round trip."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -173,14 +175,8 @@ def test_from_decoder_dir(tok, tmp_path):
     from transformers import GPT2LMHeadModel
 
     folder = make_tiny_distilgpt2_dir(tmp_path / "tiny-distilgpt2", seed=0)
-    cfg = I2TConfig(
-        clip_dim=C,
-        width=32,
-        depth=1,
-        heads=4,
-        num_tokens=T,
-        max_refs=2,
-        prefix_len=3,
+    cfg = dataclasses.replace(  # a decoder unlike the folder's: from_decoder_dir must replace it
+        tiny_i2t_config(10, clip_dim=C, num_tokens=T),
         decoder={"n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10, "eos_token_id": 0},
     )
     m, tok2 = I2T.from_decoder_dir(cfg, folder)

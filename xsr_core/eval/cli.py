@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from ..cli_common import error_status, options
 from .metrics import METRICS, MetricInputError, MissingWeightsError
 
 
@@ -54,7 +55,7 @@ def _add_metrics_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label", help="name of this run's row in the table")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress; show the traceback of an error")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error instead of one line")
     p.set_defaults(handler=_run_metrics)
 
@@ -67,20 +68,14 @@ def _run_metrics(args: argparse.Namespace) -> int:
         results = compute_metrics(
             args.sr,
             args.hr,
-            metrics=args.metrics,
-            captions=args.captions,
-            device=args.device,
-            weights_dir=args.weights_dir,
-            batch_size=args.batch_size,
-            resize_hr=args.resize_hr,
-            skip_unmatched=args.skip_unmatched,
-            allow_unexcluded_db=args.allow_unexcluded_db,
+            **options(
+                args, "metrics captions device weights_dir batch_size resize_hr skip_unmatched allow_unexcluded_db"
+            ),
         )
     except (MissingWeightsError, MetricInputError, ValueError, OSError) as exc:
-        if args.traceback:
+        if args.verbose or args.traceback:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error_status(exc, "xsr eval metrics")
     if args.out:
         json_path, md_path = write_results(results, args.out, label=args.label)
         print(f"wrote {json_path} and {md_path}", file=sys.stderr)

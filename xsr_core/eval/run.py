@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from .. import MAX_LR_SIDE, SCALE
+from ..cli_common import error_status, options
 from ..comfy_server import ComfyServer, find_comfyui, prepare_base_dir
 from ..image_io import IMAGE_EXTENSIONS, load_rgb8
 from ..imaging import HR_SIDE, hr_lr_pair
@@ -425,21 +426,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         m = run_folder(
             ns.input,
             ns.out,
-            workflow=ns.workflow,
-            models=ns.models,
-            overrides=ns.overrides,
-            seed=ns.seed,
+            **options(ns, "workflow models overrides seed input_kind hr_side allow_unexcluded_db"),
             model_names=parse_model_names(ns.model_names),
-            input_kind=ns.input_kind,
-            hr_side=ns.hr_side,
-            allow_unexcluded_db=ns.allow_unexcluded_db,
             extra_nodes=[Path(p) for p in ns.extra_node],
         )
     except (RunError, ComfyError, OSError) as e:
         if ns.verbose:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        more = " (-v for the full message and traceback)" if "\n" in str(e).strip() else " (-v for the traceback)"
-        parser.exit(2, f"xsr eval run: error: {first}{more}\n")
+        return error_status(e, "xsr eval run", first_line=True)
     print(f"{len(m['images'])} SR images in {ns.out}")
     return 0

@@ -65,6 +65,9 @@ __all__ = [  # the entry points, and the names of the step modules this module a
 
 logger = logging.getLogger(__name__)
 
+# the BuildConfig fields a new DB records in its manifest (encode, finalize and merge read them back from there)
+_RECORDED_SETTINGS = ("mode", "chunk_size", "min_side", "pack_side", "pack_quality", "exclude_threshold", "index")
+
 
 # --------------------------------------------------------------------------------- entry points
 
@@ -174,13 +177,7 @@ def _init_or_check_manifest(
                 encoder=encoder.fingerprint,
                 encoder_source=str(encoder.source),
                 dim=encoder.dim,
-                mode=cfg.mode,
-                chunk_size=cfg.chunk_size,
-                min_side=cfg.min_side,
-                pack_side=cfg.pack_side,
-                pack_quality=cfg.pack_quality,
-                exclude_threshold=cfg.exclude_threshold,
-                index=cfg.index,
+                **{k: getattr(cfg, k) for k in _RECORDED_SETTINGS},
                 sources=sources,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             ).items():

@@ -1,7 +1,7 @@
 """Command line for reference DBs: ``python -m xsr_core.refdb <command> ...`` (or ``xsr refdb ...``).
 
 Commands: build, add, search, info, verify, export, merge. Thin wrappers over :mod:`.build` and
-:mod:`.db`; errors are printed as one clear line with exit status 2.
+:mod:`.db`; errors are printed as one clear line with exit status 2 (``-v``: the traceback).
 
 Examples::
 
@@ -18,9 +18,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
+from ..cli_common import error_status, options
 from .store import RefDBError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _config(args: argparse.Namespace, **over):
 
     shard = over.pop("shard", None) or (0, 1)
     return BuildConfig(
-        **{name: getattr(args, name) for name in _SAME_NAMED},
+        **options(args, _SAME_NAMED),
         mode=getattr(args, "mode", "paths"),
         exclude_threshold=getattr(args, "exclude_threshold", 0.95),
         shard=shard,
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log; show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build (or resume) a DB from HR images")
@@ -277,5 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (RefDBError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.verbose:
+            raise
+        return error_status(e, "xsr refdb")

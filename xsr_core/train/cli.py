@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 
+from ..cli_common import error_status, options
 from .config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig, config_parser, parse_config
 from .data import PrepareConfig, PrepareError
 
@@ -70,16 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "prepare":
             from .data import prepare
 
-            cfg = PrepareConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareConfig)})
-            info = prepare(
-                args.out,
-                args.encoder,
-                images=args.images,
-                list_file=args.list_file,
-                captions=args.captions,
-                blip2=args.blip2,
-                config=cfg,
-            )
+            cfg = PrepareConfig(**options(args, (f.name for f in dataclasses.fields(PrepareConfig))))
+            info = prepare(args.out, args.encoder, **options(args, "images list_file captions blip2"), config=cfg)
             print(
                 json.dumps(
                     {"splits": info["splits"], "skipped": len(info["skipped"]), "dedup": info.get("dedup")}, indent=2
@@ -110,14 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line for the user; -v shows the traceback
         if getattr(args, "verbose", False):
             raise
-        known = isinstance(e, (PrepareError, ValueError, FileNotFoundError))
-        text = str(e).strip() or type(e).__name__
-        print(
-            f"error: {text if known else f'{type(e).__name__}: {text}'}"
-            + ("" if known else " (run with -v for the traceback)"),
-            file=sys.stderr,
-        )
-        return 2
+        return error_status(e, "xsr train", expected=isinstance(e, (PrepareError, ValueError, FileNotFoundError)))
 
 
 if __name__ == "__main__":
