@@ -133,7 +133,14 @@ class VisionGraphs:
             st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
         if st["off"] is not None:
             return vm(pixel_values=pix)
-        tensors = list(itertools.chain(vm.parameters(), vm.buffers()))
+        mods = st.get("modules")
+        if mods is None:
+            # the submodules, listed once (Module.parameters() re-walks the tree: milliseconds a call for a ViT-L);
+            # their parameter / buffer slots are read every call, so moved or replaced weights change the key
+            mods = st["modules"] = list(vm.modules())
+        tensors = [
+            t for m in mods for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None
+        ]
         if any(t.device != pix.device for t in tensors):
             return vm(pixel_values=pix)  # streamed / partially loaded: nothing fixed to capture
         key = (tuple(pix.shape), pix.dtype, torch.is_inference_mode_enabled(), tuple(t.data_ptr() for t in tensors))
