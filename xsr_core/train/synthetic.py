@@ -138,3 +138,83 @@ def write_class_set(
             img.save(out / name)
             f.write(json.dumps({"image": name, "caption": caption}) + "\n")
     return out
+
+
+DETAIL_PERIOD = 32  # px at the 512 crop: 4 px at a 64 px stage-2 resolution, 2 px (the Nyquist limit) at the 32x32 LR
+DETAIL_AMPLITUDE = 70.0
+DETAIL_COLOURS = ((190, 80, 80), (80, 170, 90), (80, 100, 190), (190, 180, 80))  # mid-range: texture never clips
+
+
+def _detail_texture(cls: int, h: int, w: int, top: int, left: int, period: int = DETAIL_PERIOD) -> np.ndarray:
+    """Class ``cls``'s ±1 square-wave texture (vertical / horizontal stripes, checks, diagonal) on an ``h`` x ``w``
+    image whose 512 crop starts at (``top``, ``left``).
+
+    Its phase is fixed in crop coordinates: the zero crossings lie on the centres of the 16x16 blocks the LR pixels
+    sample, so the pattern is point-odd about every LR sample and the symmetric antialiased /16 downscale averages it
+    away, while a 64 px training crop keeps it (a 4 px period)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    half = 16 / 2 - 0.5  # the centre of a 16 px LR block, in pixel-index coordinates
+    x, y = 2 * np.pi * (xx - left - half) / period, 2 * np.pi * (yy - top - half) / period
+    kind = cls % 4
+    if kind == 0:
+        t = np.sin(x)
+    elif kind == 1:
+        t = np.sin(y)
+    elif kind == 2:
+        t = np.sin(x) * np.sin(y)
+    else:
+        t = np.sin(x + y)  # exactly 0 on the crossings through the LR sample centres (rounded: sin(k*pi) is ~1e-16)
+    return np.sign(np.round(t, 9))
+
+
+def make_detail_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> tuple[Image.Image, str]:
+    """One image of class ``cls`` (0..3) for the stage-2 proof that the adapter uses E (:func:`write_detail_class_set`).
+
+    The class decides two things: a strong texture over the whole image (:func:`_detail_texture`: most of the pixel
+    variance of a 64 px training crop, gone from the 32x32 LR) and the colour of a shape (a weak cue in the LR,
+    which is what lets the RFA retrieve same-class references). The background gradient, the shape's kind, size and
+    position vary per image; the caption names the shape only (no class word), so neither the LR hint nor the text
+    tells the texture: only the references (through E) do. The texture is in phase with the crop grid because the
+    tiny random CLIP and VAE of the tests respond to fine patterns nearly linearly (a random phase per image would
+    cancel in their features); a trained encoder sees such a texture at any phase. The shortest side must be 512
+    (prepare then only crops, keeping the phase).
+    """
+    w, h = wh
+    if min(w, h) != 512:
+        raise ValueError(f"make_detail_class_image needs a shortest side of 512, got {w}x{h}")
+    rng = np.random.default_rng(seed)
+    c0, c1 = rng.uniform(100, 155, 3), rng.uniform(100, 155, 3)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+    g = (g - g.min()) / max(1e-6, np.ptp(g))
+    img = Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    r = int(rng.integers(512 // 6, 512 // 4))
+    cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    _draw_shape(d, shape, cx, cy, r, DETAIL_COLOURS[cls % len(DETAIL_COLOURS)])
+    top, left = (h - 512) // 2, (w - 512) // 2  # prepare's centre crop
+    tex = _detail_texture(cls, h, w, top, left)
+    arr = np.asarray(img, dtype=np.float32) + DETAIL_AMPLITUDE * tex[..., None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), f"a {shape} on a gradient background"
+
+
+def write_detail_class_set(
+    out: str | os.PathLike,
+    n: int = 128,
+    seed: int = 0,
+    sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512)),
+) -> Path:
+    """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_detail_class_image` in 4 balanced classes +
+    ``captions.jsonl`` (class-free captions). Used by tests/unit/test_stage2_uses_e.py."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            cls = i % N_CLASSES
+            img, caption = make_detail_class_image(cls, seed * 100_003 + i, sizes[i % len(sizes)])
+            name = f"c{cls}_{i:04d}.png"
+            img.save(out / name)
+            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
+    return out
