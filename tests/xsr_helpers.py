@@ -88,3 +88,63 @@ def committed_chunks(manifest: Path) -> int:
             conn.close()
     except sqlite3.Error:
         return 0
+
+
+TINY_RFA = {"width": 64, "depth": 2, "heads": 4}
+TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}
+
+
+def tiny_stage1(
+    tiny_zoo: dict, root: Path, data: Path, *, rfa_steps: int, i2t_steps: int, rfa_log: int, i2t_log: int
+) -> dict:
+    """The stage-1 chain of the learning proofs on CPU with the tiny zoo: a tiny CLIP tokenizer, ``train rfa`` and
+    ``train i2t`` on a prepared ``data`` folder (outputs under ``root``). Returns the RFA training result, the
+    config fields every stage shares (``common``) and the stage-2 fields that point at what stage 1 made
+    (``stage2``: add resolution, learning rate, dropouts, steps and the output folder)."""
+    from xsr_core.testing.tiny_models import train_tiny_clip_tokenizer
+    from xsr_core.train.config import I2TTrainConfig, RFATrainConfig
+    from xsr_core.train.i2t import train_i2t
+    from xsr_core.train.rfa import train_rfa
+
+    clip_tok = root / "cliptok"
+    train_tiny_clip_tokenizer(clip_tok)
+    common = dict(data=str(data), cpu=True, checkpointing_steps=10_000)
+    rfa = train_rfa(
+        RFATrainConfig(
+            **common,
+            output_dir=str(root / "rfa"),
+            batch_size=16,
+            max_steps=rfa_steps,
+            log_steps=rfa_log,
+            model=TINY_RFA,
+            learning_rate=1e-3,
+        )
+    )
+    rfa_file = root / "rfa" / "final" / "rfa.safetensors"
+    train_i2t(
+        I2TTrainConfig(
+            **common,
+            output_dir=str(root / "i2t"),
+            batch_size=8,
+            max_steps=i2t_steps,
+            log_steps=i2t_log,
+            rfa=str(rfa_file),
+            decoder_dir=str(tiny_zoo["distilgpt2"]),
+            pretrained=str(tiny_zoo["diffusers"]),
+            clip_tokenizer=str(clip_tok),
+            model=TINY_I2T,
+            sample_captions=1,
+            max_new_tokens=8,
+            learning_rate=1e-3,
+        )
+    )
+    stage2 = dict(
+        **common,
+        batch_size=4,
+        rfa=str(rfa_file),
+        i2t=str(root / "i2t" / "final" / "i2t.safetensors"),
+        pretrained=str(tiny_zoo["diffusers"]),
+        clip_tokenizer=str(clip_tok),
+        controlnet=str(tiny_zoo["controlnet"]),
+    )
+    return {"rfa": rfa, "common": common, "stage2": stage2}

@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from xsr_helpers import eval_run_cmd
+from xsr_helpers import eval_run_cmd, tiny_stage1
 from xsr_core import fingerprint as wfp
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME
-from xsr_core.train.config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig
+from xsr_core.train.config import AdapterTrainConfig
 from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
 from xsr_core.train.synthetic import write_class_set
 
@@ -44,8 +44,6 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.usefixtures("one_
 
 N_IMAGES, SPLIT = 96, "48,32,16"
 N_EVAL = 2  # test images run through ComfyUI per workflow (512 px on CPU: the slow part)
-TINY_RFA = {"width": 64, "depth": 2, "heads": 4}
-TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}
 DB_NAME = "xsr_roundtrip"
 # The tiny random CLIP maps all synthetic images into a narrow cone (same-class CLS cosines above 0.95), so the
 # real-CLIP default 0.95 would drop most of the same-class references; only near-exact copies count here.
@@ -59,11 +57,8 @@ def _cls(path: str) -> int:
 
 @pytest.fixture(scope="module")
 def loop(tiny_zoo, tmp_path_factory):
-    from xsr_core.testing.tiny_models import train_tiny_clip_tokenizer
     from xsr_core.train.adapter import train_adapter
     from xsr_core.train.export import export
-    from xsr_core.train.i2t import train_i2t
-    from xsr_core.train.rfa import train_rfa
 
     root = tmp_path_factory.mktemp("roundtrip")
     imgs = write_class_set(root / "imgs", n=N_IMAGES)
@@ -75,47 +70,11 @@ def loop(tiny_zoo, tmp_path_factory):
         captions=str(imgs / "captions.jsonl"),
         config=PrepareConfig(split=SPLIT, device="cpu", refdb_mode="packed", dedup_threshold=DEDUP),
     )
-    clip_tok = root / "cliptok"
-    train_tiny_clip_tokenizer(clip_tok)
-    common = dict(data=str(data), cpu=True, checkpointing_steps=10_000)
-    rfa = train_rfa(
-        RFATrainConfig(
-            **common,
-            output_dir=str(root / "rfa"),
-            batch_size=16,
-            max_steps=200,
-            log_steps=50,
-            model=TINY_RFA,
-            learning_rate=1e-3,
-        )
-    )
-    rfa_file = root / "rfa" / "final" / "rfa.safetensors"
-    train_i2t(
-        I2TTrainConfig(
-            **common,
-            output_dir=str(root / "i2t"),
-            batch_size=8,
-            max_steps=20,
-            log_steps=10,
-            rfa=str(rfa_file),
-            decoder_dir=str(tiny_zoo["distilgpt2"]),
-            pretrained=str(tiny_zoo["diffusers"]),
-            clip_tokenizer=str(clip_tok),
-            model=TINY_I2T,
-            sample_captions=1,
-            max_new_tokens=8,
-            learning_rate=1e-3,
-        )
-    )
+    stage1 = tiny_stage1(tiny_zoo, root, data, rfa_steps=200, i2t_steps=20, rfa_log=50, i2t_log=10)
+    rfa, rfa_file = stage1["rfa"], Path(stage1["stage2"]["rfa"])
     stage2 = dict(
-        **common,
-        batch_size=4,
+        **stage1["stage2"],
         log_steps=10,
-        rfa=str(rfa_file),
-        i2t=str(root / "i2t" / "final" / "i2t.safetensors"),
-        pretrained=str(tiny_zoo["diffusers"]),
-        clip_tokenizer=str(clip_tok),
-        controlnet=str(tiny_zoo["controlnet"]),
         resolution=64,
         learning_rate=2e-3,
         p_drop_text=0.0,

@@ -22,15 +22,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xsr_core.train.config import AdapterTrainConfig, I2TTrainConfig, RFATrainConfig
+from xsr_core.train.config import AdapterTrainConfig
 from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
 from xsr_core.train.synthetic import _detail_texture, write_detail_class_set
+from xsr_helpers import tiny_stage1
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 N_IMAGES, SPLIT = 128, "64,48,16"
-TINY_RFA = {"width": 64, "depth": 2, "heads": 4}
-TINY_I2T = {"width": 32, "depth": 1, "heads": 4, "prefix_len": 4, "max_caption_tokens": 24}
 STAGE2_STEPS = 500
 MARGIN = 1.01  # shuffled-E loss / true-E loss at least this: a clear margin, not noise
 
@@ -41,10 +40,7 @@ def _cls(path: str) -> int:
 
 @pytest.fixture(scope="module")
 def run(tiny_zoo, tmp_path_factory):
-    from xsr_core.testing.tiny_models import train_tiny_clip_tokenizer
     from xsr_core.train.adapter import build_embedding_cache, train_adapter
-    from xsr_core.train.i2t import train_i2t
-    from xsr_core.train.rfa import train_rfa
 
     root = tmp_path_factory.mktemp("stage2_uses_e")
     imgs = write_detail_class_set(root / "imgs", n=N_IMAGES)
@@ -56,48 +52,11 @@ def run(tiny_zoo, tmp_path_factory):
         captions=str(imgs / "captions.jsonl"),
         config=PrepareConfig(split=SPLIT, device="cpu", refdb_mode="packed", dedup_threshold=0.999),
     )
-    clip_tok = root / "cliptok"
-    train_tiny_clip_tokenizer(clip_tok)
-    common = dict(data=str(data), cpu=True, checkpointing_steps=10_000)
-    train_rfa(
-        RFATrainConfig(
-            **common,
-            output_dir=str(root / "rfa"),
-            batch_size=16,
-            max_steps=300,
-            log_steps=100,
-            model=TINY_RFA,
-            learning_rate=1e-3,
-        )
-    )
-    rfa_file = root / "rfa" / "final" / "rfa.safetensors"
-    train_i2t(
-        I2TTrainConfig(
-            **common,
-            output_dir=str(root / "i2t"),
-            batch_size=8,
-            max_steps=60,
-            log_steps=20,
-            rfa=str(rfa_file),
-            decoder_dir=str(tiny_zoo["distilgpt2"]),
-            pretrained=str(tiny_zoo["diffusers"]),
-            clip_tokenizer=str(clip_tok),
-            model=TINY_I2T,
-            sample_captions=1,
-            max_new_tokens=8,
-            learning_rate=1e-3,
-        )
-    )
+    stage1 = tiny_stage1(tiny_zoo, root, data, rfa_steps=300, i2t_steps=60, rfa_log=100, i2t_log=20)
     cfg = AdapterTrainConfig(
-        **common,
+        **stage1["stage2"],
         output_dir=str(root / "adain"),
-        batch_size=4,
         log_steps=50,
-        rfa=str(rfa_file),
-        i2t=str(root / "i2t" / "final" / "i2t.safetensors"),
-        pretrained=str(tiny_zoo["diffusers"]),
-        clip_tokenizer=str(clip_tok),
-        controlnet=str(tiny_zoo["controlnet"]),
         resolution=64,
         learning_rate=5e-3,
         p_drop_text=0.0,

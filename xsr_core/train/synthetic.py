@@ -90,6 +90,32 @@ def write_image_set(out: str | os.PathLike, n: int = 40, size: int = 512, seed: 
 
 
 N_CLASSES = 4
+
+
+def _gradient(rng: np.random.Generator, w: int, h: int, lo: float, hi: float) -> Image.Image:
+    """A linear gradient between two random colours (channels uniform in [lo, hi)) at a random angle."""
+    c0, c1 = rng.uniform(lo, hi, 3), rng.uniform(lo, hi, 3)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+    g = (g - g.min()) / max(1e-6, np.ptp(g))
+    return Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
+
+
+def _write_classes(out, n: int, seed: int, sizes, make) -> Path:
+    """``n`` images ``c<class>_<i>.png`` of ``make(cls, seed, wh)`` in N_CLASSES balanced classes + captions.jsonl."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            cls = i % N_CLASSES
+            img, caption = make(cls, seed * 100_003 + i, sizes[i % len(sizes)])
+            name = f"c{cls}_{i:04d}.png"
+            img.save(out / name)
+            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
+    return out
+
+
 TEXTURE_AMPLITUDE = 70.0  # strong enough to dominate the HR image's CLIP embedding, still gone at 32x32
 
 
@@ -100,12 +126,7 @@ def make_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> t
     rng = np.random.default_rng(seed)
     w, h = wh
     names = list(COLOURS)
-    c0, c1 = rng.uniform(70, 185, 3), rng.uniform(70, 185, 3)  # class-independent background: a confounder at 32x32
-    angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
-    g = (g - g.min()) / max(1e-6, np.ptp(g))
-    img = Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
+    img = _gradient(rng, w, h, 70, 185)  # class-independent background: a confounder at 32x32
     d = ImageDraw.Draw(img)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     side = min(w, h)
@@ -128,16 +149,7 @@ def write_class_set(
     ``captions.jsonl``: the HR detail (the class texture) of an image is only recoverable from images
     of its class. Used by the learning proof (tests/comfy/test_train_roundtrip.py).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n):
-            cls = i % N_CLASSES
-            img, caption = make_class_image(cls, seed * 100_003 + i, sizes[i % len(sizes)])
-            name = f"c{cls}_{i:04d}.png"
-            img.save(out / name)
-            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
-    return out
+    return _write_classes(out, n, seed, sizes, make_class_image)
 
 
 DETAIL_PERIOD = 32  # px at the 512 crop: 4 px at a 64 px stage-2 resolution, 2 px (the Nyquist limit) at the 32x32 LR
@@ -183,12 +195,7 @@ def make_detail_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512
     if min(w, h) != 512:
         raise ValueError(f"make_detail_class_image needs a shortest side of 512, got {w}x{h}")
     rng = np.random.default_rng(seed)
-    c0, c1 = rng.uniform(100, 155, 3), rng.uniform(100, 155, 3)
-    angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    g = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
-    g = (g - g.min()) / max(1e-6, np.ptp(g))
-    img = Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
+    img = _gradient(rng, w, h, 100, 155)
     d = ImageDraw.Draw(img)
     r = int(rng.integers(512 // 6, 512 // 4))
     cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
@@ -208,13 +215,4 @@ def write_detail_class_set(
 ) -> Path:
     """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_detail_class_image` in 4 balanced classes +
     ``captions.jsonl`` (class-free captions). Used by tests/unit/test_stage2_uses_e.py."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n):
-            cls = i % N_CLASSES
-            img, caption = make_detail_class_image(cls, seed * 100_003 + i, sizes[i % len(sizes)])
-            name = f"c{cls}_{i:04d}.png"
-            img.save(out / name)
-            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
-    return out
+    return _write_classes(out, n, seed, sizes, make_detail_class_image)
