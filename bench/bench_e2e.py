@@ -46,6 +46,7 @@ from xsr_core.testing.sd15 import (  # noqa: E402
     SD15_UNET_CONFIG as SD15_UNET,
     SD15_VAE_CONFIG as SD_VAE,
 )
+from bench.support import memory_report  # noqa: E402
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
@@ -373,6 +374,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
     )
+    ap.add_argument(
+        "--memory-history",
+        action="store_true",
+        help="record every CUDA allocation's Python stack from the start and write e2e_memory_<device>[_tag].txt: "
+        "the live allocations at the end by the code that made them (recording slows allocation: time nothing "
+        "with it)",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
@@ -381,6 +390,9 @@ def main(argv=None) -> int:
     s = session(args.comfy, args.tiny, args.workdir)
     run, new_lr, names, device, captured = s.run, s.new_lr, s.names, s.device, s.captured
     import torch
+
+    if args.memory_history and device == "cuda":
+        memory_report.start(torch)
 
     steps_list = [int(s) for s in args.steps.split(",")]
     results = {
@@ -400,7 +412,9 @@ def main(argv=None) -> int:
         print("cudagraph mode: no CUDA here, XSR_CUDAGraph passes the model through (timed anyway)", flush=True)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+    tag = ("tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")) + (
+        f"_{args.tag}" if args.tag else ""
+    )
 
     def save_partial():  # a later mode that hangs (compile) must not lose the rows already measured
         (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
@@ -611,6 +625,10 @@ def main(argv=None) -> int:
     print(md)
     (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"e2e_{tag}.md").write_text(md)
+    if args.memory_history and device == "cuda":  # last: it clears cuBLAS's workspaces
+        text = f"{results['command']}\n{results['date']}\n\n{memory_report.report(torch, s.mm)}\n"
+        print(text)
+        (out / f"e2e_memory_{tag}.txt").write_text(text)
     return 0
 
 

@@ -62,6 +62,7 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 
 from ..xsr_core.adapter.adain import AdaINPlan, AdapterForward
+from ..xsr_core.cuda_streams import side_stream
 from .common import controls_of
 
 logger = logging.getLogger(__name__)
@@ -431,7 +432,7 @@ class CudaGraphBackend:
     device_type = "cuda"
 
     def __init__(self):
-        self.stream = torch.cuda.Stream()
+        self.stream = side_stream()  # one stream for all XSR captures (one cuBLAS workspace)
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         g = torch.cuda.CUDAGraph()

@@ -19,6 +19,7 @@ from PIL import Image
 import comfy.model_management
 from comfy_api.latest import io, ui
 
+from ..xsr_core.cuda_streams import side_stream
 from ..xsr_core.imaging import LRImageError, resize_center_crop, validate_lr
 from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
@@ -161,7 +162,7 @@ class VisionGraphs:
         try:
             static = pix.clone()
             graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
+            stream = side_stream(pix.device)  # one stream for all XSR captures (one cuBLAS workspace)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 if st["pool"] is None:  # one memory pool per model: its graphs replay one at a time, outputs cloned

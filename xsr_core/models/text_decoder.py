@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cuda_streams import side_stream
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -135,14 +137,14 @@ class _StepGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = dec.new_cache(rows, max_len, dtype, device)
         self.positions = torch.arange(max_len, device=device)
-        stream = torch.cuda.Stream(device)
+        stream = side_stream(device)  # one stream for every capture: one cuBLAS workspace, not one per graph
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lets cuBLAS / SDPA pick and allocate their workspaces
                 dec.step(self.tokens, self.pos, self.cache, self.positions)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.logits = dec.step(self.tokens, self.pos, self.cache, self.positions)
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
