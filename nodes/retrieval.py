@@ -129,18 +129,14 @@ class VisionGraphs:
     def __call__(self, vm, pix: torch.Tensor):
         if pix.device.type != "cuda" or not self.enabled():
             return vm(pixel_values=pix)
-        st = self._per_model.get(vm)
-        if st is None:
-            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
+        st = self._state(vm)
         if st["off"] is not None:
             return vm(pixel_values=pix)
-        mods = st.get("modules")
-        if mods is None:
-            # the submodules, listed once (Module.parameters() re-walks the tree: milliseconds a call for a ViT-L);
-            # their parameter / buffer slots are read every call, so moved or replaced weights change the key
-            mods = st["modules"] = list(vm.modules())
         tensors = [
-            t for m in mods for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None
+            t
+            for m in (vm, *st["modules"])
+            for t in itertools.chain(m._parameters.values(), m._buffers.values())
+            if t is not None
         ]
         if any(t.device != pix.device for t in tensors):
             return vm(pixel_values=pix)  # streamed / partially loaded: nothing fixed to capture
@@ -157,6 +153,18 @@ class VisionGraphs:
         graph.replay()
         self.replays += 1
         return out[0].clone(), None, out[2].clone()
+
+    def _state(self, vm) -> dict:
+        """The per-model state: warm-up keys, kept graphs, their pool and the submodules below ``vm``, listed once
+        (Module.parameters() re-walks the tree: milliseconds a call for a ViT-L); their parameter / buffer slots
+        are read every call, so moved or replaced weights change the key. ``vm`` itself is not in the list: a
+        value that refers to its weak key keeps the model, its weights and its graphs alive for good."""
+        st = self._per_model.get(vm)
+        if st is None:
+            mods = [m for m in vm.modules() if m is not vm]
+            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
+            st["modules"] = mods
+        return st
 
     def _capture(self, vm, pix, st, key):
         try:

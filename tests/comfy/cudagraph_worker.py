@@ -395,6 +395,17 @@ del holder, hs
 gc.collect()
 res["freed_with_model"] = {"had_graphs": had, "alive_after_del": ref_s() is not None}
 
+# 9b. the ViT graphs' per-model state must not keep the model alive (a reloaded encoder would leak its weights)
+retrieval = importlib.import_module("comfyui_xsr.nodes.retrieval")
+vg_weak = retrieval.VisionGraphs()
+tower = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.LayerNorm(4)))
+st_weak = vg_weak._state(tower)
+ref_tower = weakref.ref(tower)
+res["vision_state"] = {"submodules": len(st_weak["modules"])}
+del tower, st_weak
+gc.collect()
+res["vision_state"].update(alive_after_del=ref_tower() is not None, states=len(vg_weak._per_model))
+
 # 10. XSR_Retrieve's CLIP vision CUDA graphs (CUDA only): warm-up, capture, replays equal eager for new pixels
 if MODE == "cuda":
     try:  # recorded, not raised: the sections above must still reach the report
@@ -421,6 +432,11 @@ if MODE == "cuda":
             "maxdiff": worst,
             "off": [st["off"] for st in vg._per_model.values()],
         }
+        ref_cv = weakref.ref(cv.model.vision_model)
+        comfy.model_management.unload_all_models()
+        del cv, got, ref
+        gc.collect()
+        res["vision_graphs"].update(alive_after_del=ref_cv() is not None, states_after_del=len(vg._per_model))
 
     except Exception as e:  # noqa: BLE001
         res["vision_graphs"] = {"error": f"{type(e).__name__}: {e}"}

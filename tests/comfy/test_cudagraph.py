@@ -129,6 +129,11 @@ def test_kept_graphs_are_bounded_and_freed_with_the_model(cpu_results):
     assert f["had_graphs"] == 1 and f["alive_after_del"] is False
 
 
+def test_vit_graph_state_does_not_keep_the_encoder_alive(cpu_results):
+    # its value listed the module itself among its submodules: every reloaded encoder stayed on the GPU
+    assert cpu_results["vision_state"] == {"submodules": 3, "alive_after_del": False, "states": 0}
+
+
 def test_node_is_a_passthrough_on_cpu(cpu_results):
     assert cpu_results["node_passthrough"] is True
 
@@ -158,6 +163,7 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
     v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
     assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
     assert v["maxdiff"] <= 1e-3, v
+    assert (v["alive_after_del"], v["states_after_del"]) == (False, 0), v  # the encoder and its graphs freed
     d = r["vision_dtype"]  # encode_clip runs fp16 weights in fp16 and agrees with ComfyUI's float32 convention
     assert (d.get("weights"), d.get("compute")) == ("torch.float16", "torch.float16"), d
     assert d["tokens_cos_min"] > 0.999 and d["cls_cos_min"] > 0.999, d
