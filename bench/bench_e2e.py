@@ -47,6 +47,8 @@ from xsr_core.testing.sd15 import (  # noqa: E402
     SD15_VAE_CONFIG as SD_VAE,
 )
 from bench.support import memory_report  # noqa: E402
+
+OFFLOAD_POLICIES = ("none", "rfa", "stage1")  # nodes/loaders.py OFFLOADED
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
         "--offload-check",
         action="store_true",
         help="after the eager rows, time the XSR eager graph at the first step count again with the other "
-        "XSR_OFFLOAD setting (none vs stage1): peak VRAM and time side by side",
+        "XSR_OFFLOAD settings (none, rfa, stage1: the ones this run is not using): peak VRAM and time side by side",
     )
     ap.add_argument(
         "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
@@ -393,6 +395,8 @@ def main(argv=None) -> int:
 
     if args.memory_history and device == "cuda":
         memory_report.start(torch)
+    loaders = next(m for n, m in sys.modules.items() if n.endswith("nodes.loaders"))
+    default_offload = loaders.DEFAULT_OFFLOAD  # the pack's default XSR_OFFLOAD policy
 
     steps_list = [int(s) for s in args.steps.split(",")]
     results = {
@@ -473,7 +477,7 @@ def main(argv=None) -> int:
                     "steps": steps,
                     "compile": mode == "compile",
                     "mode": mode,
-                    "offload": os.environ.get("XSR_OFFLOAD") or "none",
+                    "offload": os.environ.get("XSR_OFFLOAD") or default_offload,
                     "median_s": statistics.median(times) if times else None,
                     "runs": times,
                     "peak_vram_gib": peak,
@@ -492,8 +496,10 @@ def main(argv=None) -> int:
         if mode == "eager" and args.offload_check and "xsr" in kinds:
             # the same XSR eager rows with the stage-1 models kept resident: VRAM vs per-image reload, side by side
             before = os.environ.get("XSR_OFFLOAD")
-            os.environ["XSR_OFFLOAD"] = "stage1" if (before or "none") == "none" else "none"
-            time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
+            for policy in OFFLOAD_POLICIES:
+                if policy != (before or default_offload):
+                    os.environ["XSR_OFFLOAD"] = policy
+                    time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
             if before is None:
                 del os.environ["XSR_OFFLOAD"]
             else:
@@ -539,7 +545,7 @@ def main(argv=None) -> int:
         return "-" if v is None else f.format(v)
 
     none = {"median_s": None, "peak_vram_gib": None}
-    own = os.environ.get("XSR_OFFLOAD") or "none"
+    own = os.environ.get("XSR_OFFLOAD") or default_offload
     for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
         for mode in modes:
             sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode and r["offload"] == own]

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--offload",
         default=None,
-        help="comma list of XSR_OFFLOAD settings to time side by side (default: none,stage1 on CUDA, none on CPU)",
+        help="comma list of XSR_OFFLOAD settings to time side by side (default: none,rfa,stage1 on CUDA, none on CPU)",
     )
     ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. a setting being compared)")
     ap.add_argument(
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     s = bench_e2e.session(args.comfy, args.tiny, args.workdir, sd=False, ref_side=args.ref_side)
     torch = s.torch
     print(f"set up in {time.time() - t0:.0f} s", flush=True)
-    policies = [p for p in (args.offload or ("none,stage1" if s.device == "cuda" else "none")).split(",") if p]
+    policies = [p for p in (args.offload or ("none,rfa,stage1" if s.device == "cuda" else "none")).split(",") if p]
     device = torch.cuda.get_device_name() if s.device == "cuda" else "cpu"
     res = {
         "device": device,

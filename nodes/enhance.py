@@ -142,7 +142,7 @@ class XSREnhance(io.ComfyNode):
             throw_if_interrupted()
             captions = i2t.generate_caption(E, xsr_models.tokenizer, max_new_tokens=max_tokens, num_beams=num_beams)
         E = E.float().to(comfy.model_management.intermediate_device())
-        offload_after_use(xsr_models.i2t)  # not needed again for this image (XSR_OFFLOAD)
+        offload_after_use(xsr_models.i2t, "i2t")  # not needed again for this image (XSR_OFFLOAD)
         texts = []
         for cap in captions:
             text = caption_override.strip() or cap.strip()

@@ -54,30 +54,33 @@ def _patcher(module):
     )
 
 
-OFFLOAD_POLICIES = ("none", "stage1")
-DEFAULT_OFFLOAD = "none"
+# which stage-1 models each XSR_OFFLOAD policy hands back to ComfyUI's offload device once their node is done
+OFFLOADED = {"none": (), "rfa": ("rfa",), "stage1": ("rfa", "i2t")}
+OFFLOAD_POLICIES = tuple(OFFLOADED)
+DEFAULT_OFFLOAD = "rfa"
 
 
 def offload_policy() -> str:
-    """``XSR_OFFLOAD`` of the server's environment (read per call): ``none`` (default) keeps the RFA and I2T
-    loaded until ComfyUI's model management needs the room (it evicts them like any model); ``stage1`` hands
-    the RFA back to ComfyUI's offload device once XSR_Retrieve has its query and the I2T once XSR_Enhance has
-    its output, so neither stays in VRAM while the sampler and the VAE run, at the price of loading them again
-    for every image (a host-to-device copy of their weights and the caption decode's CUDA graph recaptured;
-    bench/results/fixed_cost_*.md measures both)."""
+    """``XSR_OFFLOAD`` of the server's environment (read per call). ``rfa`` (default) hands the RFA (101 MiB) back
+    to ComfyUI's offload device once XSR_Retrieve has its query: loading it again for the next image is one
+    host-to-device copy of its weights, and it is not resident while the sampler and the VAE run. ``stage1`` also
+    hands back the I2T once XSR_Enhance has its output (211 MiB more, but its caption decode's CUDA graph is
+    recaptured at every load: tens of ms per image). ``none`` keeps both until ComfyUI's model management needs
+    the room (it evicts them like any model). bench/results/fixed_cost_*.md and e2e_*.md measure them side by
+    side."""
     value = (os.environ.get("XSR_OFFLOAD") or DEFAULT_OFFLOAD).strip().lower()
-    if value not in OFFLOAD_POLICIES:
+    if value not in OFFLOADED:
         logger.warning("XSR_OFFLOAD=%r is not one of %s; using %r", value, OFFLOAD_POLICIES, DEFAULT_OFFLOAD)
         return DEFAULT_OFFLOAD
     return value
 
 
-def offload_after_use(patcher) -> bool:
-    """Unload a stage-1 model (its ModelPatcher) from the GPU through ComfyUI's model management, as
-    ``comfy.model_management.free_memory`` does for the models it evicts, when ``XSR_OFFLOAD`` asks for it.
-    Returns True when it was unloaded. Nothing happens on the CPU, for a model ComfyUI does not hold, or for
-    one under ComfyUI's Dynamic VRAM (0.33+: its weights are streamed on demand already)."""
-    if offload_policy() == "none" or patcher.load_device.type == "cpu":
+def offload_after_use(patcher, which: str) -> bool:
+    """Unload the stage-1 model ``which`` (``"rfa"`` or ``"i2t"``; its ModelPatcher) from the GPU through ComfyUI's
+    model management, as ``comfy.model_management.free_memory`` does for the models it evicts, when ``XSR_OFFLOAD``
+    asks for it. Returns True when it was unloaded. Nothing happens on the CPU, for a model ComfyUI does not hold,
+    or for one under ComfyUI's Dynamic VRAM (0.33+: its weights are streamed on demand already)."""
+    if which not in OFFLOADED[offload_policy()] or patcher.load_device.type == "cpu":
         return False
     if getattr(patcher, "is_dynamic", lambda: False)():
         return False

@@ -373,7 +373,7 @@ class XSRRetrieve(io.ComfyNode):
         p = next(rfa.parameters())
         with torch.no_grad():
             query = rfa.query_embedding(feats.tokens.to(device=p.device, dtype=p.dtype)).float().cpu()
-        offload_after_use(xsr_models.rfa)  # not needed again for this image (XSR_OFFLOAD)
+        offload_after_use(xsr_models.rfa, "rfa")  # not needed again for this image (XSR_OFFLOAD)
         try:
             scores, ids = refdb.search(query, k=top_k)
         except RefDBError as e:

@@ -78,3 +78,95 @@ def test_xsr_models_load_whole_under_a_novram_budget(tmp_path, comfy_dir):
         assert row["loaded"] == row["size"] > 0, (name, row)
         # asked for memory back, ComfyUI unloads it whole instead of leaving a half-loaded model behind
         assert row["fully_unloaded"], (name, row)
+
+
+OFFLOAD_WORKER = textwrap.dedent(
+    """
+    import importlib, importlib.util, json, logging, os, sys
+    from pathlib import Path
+    comfy_dir, repo = sys.argv[1], Path(sys.argv[2])
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.model_management as mm
+
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_xsr", repo / "__init__.py", submodule_search_locations=[str(repo)]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_xsr"] = mod
+    spec.loader.exec_module(mod)
+    loaders = importlib.import_module("comfyui_xsr.nodes.loaders")
+    warnings = []
+    logging.getLogger(loaders.__name__).addHandler(
+        type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})()
+    )
+
+    class Patcher:  # what offload_after_use reads of a ModelPatcher
+        def __init__(self, device):
+            self.load_device = torch.device(device)
+
+    class Loaded:  # a comfy.model_management.LoadedModel holding it
+        def __init__(self, patcher):
+            self.model, self.unloaded = patcher, False
+
+        def model_unload(self):
+            self.unloaded = True
+            return True
+
+    out = {"policies": {}, "default": loaders.DEFAULT_OFFLOAD}
+    for env in (None, "none", " STAGE1 ", "rfa", "bogus"):
+        if env is None:
+            os.environ.pop("XSR_OFFLOAD", None)
+        else:
+            os.environ["XSR_OFFLOAD"] = env
+        rfa, i2t, cpu_rfa = Patcher("cuda"), Patcher("cuda"), Patcher("cpu")
+        held = [Loaded(p) for p in (rfa, i2t, cpu_rfa)]
+        mm.current_loaded_models.extend(held)
+        try:
+            got = {
+                "policy": loaders.offload_policy(),
+                "rfa": loaders.offload_after_use(rfa, "rfa"),
+                "i2t": loaders.offload_after_use(i2t, "i2t"),
+                "cpu": loaders.offload_after_use(cpu_rfa, "rfa"),
+                "still_held": [i for i, h in enumerate(held) if h in mm.current_loaded_models],
+                "unload_called": [h.unloaded for h in held],
+            }
+        finally:
+            for h in held:
+                if h in mm.current_loaded_models:
+                    mm.current_loaded_models.remove(h)
+        out["policies"][str(env)] = got
+    out["warnings"] = warnings
+    Path(sys.argv[3]).write_text(json.dumps(out))
+    """
+)
+
+
+def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
+    out = tmp_path / "offload.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLOAD_WORKER, str(comfy_dir), str(REPO), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    r = json.loads(out.read_text())
+    p = r["policies"]
+    assert r["default"] == "rfa"
+    # default (unset) and rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
+    for env in ("None", "rfa"):
+        assert p[env] == {
+            "policy": "rfa",
+            "rfa": True,
+            "i2t": False,
+            "cpu": False,
+            "still_held": [1, 2],
+            "unload_called": [True, False, False],
+        }, (env, p[env])
+    assert p["none"]["policy"] == "none" and (p["none"]["rfa"], p["none"]["i2t"]) == (False, False), p["none"]
+    assert p["none"]["unload_called"] == [False, False, False], p["none"]
+    assert p[" STAGE1 "]["policy"] == "stage1" and (p[" STAGE1 "]["rfa"], p[" STAGE1 "]["i2t"]) == (True, True)
+    assert p["bogus"]["policy"] == "rfa" and any("'bogus'" in w for w in r["warnings"]), r
