@@ -57,17 +57,17 @@ def _patcher(module):
 # which stage-1 models each XSR_OFFLOAD policy hands back to ComfyUI's offload device once their node is done
 OFFLOADED = {"none": (), "rfa": ("rfa",), "stage1": ("rfa", "i2t")}
 OFFLOAD_POLICIES = tuple(OFFLOADED)
-DEFAULT_OFFLOAD = "rfa"
+DEFAULT_OFFLOAD = "none"
 
 
 def offload_policy() -> str:
-    """``XSR_OFFLOAD`` of the server's environment (read per call). ``rfa`` (default) hands the RFA (101 MiB) back
-    to ComfyUI's offload device once XSR_Retrieve has its query: loading it again for the next image is one
-    host-to-device copy of its weights, and it is not resident while the sampler and the VAE run. ``stage1`` also
-    hands back the I2T once XSR_Enhance has its output (211 MiB more, but its caption decode's CUDA graph is
-    recaptured at every load: tens of ms per image). ``none`` keeps both until ComfyUI's model management needs
-    the room (it evicts them like any model). bench/results/fixed_cost_*.md and e2e_*.md measure them side by
-    side."""
+    """``XSR_OFFLOAD`` of the server's environment (read per call). ``none`` (default) keeps the RFA and the I2T
+    loaded until ComfyUI's model management needs the room (it evicts them like any model). ``rfa`` hands the RFA
+    (101 MiB) back to ComfyUI's offload device once XSR_Retrieve has its query, so it is not resident while the
+    sampler and the VAE run; ``stage1`` also the I2T (211 MiB) once XSR_Enhance has its output. Both load them
+    again for every image: on an H200 ``rfa`` cost 24 ms per image in the fixed-cost bench and up to 130 ms in
+    the end-to-end one, ``stage1`` 100+ ms (the caption decode's CUDA graph is recaptured at every load);
+    bench/results/fixed_cost_nvidia_h200_offload.md and e2e_nvidia_h200_offload.md measure them side by side."""
     value = (os.environ.get("XSR_OFFLOAD") or DEFAULT_OFFLOAD).strip().lower()
     if value not in OFFLOADED:
         logger.warning("XSR_OFFLOAD=%r is not one of %s; using %r", value, OFFLOAD_POLICIES, DEFAULT_OFFLOAD)

@@ -155,9 +155,9 @@ def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     r = json.loads(out.read_text())
     p = r["policies"]
-    assert r["default"] == "rfa"
-    # default (unset) and rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
-    for env in ("None", "rfa"):
+    assert r["default"] == "none"
+    # rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
+    for env in ("rfa",):
         assert p[env] == {
             "policy": "rfa",
             "rfa": True,
@@ -166,7 +166,8 @@ def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
             "still_held": [1, 2],
             "unload_called": [True, False, False],
         }, (env, p[env])
-    assert p["none"]["policy"] == "none" and (p["none"]["rfa"], p["none"]["i2t"]) == (False, False), p["none"]
-    assert p["none"]["unload_called"] == [False, False, False], p["none"]
+    for env in ("None", "none"):  # unset = the default: nothing goes back
+        assert p[env]["policy"] == "none" and (p[env]["rfa"], p[env]["i2t"]) == (False, False), p[env]
+        assert p[env]["unload_called"] == [False, False, False] and p[env]["still_held"] == [0, 1, 2], p[env]
     assert p[" STAGE1 "]["policy"] == "stage1" and (p[" STAGE1 "]["rfa"], p[" STAGE1 "]["i2t"]) == (True, True)
-    assert p["bogus"]["policy"] == "rfa" and any("'bogus'" in w for w in r["warnings"]), r
+    assert p["bogus"]["policy"] == "none" and any("'bogus'" in w for w in r["warnings"]), r
