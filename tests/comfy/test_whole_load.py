@@ -21,9 +21,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.comfy
 
-WORKER = textwrap.dedent(
+# both workers: ComfyUI on the CPU, its model management, and this pack loaded as ComfyUI would load it
+PREAMBLE = textwrap.dedent(
     """
-    import importlib, importlib.util, json, sys
+    import importlib, importlib.util, json, logging, os, sys
     from pathlib import Path
     comfy_dir, repo = sys.argv[1], Path(sys.argv[2])
     sys.path.insert(0, comfy_dir)
@@ -33,13 +34,29 @@ WORKER = textwrap.dedent(
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    def load_package(name, init):
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    init = repo / "__init__.py"
+    spec = importlib.util.spec_from_file_location("comfyui_xsr", init, submodule_search_locations=[str(repo)])
+    sys.modules["comfyui_xsr"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["comfyui_xsr"])
+    """
+)
 
-    load_package("comfyui_xsr", repo / "__init__.py")
+
+def run_worker(body: str, tmp_path: Path, comfy_dir) -> dict:
+    """Run PREAMBLE + ``body`` in a fresh interpreter (ComfyUI's modules keep global state); ``body`` writes a
+    JSON report to ``sys.argv[3]``, returned here."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", PREAMBLE + textwrap.dedent(body), str(comfy_dir), str(REPO), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+WHOLE_LOAD = """
     common = importlib.import_module("comfyui_xsr.nodes.common")
     binding = importlib.import_module("comfyui_xsr.nodes.comfy_binding")
     from comfyui_xsr.xsr_core.models.rfa import RFA, RFAConfig
@@ -56,20 +73,11 @@ WORKER = textwrap.dedent(
         row["fully_unloaded"] = bool(loaded.model_unload(memory_to_free=1))  # ComfyUI asks back 1 byte
         out[name] = row
     Path(sys.argv[3]).write_text(json.dumps(out))
-    """
-)
+"""
 
 
 def test_xsr_models_load_whole_under_a_novram_budget(tmp_path, comfy_dir):
-    out = tmp_path / "whole.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(comfy_dir), str(REPO), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    rows = json.loads(out.read_text())
+    rows = run_worker(WHOLE_LOAD, tmp_path, comfy_dir)
     # the control: a stock patcher leaves the plain PyTorch layers of the model unloaded (they would run on
     # the offload device), so the check below can fail
     assert rows["stock"]["loaded"] < rows["stock"]["size"], rows
@@ -80,23 +88,7 @@ def test_xsr_models_load_whole_under_a_novram_budget(tmp_path, comfy_dir):
         assert row["fully_unloaded"], (name, row)
 
 
-OFFLOAD_WORKER = textwrap.dedent(
-    """
-    import importlib, importlib.util, json, logging, os, sys
-    from pathlib import Path
-    comfy_dir, repo = sys.argv[1], Path(sys.argv[2])
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import torch
-    import comfy.model_management as mm
-
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_xsr", repo / "__init__.py", submodule_search_locations=[str(repo)]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_xsr"] = mod
-    spec.loader.exec_module(mod)
+OFFLOAD = """
     loaders = importlib.import_module("comfyui_xsr.nodes.loaders")
     warnings = []
     logging.getLogger(loaders.__name__).addHandler(
@@ -140,20 +132,11 @@ OFFLOAD_WORKER = textwrap.dedent(
         out["policies"][str(env)] = got
     out["warnings"] = warnings
     Path(sys.argv[3]).write_text(json.dumps(out))
-    """
-)
+"""
 
 
 def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
-    out = tmp_path / "offload.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", OFFLOAD_WORKER, str(comfy_dir), str(REPO), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    r = json.loads(out.read_text())
+    r = run_worker(OFFLOAD, tmp_path, comfy_dir)
     p = r["policies"]
     assert r["default"] == "none"
     # rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
