@@ -47,9 +47,9 @@ from xsr_core.testing.sd15 import (  # noqa: E402
     SD15_VAE_CONFIG as SD_VAE,
 )
 from bench.support import memory_report  # noqa: E402
+from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 OFFLOAD_POLICIES = ("none", "rfa", "stage1")  # nodes/loaders.py OFFLOADED
-from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
 def make_models(models: Path, tiny: bool, device: str, sd: bool = True, ref_side: int = 256) -> dict[str, str]:
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
         if mode != "compile":
             time_mode(mode)
         if mode == "eager" and args.offload_check and "xsr" in kinds:
-            # the same XSR eager rows with the stage-1 models kept resident: VRAM vs per-image reload, side by side
+            # the same XSR eager rows under each other XSR_OFFLOAD setting: VRAM vs per-image reload, side by side
             before = os.environ.get("XSR_OFFLOAD")
             for policy in OFFLOAD_POLICIES:
                 if policy != (before or default_offload):
