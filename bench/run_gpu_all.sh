@@ -11,7 +11,7 @@
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
 # VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0), FIXED_T (bench_fixed_cost, default 0; FIXED_CACHE
 # warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS its runs, FIXED_EXTRA more flags), E2E_T,
-# TRAIN_T, EMBED_T (default 0).
+# E2E033_T (bench_e2e on ComfyUI 0.33 in-process, default 0; E2E033_MODES / _STEPS / _RUNS), TRAIN_T, EMBED_T (default 0).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 read -r -a CARRY <<< "${CARRY:-$(echo .gpu/part*)}"
@@ -45,6 +45,13 @@ run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs "${F
     --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,rfa,stage1}" ${FIXED_EXTRA:-}
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
     ${E2E_EXTRA:-} --workdir /tmp/e2e --results "$RES"
+# 4b. the same e2e bench on ComfyUI 0.33 in-process (E2E033_T, default 0: not run yet on the device). In-process, 0.33
+# runs without comfy-aimdo's Dynamic VRAM (main.py turns it on; bench_vram_modes.py above measures the real main.py)
+if [[ ${E2E033_T:-0} -gt 0 ]]; then
+    [[ -d /tmp/c033/ComfyUI ]] || { mkdir -p /tmp/c033 && tar -xzf /tmp/carry/ComfyUI-0.33.0.tar.gz -C /tmp/c033; }
+    run "$E2E033_T" python3 bench/bench_e2e.py --comfy /tmp/c033/ComfyUI --modes "${E2E033_MODES:-eager,cudagraph}" \
+        --steps "${E2E033_STEPS:-20,50}" --runs "${E2E033_RUNS:-2}" --tag comfyui033 --workdir /tmp/e2e033 --results "$RES"
+fi
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --controlnet-train attention --controlnet-train all --out "$RES"
 run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
 cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$RES"/fixed_cost_* "$OUT"/ 2>/dev/null

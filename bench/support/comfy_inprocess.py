@@ -128,7 +128,8 @@ def start_comfy(
         def queue_updated(self):
             pass
 
+    # 0.33 reads "ram_inactive" too (its RAM-pressure cache; CLASSIC ignores it, 0.3.75 does not know it)
     executor = execution.PromptExecutor(
-        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0}
     )
     return InProcessComfy(device, work, names, execution, executor)
