@@ -65,7 +65,7 @@ def offload_policy() -> str:
     loaded until ComfyUI's model management needs the room (it evicts them like any model). ``rfa`` hands the RFA
     (101 MiB) back to ComfyUI's offload device once XSR_Retrieve has its query, so it is not resident while the
     sampler and the VAE run; ``stage1`` also the I2T (211 MiB) once XSR_Enhance has its output. Both load them
-    again for every image. On an H200 ``rfa`` added 24 ms per image in the fixed-cost bench, and in the
+    again for every image. On an H200 ``rfa`` added 18–24 ms per image in the fixed-cost bench, and in the
     end-to-end one XSR_Retrieve took 102 ms (eager) against 22 ms with ``none``; ``stage1`` added 100+ ms more
     (the caption decode's CUDA graph is recaptured at every load): bench/results/fixed_cost_nvidia_h200_offload.md
     and e2e_nvidia_h200_offload.md, one run each, the settings side by side."""
