@@ -37,7 +37,7 @@ from xsr_core import fingerprint as wfp
 from xsr_core.testing.zoo import CHECKPOINT_NAME, CLIP_VISION_NAME
 from xsr_core.train.config import AdapterTrainConfig
 from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
-from xsr_core.train.synthetic import write_class_set
+from xsr_core.train.synthetic import class_of, write_class_set
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -49,10 +49,6 @@ DB_NAME = "xsr_roundtrip"
 # real-CLIP default 0.95 would drop most of the same-class references; only near-exact copies count here.
 DEDUP = 0.999
 FIGURES: dict = {}
-
-
-def _cls(path: str) -> int:
-    return int(Path(path).name.split("_")[0][1:])
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +115,9 @@ def test_rfa_retrieves_same_class_references_better_than_raw_lr_cls(loop):
 
     data = loop["data"]
     refs = load_items(data, "reference")
-    ref_class = {it["hr"]: _cls(it["source"]) for it in refs}
+    ref_class = {it["hr"]: class_of(it["source"]) for it in refs}
     tests = load_items(data, "test")
-    want = torch.tensor([_cls(it["source"]) for it in tests])
+    want = torch.tensor([class_of(it["source"]) for it in tests])
     cache = TokenCache(data, "test")
     rfa = load_model(loop["rfa_file"], expected=RFA)
     with torch.no_grad():

@@ -16,7 +16,6 @@ same images, noise and timesteps with E rolled across the images.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from xsr_core.train.config import AdapterTrainConfig
 from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
-from xsr_core.train.synthetic import _detail_texture, write_detail_class_set
+from xsr_core.train.synthetic import _detail_texture, class_of, write_detail_class_set
 from xsr_helpers import tiny_stage1
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -32,10 +31,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 N_IMAGES, SPLIT = 128, "64,48,16"
 STAGE2_STEPS = 500
 MARGIN = 1.01  # shuffled-E loss / true-E loss at least this: a clear margin, not noise
-
-
-def _cls(path: str) -> int:
-    return int(Path(path).name.split("_")[0][1:])
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +94,7 @@ def test_e_carries_the_class_the_lr_does_not(run):
     from safetensors.torch import load_file
 
     data, folder = run["data"], run["e_folder"]
-    y = {s: torch.tensor([_cls(it["source"]) for it in load_items(data, s)]) for s in ("train", "test")}
+    y = {s: torch.tensor([class_of(it["source"]) for it in load_items(data, s)]) for s in ("train", "test")}
     E = {s: load_file(str(folder / f"{s}.safetensors"))["E"].float().mean(1) for s in ("train", "test")}
     lr = {s: TokenCache(data, s).stack("lr_tokens").float().mean(1) for s in ("train", "test")}
     acc_e = _ncm_accuracy(E["train"], y["train"], E["test"], y["test"])

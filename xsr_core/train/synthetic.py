@@ -116,6 +116,11 @@ def _write_classes(out, n: int, seed: int, sizes, make) -> Path:
     return out
 
 
+def class_of(path: str | os.PathLike) -> int:
+    """The class of an image written by :func:`_write_classes` (``c<class>_<i>.png``), from its path."""
+    return int(Path(path).name.split("_")[0][1:])
+
+
 TEXTURE_AMPLITUDE = 70.0  # strong enough to dominate the HR image's CLIP embedding, still gone at 32x32
 
 
