@@ -193,7 +193,14 @@ def make_plan(conds: list, x_in: torch.Tensor, timestep: torch.Tensor, window_fr
     return Plan(key=(shapes, keep), active_controls=tuple(controls), cond_keep=keep)
 
 
-_SKIP_COND_KEYS = ("timestep_start", "timestep_end", "uuid")  # host-side / bookkeeping, not read by the graph
+_WINDOW_KEYS = ("timestep_start", "timestep_end")  # a plan only holds the conditionings active at its step
+_SKIP_COND_KEYS = _WINDOW_KEYS + ("uuid",)  # host-side / bookkeeping, not read by the graph
+
+
+def _map_active(conds: list, keep: tuple, fn: Callable[[dict], Any]) -> list:
+    """``fn`` of every active conditioning (``keep``: per cond group the indices of its active entries), as
+    per-group lists; a group that is None (e.g. no uncond at CFG 1) stays None."""
+    return [None if g is None else [fn(g[i]) for i in idx] for g, idx in zip(conds, keep)]
 
 
 def _cond_tensor(v: Any) -> torch.Tensor | None:
@@ -208,27 +215,18 @@ def prepare_conds(conds: list, keep: tuple, device: torch.device) -> list:
 
     Only fresh dicts / COND copies are made: the run's conditionings are not mutated.
     """
-    out = []
-    for g, idx in zip(conds, keep):
-        if g is None:
-            out.append(None)
-            continue
-        new_g = []
-        for i in idx:
-            c = {}
-            for k, v in g[i].items():
-                if k in ("timestep_start", "timestep_end"):
-                    continue
-                c[k] = v.to(device, copy=True) if torch.is_tensor(v) else v
-            mc = dict(c.get("model_conds", {}))
-            for k, v in mc.items():
-                t = _cond_tensor(v)
-                if t is not None:
-                    mc[k] = v._copy_with(t.to(device, copy=True))
-            c["model_conds"] = mc
-            new_g.append(c)
-        out.append(new_g)
-    return out
+
+    def to_buffers(cond: dict) -> dict:
+        c = {k: v.to(device, copy=True) if torch.is_tensor(v) else v for k, v in cond.items() if k not in _WINDOW_KEYS}
+        mc = dict(c.get("model_conds", {}))
+        for k, v in mc.items():
+            t = _cond_tensor(v)
+            if t is not None:
+                mc[k] = v._copy_with(t.to(device, copy=True))
+        c["model_conds"] = mc
+        return c
+
+    return _map_active(conds, keep, to_buffers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,29 +267,25 @@ def _entry(k: str, v: Any, feeds: list) -> tuple:
 def cond_feeds(conds: list, keep: tuple, controls: list) -> tuple[tuple, list[torch.Tensor]]:
     """(signature, tensors) of the active conditionings, in the order :func:`prepare_conds` lays them out:
     the tensors a graph reads from its static buffers; everything else baked in goes into the signature."""
-    sig, feeds = [], []
+    feeds: list[torch.Tensor] = []
     ctrl_index = {id(c): i for i, c in enumerate(controls)}
-    for g, idx in zip(conds, keep):
-        if g is None:
-            sig.append(None)
-            continue
-        gs = []
-        for i in idx:
-            c = g[i]
-            items = []
-            for k in sorted(c):
-                v = c[k]
-                if k in _SKIP_COND_KEYS:
-                    continue
-                if k == "model_conds":
-                    items.append((k, tuple(_entry(mk, v[mk], feeds) for mk in sorted(v))))
-                elif k == "control" and id(v) in ctrl_index:
-                    items.append((k, "control", ctrl_index[id(v)]))
-                else:
-                    items.append(_entry(k, v, feeds))
-            gs.append(tuple(items))
-        sig.append(tuple(gs))
-    return tuple(sig), feeds
+
+    def signature(c: dict) -> tuple:
+        items = []
+        for k in sorted(c):
+            v = c[k]
+            if k in _SKIP_COND_KEYS:
+                continue
+            if k == "model_conds":
+                items.append((k, tuple(_entry(mk, v[mk], feeds) for mk in sorted(v))))
+            elif k == "control" and id(v) in ctrl_index:
+                items.append((k, "control", ctrl_index[id(v)]))
+            else:
+                items.append(_entry(k, v, feeds))
+        return tuple(items)
+
+    sig = _map_active(conds, keep, signature)
+    return tuple(None if g is None else tuple(g) for g in sig), feeds
 
 
 _CONTROL_PER_RUN = (

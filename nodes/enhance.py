@@ -64,6 +64,10 @@ def encode_texts(clip, texts: list[str]):
     return torch.cat(conds), out_pooled
 
 
+def _optional_text(name: str, tooltip: str) -> io.String.Input:
+    return io.String.Input(name, multiline=True, default="", optional=True, tooltip=tooltip)
+
+
 class XSREnhance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -82,20 +86,10 @@ class XSREnhance(io.ComfyNode):
                     "max_tokens", default=32, min=4, max=75, tooltip="longest generated caption, in GPT-2 tokens"
                 ),
                 io.Int.Input("num_beams", default=1, min=1, max=8, tooltip="1 = greedy decoding; more = beam search"),
-                io.String.Input(
-                    "caption_override",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="if not empty, used instead of the generated caption (edit the text here)",
+                _optional_text(
+                    "caption_override", "if not empty, used instead of the generated caption (edit the text here)"
                 ),
-                io.String.Input(
-                    "extra_prompt",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="appended to the caption, e.g. 'high quality, detailed'",
-                ),
+                _optional_text("extra_prompt", "appended to the caption, e.g. 'high quality, detailed'"),
             ],
             outputs=[
                 io.Conditioning.Output(

@@ -21,8 +21,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -155,33 +156,33 @@ def open_image(
     return img
 
 
-def load_rgb8(
-    source: str | os.PathLike | bytes,
-    *,
-    what: str | None = None,
-    max_pixels: int | None = None,
-    draft_side: int | None = None,
-) -> Image.Image:
-    """Image file (path or bytes) → loaded 8-bit RGB PIL image (see module docstring and :func:`open_image`)."""
-    img = open_image(source, what=what, max_pixels=max_pixels, draft_side=draft_side)
+def _open_as(source: str | os.PathLike | bytes, what: str | None, convert: Callable, open_kw: dict) -> Any:
+    """``convert(open_image(source))``, a conversion failure raised as :class:`ImageDecodeError`."""
+    img = open_image(source, what=what, **open_kw)
     try:
-        rgb = to_rgb8(img)
-        rgb.load()
-        rgb.info["xsr_source_size"] = img.info["xsr_source_size"]
+        return convert(img)
     except (OSError, ValueError, TypeError) as e:
         raise ImageDecodeError(f"{what or 'image'} cannot be converted to RGB ({type(e).__name__}: {e})") from None
+
+
+def _loaded_rgb8(img: Image.Image) -> Image.Image:
+    rgb = to_rgb8(img)
+    rgb.load()
+    rgb.info["xsr_source_size"] = img.info["xsr_source_size"]
     return rgb
+
+
+def load_rgb8(source: str | os.PathLike | bytes, *, what: str | None = None, **open_kw: Any) -> Image.Image:
+    """Image file (path or bytes) → loaded 8-bit RGB PIL image (see module docstring); ``open_kw``:
+    :func:`open_image`'s ``max_pixels`` and ``draft_side``."""
+    return _open_as(source, what, _loaded_rgb8, open_kw)
 
 
 def load_rgb_float(
     source: str | os.PathLike | bytes, *, what: str | None = None, max_pixels: int | None = None
 ) -> np.ndarray:
     """Image file (path or bytes) → float32 (H, W, 3) RGB in 0..1 (16-bit precision kept)."""
-    img = open_image(source, what=what, max_pixels=max_pixels)
-    try:
-        return to_rgb_array(img)
-    except (OSError, ValueError, TypeError) as e:
-        raise ImageDecodeError(f"{what or 'image'} cannot be converted to RGB ({type(e).__name__}: {e})") from None
+    return _open_as(source, what, to_rgb_array, {"max_pixels": max_pixels})
 
 
 def list_images(

@@ -1,8 +1,8 @@
 """#11.9: stage-2 validation loss with the true image embedding E is lower than with a shuffled one.
 
-The real chain on CPU with the tiny zoo: ``write_detail_class_set`` → ``prepare`` → ``rfa`` → ``i2t`` →
-``train_adapter`` (the adain variant), with the real model, loss, E pipeline (the trained I2T over the
-RFA-retrieved references, ``build_embedding_cache``) and validation (``make_evaluator``). The data set is
+The real chain on CPU with the tiny zoo: ``write_class_set(make=make_detail_class_image)`` → ``prepare`` →
+``rfa`` → ``i2t`` → ``train_adapter`` (the adain variant), with the real model, loss, E pipeline (the trained
+I2T over the RFA-retrieved references, ``build_embedding_cache``) and validation (``make_evaluator``). The data set is
 built so that E is the only source of the detail the loss scores: a strong class texture that the 64 px
 training crop keeps and the 32x32 LR averages away, a weak class cue in the LR (a shape's colour: enough for
 the RFA to retrieve same-class references), class-free captions. The stage-2 hyper-parameters (64 px, batch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from xsr_core.train.config import AdapterTrainConfig
 from xsr_core.train.data import PrepareConfig, TokenCache, load_items, prepare
-from xsr_core.train.synthetic import _detail_texture, class_of, write_detail_class_set
+from xsr_core.train.synthetic import _detail_texture, class_of, make_detail_class_image, write_class_set
 from xsr_helpers import tiny_stage1
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -38,7 +38,7 @@ def run(tiny_zoo, tmp_path_factory):
     from xsr_core.train.adapter import build_embedding_cache, train_adapter
 
     root = tmp_path_factory.mktemp("stage2_uses_e")
-    imgs = write_detail_class_set(root / "imgs", n=N_IMAGES)
+    imgs = write_class_set(root / "imgs", n=N_IMAGES, make=make_detail_class_image)
     data = root / "data"
     prepare(
         data,

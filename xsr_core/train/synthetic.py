@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,22 +103,8 @@ def _gradient(rng: np.random.Generator, w: int, h: int, lo: float, hi: float) ->
     return Image.fromarray(np.clip(c0 * (1 - g) + c1 * g, 0, 255).astype(np.uint8))
 
 
-def _write_classes(out, n: int, seed: int, sizes, make) -> Path:
-    """``n`` images ``c<class>_<i>.png`` of ``make(cls, seed, wh)`` in N_CLASSES balanced classes + captions.jsonl."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n):
-            cls = i % N_CLASSES
-            img, caption = make(cls, seed * 100_003 + i, sizes[i % len(sizes)])
-            name = f"c{cls}_{i:04d}.png"
-            img.save(out / name)
-            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
-    return out
-
-
 def class_of(path: str | os.PathLike) -> int:
-    """The class of an image written by :func:`_write_classes` (``c<class>_<i>.png``), from its path."""
+    """The class of an image written by :func:`write_class_set` (``c<class>_<i>.png``), from its path."""
     return int(Path(path).name.split("_")[0][1:])
 
 
@@ -142,19 +129,6 @@ def make_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> t
     arr = np.asarray(img, dtype=np.float32) + TEXTURE_AMPLITUDE * _texture(cls % len(TEXTURES), (h, w))[..., None]
     caption = f"a {names[cls]} {shape} with {TEXTURES[cls % len(TEXTURES)]}"
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), caption
-
-
-def write_class_set(
-    out: str | os.PathLike,
-    n: int = 48,
-    seed: int = 0,
-    sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512)),
-) -> Path:
-    """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_class_image` in 4 balanced classes +
-    ``captions.jsonl``: the HR detail (the class texture) of an image is only recoverable from images
-    of its class. Used by the learning proof (tests/comfy/test_train_roundtrip.py).
-    """
-    return _write_classes(out, n, seed, sizes, make_class_image)
 
 
 DETAIL_PERIOD = 32  # px at the 512 crop: 4 px at a 64 px stage-2 resolution, 2 px (the Nyquist limit) at the 32x32 LR
@@ -185,7 +159,7 @@ def _detail_texture(cls: int, h: int, w: int, top: int, left: int, period: int =
 
 
 def make_detail_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512)) -> tuple[Image.Image, str]:
-    """One image of class ``cls`` (0..3) for the stage-2 proof that the adapter uses E (:func:`write_detail_class_set`).
+    """One image of class ``cls`` (0..3) for the stage-2 proof that the adapter uses E (:func:`write_class_set`).
 
     The class decides two things: a strong texture over the whole image (:func:`_detail_texture`: most of the pixel
     variance of a 64 px training crop, gone from the 32x32 LR) and the colour of a shape (a weak cue in the LR,
@@ -212,12 +186,25 @@ def make_detail_class_image(cls: int, seed: int, wh: tuple[int, int] = (640, 512
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), f"a {shape} on a gradient background"
 
 
-def write_detail_class_set(
+def write_class_set(
     out: str | os.PathLike,
-    n: int = 128,
+    n: int = 48,
     seed: int = 0,
     sizes: tuple[tuple[int, int], ...] = ((640, 512), (512, 576), (576, 512)),
+    make: Callable[[int, int, tuple[int, int]], tuple[Image.Image, str]] = make_class_image,
 ) -> Path:
-    """``n`` non-square images ``c<class>_<i>.png`` of :func:`make_detail_class_image` in 4 balanced classes +
-    ``captions.jsonl`` (class-free captions). Used by tests/unit/test_stage2_uses_e.py."""
-    return _write_classes(out, n, seed, sizes, make_detail_class_image)
+    """``n`` non-square images ``c<class>_<i>.png`` of ``make(cls, seed, wh)`` in N_CLASSES balanced classes +
+    ``captions.jsonl``. ``make``: :func:`make_class_image` (the HR detail, a class texture, is only recoverable from
+    images of its class; tests/comfy/test_train_roundtrip.py) or :func:`make_detail_class_image` (class-free
+    captions; tests/unit/test_stage2_uses_e.py).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            cls = i % N_CLASSES
+            img, caption = make(cls, seed * 100_003 + i, sizes[i % len(sizes)])
+            name = f"c{cls}_{i:04d}.png"
+            img.save(out / name)
+            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
+    return out
