@@ -49,8 +49,6 @@ from xsr_core.testing.sd15 import (  # noqa: E402
 from bench.support import memory_report  # noqa: E402
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
-OFFLOAD_POLICIES = ("none", "rfa", "stage1")  # nodes/loaders.py OFFLOADED
-
 
 def make_models(models: Path, tiny: bool, device: str, sd: bool = True, ref_side: int = 256) -> dict[str, str]:
     """Write the benchmark's models under ``models``; ``sd=False`` skips the real-size U-Net, ControlNet and
@@ -396,7 +394,7 @@ def main(argv=None) -> int:
     if args.memory_history and device == "cuda":
         memory_report.start(torch)
     loaders = next(m for n, m in sys.modules.items() if n.endswith("nodes.loaders"))
-    default_offload = loaders.DEFAULT_OFFLOAD  # the pack's default XSR_OFFLOAD policy
+    default_offload = loaders.DEFAULT_OFFLOAD  # the pack's default XSR_OFFLOAD policy (and its others below)
 
     steps_list = [int(s) for s in args.steps.split(",")]
     results = {
@@ -496,7 +494,7 @@ def main(argv=None) -> int:
         if mode == "eager" and args.offload_check and "xsr" in kinds:
             # the same XSR eager rows under each other XSR_OFFLOAD setting: VRAM vs per-image reload, side by side
             before = os.environ.get("XSR_OFFLOAD")
-            for policy in OFFLOAD_POLICIES:
+            for policy in loaders.OFFLOAD_POLICIES:
                 if policy != (before or default_offload):
                     os.environ["XSR_OFFLOAD"] = policy
                     time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])

@@ -65,10 +65,8 @@ def offload_policy() -> str:
     loaded until ComfyUI's model management needs the room (it evicts them like any model). ``rfa`` hands the RFA
     (101 MiB) back to ComfyUI's offload device once XSR_Retrieve has its query, so it is not resident while the
     sampler and the VAE run; ``stage1`` also the I2T (211 MiB) once XSR_Enhance has its output. Both load them
-    again for every image. On an H200 ``rfa`` added 18–24 ms per image in the fixed-cost bench, and in the
-    end-to-end one XSR_Retrieve took 102 ms (eager) against 22 ms with ``none``; ``stage1`` added 100+ ms more
-    (the caption decode's CUDA graph is recaptured at every load): bench/results/fixed_cost_nvidia_h200_offload.md
-    and e2e_nvidia_h200_offload.md, one run each, the settings side by side."""
+    again for every image (``stage1`` also recaptures the caption decode's CUDA graph): time for VRAM, measured
+    side by side by bench/bench_fixed_cost.py and bench/bench_e2e.py --offload-check (figures in bench/README.md)."""
     value = (os.environ.get("XSR_OFFLOAD") or DEFAULT_OFFLOAD).strip().lower()
     if value not in OFFLOADED:
         logger.warning("XSR_OFFLOAD=%r is not one of %s; using %r", value, OFFLOAD_POLICIES, DEFAULT_OFFLOAD)

@@ -1,10 +1,10 @@
 """One side stream per CUDA device for every CUDA-graph warm-up and capture XSR makes.
 
 PyTorch keeps a cuBLAS workspace for each (handle, stream) pair that ever ran a cuBLAS call, for the life
-of the process (33 MiB each on an H200 with torch 2.11). ``torch.cuda.Stream()`` hands out the next stream of
+of the process (tens of MiB each). ``torch.cuda.Stream()`` hands out the next stream of
 a pool of 32, so code that makes a new stream per capture (the ViT graph, the caption-decode graphs, the
 sampling graphs) leaves a new workspace behind with each new stream. All XSR captures use this one stream
-instead (bench/README.md: the fixed-cost bench's memory beyond the loaded models went from 186.8 to 89.1 MiB).
+instead (bench/bench_fixed_cost.py reports the memory beyond the loaded models; figures in bench/README.md).
 """
 
 from __future__ import annotations

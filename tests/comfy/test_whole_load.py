@@ -140,15 +140,14 @@ def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
     p = r["policies"]
     assert r["default"] == "none"
     # rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
-    for env in ("rfa",):
-        assert p[env] == {
-            "policy": "rfa",
-            "rfa": True,
-            "i2t": False,
-            "cpu": False,
-            "still_held": [1, 2],
-            "unload_called": [True, False, False],
-        }, (env, p[env])
+    assert p["rfa"] == {
+        "policy": "rfa",
+        "rfa": True,
+        "i2t": False,
+        "cpu": False,
+        "still_held": [1, 2],
+        "unload_called": [True, False, False],
+    }, p["rfa"]
     for env in ("None", "none"):  # unset = the default: nothing goes back
         assert p[env]["policy"] == "none" and (p[env]["rfa"], p[env]["i2t"]) == (False, False), p[env]
         assert p[env]["unload_called"] == [False, False, False] and p[env]["still_held"] == [0, 1, 2], p[env]

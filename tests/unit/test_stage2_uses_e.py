@@ -16,7 +16,6 @@ same images, noise and timesteps with E rolled across the images.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
