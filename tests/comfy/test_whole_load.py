@@ -138,18 +138,106 @@ OFFLOAD = """
 def test_offload_policies_hand_back_what_they_name(tmp_path, comfy_dir):
     r = run_worker(OFFLOAD, tmp_path, comfy_dir)
     p = r["policies"]
-    assert r["default"] == "none"
-    # rfa: only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU model never
-    assert p["rfa"] == {
-        "policy": "rfa",
-        "rfa": True,
-        "i2t": False,
-        "cpu": False,
-        "still_held": [1, 2],
-        "unload_called": [True, False, False],
-    }, p["rfa"]
-    for env in ("None", "none"):  # unset = the default: nothing goes back
-        assert p[env]["policy"] == "none" and (p[env]["rfa"], p[env]["i2t"]) == (False, False), p[env]
-        assert p[env]["unload_called"] == [False, False, False] and p[env]["still_held"] == [0, 1, 2], p[env]
+    assert r["default"] == "rfa"
+    # rfa (also the default, unset): only the RFA goes back (unloaded and dropped from ComfyUI's list); a CPU
+    # model never
+    for env in ("rfa", "None"):
+        assert p[env] == {
+            "policy": "rfa",
+            "rfa": True,
+            "i2t": False,
+            "cpu": False,
+            "still_held": [1, 2],
+            "unload_called": [True, False, False],
+        }, p[env]
+    # none: nothing goes back
+    assert p["none"]["policy"] == "none" and (p["none"]["rfa"], p["none"]["i2t"]) == (False, False), p["none"]
+    assert p["none"]["unload_called"] == [False, False, False] and p["none"]["still_held"] == [0, 1, 2], p["none"]
     assert p[" STAGE1 "]["policy"] == "stage1" and (p[" STAGE1 "]["rfa"], p[" STAGE1 "]["i2t"]) == (True, True)
-    assert p["bogus"]["policy"] == "none" and any("'bogus'" in w for w in r["warnings"]), r
+    assert p["bogus"]["policy"] == "rfa" and any("'bogus'" in w for w in r["warnings"]), r
+
+
+HOST_COPY = """
+    common = importlib.import_module("comfyui_xsr.nodes.common")
+    from comfyui_xsr.xsr_core.models.rfa import RFA, RFAConfig
+
+    torch.manual_seed(0)
+    model = RFA(RFAConfig(clip_dim=32, width=32, depth=2, heads=4, num_patches=4, out_dim=32))
+    model.register_buffer("steps", torch.arange(3))  # a buffer goes along as the weights do
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    size = sum(v.numel() * v.element_size() for v in want.values())
+    host = common.PinnedHostCopy(pin=False)  # page-locked memory needs CUDA; the bookkeeping does not
+
+    def reload():  # what a load does: new device tensors, then the patcher notes them
+        model._apply(lambda t: t.clone())
+        host.note_loaded(model)
+
+    def on_host():
+        return all(t.untyped_storage().data_ptr() == host.buffer.untyped_storage().data_ptr()
+                   for _, _, t in host.tensors(model))
+
+    out = {"size": size, "copied": [host.offload(model)], "on_host": [on_host()]}
+    out["aligned"] = all(v.data_ptr() % host.ALIGN == 0 for v in host.views.values())
+    reload()
+    out["on_host"].append(on_host())
+    out["copied"].append(host.offload(model))  # unchanged since its load: nothing to copy
+    reload()
+    with torch.no_grad():
+        model.head.weight.mul_(2)  # an in-place change on the device bumps the tensor's version
+    want["head.weight"] *= 2
+    out["copied"].append(host.offload(model))
+    out["one_weight"] = model.head.weight.numel() * model.head.weight.element_size()
+    out["equal"] = all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    out["params_kept"] = all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    Path(sys.argv[3]).write_text(json.dumps(out))
+"""
+
+
+def test_pinned_host_copy_is_made_once_and_refreshed_only_where_weights_changed(tmp_path, comfy_dir):
+    r = run_worker(HOST_COPY, tmp_path, comfy_dir)
+    # the first offload copies everything, an unchanged reload nothing, a changed weight only itself
+    assert r["copied"] == [r["size"], 0, r["one_weight"]], r
+    assert r["on_host"] == [True, False] and r["aligned"], r
+    assert r["equal"] and r["params_kept"], r
+
+
+CUDA_CYCLE = """
+    import time
+    common = importlib.import_module("comfyui_xsr.nodes.common")
+    from comfyui_xsr.xsr_core.models.rfa import RFA, RFAConfig
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = RFA(RFAConfig()).half()  # the real RFA's shapes (101 MiB in fp16)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    for name, cls in (("stock", comfy.model_patcher.ModelPatcher), ("xsr", common.WholeModelPatcher)):
+        patcher = cls(model, load_device=dev, offload_device=torch.device("cpu"))
+        times, pinned, equal = [], [], []
+        for _ in range(4):
+            loaded = mm.LoadedModel(patcher)
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            loaded.model_load(0)  # a full load
+            torch.cuda.synchronize(); t1 = time.perf_counter()
+            on_gpu = all(p.device.type == "cuda" for p in model.parameters())
+            loaded.model_unload()
+            torch.cuda.synchronize(); t2 = time.perf_counter()
+            times.append([(t1 - t0) * 1e3, (t2 - t1) * 1e3])
+            pinned.append(on_gpu and all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters()))
+            equal.append(all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in want.items()))
+        out[name] = {"load_unload_ms": times, "pinned": pinned, "equal": equal}
+    out["mib"] = sum(v.numel() * v.element_size() for v in want.values()) / 2**20
+    Path(sys.argv[3]).write_text(json.dumps(out))
+"""
+
+
+def test_xsr_unload_reload_cycle_keeps_weights_pinned_on_cuda(tmp_path, comfy_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (run on the GPU machine: bench/run_gpu_all.sh GPUTEST_T)")
+    r = run_worker(CUDA_CYCLE.replace("comfy.cli_args.args.cpu = True", ""), tmp_path, comfy_dir)
+    ms = {k: r[k]["load_unload_ms"] for k in ("stock", "xsr")}
+    print(f"load / unload ms per cycle of a {r['mib']:.0f} MiB model: {ms}")
+    assert all(r["xsr"]["pinned"]) and not any(r["stock"]["pinned"]), r
+    assert all(r["xsr"]["equal"]) and all(r["stock"]["equal"]), r
