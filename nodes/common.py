@@ -41,8 +41,9 @@ class PinnedHostCopy:
     and the next load copies from pageable memory again. XSR's models never change their weights (no ComfyUI
     weight patches), so the host copy made at the first offload stays valid: later offloads only point the
     weights back at it (no copy) and loads copy from page-locked memory (DMA, several times faster). A weight
-    that changed on the device since its load (another tensor, or an in-place op that bumped its version)
-    is copied again. One buffer for the whole model (the caching host allocator would round each tensor
+    that changed on the device since its load (another tensor, or an in-place op that bumped its version;
+    ComfyUI loads under ``torch.inference_mode``, whose tensors keep no version, so there only another
+    tensor) is copied again. One buffer for the whole model (the caching host allocator would round each tensor
     up to a power of two).
     """
 
@@ -63,9 +64,13 @@ class PinnedHostCopy:
                     if t is not None:
                         yield (mname, kind, name), m, t
 
+    @staticmethod
+    def stamp(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), None if t.is_inference() else t._version
+
     def note_loaded(self, model: torch.nn.Module) -> None:
         """Record the device tensors a load made (what a later offload may skip copying)."""
-        self.loaded = {key: (t.data_ptr(), t._version) for key, _, t in self.tensors(model)}
+        self.loaded = {key: self.stamp(t) for key, _, t in self.tensors(model)}
 
     def _build(self, items: list) -> None:
         offsets, total = [], 0
@@ -90,7 +95,7 @@ class PinnedHostCopy:
             host = self.views[key]
             if t.data_ptr() == host.data_ptr():
                 continue  # already there
-            if self.loaded.get(key) != (t.data_ptr(), t._version):
+            if self.loaded.get(key) != self.stamp(t):
                 host.copy_(t, non_blocking=self.pin)
                 copied += host.numel() * host.element_size()
             if key[1] == "_parameters":
