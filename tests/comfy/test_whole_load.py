@@ -42,12 +42,13 @@ PREAMBLE = textwrap.dedent(
 )
 
 
-def run_worker(body: str, tmp_path: Path, comfy_dir) -> dict:
+def run_worker(body: str, tmp_path: Path, comfy_dir, *, cpu: bool = True) -> dict:
     """Run PREAMBLE + ``body`` in a fresh interpreter (ComfyUI's modules keep global state); ``body`` writes a
-    JSON report to ``sys.argv[3]``, returned here."""
+    JSON report to ``sys.argv[3]``, returned here. ``cpu=False``: ComfyUI picks its device (CUDA tests)."""
     out = tmp_path / "report.json"
+    preamble = PREAMBLE if cpu else PREAMBLE.replace("comfy.cli_args.args.cpu = True", "")
     proc = subprocess.run(
-        [sys.executable, "-c", PREAMBLE + textwrap.dedent(body), str(comfy_dir), str(REPO), str(out)],
+        [sys.executable, "-c", preamble + textwrap.dedent(body), str(comfy_dir), str(REPO), str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -247,7 +248,7 @@ def test_xsr_unload_reload_cycle_keeps_weights_pinned_on_cuda(tmp_path, comfy_di
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA (run on the GPU machine: bench/run_gpu_all.sh GPUTEST_T)")
-    r = run_worker(CUDA_CYCLE.replace("comfy.cli_args.args.cpu = True", ""), tmp_path, comfy_dir)
+    r = run_worker(CUDA_CYCLE, tmp_path, comfy_dir, cpu=False)
     ms = {k: r[k]["load_unload_ms"] for k in ("stock", "xsr")}
     print(f"load / unload ms per cycle of a {r['mib']:.0f} MiB model: {ms}")
     assert all(r["xsr"]["pinned"]) and not any(r["stock"]["pinned"]), r
