@@ -58,10 +58,13 @@ class PinnedHostCopy:
 
     @staticmethod
     def tensors(model: torch.nn.Module):
+        """``(key, module, tensor)`` of every parameter and buffer, each tensor once (tied weights stay tied)."""
+        seen = set()
         for mname, m in model.named_modules():
             for kind in ("_parameters", "_buffers"):
                 for name, t in getattr(m, kind).items():
-                    if t is not None:
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
                         yield (mname, kind, name), m, t
 
     @staticmethod

@@ -166,8 +166,11 @@ HOST_COPY = """
         torch.manual_seed(0)
         model = RFA(RFAConfig(clip_dim=32, width=32, depth=2, heads=4, num_patches=4, out_dim=32))
         model.register_buffer("steps", torch.arange(3))  # a buffer goes along as the weights do
+        model.tied = torch.nn.Linear(32, 32, bias=False)
+        model.tied.weight = model.head.weight  # a tied weight (as GPT-2's head) is one tensor: copied once
         want = {k: v.clone() for k, v in model.state_dict().items()}
-        size = sum(v.numel() * v.element_size() for v in want.values())
+        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied weight once
+        size = sum(t.numel() * t.element_size() for t in unique.values())
         host = common.PinnedHostCopy(pin=False)  # page-locked memory needs CUDA; the bookkeeping does not
 
         def reload():  # what a load does: new device tensors, then the patcher notes them
@@ -190,10 +193,12 @@ HOST_COPY = """
             with torch.no_grad():
                 model.head.weight.mul_(2)
         want["head.weight"] *= 2
+        want["tied.weight"] *= 2
         out["copied"].append(host.offload(model))
         out["one_weight"] = model.head.weight.numel() * model.head.weight.element_size()
         out["equal"] = all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
         out["params_kept"] = all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+        out["still_tied"] = model.tied.weight is model.head.weight
         return out
 
     report = {"plain": cycle()}
@@ -209,7 +214,7 @@ def test_pinned_host_copy_is_made_once_and_refreshed_only_where_weights_changed(
         # the first offload copies everything, an unchanged reload nothing, a changed weight only itself
         assert r["copied"] == [r["size"], 0, r["one_weight"]], (mode, r)
         assert r["on_host"] == [True, False] and r["aligned"], (mode, r)
-        assert r["equal"] and r["params_kept"], (mode, r)
+        assert r["equal"] and r["params_kept"] and r["still_tied"], (mode, r)
 
 
 CUDA_CYCLE = """
