@@ -159,7 +159,13 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
         host = getattr(self.model, "_xsr_host_copy", None)
         if host is None:
             host = self.model._xsr_host_copy = PinnedHostCopy()
-        copied = host.offload(self.model)
+        try:
+            copied = host.offload(self.model)
+        except RuntimeError as e:  # no page-locked memory to be had: unload the way ComfyUI does
+            logger.warning("%s: no pinned host copy (%s); unloading to pageable memory", type(self.model).__name__, e)
+            self.model._xsr_host_copy = None
+            copied = 0
+            self.model.to(device_to)
         self.model.device = torch.device(device_to)
         if copied:
             logger.debug("%s: %.1f MiB copied to its pinned host copy", type(self.model).__name__, copied / 2**20)

@@ -217,6 +217,40 @@ def test_pinned_host_copy_is_made_once_and_refreshed_only_where_weights_changed(
         assert r["equal"] and r["params_kept"] and r["still_tied"], (mode, r)
 
 
+PIN_FAILS = """
+    common = importlib.import_module("comfyui_xsr.nodes.common")
+    from comfyui_xsr.xsr_core.models.rfa import RFA, RFAConfig
+
+    common._pinning_allowed = lambda: True  # as on a CUDA machine; here page-locked memory cannot be had
+    model = RFA(RFAConfig(clip_dim=32, width=32, depth=2, heads=4, num_patches=4, out_dim=32))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    patcher = common.WholeModelPatcher(model, load_device=torch.device("cuda"), offload_device=torch.device("cpu"))
+    warnings = []
+    logging.getLogger(common.__name__).addHandler(
+        type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})()
+    )
+    with torch.inference_mode():
+        patcher.unpatch_model(torch.device("cpu"), unpatch_weights=True)  # what ComfyUI's unload calls
+    out = {
+        "device": str(model.device),
+        "equal": all(torch.equal(model.state_dict()[k], v) for k, v in want.items()),
+        "host_copy": model._xsr_host_copy is not None,
+        "warnings": warnings,
+    }
+    Path(sys.argv[3]).write_text(json.dumps(out))
+"""
+
+
+def test_unload_without_page_locked_memory_falls_back_to_comfyui_s_way(tmp_path, comfy_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("page-locked memory can be had here: the failure is what this test needs")
+    r = run_worker(PIN_FAILS, tmp_path, comfy_dir)
+    assert r["device"] == "cpu" and r["equal"] and not r["host_copy"], r
+    assert any("no pinned host copy" in w for w in r["warnings"]), r
+
+
 CUDA_CYCLE = """
     import time
     common = importlib.import_module("comfyui_xsr.nodes.common")
