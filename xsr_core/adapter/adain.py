@@ -370,44 +370,95 @@ def _triton_kernel() -> Any:
     return _TRITON
 
 
+_FAST: bool | None = None  # direct launches: None until the first one is checked, then True, or False for good
+_RUNNERS: dict[tuple, Any] = {}  # launch key -> runner of the compiled kernel (see _adain_triton)
+_RUNNERS_MAX = 1024
+_STREAM: Any = None  # Triton's "current stream of device" function
+
+
+def _aligned(*ts: torch.Tensor) -> tuple[bool, ...]:
+    return tuple(t.data_ptr() % 16 == 0 for t in ts)
+
+
 def _adain_triton(
     h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, mask: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
+    """One launch of the fused kernel.
+
+    Triton's own launch (``kernel[grid](...)``) binds, specialises and looks up its cache in Python at every call,
+    and an eager SD1.5 step (host-bound) runs ~90 sites. So the compiled kernel of every
+    launch key (shapes, strides, dtype, mask or not, 16-byte alignment of each pointer: everything Triton
+    specialises on) is kept with its runner (``CompiledKernel[grid]``, Triton's launcher without the binding),
+    and later launches with that key go straight to it. Each new runner is checked once against the launch that
+    compiled it (same bits, outside CUDA-graph capture); if one fails or differs, direct launches are turned off
+    for good with one log line and Triton's launch is used.
+    """
     triton, kernel = _TRITON
     B, N, C = h.shape
     if not h.is_contiguous():
         h = h.contiguous()
     out = torch.empty_like(h)
-
-    def bstride(t):  # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
-        return 0 if t.shape[0] == 1 else t.stride(0)
-
+    m = mask.view(torch.uint8) if mask is not None else h
+    # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
+    sk = 0 if k.shape[0] == 1 else k.stride(0)
+    sc = 0 if c.shape[0] == 1 else c.stride(0)
+    so = 0 if omg.shape[0] == 1 else omg.stride(0)
     # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
     block_c = 16 if C >= 16 else triton.next_power_of_2(C)
     block_n = min(512, triton.next_power_of_2(N))
+    has_mask = mask is not None
+    args = (h, out, k, c, omg, m, N, C, h.stride(0), h.stride(1), sk, sc, so, 1.0 / N, eps, has_mask, block_n, block_c)
+    key = None
+    if _FAST is not False:
+        key = (
+            torch.cuda.current_device(),
+            h.dtype,
+            B,
+            N,
+            C,
+            h.stride(0),
+            h.stride(1),
+            sk,
+            sc,
+            so,
+            has_mask,
+            _aligned(h, out, k, c, omg, m),
+        )
+        runner = _RUNNERS.get(key)
+        if runner is not None:
+            runner(*args, stream=_STREAM(key[0]))
+            return out
     grid = (B, triton.cdiv(C, block_c))
-    kernel[grid](
-        h,
-        out,
-        k,
-        c,
-        omg,
-        mask.view(torch.uint8) if mask is not None else h,
-        N,
-        C,
-        h.stride(0),
-        h.stride(1),
-        bstride(k),
-        bstride(c),
-        bstride(omg),
-        1.0 / N,
-        eps,
-        HAS_MASK=mask is not None,
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
-        num_warps=8,
-    )
+    compiled = kernel[grid](*args[:15], HAS_MASK=has_mask, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
+    if key is not None and not torch.cuda.is_current_stream_capturing():
+        _check_runner(key, compiled, grid, args, out)
     return out
+
+
+def _check_runner(key: tuple, compiled: Any, grid: tuple, args: tuple, out: torch.Tensor) -> None:
+    """Keep ``compiled``'s direct runner for ``key`` if it gives the bits of the launch that made ``out``."""
+    global _FAST, _STREAM
+    try:
+        if _STREAM is None:
+            from triton.runtime import driver
+
+            _STREAM = driver.active.get_current_stream
+        runner = compiled[grid]
+        probe = torch.empty_like(out)
+        runner(*(args[:1] + (probe,) + args[2:]), stream=_STREAM(key[0]))
+        same = torch.equal(probe, out)
+        why = "" if same else "its output differs from Triton's launch"
+    except Exception as e:  # noqa: BLE001 - another Triton's API: its own launch keeps working
+        same, why = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if not same:
+        _FAST = False
+        _RUNNERS.clear()
+        logger.info("fused AdaIN kernel: direct launches off (%s); Triton's own launch is used", why)
+        return
+    _FAST = True
+    if len(_RUNNERS) >= _RUNNERS_MAX:
+        _RUNNERS.clear()
+    _RUNNERS[key] = runner
 
 
 def _adain_eager(
