@@ -333,6 +333,8 @@ def host_overhead(args) -> int:
             "sites": len(sites),
             "gate": args.gate,
             "triton": triton,
+            "direct_launch": adain_mod._FAST,
+            "direct_launch_off": adain_mod._FAST_OFF,
             "torch_threads": 1,
         },
         "results": results,
@@ -346,7 +348,8 @@ def host_overhead(args) -> int:
         f"{res['date']} · torch {res['torch']} · `{res['command']}`",
         "",
         f"{args.dtype}, batch {args.batch}, 4 tokens, {len(sites)} sites (SD1.5 U-Net + ControlNet), "
-        f"Triton {'on' if triton else 'not available'}",
+        f"Triton {'on' if triton else 'not available'}, direct launches {adain_mod._FAST}"
+        + (f" ({adain_mod._FAST_OFF})" if adain_mod._FAST_OFF else ""),
         "",
         "host µs = CPU time of the calling thread per site (median over rounds)",
         "",

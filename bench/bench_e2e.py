@@ -313,8 +313,14 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
         sync()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        around = captured.get("around_sample") if unique_id == "sample" else None  # a profiler (--profile-sampler)
         t = time.perf_counter()
-        out = await original_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
+        if around is None:
+            out = await original_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
+        else:
+            with around():
+                out = await original_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
+                sync()
         sync()
         dt = time.perf_counter() - t
         resident = sorted(
@@ -352,6 +358,63 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
     )
 
 
+def profile_sampler(run, new_lr, names: dict, kinds: list[str], steps: int, results: dict, captured: dict) -> str:
+    """cProfile + torch.profiler around the KSampler node of one eager run of each graph (after one unprofiled
+    run of it): the host work of a sampling run, by function and by aten op."""
+    import contextlib
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    buf = io.StringIO()
+    buf.write(f"{results['command']}\n{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+    buf.write(f"{results['device']}, torch {results['torch']}, ComfyUI {results['comfyui']}; eager, {steps} steps; ")
+    buf.write("only the KSampler node is profiled\n")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for kind in kinds:
+        run(graphs(new_lr(), names, steps, seed=7, mode="eager")[kind])  # warm: loaders and caches as when timed
+        prof = cProfile.Profile()
+
+        @contextlib.contextmanager
+        def with_cprofile():
+            prof.enable()
+            try:
+                yield
+            finally:
+                prof.disable()
+
+        holder = {}
+
+        @contextlib.contextmanager
+        def with_torch_profiler():
+            with profile(activities=acts) as tp:
+                yield
+            holder["tp"] = tp
+
+        try:
+            captured["around_sample"] = with_cprofile
+            _, tr = run(graphs(new_lr(), names, steps, seed=8, mode="eager")[kind])
+            sample_ms = sum(r["s"] for r in tr if r["node"] == "sample") * 1e3
+            st = pstats.Stats(prof, stream=buf)
+            buf.write(f"\n## {kind}: cProfile, KSampler {sample_ms:.1f} ms under the profiler, ")
+            buf.write(f"{st.total_calls} function calls ({st.total_calls / steps:.0f} a step)\n")
+            st.sort_stats("tottime").print_stats(40)
+            captured["around_sample"] = with_torch_profiler
+            _, tr = run(graphs(new_lr(), names, steps, seed=9, mode="eager")[kind])
+        finally:
+            captured.pop("around_sample", None)
+        sample_ms = sum(r["s"] for r in tr if r["node"] == "sample") * 1e3
+        ka = holder["tp"].key_averages()
+        n_ops = sum(e.count for e in ka if e.key.startswith("aten::"))
+        buf.write(f"\n## {kind}: torch.profiler, KSampler {sample_ms:.1f} ms under the profiler; {n_ops} aten ops ")
+        buf.write(f"({n_ops / steps:.0f} a step)\n")
+        buf.write(ka.table(sort_by="count", row_limit=30) + "\n")
+    return buf.getvalue()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", required=True, help="ComfyUI folder")
@@ -380,6 +443,13 @@ def main(argv=None) -> int:
         help="record every CUDA allocation's Python stack from the start and write e2e_memory_<device>[_tag].txt: "
         "the live allocations at the end by the code that made them (recording slows allocation: time nothing "
         "with it)",
+    )
+    ap.add_argument(
+        "--profile-sampler",
+        action="store_true",
+        help="last: one eager run of each graph at the first step count under cProfile (functions by own time) and "
+        "torch.profiler (aten ops by count) and write e2e_profile_<device>[_tag].txt: where the host time of the "
+        "XSR graph's extra per-step work goes (profiling slows both graphs: time nothing with it)",
     )
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
@@ -524,6 +594,10 @@ def main(argv=None) -> int:
                 print(json.dumps(chk), flush=True)
     if "compile" in modes:  # last: its warm-ups compile, the slowest part of a run
         time_mode("compile")
+    if args.profile_sampler:
+        (out / f"e2e_profile_{tag}.txt").write_text(
+            profile_sampler(run, new_lr, names, kinds, steps_list[0], results, captured)
+        )
     for name, mod in list(sys.modules.items()):
         cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
         if cache is not None:

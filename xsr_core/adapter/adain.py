@@ -371,6 +371,7 @@ def _triton_kernel() -> Any:
 
 
 _FAST: bool | None = None  # direct launches: None until the first one is checked, then True, or False for good
+_FAST_OFF = ""  # why direct launches were turned off
 _RUNNERS: dict[tuple, Any] = {}  # launch key -> runner of the compiled kernel (see _adain_triton)
 _RUNNERS_MAX = 1024
 _STREAM: Any = None  # Triton's "current stream of device" function
@@ -388,8 +389,8 @@ def _adain_triton(
     Triton's own launch (``kernel[grid](...)``) binds, specialises and looks up its cache in Python at every call,
     and an eager SD1.5 step (host-bound) runs ~90 sites. So the compiled kernel of every
     launch key (shapes, strides, dtype, mask or not, 16-byte alignment of each pointer: everything Triton
-    specialises on) is kept with its runner (``CompiledKernel[grid]``, Triton's launcher without the binding),
-    and later launches with that key go straight to it. Each new runner is checked once against the launch that
+    specialises on) is kept with its launcher, and later launches with that key go straight to it (see
+    :func:`_check_runner`). Each new runner is checked once against the launch that
     compiled it (same bits, outside CUDA-graph capture); if one fails or differs, direct launches are turned off
     for good with one log line and Triton's launch is used.
     """
@@ -424,9 +425,10 @@ def _adain_triton(
             has_mask,
             _aligned(h, out, k, c, omg, m),
         )
-        runner = _RUNNERS.get(key)
-        if runner is not None:
-            runner(*args, stream=_STREAM(key[0]))
+        direct = _RUNNERS.get(key)
+        if direct is not None:
+            run, g0, g1, function, meta = direct
+            run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *args)
             return out
     grid = (B, triton.cdiv(C, block_c))
     compiled = kernel[grid](*args[:15], HAS_MASK=has_mask, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
@@ -436,29 +438,45 @@ def _adain_triton(
 
 
 def _check_runner(key: tuple, compiled: Any, grid: tuple, args: tuple, out: torch.Tensor) -> None:
-    """Keep ``compiled``'s direct runner for ``key`` if it gives the bits of the launch that made ``out``."""
-    global _FAST, _STREAM
+    """Keep ``compiled``'s launcher for ``key`` if a direct launch gives the bits of the launch that made ``out``.
+
+    The direct launch is the call Triton's own launch ends in (``CompiledKernel.run``: grid, stream, function,
+    metadata, no launch hooks, then every kernel argument), so none is made while Triton's launch hooks are set
+    (a profiler such as proton would miss it).
+    """
+    global _FAST, _FAST_OFF, _STREAM
     try:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        hooks = (
+            (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+            if knobs is not None
+            else (compiled.launch_enter_hook, compiled.launch_exit_hook)
+        )
+        if any(hook is not None for hook in hooks):
+            raise RuntimeError("Triton launch hooks are set (a profiler?)")
         if _STREAM is None:
             from triton.runtime import driver
 
             _STREAM = driver.active.get_current_stream
-        runner = compiled[grid]
+        direct = (compiled.run, grid[0], grid[1], compiled.function, compiled.packed_metadata)
+        run, g0, g1, function, meta = direct
         probe = torch.empty_like(out)
-        runner(*(args[:1] + (probe,) + args[2:]), stream=_STREAM(key[0]))
+        run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *(args[:1] + (probe,) + args[2:]))
         same = torch.equal(probe, out)
         why = "" if same else "its output differs from Triton's launch"
     except Exception as e:  # noqa: BLE001 - another Triton's API: its own launch keeps working
         same, why = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if not same:
-        _FAST = False
+        _FAST, _FAST_OFF = False, why
         _RUNNERS.clear()
         logger.info("fused AdaIN kernel: direct launches off (%s); Triton's own launch is used", why)
         return
     _FAST = True
     if len(_RUNNERS) >= _RUNNERS_MAX:
         _RUNNERS.clear()
-    _RUNNERS[key] = runner
+    _RUNNERS[key] = direct
 
 
 def _adain_eager(
