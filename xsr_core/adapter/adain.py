@@ -377,38 +377,32 @@ _RUNNERS_MAX = 1024
 _STREAM: Any = None  # Triton's "current stream of device" function
 
 
-def _aligned(*ts: torch.Tensor) -> tuple[bool, ...]:
-    return tuple(t.data_ptr() % 16 == 0 for t in ts)
-
-
 def _adain_triton(
     h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, mask: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """One launch of the fused kernel.
 
     Triton's own launch (``kernel[grid](...)``) binds, specialises and looks up its cache in Python at every call,
-    and an eager SD1.5 step (host-bound) runs ~90 sites. So the compiled kernel of every
-    launch key (shapes, strides, dtype, mask or not, 16-byte alignment of each pointer: everything Triton
-    specialises on) is kept with its launcher, and later launches with that key go straight to it (see
-    :func:`_check_runner`). Each new runner is checked once against the launch that
-    compiled it (same bits, outside CUDA-graph capture); if one fails or differs, direct launches are turned off
-    for good with one log line and Triton's launch is used.
+    and an eager SD1.5 step (host-bound) runs ~90 sites. So the compiled kernel of every launch key (shapes,
+    strides, dtype, mask or not, each pointer's offset from 16-byte alignment: everything Triton specialises on)
+    is kept with its launcher, and later launches with that key go straight to it. Each kept launcher is checked
+    once against the launch that compiled it (same bits; never during CUDA-graph capture, which cannot sync); if
+    one fails or differs, direct launches are off for good with one log line and Triton's launch is used
+    (:func:`_check_runner`).
     """
     triton, kernel = _TRITON
     B, N, C = h.shape
     if not h.is_contiguous():
         h = h.contiguous()
-    out = torch.empty_like(h)
-    m = mask.view(torch.uint8) if mask is not None else h
+    out = torch.empty_like(h)  # from the caching allocator: always 16-byte aligned (not in the key)
+    has_mask = mask is not None
+    m = mask.view(torch.uint8) if has_mask else h
+    sb, sn = h.stride()[:2]
     # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
     sk = 0 if k.shape[0] == 1 else k.stride(0)
     sc = 0 if c.shape[0] == 1 else c.stride(0)
     so = 0 if omg.shape[0] == 1 else omg.stride(0)
-    # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
-    block_c = 16 if C >= 16 else triton.next_power_of_2(C)
-    block_n = min(512, triton.next_power_of_2(N))
-    has_mask = mask is not None
-    args = (h, out, k, c, omg, m, N, C, h.stride(0), h.stride(1), sk, sc, so, 1.0 / N, eps, has_mask, block_n, block_c)
+    head = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
     key = None
     if _FAST is not False:
         key = (
@@ -417,27 +411,34 @@ def _adain_triton(
             B,
             N,
             C,
-            h.stride(0),
-            h.stride(1),
+            sb,
+            sn,
             sk,
             sc,
             so,
             has_mask,
-            _aligned(h, out, k, c, omg, m),
+            h.data_ptr() & 15,
+            k.data_ptr() & 15,
+            c.data_ptr() & 15,
+            omg.data_ptr() & 15,
+            m.data_ptr() & 15,
         )
         direct = _RUNNERS.get(key)
         if direct is not None:
-            run, g0, g1, function, meta = direct
-            run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *args)
+            run, g0, g1, function, meta, tail = direct
+            run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *head, *tail)
             return out
+    # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
+    block_c = 16 if C >= 16 else triton.next_power_of_2(C)
+    block_n = min(512, triton.next_power_of_2(N))
     grid = (B, triton.cdiv(C, block_c))
-    compiled = kernel[grid](*args[:15], HAS_MASK=has_mask, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
+    compiled = kernel[grid](*head, HAS_MASK=has_mask, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
     if key is not None and not torch.cuda.is_current_stream_capturing():
-        _check_runner(key, compiled, grid, args, out)
+        _check_runner(key, compiled, grid, head, (has_mask, block_n, block_c), out)
     return out
 
 
-def _check_runner(key: tuple, compiled: Any, grid: tuple, args: tuple, out: torch.Tensor) -> None:
+def _check_runner(key: tuple, compiled: Any, grid: tuple, head: tuple, tail: tuple, out: torch.Tensor) -> None:
     """Keep ``compiled``'s launcher for ``key`` if a direct launch gives the bits of the launch that made ``out``.
 
     The direct launch is the call Triton's own launch ends in (``CompiledKernel.run``: grid, stream, function,
@@ -454,16 +455,30 @@ def _check_runner(key: tuple, compiled: Any, grid: tuple, args: tuple, out: torc
             if knobs is not None
             else (compiled.launch_enter_hook, compiled.launch_exit_hook)
         )
-        if any(hook is not None for hook in hooks):
+        # a hook is set unless None or an empty HookChain (Triton >= 3.5: always a chain, empty by default)
+        if any(hook is not None and getattr(hook, "calls", True) for hook in hooks):
             raise RuntimeError("Triton launch hooks are set (a profiler?)")
         if _STREAM is None:
             from triton.runtime import driver
 
             _STREAM = driver.active.get_current_stream
-        direct = (compiled.run, grid[0], grid[1], compiled.function, compiled.packed_metadata)
-        run, g0, g1, function, meta = direct
+        direct = (compiled.run, grid[0], grid[1], compiled.function, compiled.packed_metadata, tail)
         probe = torch.empty_like(out)
-        run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *(args[:1] + (probe,) + args[2:]))
+        compiled.run(
+            grid[0],
+            grid[1],
+            1,
+            _STREAM(key[0]),
+            compiled.function,
+            compiled.packed_metadata,
+            None,
+            None,
+            None,
+            *head[:1],
+            probe,
+            *head[2:],
+            *tail,
+        )
         same = torch.equal(probe, out)
         why = "" if same else "its output differs from Triton's launch"
     except Exception as e:  # noqa: BLE001 - another Triton's API: its own launch keeps working
