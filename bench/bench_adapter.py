@@ -217,6 +217,20 @@ def _identity(h, *args, **kwargs):
     return h
 
 
+def with_attr(fn, obj, name: str, value):
+    """``fn`` with ``obj.name`` set to ``value`` during each call (restored after it)."""
+
+    def run(*a, **k):
+        before = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            return fn(*a, **k)
+        finally:
+            setattr(obj, name, before)
+
+    return run
+
+
 def host_overhead(args) -> int:
     """Host-side cost of one adapter site: median microseconds per call over every site of the SD1.5 layout."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -259,34 +273,14 @@ def host_overhead(args) -> int:
             for fn in variants.values():
                 for i, bid, site in sites:
                     fn(i, bid, site)
+        adain_mod = importlib.import_module("xsr_core.adapter.adain")  # the module (the package exports a function)
+
         # the binding's own Python per site, without the math: the same calls with adain_apply stubbed out
-
-        adain_mod = importlib.import_module(
-            "xsr_core.adapter.adain"
-        )  # the module (the package exports a function adain)
-
-        real_apply = adain_mod.adain_apply
-
         def python_only(fn):
-            def run(i, bid, site):
-                adain_mod.adain_apply = _identity
-                try:
-                    return fn(i, bid, site)
-                finally:
-                    adain_mod.adain_apply = real_apply
+            return with_attr(fn, adain_mod, "adain_apply", _identity)
 
-            return run
-
-        def triton_launch(fn):  # the fused kernel through Triton's own launch (no direct runners)
-            def run(i, bid, site):
-                fast = adain_mod._FAST
-                adain_mod._FAST = False
-                try:
-                    return fn(i, bid, site)
-                finally:
-                    adain_mod._FAST = fast
-
-            return run
+        def triton_launch(fn):  # the fused kernel through Triton's own launch (no direct launches)
+            return with_attr(fn, adain_mod, "_FAST", False)
 
         if adain_mod._TRITON:
             variants["AdapterForward.apply, Triton's own launch"] = triton_launch(variants["AdapterForward.apply"])
@@ -431,24 +425,13 @@ def main(argv=None) -> int:
             with binding.embedding(inp["E"]):
                 full_step(unet, controlnet, inp)
 
-        def eager_step():
-            adapter.use_triton = False
-            try:
-                with binding.embedding(stats=stats):
-                    full_step(unet, controlnet, inp)
-            finally:
-                adapter.use_triton = True
+        def adapter_step():
+            with binding.embedding(stats=stats):
+                full_step(unet, controlnet, inp)
 
+        eager_step = with_attr(adapter_step, adapter, "use_triton", False)
         adain_mod = importlib.import_module("xsr_core.adapter.adain")
-
-        def triton_launch_step():  # the fused kernel through Triton's own launch (no direct runners)
-            fast = adain_mod._FAST
-            adain_mod._FAST = False
-            try:
-                with binding.embedding(stats=stats):
-                    full_step(unet, controlnet, inp)
-            finally:
-                adain_mod._FAST = fast
+        triton_launch_step = with_attr(adapter_step, adain_mod, "_FAST", False)  # the kernel through Triton's launch
 
         def rows_step():
             with binding.embedding(stats=stats1, rows=rows):
