@@ -447,9 +447,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--profile-sampler",
         action="store_true",
-        help="last: one eager run of each graph at the first step count under cProfile (functions by own time) and "
-        "torch.profiler (aten ops by count) and write e2e_profile_<device>[_tag].txt: where the host time of the "
-        "XSR graph's extra per-step work goes (profiling slows both graphs: time nothing with it)",
+        help="last: per graph, after one unprofiled eager run at the first step count, its KSampler node under "
+        "cProfile (functions by own time) in a second run and under torch.profiler (aten ops by count) in a third; "
+        "writes e2e_profile_<device>[_tag].txt: where the host time of the XSR graph's extra per-step work goes "
+        "(profiling slows both graphs: time nothing with it)",
     )
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
