@@ -50,6 +50,8 @@ if str(ROOT) not in sys.path:
 from xsr_core.adapter import AdaINAdapter, AdaINAdapterConfig  # noqa: E402
 from xsr_core.testing.sd15 import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG  # noqa: E402
 
+adain_mod = importlib.import_module("xsr_core.adapter.adain")  # the module (the package exports a function adain)
+
 TINY_UNET_CONFIG = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8)
 TINY_CONTROLNET_CONFIG = dict(
     SD15_CONTROLNET_CONFIG,
@@ -209,7 +211,7 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
             worst["eager_rel_err"] = max(worst["eager_rel_err"], rel(outs[False], ref))
             worst["triton_vs_eager_rel"] = max(worst["triton_vs_eager_rel"], rel(outs[True], outs[False]))
 
-    worst["triton_available"] = bool(importlib.import_module("xsr_core.adapter.adain")._TRITON)
+    worst["triton_available"] = bool(adain_mod._TRITON)
     return worst
 
 
@@ -273,7 +275,6 @@ def host_overhead(args) -> int:
             for fn in variants.values():
                 for i, bid, site in sites:
                     fn(i, bid, site)
-        adain_mod = importlib.import_module("xsr_core.adapter.adain")  # the module (the package exports a function)
 
         # the binding's own Python per site, without the math: the same calls with adain_apply stubbed out
         def python_only(fn):
@@ -430,7 +431,6 @@ def main(argv=None) -> int:
                 full_step(unet, controlnet, inp)
 
         eager_step = with_attr(adapter_step, adapter, "use_triton", False)
-        adain_mod = importlib.import_module("xsr_core.adapter.adain")
         triton_launch_step = with_attr(adapter_step, adain_mod, "_FAST", False)  # the kernel through Triton's launch
 
         def rows_step():

@@ -268,7 +268,7 @@ def _triton_or_skip():
 
 
 @pytest.mark.parametrize("mask_rows", [None, (True, False)])
-def test_fused_kernel_direct_launch_on_cuda(mask_rows):
+def test_fused_kernel_direct_launch_on_cuda(mask_rows, monkeypatch):
     """Direct launches of the compiled kernel (no Triton binding per call) give Triton's launch's bits; the
     second launch with a key takes the direct runner (Triton's JIT is taken away to prove it)."""
     A = _triton_or_skip()
@@ -287,12 +287,9 @@ def test_fused_kernel_direct_launch_on_cuda(mask_rows):
             ref = A._adain_eager(h, k, c, omg, mask, 1e-5)
             first = A._adain_triton(h, k, c, omg, mask, 1e-5)  # Triton's launch, then the runner is checked
             assert A._FAST is True, "the direct runner was turned off (see the log)"
-            jit = A._TRITON
-            A._TRITON = (jit[0], None)  # no JIT kernel: only a kept runner can launch
-            try:
+            with monkeypatch.context() as m:
+                m.setattr(A, "_TRITON", (A._TRITON[0], None))  # no JIT kernel: only a kept runner can launch
                 again = A._adain_triton(h, k, c, omg, mask, 1e-5)
-            finally:
-                A._TRITON = jit
             assert torch.equal(first, again), (dtype, B, N, C)
             tol = 2e-2 if dtype != torch.float32 else 1e-4
             err = float((again.float() - ref.float()).abs().max()) / max(1.0, float(ref.float().abs().max()))
@@ -301,7 +298,7 @@ def test_fused_kernel_direct_launch_on_cuda(mask_rows):
                 assert torch.equal(again[1], h[1])  # unselected rows keep h's bits
 
 
-def test_fused_kernel_launches_inside_cuda_graph_capture():
+def test_fused_kernel_launches_inside_cuda_graph_capture(monkeypatch):
     """A key first seen during CUDA-graph capture launches through Triton without the (syncing) runner check;
     a kept runner is captured like any launch; replays match eager."""
     A = _triton_or_skip()
@@ -314,12 +311,10 @@ def test_fused_kernel_launches_inside_cuda_graph_capture():
         return tuple(torch.rand(1, 1, C, device=dev, dtype=torch.float16, generator=g) + 0.5 for _ in range(3))
 
     e1, e2 = entry(48), entry(40)
+    A._adain_triton(h, *e1, None, 1e-5)  # compile outside the capture (a capture cannot compile)...
+    monkeypatch.setattr(A, "_RUNNERS", {})  # ...but keep no runner for it: the capture sees a new key
     A._adain_triton(kept, *e2, None, 1e-5)  # this key's runner is kept before the capture
-    keys = len(A._RUNNERS)
-    A._adain_triton(h, *e1, None, 1e-5)  # compile outside the capture (a capture cannot compile)
-    A._RUNNERS.clear()  # ...but keep no runner for it: the capture sees a new key
-    A._adain_triton(kept, *e2, None, 1e-5)
-    assert len(A._RUNNERS) == 1 <= keys
+    assert len(A._RUNNERS) == 1
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -463,22 +463,9 @@ def _check_runner(key: tuple, compiled: Any, grid: tuple, head: tuple, tail: tup
 
             _STREAM = driver.active.get_current_stream
         direct = (compiled.run, grid[0], grid[1], compiled.function, compiled.packed_metadata, tail)
+        run, g0, g1, function, meta, _ = direct
         probe = torch.empty_like(out)
-        compiled.run(
-            grid[0],
-            grid[1],
-            1,
-            _STREAM(key[0]),
-            compiled.function,
-            compiled.packed_metadata,
-            None,
-            None,
-            None,
-            *head[:1],
-            probe,
-            *head[2:],
-            *tail,
-        )
+        run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *head[:1], probe, *head[2:], *tail)
         same = torch.equal(probe, out)
         why = "" if same else "its output differs from Triton's launch"
     except Exception as e:  # noqa: BLE001 - another Triton's API: its own launch keeps working
