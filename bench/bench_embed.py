@@ -102,7 +102,7 @@ def _gpu_decode_img_s(paths: list[str], batch_size: int, threads: int, device) -
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from xsr_core.refdb.build import RAW_MAX_PIXELS, _encode, batch_pixels, make_loader
+    from xsr_core.refdb.build import RAW_MAX_PIXELS, _encode, batch_pixels, encode_batches, make_loader
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=max(1, (os.cpu_count() or 2) - 1),
         help="loader processes (default: one per core, one core left to the main process)",
+    )
+    p.add_argument(
+        "--pipeline-rounds", type=int, default=3, help="full-pipeline runs of each loop, alternating (median reported)"
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
@@ -189,25 +192,48 @@ def main(argv: list[str] | None = None) -> int:
         # (c') the same loader with full-size JPEG decoding (no libjpeg draft), side by side
         res["loader_only_full_decode_img_s"] = loader_img_s(draft=False)
 
-        # (a) full pipeline, as in `refdb build` (loader workers started fresh, timed end to end)
-        loader = new_loader()
-        t = time.time()
-        first = None
-        n_done = 0
-        for b in loader:
-            if b.n_ok:
-                _encode(enc, batch_pixels(b, device))
-            n_done += len(b.samples)
-            if first is None:
-                sync()
-                first = (time.time(), n_done)
-        sync()
-        total = time.time() - t
-        res["pipeline_img_s"] = n_done / total
-        res["pipeline_steady_img_s"] = (
-            (n_done - first[1]) / max(1e-9, time.time() - first[0]) if n_done > first[1] else None
-        )
-        res["pipeline_s"] = total
+        # (a) full pipeline, as in `refdb build` (loader workers started fresh, timed end to end): the build's
+        # encode_batches, side by side with the loop it replaced (in_flight=0: encode, read back, next batch),
+        # alternating, `--pipeline-rounds` runs each
+        def pipeline(in_flight: int) -> dict:
+            loader = new_loader()
+            t = time.time()
+            first = None
+            n_done = 0
+            for b, _ in encode_batches(loader, enc, in_flight=in_flight):
+                n_done += len(b.samples)
+                if first is None:
+                    first = (time.time(), n_done)
+            total = time.time() - t  # encode_batches has read back every vector: nothing left to wait for
+            steady = (n_done - first[1]) / max(1e-9, time.time() - first[0]) if n_done > first[1] else None
+            return dict(img_s=n_done / total, steady_img_s=steady, s=total, first_batch_s=first[0] - t)
+
+        # worker start-up alone: the DataLoader forks its workers one after another when first iterated
+        starts = []
+        for _ in range(3):
+            loader = new_loader()
+            t = time.time()
+            it = iter(loader.loader) if hasattr(loader, "loader") else iter(loader)
+            starts.append(time.time() - t)
+            del it, loader
+        res["worker_start_s"] = float(np.median(starts))
+
+        runs: dict[int, list[dict]] = {1: [], 0: []}
+        for _ in range(args.pipeline_rounds):
+            for k in runs:
+                runs[k].append(pipeline(k))
+
+        def med(k: int, key: str):
+            vals = [r[key] for r in runs[k] if r[key] is not None]
+            return float(np.median(vals)) if vals else None
+
+        res["pipeline_runs"] = {f"in_flight_{k}": v for k, v in runs.items()}
+        res["pipeline_img_s"] = med(1, "img_s")
+        res["pipeline_steady_img_s"] = med(1, "steady_img_s")
+        res["pipeline_s"] = med(1, "s")
+        res["pipeline_first_batch_s"] = med(1, "first_batch_s")
+        res["pipeline_sync_img_s"] = med(0, "img_s")
+        res["pipeline_sync_steady_img_s"] = med(0, "steady_img_s")
         # (d) GPU JPEG decode (nvJPEG through torchvision.io.decode_jpeg on CUDA) instead of the PIL workers:
         # file reads + sha256 on a thread pool, batched decode on the device, the same CLIP crop
         res["gpu_decode_img_s"] = _gpu_decode_img_s(paths, args.batch_size, args.workers, device) if raw else None
@@ -241,13 +267,28 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| measure | img/s |",
         "|---|---|",
-        f"| full pipeline (loader workers + encoder), end to end | {res['pipeline_img_s']:.0f} |",
+        f"| full pipeline (loader workers + encoder, `encode_batches`), end to end | {res['pipeline_img_s']:.0f} |",
         f"| full pipeline, after the first batch | {res['pipeline_steady_img_s'] or float('nan'):.0f} |",
+        f"| full pipeline, the loop before (encode, read back, then the next batch), end to end | "
+        f"{res['pipeline_sync_img_s']:.0f} |",
+        f"| the loop before, after the first batch | {res['pipeline_sync_steady_img_s'] or float('nan'):.0f} |",
         f"| encoder alone (resident batch) | {res['encoder_only_img_s']:.0f} |",
         f"| loader alone (draft JPEG decode + hash + CLIP crop on {res['crop_on']}) | {res['loader_only_img_s']:.0f} |",
         f"| loader alone, full-size JPEG decode (before) | {res['loader_only_full_decode_img_s']:.0f} |",
         "| GPU JPEG decode (torchvision nvJPEG, reads + sha256 on threads) + CLIP crop | "
         + (f"{res['gpu_decode_img_s']:.0f} |" if res["gpu_decode_img_s"] else "not measured (CPU run) |"),
+    ]
+    md += [
+        "",
+        f"Full pipeline: median of {args.pipeline_rounds} runs of each loop, alternating; first batch after "
+        f"{res['pipeline_first_batch_s']:.2f} s (median; of which starting the {args.workers} workers "
+        f"{res['worker_start_s']:.2f} s, median of 3). Per run (img/s, "
+        "end to end / after the first batch):",
+        "",
+        *(
+            f"- {k}: " + ", ".join(f"{r['img_s']:.0f} / {r['steady_img_s'] or float('nan'):.0f}" for r in v)
+            for k, v in res["pipeline_runs"].items()
+        ),
     ]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

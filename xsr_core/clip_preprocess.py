@@ -19,6 +19,8 @@ float32 on the input's device. The build data loader runs steps 1-3 in its worke
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .imaging import ensure_rgb, resize_center_crop_chw
@@ -57,12 +59,25 @@ def resize_crop_u8(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     return (x * 255.0).clamp(0.0, 255.0).round().to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OpenAI mean / std as float32 ``(1, 3, 1, 1)`` tensors on ``device``, made once per device.
+
+    Building them at every call copied two pageable host buffers to the GPU, and PyTorch waits for
+    such a copy (a stream sync per call: the DB build's encoder could not run ahead of the host).
+    Made outside inference mode so training code can use them too.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        mean = torch.tensor(OPENAI_CLIP_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize_u8(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Step 4: uint8 ``(B,3,H,W)`` → CLIP-normalised floats of ``dtype`` on the same device."""
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"normalize_u8 takes uint8 (B,3,H,W) pixels, got {pixels.dtype} {tuple(pixels.shape)}")
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _mean_std(pixels.device)
     return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from xsr_core.refdb.build import _FileDataset
@@ -57,8 +58,6 @@ def test_loader_drafts_only_when_not_packing(tmp_path):
 def test_worker_sub_batches_regroup_to_the_callers_batches_in_order(tmp_path):
     """With workers, each batch is decoded as parallel sub-batches and handed back whole, in file order:
     same samples, same CLIP crops (raw on the 'device' path too) as the single-process loader."""
-    import torch
-
     from xsr_core.refdb.loader import BatchGroup, batch_pixels, make_loader, worker_batch_size
 
     rng = np.random.default_rng(0)
@@ -86,3 +85,40 @@ def test_worker_sub_batches_regroup_to_the_callers_batches_in_order(tmp_path):
     # an empty caller batch comes back as an empty group, in its place
     got = list(make_loader(items, [[0, 1], [], [2]], workers=2, min_side=1, pack=None))
     assert [[s.seq for s in g.samples] for g in got] == [[0, 1], [], [2]] and got[1].n_ok == 0
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_encode_batches_gives_each_batch_its_own_vectors_in_order(tmp_path, device):
+    """The build's encode loop keeps batches in flight on the device: each batch still comes back with
+    exactly the vectors `_encode` gives it alone (bit for bit), in loader order, for any depth."""
+    from xsr_core.clip_vision import ClipVisionEncoder
+    from xsr_core.refdb.encode import _encode, encode_batches
+    from xsr_core.refdb.loader import batch_pixels, make_loader
+    from xsr_core.testing.tiny_clip import make_tiny_clip_vision
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(23):
+        w, h = int(rng.integers(230, 330)), int(rng.integers(230, 330))
+        p = tmp_path / f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    items = list(enumerate([*paths[:5], str(tmp_path / "bad.jpg"), *paths[5:]]))
+    batches = [list(range(s, min(s + 5, len(items)))) for s in range(0, len(items), 5)] + [[5]]  # last: no ok file
+    enc = ClipVisionEncoder.from_file(make_tiny_clip_vision(tmp_path / "clip.safetensors"), device=torch.device(device))
+    raw = 2_100_000 if device == "cuda" else None
+
+    def loader():
+        return make_loader(items, batches, workers=0, min_side=1, pack=None, raw_max_pixels=raw)
+
+    ref = [(b, _encode(enc, batch_pixels(b, enc.device)) if b.n_ok else None) for b in loader()]
+    assert ref[-1][1] is None and ref[1][1].shape == (4, enc.dim)  # the bad file is skipped
+    for depth in (0, 1, 3):
+        got = list(encode_batches(loader(), enc, in_flight=depth))
+        assert [[s.seq for s in b.samples] for b, _ in got] == batches
+        for (_, g), (_, r) in zip(got, ref):
+            assert (g is None and r is None) or np.array_equal(g, r)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import BuildConfig, parse_shard
-from .encode import _encode, _progress, load_encoder, process_pending, resolve_device
+from .encode import _encode, _progress, encode_batches, load_encoder, process_pending, resolve_device
 from .finalize import _exclude_items, _gather_vectors, _prepare_exclusions, finalize
 from .images import discover_images, read_list_file
 from .loader import RAW_MAX_PIXELS, DecodedBatch, _FileDataset, batch_pixels, die_with_parent, make_loader, source_roots
@@ -45,6 +45,7 @@ __all__ = [  # the entry points, and the names of the step modules this module a
     "batch_pixels",
     "build_db",
     "die_with_parent",
+    "encode_batches",
     "export_db",
     "finalize",
     "load_encoder",

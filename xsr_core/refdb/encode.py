@@ -4,11 +4,12 @@ written atomically and committed in one SQLite transaction each (the unit of res
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,10 +52,49 @@ def load_encoder(path, device: str = "auto", precision: str = "auto"):
 
 def _encode(encoder, x: torch.Tensor) -> np.ndarray:
     """CLS of uint8 crops (B, 3, 224, 224) → L2-normalised float32 (B, D)."""
+    return _encode_start(encoder, x)()
+
+
+def _encode_start(encoder, x: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Queue the encoding of uint8 crops (B, 3, 224, 224); the returned call waits and gives :func:`_encode`'s result.
+
+    On CUDA the CLS vectors are copied into pinned host memory behind the encoder's kernels and an event
+    marks the copy, so the host is free until the call (on CPU the work is done here).
+    """
     if encoder.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
         x = x.pin_memory()
-    cls = encoder.encode_cls_u8(x)
-    return index_mod.normalize(cls.float().cpu().numpy())
+    cls = encoder.encode_cls_u8(x).float()
+    if cls.device.type != "cuda":
+        out = index_mod.normalize(cls.cpu().numpy())
+        return lambda: out
+    host = torch.empty(cls.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(cls, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> np.ndarray:
+        done.synchronize()
+        return index_mod.normalize(host.numpy())
+
+    return wait
+
+
+def encode_batches(loader: Iterable, encoder, *, in_flight: int = 1) -> Iterator[tuple[object, np.ndarray | None]]:
+    """``(batch, L2-normalised CLS of its ok files or None)`` for each loader batch, in loader order.
+
+    Up to ``in_flight`` batches are queued on the device before the oldest one's vectors are read back,
+    so the encoder computes while the host receives the next batch from the loader workers and crops it
+    (0: encode, wait, then take the next batch — the build loop before this existed).
+    """
+    queue: collections.deque = collections.deque()
+    for batch in loader:
+        queue.append((batch, _encode_start(encoder, batch_pixels(batch, encoder.device)) if batch.n_ok else None))
+        while len(queue) > in_flight:
+            done, wait = queue.popleft()
+            yield done, wait() if wait is not None else None
+    while queue:
+        done, wait = queue.popleft()
+        yield done, wait() if wait is not None else None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -116,9 +156,9 @@ def process_pending(
     gi, buf_samples, buf_emb = 0, [], []
     t0 = time.time()
     with _progress(len(items), f"encoding {db_dir.name}", cfg.progress) as bar:
-        for batch in loader:
-            if batch.n_ok:
-                buf_emb.append(_encode(encoder, batch_pixels(batch, encoder.device)))
+        for batch, emb_batch in encode_batches(loader, encoder):
+            if emb_batch is not None:
+                buf_emb.append(emb_batch)
             buf_samples.extend(batch.samples)
             bar.update(len(batch.samples))
             done_files += len(batch.samples)

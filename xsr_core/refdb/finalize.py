@@ -19,9 +19,9 @@ from ..clip_preprocess import PREPROCESS_VERSION
 from ..paths import PathConfinementError, within
 from . import index as index_mod
 from .config import BuildConfig
-from .encode import _encode
+from .encode import encode_batches
 from .images import discover_images
-from .loader import batch_pixels, make_loader
+from .loader import make_loader
 from .store import (
     DB_FORMAT_VERSION,
     EMB_DIR,
@@ -246,14 +246,14 @@ def _prepare_exclusions(db_dir: Path, man: Manifest, encoder, exclude: Sequence[
     if spec:
         batches = [list(range(s, min(s + cfg.batch_size, len(spec)))) for s in range(0, len(spec), cfg.batch_size)]
         loader = make_loader(list(enumerate(spec)), batches, workers=min(cfg.workers, 2), min_side=1, pack=None)
-        for batch in loader:
+        for batch, emb in encode_batches(loader, encoder):
             for s in batch.samples:
                 if s.sha256:
                     hashes.setdefault(s.sha256, spec[s.seq])
                 if not s.ok:
                     logger.warning("--exclude %s cannot be decoded (%s): excluded by hash only", spec[s.seq], s.reason)
-            if batch.n_ok:
-                vecs.append(_encode(encoder, batch_pixels(batch, encoder.device)))
+            if emb is not None:
+                vecs.append(emb)
                 vec_paths.extend(spec[s.seq] for s in batch.samples if s.ok)
         logger.info("exclusion set: %d files, %d embeddings", len(spec), sum(len(v) for v in vecs))
     write_npy_atomic(db_dir / EXCLUDE_EMB, np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32))
