@@ -5,7 +5,8 @@ Real-size SD1.5 U-Net and ControlNet (diffusers configs written below, random we
 fp16, latent 64x64 (512 px), batch 2 (a CFG pair), text context (2, 77, 768), hint (2, 3, 512, 512),
 image tokens E (2 or 1, 257, 1024). Every gate is set non-zero so every site is computed.
 
-Variants (median step time from CUDA events after warm-up, interleaved over several rounds):
+Variants (median step time from CUDA events after warm-up, interleaved over several rounds; then ``--paired``
+pairs of plain and adapter eager steps back to back, the per-pair ratio robust to the host's drift):
   unet                       U-Net alone, unpatched
   unet+adapter               U-Net with the adapter, stats cached (computed once, outside the loop)
   unet+cn                    ControlNet + U-Net, unpatched
@@ -71,12 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant and round (default 20, tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 10, tiny 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all variants")
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=None,
+        help="paired eager plain/adapter steps after the rounds (default 100, tiny 2)",
+    )
     p.add_argument("--gate", type=float, default=0.1, help="value of every gate (non-zero: every site computed)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for adapter_<device>.{json,md}")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     args.steps = args.steps or (3 if args.tiny else 30)
+    args.paired = args.paired if args.paired is not None else (2 if args.tiny else 100)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
     if args.batch < 2:
         p.error("--batch must be >= 2 (the rows variant selects the first row of a CFG pair)")
@@ -480,6 +488,28 @@ def main(argv=None) -> int:
             for name, fn in graphs.items():
                 measure(name, fn)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+        def one_step(fn) -> tuple[float, float]:
+            """Wall and calling-thread CPU milliseconds of one step, synchronised on both sides."""
+            if cuda:
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
+
+        # paired eager steps: plain and adapter step back to back, order flipped every pair, so the host's
+        # drift (2-3x over minutes on the device machine) falls on both halves of a pair alike
+        pairs: list[dict[str, tuple[float, float]]] = []
+        for i in range(args.paired):
+            pair = {}
+            for which in ("plain", "xsr") if i % 2 == 0 else ("xsr", "plain"):
+                binding.detach()
+                if which == "xsr":
+                    binding = DiffusersAdapterBinding(adapter, unet=unet, controlnet=controlnet)
+                pair[which] = one_step(patched["unet+cn+adapter"] if which == "xsr" else plain["unet+cn"])
+            pairs.append(pair)
         binding.detach()
 
     base_of = {"unet+adapter": "unet", "graph unet+cn+adapter": "graph unet+cn"}
@@ -500,6 +530,23 @@ def main(argv=None) -> int:
                 "overhead_pct": None if over is None else round(over, 2),
             }
         )
+
+    paired = None
+    if pairs:
+
+        def q(vals: list[float], f: float) -> float:
+            return sorted(vals)[min(len(vals) - 1, int(f * len(vals)))]
+
+        paired = {"pairs": len(pairs), "base": "unet+cn", "variant": "unet+cn+adapter"}
+        for j, key in ((0, "wall"), (1, "cpu")):
+            ratio = [100.0 * (p["xsr"][j] / p["plain"][j] - 1.0) for p in pairs]
+            paired[key] = {
+                "plain_median_ms": round(statistics.median(p["plain"][j] for p in pairs), 3),
+                "xsr_median_ms": round(statistics.median(p["xsr"][j] for p in pairs), 3),
+                "overhead_pct_median": round(statistics.median(ratio), 2),
+                "overhead_pct_p25": round(q(ratio, 0.25), 2),
+                "overhead_pct_p75": round(q(ratio, 0.75), 2),
+            }
 
     import diffusers
 
@@ -532,6 +579,7 @@ def main(argv=None) -> int:
         "output_max_abs_change": changed,
         "target_overhead_pct": 5.0,
         "results": rows_out,
+        "paired_eager": paired,
     }
     lines = [
         f"# AdaIN adapter overhead — {dev_name}",
@@ -555,6 +603,23 @@ def main(argv=None) -> int:
             f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
             f"{r['host_median_ms']:.2f} | {ov} | {ok} |"
         )
+    if paired:
+        lines += [
+            "",
+            f"Paired eager steps ({paired['pairs']} pairs: `unet+cn` and `unet+cn+adapter` back to back, synchronised "
+            "around each step, order flipped every pair; overhead = median of the per-pair ratios, p25-p75 in "
+            "brackets):",
+            "",
+            "| clock | plain ms | adapter ms | overhead | ≤ 5 % |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label in (("wall", "wall"), ("cpu", "calling thread CPU")):
+            r = paired[key]
+            lines.append(
+                f"| {label} | {r['plain_median_ms']:.2f} | {r['xsr_median_ms']:.2f} | "
+                f"{r['overhead_pct_median']:+.2f} % ({r['overhead_pct_p25']:+.2f} … {r['overhead_pct_p75']:+.2f}) | "
+                f"{'yes' if r['overhead_pct_median'] <= 5.0 else 'no'} |"
+            )
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
