@@ -76,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--paired",
         type=int,
         default=None,
-        help="paired eager plain/adapter steps after the rounds (default 100, tiny 2)",
+        help="groups of eager plain / attached-idle / adapter steps after the rounds (default 100, tiny 3)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also cProfile + torch.profiler 10 plain and 10 adapter eager steps"
     )
     p.add_argument("--gate", type=float, default=0.1, help="value of every gate (non-zero: every site computed)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for adapter_<device>.{json,md}")
@@ -84,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     args.steps = args.steps or (3 if args.tiny else 30)
-    args.paired = args.paired if args.paired is not None else (2 if args.tiny else 100)
+    args.paired = args.paired if args.paired is not None else (3 if args.tiny else 100)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
     if args.batch < 2:
         p.error("--batch must be >= 2 (the rows variant selects the first row of a CFG pair)")
@@ -153,6 +156,43 @@ def time_steps(fn, steps: int, warmup: int, cuda: bool) -> tuple[list[float], li
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
     return out, out
+
+
+def profile_steps(set_state, steps: int, cuda: bool) -> str:
+    """cProfile (functions by own time) and torch.profiler (ops and CUDA runtime calls by count) over ``steps``
+    eager steps of each state ("plain", "xsr"): where the adapter step's extra host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    buf = io.StringIO()
+    for which in ("plain", "xsr"):
+        fn = set_state(which)
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        pr.disable()
+        buf.write(f"\n## {which}: cProfile, {steps} steps in {(time.perf_counter() - t0) * 1e3:.1f} ms\n")
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as tp:
+            for _ in range(steps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        buf.write(f"\n## {which}: torch.profiler, {steps} steps: calls per step, host µs per step, name\n")
+        for e in sorted(tp.key_averages(), key=lambda e: -e.count)[:40]:
+            buf.write(f"{e.count / steps:10.1f}  {e.cpu_time_total / steps:10.1f}  {e.key}\n")
+    return buf.getvalue()
 
 
 def cuda_graph(fn):
@@ -499,17 +539,28 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
 
-        # paired eager steps: plain and adapter step back to back, order flipped every pair, so the host's
-        # drift (2-3x over minutes on the device machine) falls on both halves of a pair alike
+        # paired eager steps: the plain step, the attached-but-idle step (hooks only) and the adapter step back to
+        # back, order rotated every group, so the host's drift (2-3x over minutes on the device machine) falls on
+        # all of a group alike
+        def set_state(which: str):
+            nonlocal binding
+            binding.detach()
+            if which != "plain":
+                binding = DiffusersAdapterBinding(adapter, unet=unet, controlnet=controlnet)
+            return {
+                "plain": plain["unet+cn"],
+                "idle": patched["unet+cn attached-idle"],
+                "xsr": patched["unet+cn+adapter"],
+            }[which]
+
+        order = ("plain", "idle", "xsr")
         pairs: list[dict[str, tuple[float, float]]] = []
         for i in range(args.paired):
-            pair = {}
-            for which in ("plain", "xsr") if i % 2 == 0 else ("xsr", "plain"):
-                binding.detach()
-                if which == "xsr":
-                    binding = DiffusersAdapterBinding(adapter, unet=unet, controlnet=controlnet)
-                pair[which] = one_step(patched["unet+cn+adapter"] if which == "xsr" else plain["unet+cn"])
-            pairs.append(pair)
+            group = {}
+            for which in order[i % 3 :] + order[: i % 3]:
+                group[which] = one_step(set_state(which))
+            pairs.append(group)
+        profile_text = profile_steps(set_state, 10, cuda) if args.profile else None
         binding.detach()
 
     base_of = {"unet+adapter": "unet", "graph unet+cn+adapter": "graph unet+cn"}
@@ -537,16 +588,17 @@ def main(argv=None) -> int:
         def q(vals: list[float], f: float) -> float:
             return sorted(vals)[min(len(vals) - 1, int(f * len(vals)))]
 
-        paired = {"pairs": len(pairs), "base": "unet+cn", "variant": "unet+cn+adapter"}
+        paired = {"groups": len(pairs), "base": "unet+cn", "idle": "unet+cn attached-idle", "xsr": "unet+cn+adapter"}
         for j, key in ((0, "wall"), (1, "cpu")):
-            ratio = [100.0 * (p["xsr"][j] / p["plain"][j] - 1.0) for p in pairs]
-            paired[key] = {
-                "plain_median_ms": round(statistics.median(p["plain"][j] for p in pairs), 3),
-                "xsr_median_ms": round(statistics.median(p["xsr"][j] for p in pairs), 3),
-                "overhead_pct_median": round(statistics.median(ratio), 2),
-                "overhead_pct_p25": round(q(ratio, 0.25), 2),
-                "overhead_pct_p75": round(q(ratio, 0.75), 2),
-            }
+            paired[key] = {"plain_median_ms": round(statistics.median(p["plain"][j] for p in pairs), 3)}
+            for v in ("idle", "xsr"):
+                ratio = [100.0 * (p[v][j] / p["plain"][j] - 1.0) for p in pairs]
+                paired[key][v] = {
+                    "median_ms": round(statistics.median(p[v][j] for p in pairs), 3),
+                    "overhead_pct_median": round(statistics.median(ratio), 2),
+                    "overhead_pct_p25": round(q(ratio, 0.25), 2),
+                    "overhead_pct_p75": round(q(ratio, 0.75), 2),
+                }
 
     import diffusers
 
@@ -606,20 +658,22 @@ def main(argv=None) -> int:
     if paired:
         lines += [
             "",
-            f"Paired eager steps ({paired['pairs']} pairs: `unet+cn` and `unet+cn+adapter` back to back, synchronised "
-            "around each step, order flipped every pair; overhead = median of the per-pair ratios, p25-p75 in "
-            "brackets):",
+            f"Eager steps in groups ({paired['groups']} groups: `unet+cn`, `unet+cn attached-idle` — the hooks "
+            "alone — and `unet+cn+adapter` back to back, synchronised around each step, order rotated every group; "
+            "overhead = median of the per-group ratios to the plain step, p25-p75 in brackets):",
             "",
-            "| clock | plain ms | adapter ms | overhead | ≤ 5 % |",
-            "|---|---|---|---|---|",
+            "| clock | plain ms | attached-idle ms | overhead | adapter ms | overhead | adapter ≤ 5 % |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, label in (("wall", "wall"), ("cpu", "calling thread CPU")):
             r = paired[key]
-            lines.append(
-                f"| {label} | {r['plain_median_ms']:.2f} | {r['xsr_median_ms']:.2f} | "
-                f"{r['overhead_pct_median']:+.2f} % ({r['overhead_pct_p25']:+.2f} … {r['overhead_pct_p75']:+.2f}) | "
-                f"{'yes' if r['overhead_pct_median'] <= 5.0 else 'no'} |"
-            )
+            cells = [
+                f"{r[v]['median_ms']:.2f} | {r[v]['overhead_pct_median']:+.2f} % "
+                f"({r[v]['overhead_pct_p25']:+.2f} … {r[v]['overhead_pct_p75']:+.2f})"
+                for v in ("idle", "xsr")
+            ]
+            ok = "yes" if r["xsr"]["overhead_pct_median"] <= 5.0 else "no"
+            lines.append(f"| {label} | {r['plain_median_ms']:.2f} | {cells[0]} | {cells[1]} | {ok} |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
@@ -628,6 +682,10 @@ def main(argv=None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(md)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    if profile_text is not None:
+        prof = out / f"adapter_profile_{device_slug(args)}.txt"
+        prof.write_text(f"{result['date']} · `{result['command']}`\n{profile_text}")
+        print(f"wrote {prof}", file=sys.stderr)
     return 0
 
 

