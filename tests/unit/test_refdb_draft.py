@@ -55,21 +55,26 @@ def test_loader_drafts_only_when_not_packing(tmp_path):
     assert packed.raw.shape[:2] == (768, 1024)  # full decode: the packed copy is unchanged
 
 
+def _jpeg_folder(folder, n: int, *, seed: int, max_side: int, bad_at: int) -> list[str]:
+    """``n`` random JPEGs (sides 230..max_side) in ``folder`` and an undecodable bad.jpg at position ``bad_at``."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = int(rng.integers(230, max_side)), int(rng.integers(230, max_side))
+        p = folder / f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(str(p))
+    (folder / "bad.jpg").write_bytes(b"not a jpeg")
+    paths.insert(bad_at, str(folder / "bad.jpg"))
+    return paths
+
+
 def test_worker_sub_batches_regroup_to_the_callers_batches_in_order(tmp_path):
     """With workers, each batch is decoded as parallel sub-batches and handed back whole, in file order:
     same samples, same CLIP crops (raw on the 'device' path too) as the single-process loader."""
     from xsr_core.refdb.loader import BatchGroup, batch_pixels, make_loader, worker_batch_size
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(45):
-        w, h = int(rng.integers(230, 400)), int(rng.integers(230, 400))
-        p = tmp_path / f"{i:03d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
-        paths.append(str(p))
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    paths.insert(7, str(tmp_path / "bad.jpg"))
-    items = list(enumerate(paths))
+    items = list(enumerate(_jpeg_folder(tmp_path, 45, seed=0, max_side=400, bad_at=7)))
     batches = [list(range(s, min(s + 20, len(items)))) for s in range(0, len(items), 20)]
     assert worker_batch_size(20, 2) == 10 and worker_batch_size(256, 15) == 18 and worker_batch_size(4, 8) == 8
     for raw in (None, 2_100_000):
@@ -99,15 +104,7 @@ def test_encode_batches_gives_each_batch_its_own_vectors_in_order(tmp_path, devi
     from xsr_core.refdb.loader import batch_pixels, make_loader
     from xsr_core.testing.tiny_clip import make_tiny_clip_vision
 
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(23):
-        w, h = int(rng.integers(230, 330)), int(rng.integers(230, 330))
-        p = tmp_path / f"{i:03d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
-        paths.append(str(p))
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    items = list(enumerate([*paths[:5], str(tmp_path / "bad.jpg"), *paths[5:]]))
+    items = list(enumerate(_jpeg_folder(tmp_path, 23, seed=1, max_side=330, bad_at=5)))
     batches = [list(range(s, min(s + 5, len(items)))) for s in range(0, len(items), 5)] + [[5]]  # last: no ok file
     enc = ClipVisionEncoder.from_file(make_tiny_clip_vision(tmp_path / "clip.safetensors"), device=torch.device(device))
     raw = 2_100_000 if device == "cuda" else None
