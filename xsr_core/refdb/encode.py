@@ -68,9 +68,9 @@ def _encode_start(encoder, x: torch.Tensor) -> Callable[[], np.ndarray]:
         out = index_mod.normalize(cls.cpu().numpy())
         return lambda: out
     host = torch.empty(cls.shape, dtype=torch.float32, pin_memory=True)
-    host.copy_(cls, non_blocking=True)
+    host.copy_(cls, non_blocking=True)  # queued on the stream of cls's device (not necessarily the current device)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(cls.device))
 
     def wait() -> np.ndarray:
         done.synchronize()
