@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--paired",
         type=int,
         default=None,
-        help="groups of eager plain / attached-idle / adapter steps after the rounds (default 100, tiny 3)",
+        help="groups of eager plain / attached-idle / adapter / decomposition steps (default 100, tiny 3)",
     )
     p.add_argument(
         "--profile", action="store_true", help="also cProfile + torch.profiler 10 plain and 10 adapter eager steps"
@@ -261,6 +261,10 @@ def kernel_checks(adapter, stats, stats1, batch, latent, device, dtype) -> dict:
 
     worst["triton_available"] = bool(adain_mod._TRITON)
     return worst
+
+
+PAIRED_VARIANTS = ("idle", "xsr", "out-of-place", "python-only")  # compared with "plain" in the paired groups
+PAIRED_LABELS = ("attached-idle", "adapter", "out-of-place", "python-only")
 
 
 def _identity(h, *args, **kwargs):
@@ -539,25 +543,35 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
 
-        # paired eager steps: the plain step, the attached-but-idle step (hooks only) and the adapter step back to
-        # back, order rotated every group, so the host's drift (2-3x over minutes on the device machine) falls on
-        # all of a group alike
+        # paired eager steps: the plain step, the attached-but-idle step (hooks only), the adapter step and its
+        # decomposition back to back, order rotated every group, so the host's drift (2-3x over minutes on the
+        # device machine) falls on all of a group alike
+        orig_triton = adain_mod._adain_triton
+        paired_steps = {
+            "plain": plain["unet+cn"],
+            "idle": patched["unet+cn attached-idle"],
+            "xsr": patched["unet+cn+adapter"],
+            # the adapter with every site's result in a new tensor (the fused kernel before in-place sites)
+            "out-of-place": with_attr(
+                patched["unet+cn+adapter"], adain_mod, "_adain_triton", lambda *a: orig_triton(*a[:6])
+            ),
+            # the sites' Python without the math (adain_apply returns h): what the kernel launches add on top
+            "python-only": with_attr(patched["unet+cn+adapter"], adain_mod, "adain_apply", _identity),
+        }
+
         def set_state(which: str):
             nonlocal binding
             binding.detach()
             if which != "plain":
                 binding = DiffusersAdapterBinding(adapter, unet=unet, controlnet=controlnet)
-            return {
-                "plain": plain["unet+cn"],
-                "idle": patched["unet+cn attached-idle"],
-                "xsr": patched["unet+cn+adapter"],
-            }[which]
+            return paired_steps[which]
 
-        order = ("plain", "idle", "xsr")
+        order = tuple(paired_steps)
         pairs: list[dict[str, tuple[float, float]]] = []
         for i in range(args.paired):
             group = {}
-            for which in order[i % 3 :] + order[: i % 3]:
+            r = i % len(order)
+            for which in order[r:] + order[:r]:
                 group[which] = one_step(set_state(which))
             pairs.append(group)
         profile_text = profile_steps(set_state, 10, cuda) if args.profile else None
@@ -588,10 +602,17 @@ def main(argv=None) -> int:
         def q(vals: list[float], f: float) -> float:
             return sorted(vals)[min(len(vals) - 1, int(f * len(vals)))]
 
-        paired = {"groups": len(pairs), "base": "unet+cn", "idle": "unet+cn attached-idle", "xsr": "unet+cn+adapter"}
+        paired = {
+            "groups": len(pairs),
+            "base": "unet+cn",
+            "idle": "unet+cn attached-idle",
+            "xsr": "unet+cn+adapter",
+            "out-of-place": "unet+cn+adapter, every site's result in a new tensor",
+            "python-only": "unet+cn+adapter with adain_apply returning h (the sites' Python, no kernel)",
+        }
         for j, key in ((0, "wall"), (1, "cpu")):
             paired[key] = {"plain_median_ms": round(statistics.median(p["plain"][j] for p in pairs), 3)}
-            for v in ("idle", "xsr"):
+            for v in PAIRED_VARIANTS:
                 ratio = [100.0 * (p[v][j] / p["plain"][j] - 1.0) for p in pairs]
                 paired[key][v] = {
                     "median_ms": round(statistics.median(p[v][j] for p in pairs), 3),
@@ -658,22 +679,24 @@ def main(argv=None) -> int:
     if paired:
         lines += [
             "",
-            f"Eager steps in groups ({paired['groups']} groups: `unet+cn`, `unet+cn attached-idle` — the hooks "
-            "alone — and `unet+cn+adapter` back to back, synchronised around each step, order rotated every group; "
-            "overhead = median of the per-group ratios to the plain step, p25-p75 in brackets):",
+            f"Eager steps in groups ({paired['groups']} groups of one step each: `unet+cn`, `attached-idle` (the "
+            "hooks alone), `adapter` (`unet+cn+adapter`), `out-of-place` (the adapter with every site's result in a "
+            "new tensor) and `python-only` (the sites' Python, adain_apply returning h), synchronised around each "
+            "step, order rotated every group; overhead = median of the per-group ratios to the plain step, p25-p75 "
+            "in brackets):",
             "",
-            "| clock | plain ms | attached-idle ms | overhead | adapter ms | overhead | adapter ≤ 5 % |",
-            "|---|---|---|---|---|---|---|",
+            "| clock | plain ms | " + " | ".join(f"{v} ms | overhead" for v in PAIRED_LABELS) + " | adapter ≤ 5 % |",
+            "|---|---|" + "---|---|" * len(PAIRED_LABELS) + "---|",
         ]
         for key, label in (("wall", "wall"), ("cpu", "calling thread CPU")):
             r = paired[key]
             cells = [
                 f"{r[v]['median_ms']:.2f} | {r[v]['overhead_pct_median']:+.2f} % "
                 f"({r[v]['overhead_pct_p25']:+.2f} … {r[v]['overhead_pct_p75']:+.2f})"
-                for v in ("idle", "xsr")
+                for v in PAIRED_VARIANTS
             ]
             ok = "yes" if r["xsr"]["overhead_pct_median"] <= 5.0 else "no"
-            lines.append(f"| {label} | {r['plain_median_ms']:.2f} | {cells[0]} | {cells[1]} | {ok} |")
+            lines.append(f"| {label} | {r['plain_median_ms']:.2f} | {' | '.join(cells)} | {ok} |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)

@@ -305,7 +305,9 @@ def _site_module(original: torch.nn.Module, slot: _Slot, index: int, site: str) 
             state = self._xsr_slot.state
             if state is None:
                 return out
-            return state.apply(self._xsr_index, self._xsr_site, out)
+            # a LayerNorm's / Linear's output is a new tensor only this call holds: adapted in place
+            fresh = out._base is None and not (args and out is args[0])
+            return state.apply(self._xsr_index, self._xsr_site, out, fresh)
 
         twin_cls = type(f"XSR{cls.__name__}", (cls,), {"forward": forward, "__deepcopy__": lambda self, memo: self})
         _TWIN_CLASSES[cls] = twin_cls

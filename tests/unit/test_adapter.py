@@ -291,6 +291,14 @@ def test_fused_kernel_direct_launch_on_cuda(mask_rows, monkeypatch):
                 m.setattr(A, "_TRITON", (A._TRITON[0], None))  # no JIT kernel: only a kept runner can launch
                 again = A._adain_triton(h, k, c, omg, mask, 1e-5)
             assert torch.equal(first, again), (dtype, B, N, C)
+            # in place (the bindings' sites): the kept runner writes into h's own memory, same bits
+            h2 = h.clone()
+            inplace = A._adain_triton(h2, k, c, omg, mask, 1e-5, inplace=True)
+            assert inplace.data_ptr() == h2.data_ptr() and torch.equal(inplace, first), (dtype, B, N, C)
+            # an h at an odd offset (not 16-byte aligned: the compiled output is) gets a new tensor instead
+            odd = torch.empty(h.numel() + 1, device=dev, dtype=dtype)[1:].view_as(h).copy_(h)
+            moved = A._adain_triton(odd, k, c, omg, mask, 1e-5, inplace=True)
+            assert moved.data_ptr() != odd.data_ptr() and torch.equal(odd, h) and torch.equal(moved, first)
             tol = 2e-2 if dtype != torch.float32 else 1e-4
             err = float((again.float() - ref.float()).abs().max()) / max(1.0, float(ref.float().abs().max()))
             assert err < tol, (dtype, B, N, C, err)

@@ -207,3 +207,45 @@ def test_unet_only_binding_and_mismatched_adapter(setup):
         with binding.embedding():
             pass
     binding.detach()
+
+
+def test_sites_adapted_in_place_on_cuda_match_new_tensors(setup, monkeypatch):
+    """On CUDA (fused kernel) the binding writes each site's result into the module's fresh output; the model's
+    outputs are those of the out-of-place kernel, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the fused Triton kernel); run on the GPU machine")
+    import copy
+    import importlib
+
+    A = importlib.import_module("xsr_core.adapter.adain")
+    if not A._triton_kernel():
+        pytest.skip("Triton not available")
+    unet, controlnet, inp, E, _ = setup
+    dev = torch.device("cuda")
+    unet16, cn16 = (copy.deepcopy(m).to(dev, torch.float16) for m in (unet, controlnet))  # the fixture's stay fp32
+    inp16 = {k: (v.to(dev, torch.float16) if v.is_floating_point() else v.to(dev)) for k, v in inp.items()}
+    ad = make_adapter(unet, gates=0.5).to(dev, torch.float16)
+    binding = DiffusersAdapterBinding(ad, unet=unet16, controlnet=cn16)
+    calls = []
+    real = A._adain_triton
+
+    def spy(h, *args):
+        out = real(h, *args)
+        calls.append((args[5], out.data_ptr() == h.data_ptr()))  # (inplace asked for, done)
+        return out
+
+    try:
+        with torch.inference_mode():
+            for _ in range(2):  # the first launches compile and check (out of place); the second runs in place
+                with binding.embedding(E.to(dev, torch.float16)):
+                    monkeypatch.setattr(A, "_adain_triton", spy)
+                    inplace = forward(unet16, cn16, inp16)
+                    monkeypatch.setattr(A, "_adain_triton", lambda *a: real(*a[:6]))  # every result a new tensor
+                    fresh = forward(unet16, cn16, inp16)
+                    monkeypatch.setattr(A, "_adain_triton", real)
+    finally:
+        binding.detach()
+    assert all_equal(inplace, fresh)
+    sites = 4 * len(ad.block_ids)
+    assert len(calls) == 2 * sites and all(asked for asked, _ in calls)  # every site offered its output
+    assert sum(done for _, done in calls[sites:]) == sites  # and, once compiled, every one was adapted in place

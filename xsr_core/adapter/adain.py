@@ -171,14 +171,16 @@ class AdaINPlan:
 
     ``sites[site][block_index]`` is ``(k, c, omg)`` shaped (B|1, 1, width) with k = g·s·σ, c = g·s·μ,
     omg = 1 − g·s, or None where the site's gate was zero when the stats were computed; ``mask`` is
-    (B, 1, 1) bool when rows selects a strict subset, else None.
+    (B, 1, 1) bool when rows selects a strict subset, else None (``mask_u8``: its bytes, what the fused
+    kernel reads, viewed once here rather than at every site).
     """
 
-    __slots__ = ("sites", "mask", "eps")
+    __slots__ = ("sites", "mask", "mask_u8", "eps")
 
     def __init__(self, sites: dict[str, list[Any]], mask: torch.Tensor | None, eps: float):
         self.sites = sites
         self.mask = mask
+        self.mask_u8 = None if mask is None else mask.view(torch.uint8)
         self.eps = eps
 
 
@@ -378,7 +380,14 @@ _STREAM: Any = None  # Triton's "current stream of device" function
 
 
 def _adain_triton(
-    h: torch.Tensor, k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, mask: torch.Tensor | None, eps: float
+    h: torch.Tensor,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    omg: torch.Tensor,
+    mask: torch.Tensor | None,
+    eps: float,
+    inplace: bool = False,
+    mask_u8: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One launch of the fused kernel.
 
@@ -389,22 +398,27 @@ def _adain_triton(
     once against the launch that compiled it (same bits; never during CUDA-graph capture, which cannot sync); if
     one fails or differs, direct launches are off for good with one log line and Triton's launch is used
     (:func:`_check_runner`).
+
+    ``inplace``: the result may be written into h's memory (the bindings' sites: h is the fresh output of the
+    module they patch, owned by nobody else); a direct launch then allocates nothing. Each program reads its
+    whole column strip for the statistics before it writes, and no two programs share a strip, so the bits are
+    those of the out-of-place launch. The launch that compiles and checks a key is out-of-place (its check
+    re-reads h); use the returned tensor either way. ``mask_u8``: ``mask``'s bytes if the caller has them.
     """
     triton, kernel = _TRITON
     B, N, C = h.shape
     if not h.is_contiguous():
         h = h.contiguous()
-    out = torch.empty_like(h)  # from the caching allocator: always 16-byte aligned (not in the key)
     has_mask = mask is not None
-    m = mask.view(torch.uint8) if has_mask else h
+    m = (mask_u8 if mask_u8 is not None else mask.view(torch.uint8)) if has_mask else h
     sb, sn = h.stride()[:2]
     # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
     sk = 0 if k.shape[0] == 1 else k.stride(0)
     sc = 0 if c.shape[0] == 1 else c.stride(0)
     so = 0 if omg.shape[0] == 1 else omg.stride(0)
-    head = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
     key = None
     if _FAST is not False:
+        h_align = h.data_ptr() & 15
         key = (
             torch.cuda.current_device(),
             h.dtype,
@@ -417,7 +431,7 @@ def _adain_triton(
             sc,
             so,
             has_mask,
-            h.data_ptr() & 15,
+            h_align,
             k.data_ptr() & 15,
             c.data_ptr() & 15,
             omg.data_ptr() & 15,
@@ -426,8 +440,13 @@ def _adain_triton(
         direct = _RUNNERS.get(key)
         if direct is not None:
             run, g0, g1, function, meta, tail = direct
-            run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *head, *tail)
+            # the kernel was compiled for a 16-byte aligned output (empty_like's): h is one only when aligned
+            out = h if inplace and not h_align else torch.empty_like(h)
+            args = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
+            run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *args, *tail)
             return out
+    out = torch.empty_like(h)  # from the caching allocator: always 16-byte aligned (not in the key)
+    head = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
     # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
     block_c = 16 if C >= 16 else triton.next_power_of_2(C)
     block_n = min(512, triton.next_power_of_2(N))
@@ -507,12 +526,15 @@ def adain_apply(
     mask: torch.Tensor | None,
     eps: float,
     fused: bool = True,
+    inplace: bool = False,
+    mask_u8: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated AdaIN of ``h`` (B, N, C) with one :class:`AdaINPlan` entry ``(k, c, omg)``: the hot path.
 
     No validation here (the plan and the bindings check shapes once). ``fused``: use the Triton kernel when
     h is a CUDA tensor, no gradient is needed and we are not inside ``torch.compile`` (which traces and
-    fuses the eager ops itself).
+    fuses the eager ops itself). ``inplace``: the fused kernel may write the result into h's memory (h is
+    then not to be used again: take the returned tensor); the eager path never does.
     """
     global _TRITON
     k, c, omg = entry
@@ -526,7 +548,7 @@ def adain_apply(
         and _triton_kernel()
     ):
         try:
-            return _adain_triton(h, k, c, omg, mask, eps)
+            return _adain_triton(h, k, c, omg, mask, eps, inplace, mask_u8)
         except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
             _TRITON = False
             logger.warning("fused AdaIN kernel unavailable (%s: %s); using the eager path", type(e).__name__, e)
@@ -561,8 +583,12 @@ class AdapterForward:
         self.fused = fused
         self.plans: dict[torch.dtype, AdaINPlan | None] = {}
 
-    def apply(self, index: int, site: str, h: torch.Tensor) -> torch.Tensor:
-        """Site ``site`` of block ``index`` (position in the adapter's layout) on activation ``h`` (B, N, C)."""
+    def apply(self, index: int, site: str, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Site ``site`` of block ``index`` (position in the adapter's layout) on activation ``h`` (B, N, C).
+
+        ``inplace``: h is a fresh module output that nobody else holds, so the fused kernel may write the result
+        into it (see :func:`adain_apply`); use the returned tensor.
+        """
         plan = self.plans.get(h.dtype)
         if plan is None:
             plan = self._fold(h)
@@ -571,7 +597,7 @@ class AdapterForward:
         entry = plan.sites[site][index]
         if entry is None:
             return h
-        return adain_apply(h, entry, plan.mask, plan.eps, self.fused)
+        return adain_apply(h, entry, plan.mask, plan.eps, self.fused, inplace, plan.mask_u8)
 
     def _fold(self, h: torch.Tensor) -> AdaINPlan:
         batch = h.shape[0]

@@ -115,7 +115,9 @@ class DiffusersAdapterBinding:
             st = self._active
             if st is None:
                 return None
-            return st.apply(index, site, output)
+            # a LayerNorm's / Linear's output is a new tensor only this call holds: adapted in place
+            fresh = output._base is None and not (inputs and output is inputs[0])
+            return st.apply(index, site, output, fresh)
 
         return hook
 
