@@ -553,7 +553,12 @@ def main(argv=None) -> int:
             "xsr": patched["unet+cn+adapter"],
             # the adapter with every site's result in a new tensor (the fused kernel before in-place sites)
             "out-of-place": with_attr(
-                patched["unet+cn+adapter"], adain_mod, "_adain_triton", lambda *a: orig_triton(*a[:6])
+                patched["unet+cn+adapter"],
+                adain_mod,
+                "_adain_triton",
+                lambda h, k, c, omg, mask, eps, inplace=False, record=None: orig_triton(
+                    h, k, c, omg, mask, eps, False, record
+                ),
             ),
             # the sites' Python without the math (adain_apply returns h): what the kernel launches add on top
             "python-only": with_attr(patched["unet+cn+adapter"], adain_mod, "adain_apply", _identity),

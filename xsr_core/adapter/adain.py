@@ -171,17 +171,21 @@ class AdaINPlan:
 
     ``sites[site][block_index]`` is ``(k, c, omg)`` shaped (B|1, 1, width) with k = g·s·σ, c = g·s·μ,
     omg = 1 − g·s, or None where the site's gate was zero when the stats were computed; ``mask`` is
-    (B, 1, 1) bool when rows selects a strict subset, else None (``mask_u8``: its bytes, what the fused
-    kernel reads, viewed once here rather than at every site).
+    (B, 1, 1) bool when rows selects a strict subset, else None. ``records`` holds, beside every entry, what a
+    direct launch of the fused kernel needs of it (:func:`_launch_record`), worked out here once rather than at
+    every site.
     """
 
-    __slots__ = ("sites", "mask", "mask_u8", "eps")
+    __slots__ = ("sites", "mask", "eps", "records")
 
     def __init__(self, sites: dict[str, list[Any]], mask: torch.Tensor | None, eps: float):
         self.sites = sites
         self.mask = mask
-        self.mask_u8 = None if mask is None else mask.view(torch.uint8)
         self.eps = eps
+        m = None if mask is None else mask.view(torch.uint8)
+        self.records = {
+            site: [None if e is None else _launch_record(*e, m) for e in entries] for site, entries in sites.items()
+        }
 
 
 class AdapterStats:
@@ -379,6 +383,24 @@ _RUNNERS_MAX = 1024
 _STREAM: Any = None  # Triton's "current stream of device" function
 
 
+def _launch_record(k: torch.Tensor, c: torch.Tensor, omg: torch.Tensor, m: torch.Tensor | None) -> tuple:
+    """What a direct launch needs of one plan entry ``(k, c, omg)`` and the rows mask's bytes ``m``, computed once.
+
+    ``(k, c, omg, m addresses, their batch strides, key part)``; the key part holds what Triton specialises on
+    (batch strides, mask or not, each address's offset from 16-byte alignment). Addresses go to the launcher as
+    ints: for a tensor argument Triton's launcher calls ``data_ptr`` and asks the driver about the address
+    (``cuPointerGetAttribute``) at every launch. The plan that owns the entry keeps its tensors alive.
+    """
+    kp, cp, op = k.data_ptr(), c.data_ptr(), omg.data_ptr()
+    mp = None if m is None else m.data_ptr()
+    # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
+    sk = 0 if k.shape[0] == 1 else k.stride(0)
+    sc = 0 if c.shape[0] == 1 else c.stride(0)
+    so = 0 if omg.shape[0] == 1 else omg.stride(0)
+    part = (sk, sc, so, mp is not None, kp & 15, cp & 15, op & 15, -1 if mp is None else mp & 15)
+    return kp, cp, op, mp, sk, sc, so, part
+
+
 def _adain_triton(
     h: torch.Tensor,
     k: torch.Tensor,
@@ -387,82 +409,65 @@ def _adain_triton(
     mask: torch.Tensor | None,
     eps: float,
     inplace: bool = False,
-    mask_u8: torch.Tensor | None = None,
+    record: tuple | None = None,
 ) -> torch.Tensor:
     """One launch of the fused kernel.
 
     Triton's own launch (``kernel[grid](...)``) binds, specialises and looks up its cache in Python at every call,
     and an eager SD1.5 step (host-bound) runs ~90 sites. So the compiled kernel of every launch key (shapes,
     strides, dtype, mask or not, each pointer's offset from 16-byte alignment: everything Triton specialises on)
-    is kept with its launcher, and later launches with that key go straight to it. Each kept launcher is checked
-    once against the launch that compiled it (same bits; never during CUDA-graph capture, which cannot sync); if
-    one fails or differs, direct launches are off for good with one log line and Triton's launch is used
-    (:func:`_check_runner`).
+    is kept with its launcher, and later launches with that key go straight to it, with addresses as ints
+    (:func:`_launch_record`). Each kept launcher is checked once against the launch that compiled it (same bits;
+    never during CUDA-graph capture, which cannot sync); if one fails or differs, direct launches are off for good
+    with one log line and Triton's launch is used (:func:`_check_runner`).
 
     ``inplace``: the result may be written into h's memory (the bindings' sites: h is the fresh output of the
     module they patch, owned by nobody else); a direct launch then allocates nothing. Each program reads its
     whole column strip for the statistics before it writes, and no two programs share a strip, so the bits are
     those of the out-of-place launch. The launch that compiles and checks a key is out-of-place (its check
-    re-reads h); use the returned tensor either way. ``mask_u8``: ``mask``'s bytes if the caller has them.
+    re-reads h); use the returned tensor either way. ``record``: the entry's :func:`_launch_record` if the
+    caller keeps it (the plan does), else it is computed here.
     """
     triton, kernel = _TRITON
     B, N, C = h.shape
     if not h.is_contiguous():
         h = h.contiguous()
-    has_mask = mask is not None
-    m = (mask_u8 if mask_u8 is not None else mask.view(torch.uint8)) if has_mask else h
+    if record is None:
+        record = _launch_record(k, c, omg, None if mask is None else mask.view(torch.uint8))
+    kp, cp, op, mp, sk, sc, so, part = record
     sb, sn = h.stride()[:2]
-    # batch stride of a (B|1, 1, C) plan slice; 0 when broadcast
-    sk = 0 if k.shape[0] == 1 else k.stride(0)
-    sc = 0 if c.shape[0] == 1 else c.stride(0)
-    so = 0 if omg.shape[0] == 1 else omg.stride(0)
+    hp = h.data_ptr()
     key = None
     if _FAST is not False:
-        h_align = h.data_ptr() & 15
-        key = (
-            torch.cuda.current_device(),
-            h.dtype,
-            B,
-            N,
-            C,
-            sb,
-            sn,
-            sk,
-            sc,
-            so,
-            has_mask,
-            h_align,
-            k.data_ptr() & 15,
-            c.data_ptr() & 15,
-            omg.data_ptr() & 15,
-            m.data_ptr() & 15,
-        )
+        key = (torch.cuda.current_device(), h.dtype, B, N, C, sb, sn, hp & 15, part)
         direct = _RUNNERS.get(key)
         if direct is not None:
             run, g0, g1, function, meta, tail = direct
             # the kernel was compiled for a 16-byte aligned output (empty_like's): h is one only when aligned
-            out = h if inplace and not h_align else torch.empty_like(h)
-            args = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
+            out = h if inplace and not hp & 15 else torch.empty_like(h)
+            args = (hp, out.data_ptr(), kp, cp, op, hp if mp is None else mp, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
             run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *args, *tail)
             return out
     out = torch.empty_like(h)  # from the caching allocator: always 16-byte aligned (not in the key)
+    m = h if mask is None else mask.view(torch.uint8)  # any pointer when there is no mask (HAS_MASK off)
     head = (h, out, k, c, omg, m, N, C, sb, sn, sk, sc, so, 1.0 / N, eps)
     # tiling chosen with bench/bench_adapter.py over the SD1.5 shapes: 16-channel strips, 512-token tiles, 8 warps
     block_c = 16 if C >= 16 else triton.next_power_of_2(C)
     block_n = min(512, triton.next_power_of_2(N))
     grid = (B, triton.cdiv(C, block_c))
-    compiled = kernel[grid](*head, HAS_MASK=has_mask, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
+    compiled = kernel[grid](*head, HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8)
     if key is not None and not torch.cuda.is_current_stream_capturing():
-        _check_runner(key, compiled, grid, head, (has_mask, block_n, block_c), out)
+        ints = (hp, None, kp, cp, op, hp if mp is None else mp, *head[6:])  # the direct launch's form
+        _check_runner(key, compiled, grid, ints, (mask is not None, block_n, block_c), out)
     return out
 
 
-def _check_runner(key: tuple, compiled: Any, grid: tuple, head: tuple, tail: tuple, out: torch.Tensor) -> None:
+def _check_runner(key: tuple, compiled: Any, grid: tuple, ints: tuple, tail: tuple, out: torch.Tensor) -> None:
     """Keep ``compiled``'s launcher for ``key`` if a direct launch gives the bits of the launch that made ``out``.
 
     The direct launch is the call Triton's own launch ends in (``CompiledKernel.run``: grid, stream, function,
-    metadata, no launch hooks, then every kernel argument), so none is made while Triton's launch hooks are set
-    (a profiler such as proton would miss it).
+    metadata, no launch hooks, then every kernel argument, addresses as ints: ``ints`` with the output's left
+    out), so none is made while Triton's launch hooks are set (a profiler such as proton would miss it).
     """
     global _FAST, _FAST_OFF, _STREAM
     try:
@@ -484,7 +489,7 @@ def _check_runner(key: tuple, compiled: Any, grid: tuple, head: tuple, tail: tup
         direct = (compiled.run, grid[0], grid[1], compiled.function, compiled.packed_metadata, tail)
         run, g0, g1, function, meta, _ = direct
         probe = torch.empty_like(out)
-        run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, *head[:1], probe, *head[2:], *tail)
+        run(g0, g1, 1, _STREAM(key[0]), function, meta, None, None, None, ints[0], probe.data_ptr(), *ints[2:], *tail)
         same = torch.equal(probe, out)
         why = "" if same else "its output differs from Triton's launch"
     except Exception as e:  # noqa: BLE001 - another Triton's API: its own launch keeps working
@@ -527,14 +532,15 @@ def adain_apply(
     eps: float,
     fused: bool = True,
     inplace: bool = False,
-    mask_u8: torch.Tensor | None = None,
+    record: tuple | None = None,
 ) -> torch.Tensor:
     """Gated AdaIN of ``h`` (B, N, C) with one :class:`AdaINPlan` entry ``(k, c, omg)``: the hot path.
 
     No validation here (the plan and the bindings check shapes once). ``fused``: use the Triton kernel when
     h is a CUDA tensor, no gradient is needed and we are not inside ``torch.compile`` (which traces and
     fuses the eager ops itself). ``inplace``: the fused kernel may write the result into h's memory (h is
-    then not to be used again: take the returned tensor); the eager path never does.
+    then not to be used again: take the returned tensor); the eager path never does. ``record``: the plan's
+    launch record of this entry (:attr:`AdaINPlan.records`), if the caller has it.
     """
     global _TRITON
     k, c, omg = entry
@@ -548,7 +554,7 @@ def adain_apply(
         and _triton_kernel()
     ):
         try:
-            return _adain_triton(h, k, c, omg, mask, eps, inplace, mask_u8)
+            return _adain_triton(h, k, c, omg, mask, eps, inplace, record)
         except Exception as e:  # a Triton/driver mismatch must not break sampling: fall back for good
             _TRITON = False
             logger.warning("fused AdaIN kernel unavailable (%s: %s); using the eager path", type(e).__name__, e)
@@ -597,7 +603,7 @@ class AdapterForward:
         entry = plan.sites[site][index]
         if entry is None:
             return h
-        return adain_apply(h, entry, plan.mask, plan.eps, self.fused, inplace, plan.mask_u8)
+        return adain_apply(h, entry, plan.mask, plan.eps, self.fused, inplace, plan.records[site][index])
 
     def _fold(self, h: torch.Tensor) -> AdaINPlan:
         batch = h.shape[0]
