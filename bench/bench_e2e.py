@@ -23,7 +23,6 @@ latent between eager and cudagraph for the same LR and seed. Writes bench/result
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import json
@@ -47,6 +46,7 @@ from xsr_core.testing.sd15 import (  # noqa: E402
     SD15_VAE_CONFIG as SD_VAE,
 )
 from bench.support import memory_report  # noqa: E402
+from bench.support.bench_cli import bench_parser, result_tag, results_dir  # noqa: E402
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 
 
@@ -416,8 +416,7 @@ def profile_sampler(run, new_lr, names: dict, kinds: list[str], steps: int, resu
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap = bench_parser(__doc__)
     ap.add_argument("--steps", default="20,50")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
     ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
@@ -453,9 +452,6 @@ def main(argv=None) -> int:
         "(profiling slows both graphs: time nothing with it)",
     )
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
-    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
 
     s = session(args.comfy, args.tiny, args.workdir)
@@ -483,11 +479,8 @@ def main(argv=None) -> int:
         modes.append("compile")
     if device != "cuda" and "cudagraph" in modes:
         print("cudagraph mode: no CUDA here, XSR_CUDAGraph passes the model through (timed anyway)", flush=True)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = ("tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")) + (
-        f"_{args.tag}" if args.tag else ""
-    )
+    out = results_dir(args)
+    tag = result_tag(args.tiny, results["device"], args.tag)
 
     def save_partial():  # a later mode that hangs (compile) must not lose the rows already measured
         (out / f"e2e_{tag}.json").write_text(json.dumps(results, indent=1))

@@ -18,7 +18,6 @@ peak VRAM and what is resident after the last node, and writes bench/results/fix
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,9 +27,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_e2e  # noqa: E402
+from bench.support.bench_cli import bench_parser, result_tag, results_dir  # noqa: E402
 
 FIXED = ["XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix"]
 
@@ -141,13 +142,9 @@ def _kernel_profile(s, make_graph, cache, n: int = 3) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap = bench_parser(__doc__, tiny_help="tiny zoo on CPU")
     ap.add_argument("--runs", type=int, default=20, help="timed runs (after --warmup untimed ones)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--tiny", action="store_true", help="tiny zoo on CPU")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     ap.add_argument(
         "--offload",
         default=None,
@@ -246,9 +243,8 @@ def main(argv=None) -> int:
     res["ref_cache"] = None if cache is None else {"hits": cache.hits, "misses": cache.misses, "cap": cache.capacity}
     profile_text = _profile(s, args.profile, cache, policies[0]) if args.profile > 0 else None
 
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = ("tiny_cpu" if args.tiny else device.lower().replace(" ", "_")) + (f"_{args.tag}" if args.tag else "")
+    out = results_dir(args)
+    tag = result_tag(args.tiny, device, args.tag)
     lines = [
         f"# Fixed per-image XSR cost, ComfyUI {res['comfyui']} in-process — {device}, {res['date']}, "
         f"torch {res['torch']}",

@@ -12,7 +12,6 @@ steps (CFG 7, euler), and the peak VRAM. Writes <results>/tiled_<device>.{json,m
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import json
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench.support.bench_cli import bench_parser, result_tag, results_dir  # noqa: E402
 from bench.support.comfy_inprocess import start_comfy  # noqa: E402
 from bench_e2e import graph_args, make_models, separate_loaders  # noqa: E402
 
@@ -64,8 +64,7 @@ def timed_runner(c):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", required=True, help="ComfyUI folder")
+    ap = bench_parser(__doc__)
     ap.add_argument("--sizes", default=None, help="LR sizes, N (square) or WxH; default 64,128,256 (tiny: 64x8,96x8)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; tiny: 2)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per size after one warm-up (the largest size: 1)")
@@ -75,9 +74,6 @@ def main(argv=None) -> int:
         help="XSR_TiledModel tile_batch values to compare, e.g. 0,4 (default 0,4: auto from free VRAM, and "
         "4 tiles per call for a bounded VRAM peak; tiny: 2)",
     )
-    ap.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     sizes = []
     for item in (args.sizes or ("64x8,96x8" if args.tiny else "64,128,256")).split(","):
@@ -161,9 +157,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['lr']} | {r['out']} | {r['tiles']} | {r['tile_batch']} | {r['median_s']:.2f} | {pk} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+    out = results_dir(args)
+    tag = result_tag(args.tiny, results["device"])
     (out / f"tiled_{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"tiled_{tag}.md").write_text(md)
     return 0

@@ -18,7 +18,6 @@ Writes bench/results/vram_modes_<device>.{json,md} (device, date, command).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench.support.bench_cli import bench_parser, result_tag, results_dir  # noqa: E402
 from xsr_core.comfy_server import ComfyError, ComfyServer, comfyui_version, prepare_base_dir  # noqa: E402
 
 PROBE = REPO / "bench" / "support" / "xsr_vram_probe"
@@ -231,20 +231,16 @@ def write_report(results: dict, out: Path, tag: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", required=True, help="ComfyUI 0.33 folder (its main.py is started)")
+    ap = bench_parser(
+        __doc__,
+        comfy_help="ComfyUI 0.33 folder (its main.py is started)",
+        tiny_help="tiny widths, --cpu (smoke test of this script; modes other than default conflict with --cpu)",
+    )
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--runs", type=int, default=2, help="timed runs per mode (after one warm-up with the probes on)")
-    ap.add_argument(
-        "--tiny",
-        action="store_true",
-        help="tiny widths, --cpu (smoke test of this script; modes other than default conflict with --cpu)",
-    )
     ap.add_argument("--lr-side", type=int, default=32, help="LR side (x16 output); 8 for a quick CPU smoke test")
     ap.add_argument("--pythonpath", default="", help="extra import folders for the server (os.pathsep-separated)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     ap.add_argument(
         "--pil-loader",
         action="store_true",
@@ -282,9 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "rows": [],
     }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny_cpu" if args.tiny else results["device"].lower().replace(" ", "_")
+    out = results_dir(args)
+    tag = result_tag(args.tiny, results["device"])
     for mode in args.modes.split(","):
         flags = MODES[mode]
         row = run_mode(

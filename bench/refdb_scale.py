@@ -139,39 +139,39 @@ def run_case(n: int, dim: int, key: str, nq: int, k: int, sweep: list[int], cach
                 p50_1, p99_1, cpu50_1, cpu99_1 = _latency(index, xq, k, 1)
                 p50_2, p99_2, _, _ = _latency(index, xq, k, 2)
                 rows.append(
-                    dict(
-                        params=s,
-                        recall_at_k=recall,
-                        p50_ms_1t=p50_1,
-                        p99_ms_1t=p99_1,
-                        cpu_p50_ms_1t=cpu50_1,
-                        cpu_p99_ms_1t=cpu99_1,
-                        p50_ms_2t=p50_2,
-                        p99_ms_2t=p99_2,
-                        is_plan_default=(s == plan.search_params),
-                    )
+                    {
+                        "params": s,
+                        "recall_at_k": recall,
+                        "p50_ms_1t": p50_1,
+                        "p99_ms_1t": p99_1,
+                        "cpu_p50_ms_1t": cpu50_1,
+                        "cpu_p99_ms_1t": cpu99_1,
+                        "p50_ms_2t": p50_2,
+                        "p99_ms_2t": p99_2,
+                        "is_plan_default": s == plan.search_params,
+                    }
                 )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         q.put(
-            dict(
-                n=n,
-                dim=dim,
-                key=plan.key,
-                requested=key,
-                est_bytes=plan.est_bytes,
-                index_bytes=size,
-                build_s=build_s,
-                gen_s=gen_s,
-                peak_rss_bytes=peak,
-                raw_vectors_bytes=n * dim * 4,
-                train_size=plan.train_size,
-                results=rows,
-            )
+            {
+                "n": n,
+                "dim": dim,
+                "key": plan.key,
+                "requested": key,
+                "est_bytes": plan.est_bytes,
+                "index_bytes": size,
+                "build_s": build_s,
+                "gen_s": gen_s,
+                "peak_rss_bytes": peak,
+                "raw_vectors_bytes": n * dim * 4,
+                "train_size": plan.train_size,
+                "results": rows,
+            }
         )
     except Exception as e:  # reported in the table, the bench goes on
         import traceback
 
-        q.put(dict(n=n, dim=dim, key=key, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()))
+        q.put({"n": n, "dim": dim, "key": key, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
 
 
 def extrapolate_10m(cases: list[dict], dim: int) -> list[str]:
@@ -280,20 +280,20 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in res.items() if k != "trace"}, default=str), flush=True)
     import faiss
 
-    meta = dict(
-        device=f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-        faiss=faiss.__version__,
-        numpy=np.__version__,
-        k=args.k,
-        queries=args.queries,
-        data="synthetic clustered unit vectors (2000 clusters, shared rank-64 within-cluster variation of norm ~0.5 "
-        "+ isotropic noise 0.1)",
-    )
+    meta = {
+        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "k": args.k,
+        "queries": args.queries,
+        "data": "synthetic clustered unit vectors (2000 clusters, shared rank-64 within-cluster variation of norm "
+        "~0.5 + isotropic noise 0.1)",
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, cases=cases), indent=1, default=str))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=1, default=str))
     lines = render(meta, cases, args.dim, args.k, args.queries)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

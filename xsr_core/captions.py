@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from .paths import existing_file
+
 IMAGE_KEYS = ("image", "file", "path", "filename", "file_name", "name")
 CAPTION_KEYS = ("caption", "text")
 
@@ -50,9 +52,7 @@ def _json_object(text: str, where: str, expected: str) -> dict:
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """{image key: caption} from a caption file in any of the module's formats."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionFileError(f"caption file {path} does not exist")
+    path = existing_file(path, "caption file", CaptionFileError)
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     out: dict[str, str] = {}

@@ -33,13 +33,13 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .clip_preprocess import PREPROCESS_VERSION, normalize_u8, preprocess_hr, preprocess_lr
+from .paths import existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +273,7 @@ class OpenClipVisionTower(torch.nn.Module):
 
 def read_clip_vision_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(vision state dict, metadata) of a ``.safetensors`` file; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClipVisionError(f"CLIP vision file {path} does not exist")
+    path = existing_file(path, "CLIP vision file", ClipVisionError)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})

@@ -89,6 +89,14 @@ def within(path: str | os.PathLike, root: str | os.PathLike) -> Path:
     return Path(confine(path, [root], base=root, what=f"file stored in {root}"))
 
 
+def existing_file(path: str | os.PathLike, what: str, error: type[Exception] = FileNotFoundError) -> Path:
+    """``path`` as a Path; raises ``error`` ("<what> <path> does not exist") where it is no file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    return path
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
     try:

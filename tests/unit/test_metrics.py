@@ -526,24 +526,13 @@ def test_format_table_missing_columns_and_secondary_variant() -> None:
 def test_cli_metrics_outputs_and_errors(
     sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, empty_caches: None
 ) -> None:
-    rc = cli.main(
-        [
-            "metrics",
-            "--sr",
-            str(sets["blur1"]),
-            "--hr",
-            str(sets["hr"]),
-            "--metrics",
-            "psnr,ssim",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    sr_hr = ["--sr", str(sets["blur1"]), "--hr", str(sets["hr"])]
+    rc = cli.main(["metrics", *sr_hr, "--metrics", "psnr,ssim", "--out", str(tmp_path / "o")])
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("| model | FID↓ | DISTS↓ | LPIPS↓ | CLIP-Score↑ | MANIQA↑ | MUSIQ↑ |")
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["ssim"]["n"] == 4
-    rc = cli.main(["metrics", "--sr", str(sets["blur1"]), "--hr", str(sets["hr"]), "--metrics", "lpips"])
+    rc = cli.main(["metrics", *sr_hr, "--metrics", "lpips"])
     err = capsys.readouterr().err
     assert rc == 2 and M.W_ALEXNET.name in err and M.W_ALEXNET.url in err
 

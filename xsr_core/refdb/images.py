@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..image_io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_name, load_rgb8  # noqa: F401 - IMAGE_EXTENSIONS re-exported
+from ..paths import existing_file
 
 DEFAULT_MIN_SIDE = 64  # smaller files cannot serve as x16 HR references
 PACK_SIDE = 512  # packed references: shortest side resized down to this (the x16 output size)
@@ -46,9 +47,7 @@ def discover_images(root: str | os.PathLike) -> list[str]:
 def read_list_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     """Lines ``PATH`` or ``PATH<TAB>CAPTION`` (relative paths are relative to the list file; ``#``
     comments and blank lines ignored) → [(absolute path, caption or None)] in file order."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"image list {path} does not exist")
+    path = existing_file(Path(path).resolve(), "image list")
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..paths import existing_file
+
 if TYPE_CHECKING:
     from transformers import HfArgumentParser
 
@@ -213,9 +215,7 @@ def _parse_ks(text: str) -> list[int]:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON config file as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    path = existing_file(path, "config file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
