@@ -313,7 +313,8 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
         sync()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        around = captured.get("around_sample") if unique_id == "sample" else None  # a profiler (--profile-sampler)
+        # a profiler around one node (--profile-sampler, --profile-node)
+        around = captured.get("around_sample") if unique_id == captured.get("profile_node", "sample") else None
         t = time.perf_counter()
         if around is None:
             out = await original_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k)
@@ -358,9 +359,12 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
     )
 
 
-def profile_sampler(run, new_lr, names: dict, kinds: list[str], steps: int, results: dict, captured: dict) -> str:
-    """cProfile + torch.profiler around the KSampler node of one eager run of each graph (after one unprofiled
-    run of it): the host work of a sampling run, by function and by aten op."""
+def profile_sampler(
+    run, new_lr, names: dict, kinds: list[str], steps: int, results: dict, captured: dict, node: str = "sample"
+) -> str:
+    """cProfile + torch.profiler around the KSampler node (or the node with id ``node``) of one eager run of each
+    graph that has it (after one unprofiled run of it): the host work of a sampling run, by function and by aten
+    op."""
     import contextlib
     import cProfile
     import io
@@ -372,7 +376,9 @@ def profile_sampler(run, new_lr, names: dict, kinds: list[str], steps: int, resu
     buf = io.StringIO()
     buf.write(f"{results['command']}\n{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
     buf.write(f"{results['device']}, torch {results['torch']}, ComfyUI {results['comfyui']}; eager, {steps} steps; ")
-    buf.write("only the KSampler node is profiled\n")
+    buf.write(f"only the node {node!r} is profiled\n")
+    captured["profile_node"] = node
+    kinds = [k for k in kinds if node in graphs(new_lr(), names, steps, seed=7, mode="eager")[k]]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for kind in kinds:
         run(graphs(new_lr(), names, steps, seed=7, mode="eager")[kind])  # warm: loaders and caches as when timed
@@ -397,19 +403,21 @@ def profile_sampler(run, new_lr, names: dict, kinds: list[str], steps: int, resu
         try:
             captured["around_sample"] = with_cprofile
             _, tr = run(graphs(new_lr(), names, steps, seed=8, mode="eager")[kind])
-            sample_ms = sum(r["s"] for r in tr if r["node"] == "sample") * 1e3
+            sample_ms = sum(r["s"] for r in tr if r["node"] == node) * 1e3
             st = pstats.Stats(prof, stream=buf)
-            buf.write(f"\n## {kind}: cProfile, KSampler {sample_ms:.1f} ms under the profiler, ")
+            buf.write(f"\n## {kind}: cProfile, {node} {sample_ms:.1f} ms under the profiler, ")
             buf.write(f"{st.total_calls} function calls ({st.total_calls / steps:.0f} a step)\n")
             st.sort_stats("tottime").print_stats(40)
+            if node != "sample":  # a node's own structure: where its time goes, by cumulative time
+                st.sort_stats("cumulative").print_stats(40)
             captured["around_sample"] = with_torch_profiler
             _, tr = run(graphs(new_lr(), names, steps, seed=9, mode="eager")[kind])
         finally:
             captured.pop("around_sample", None)
-        sample_ms = sum(r["s"] for r in tr if r["node"] == "sample") * 1e3
+        sample_ms = sum(r["s"] for r in tr if r["node"] == node) * 1e3
         ka = holder["tp"].key_averages()
         n_ops = sum(e.count for e in ka if e.key.startswith("aten::"))
-        buf.write(f"\n## {kind}: torch.profiler, KSampler {sample_ms:.1f} ms under the profiler; {n_ops} aten ops ")
+        buf.write(f"\n## {kind}: torch.profiler, {node} {sample_ms:.1f} ms under the profiler; {n_ops} aten ops ")
         buf.write(f"({n_ops / steps:.0f} a step)\n")
         buf.write(ka.table(sort_by="count", row_limit=30) + "\n")
     return buf.getvalue()
@@ -442,6 +450,11 @@ def main(argv=None) -> int:
         help="record every CUDA allocation's Python stack from the start and write e2e_memory_<device>[_tag].txt: "
         "the live allocations at the end by the code that made them (recording slows allocation: time nothing "
         "with it)",
+    )
+    ap.add_argument(
+        "--profile-node",
+        default="sample",
+        help="with --profile-sampler: the id of the node to profile instead of the KSampler's (e.g. retrieve)",
     )
     ap.add_argument(
         "--profile-sampler",
@@ -590,7 +603,7 @@ def main(argv=None) -> int:
         time_mode("compile")
     if args.profile_sampler:
         (out / f"e2e_profile_{tag}.txt").write_text(
-            profile_sampler(run, new_lr, names, kinds, steps_list[0], results, captured)
+            profile_sampler(run, new_lr, names, kinds, steps_list[0], results, captured, args.profile_node)
         )
     for name, mod in list(sys.modules.items()):
         cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
