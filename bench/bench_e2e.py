@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -304,15 +305,37 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
         if device == "cuda":
             torch.cuda.synchronize()
 
-    # per-node timing and residency: wrap the function ComfyUI calls for every executed node
+    # per-node timing and residency: wrap the function ComfyUI calls for every executed node; inside each node, the
+    # time Python's garbage collector ran (gc callbacks) and the time ComfyUI's load_models_gpu took
     trace: list[dict] = []
     captured: dict[str, object] = {}
     original_get_output_data = execution.get_output_data
+    inside = {"gc_s": 0.0, "load_s": 0.0, "gc_full": 0, "t": 0.0}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            inside["t"] = time.perf_counter()
+        else:
+            inside["gc_s"] += time.perf_counter() - inside["t"]
+            inside["gc_full"] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
+    original_load = mm.load_models_gpu
+
+    def timed_load_models_gpu(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original_load(*a, **k)
+        finally:
+            inside["load_s"] += time.perf_counter() - t0
+
+    mm.load_models_gpu = timed_load_models_gpu  # the nodes call it as comfy.model_management.load_models_gpu
 
     async def timed_get_output_data(prompt_id, unique_id, obj, input_data_all, *a, **k):
         sync()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        inside.update(gc_s=0.0, load_s=0.0, gc_full=0)
         # a profiler around one node (--profile-sampler, --profile-node)
         around = captured.get("around_sample") if unique_id == captured.get("profile_node", "sample") else None
         t = time.perf_counter()
@@ -329,7 +352,14 @@ def session(comfy: str, tiny: bool, workdir: str | None, sd: bool = True, ref_si
             for lm in mm.current_loaded_models
             if lm.model is not None and lm.model.loaded_size() > 0
         )
-        row = {"node": unique_id, "s": dt, "resident_mib": resident}
+        row = {
+            "node": unique_id,
+            "s": dt,
+            "gc_s": inside["gc_s"],
+            "gc_full": inside["gc_full"],
+            "load_models_s": inside["load_s"],
+            "resident_mib": resident,
+        }
         if device == "cuda":
             row["allocated_gib"] = torch.cuda.memory_allocated() / 2**30
             row["node_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -543,10 +573,12 @@ def main(argv=None) -> int:
                     if device == "cuda" and traces
                     else None
                 )
-                nodes = {}
+                nodes, gc_ms, load_ms = {}, {}, {}
                 for tr in traces:
                     for r in tr:
                         nodes.setdefault(r["class"], []).append(r["s"])
+                        gc_ms.setdefault(r["class"], []).append(r["gc_s"])
+                        load_ms.setdefault(r["class"], []).append(r["load_models_s"])
                 row = {
                     "graph": kind,
                     "steps": steps,
@@ -557,6 +589,10 @@ def main(argv=None) -> int:
                     "runs": times,
                     "peak_vram_gib": peak,
                     "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in nodes.items()},
+                    # inside each node, over its timed runs: Python GC time (sum) and load_models_gpu time (median)
+                    "gc_ms_total": {c: round(sum(v) * 1000, 2) for c, v in gc_ms.items() if sum(v)},
+                    "load_models_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in load_ms.items() if sum(v)},
+                    "gc_full_collections": sum(r["gc_full"] for tr in traces for r in tr),
                     "resident": traces[-1] if traces else None,
                     "executed": [[r["class"] for r in tr] for tr in traces],  # per timed run (cached nodes absent)
                     "error": err,
@@ -677,6 +713,20 @@ def main(argv=None) -> int:
             + " | ".join(fmt(r["nodes_ms"].get(c), "{:.1f}") for c in NODE_COLUMNS)
             + f" | {fmt(cost, '{:.1f}')} |"
         )
+    lines += [
+        "",
+        "Inside the nodes, over each row's timed runs: ComfyUI's `load_models_gpu` (median ms per run) and Python's "
+        "garbage collector (total ms, full collections):",
+        "",
+        "| graph | mode | steps | load_models_gpu ms by node | GC ms by node | full GCs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        mode_s = r["mode"] if r["offload"] == own else f"{r['mode']} (XSR_OFFLOAD={r['offload']})"
+        loads = ", ".join(f"{c} {v:.1f}" for c, v in r.get("load_models_ms", {}).items()) or "-"
+        gcs = ", ".join(f"{c} {v:.1f}" for c, v in r.get("gc_ms_total", {}).items()) or "-"
+        full = r.get("gc_full_collections", 0)
+        lines.append(f"| {r['graph']} | {mode_s} | {r['steps']} | {loads} | {gcs} | {full} |")
     if results["checks"]:
         lines += ["", "| check | graph | steps | value | latent scale |", "|---|---|---|---|---|"]
         for c in results["checks"]:
