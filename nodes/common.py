@@ -110,6 +110,33 @@ class PinnedHostCopy:
         self.loaded = {}
         return copied
 
+    def stage(self, model: torch.nn.Module, device: torch.device) -> int:
+        """Load ``model`` from its host copy in ONE asynchronous transfer: the whole buffer goes to ``device`` and
+        every weight is pointed at its slice there (the layout of the host buffer, so alignment and tied weights
+        carry over). Only when every weight is on its host view (offloaded by :meth:`offload`); returns the bytes
+        moved, 0 when it did nothing (ComfyUI's per-module ``.to()`` then loads, as for any model: on CUDA one
+        blocking copy per tensor, each waited for)."""
+        items = list(self.tensors(model))
+        if self.buffer is None or [(key, tuple(t.shape), t.dtype) for key, _, t in items] != self.layout:
+            return 0
+        base = self.buffer.data_ptr()
+        offsets = []
+        for key, _, t in items:
+            host = self.views[key]
+            if t.data_ptr() != host.data_ptr() or t.device != host.device or not host.numel():
+                return 0
+            offsets.append(host.data_ptr() - base)
+        dev = torch.empty(self.buffer.numel(), dtype=torch.uint8, device=device)
+        dev.copy_(self.buffer, non_blocking=self.pin)  # stream-ordered before any kernel that reads the weights
+        for (key, m, t), o in zip(items, offsets):
+            host = self.views[key]
+            view = dev[o : o + host.numel() * host.element_size()].view(host.dtype).view(host.shape)
+            if key[1] == "_parameters":
+                t.data = view
+            else:
+                m._buffers[key[2]] = view
+        return dev.numel()
+
 
 def _pinning_allowed() -> bool:
     """ComfyUI's own switch for page-locked memory (``--disable-pinned-memory`` sets no budget)."""
@@ -128,14 +155,18 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
 
     Unloading from a CUDA device keeps a page-locked host copy of the weights (:class:`PinnedHostCopy`,
     shared by the clones of a patcher), so an offload and reload cycle (``XSR_OFFLOAD``, or ComfyUI
-    evicting the model) costs one fast host-to-device copy. Not with ComfyUI weight patches (the copy would
+    evicting the model) costs one fast host-to-device copy, made asynchronously in one piece
+    (:meth:`PinnedHostCopy.stage`). Not with ComfyUI weight patches (the copy would
     hold patched weights), under ``--disable-pinned-memory``, or when no page-locked memory can be had (one
     warning): then ComfyUI's own pageable move runs.
     """
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
-        out = super().load(device_to, 0, force_patch_weights, True, **kw)
         host = getattr(self.model, "_xsr_host_copy", None)
+        if host is not None and device_to is not None and not self.patches and not self.backup:
+            # weights on their pinned host copy: one transfer, then ComfyUI's load finds them in place
+            host.stage(self.model, torch.device(device_to))
+        out = super().load(device_to, 0, force_patch_weights, True, **kw)
         if host is not None:
             host.note_loaded(self.model)
         return out

@@ -199,6 +199,14 @@ HOST_COPY = """
         out["equal"] = all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
         out["params_kept"] = all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
         out["still_tied"] = model.tied.weight is model.head.weight
+        # a load from the host copy: one buffer moved, every weight a slice of it, same values, still tied
+        out["buffer"] = host.buffer.numel()
+        out["staged"] = host.stage(model, torch.device("cpu"))
+        storages = {t.untyped_storage().data_ptr() for _, _, t in host.tensors(model)}
+        out["staged_one_buffer"] = len(storages) == 1 and not on_host()
+        out["staged_equal"] = all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+        out["staged_tied"] = model.tied.weight is model.head.weight and model.steps.tolist() == [0, 1, 2]
+        out["staged_again"] = host.stage(model, torch.device("cpu"))  # not on the host copy now: nothing to do
         return out
 
     report = {"plain": cycle()}
@@ -215,6 +223,8 @@ def test_pinned_host_copy_is_made_once_and_refreshed_only_where_weights_changed(
         assert r["copied"] == [r["size"], 0, r["one_weight"]], (mode, r)
         assert r["on_host"] == [True, False] and r["aligned"], (mode, r)
         assert r["equal"] and r["params_kept"] and r["still_tied"], (mode, r)
+        assert r["staged"] == r["buffer"] and r["staged_one_buffer"], (mode, r)
+        assert r["staged_equal"] and r["staged_tied"] and r["staged_again"] == 0, (mode, r)
 
 
 PIN_FAILS = """
@@ -263,7 +273,7 @@ CUDA_CYCLE = """
     out = {}
     for name, cls in (("stock", comfy.model_patcher.ModelPatcher), ("xsr", common.WholeModelPatcher)):
         patcher = cls(model, load_device=dev, offload_device=torch.device("cpu"))
-        times, pinned, equal = [], [], []
+        times, pinned, equal, one = [], [], [], []
         for _ in range(4):
             with torch.inference_mode():  # as ComfyUI runs nodes
                 loaded = mm.LoadedModel(patcher)
@@ -271,12 +281,13 @@ CUDA_CYCLE = """
                 loaded.model_load(0)  # a full load
                 torch.cuda.synchronize(); t1 = time.perf_counter()
                 on_gpu = all(p.device.type == "cuda" for p in model.parameters())
+                one.append(len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1)
                 loaded.model_unload()
                 torch.cuda.synchronize(); t2 = time.perf_counter()
             times.append([(t1 - t0) * 1e3, (t2 - t1) * 1e3])
             pinned.append(on_gpu and all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters()))
             equal.append(all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in want.items()))
-        out[name] = {"load_unload_ms": times, "pinned": pinned, "equal": equal}
+        out[name] = {"load_unload_ms": times, "pinned": pinned, "equal": equal, "one_transfer": one}
     out["mib"] = sum(v.numel() * v.element_size() for v in want.values()) / 2**20
     Path(sys.argv[3]).write_text(json.dumps(out))
 """
@@ -292,3 +303,5 @@ def test_xsr_unload_reload_cycle_keeps_weights_pinned_on_cuda(tmp_path, comfy_di
     print(f"load / unload ms per cycle of a {r['mib']:.0f} MiB model: {ms}")
     assert all(r["xsr"]["pinned"]) and not any(r["stock"]["pinned"]), r
     assert all(r["xsr"]["equal"]) and all(r["stock"]["equal"]), r
+    # reloads from the pinned copy are one transfer into one device buffer (the first load is ComfyUI's own)
+    assert r["xsr"]["one_transfer"][1:] == [True] * 3 and not any(r["stock"]["one_transfer"]), r
