@@ -469,7 +469,8 @@ def main(argv=None) -> int:
         "--offload-check",
         action="store_true",
         help="after the eager rows, time the XSR eager graph at the first step count again with the other "
-        "XSR_OFFLOAD settings (none, rfa, stage1: the ones this run is not using): peak VRAM and time side by side",
+        "XSR_OFFLOAD settings (none, rfa, stage1: the ones this run is not using): peak VRAM and time side by side "
+        "(the reference cache emptied before the eager rows and before each setting's rows)",
     )
     ap.add_argument(
         "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
@@ -601,8 +602,18 @@ def main(argv=None) -> int:
                 save_partial()
                 print(json.dumps({k: v for k, v in row.items() if k not in ("resident", "executed")}), flush=True)
 
+    def clear_ref_cache() -> None:
+        """Empty XSR_Retrieve's reference cache: rows compared side by side start from the same (cold) cache,
+        not from the one the earlier rows warmed (its hits skip the references' decode and ViT pass)."""
+        for name, mod in list(sys.modules.items()):
+            cache = getattr(mod, "REF_CACHE", None) if name.endswith("nodes.retrieval") else None
+            if cache is not None:
+                cache.clear()
+
     for mode in modes:
         if mode != "compile":
+            if mode == "eager" and args.offload_check:
+                clear_ref_cache()
             time_mode(mode)
         if mode == "eager" and args.offload_check and "xsr" in kinds:
             # the same XSR eager rows under each other XSR_OFFLOAD setting: VRAM vs per-image reload, side by side
@@ -610,6 +621,7 @@ def main(argv=None) -> int:
             for policy in loaders.OFFLOAD_POLICIES:
                 if policy != (before or default_offload):
                     os.environ["XSR_OFFLOAD"] = policy
+                    clear_ref_cache()
                     time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
             if before is None:
                 del os.environ["XSR_OFFLOAD"]
