@@ -456,7 +456,14 @@ def profile_sampler(
 def main(argv=None) -> int:
     ap = bench_parser(__doc__)
     ap.add_argument("--steps", default="20,50")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per configuration (after its warm-ups)")
+    ap.add_argument(
+        "--switch-warmups",
+        type=int,
+        default=2,
+        help="untimed runs of a graph after every switch of graph, before its timed run (default 2: the first reruns "
+        "the loaders the other graph dropped, the second captures the reloaded CLIP vision encoder's CUDA graph)",
+    )
     ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
     ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
     ap.add_argument(
@@ -468,9 +475,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--offload-check",
         action="store_true",
-        help="after the eager rows, time the XSR eager graph at the first step count again with the other "
-        "XSR_OFFLOAD settings (none, rfa, stage1: the ones this run is not using): peak VRAM and time side by side "
-        "(the reference cache emptied before the eager rows and before each setting's rows)",
+        help="after the eager rows, time the XSR eager graph alone (no baseline prompt in between) at the first "
+        "step count under every XSR_OFFLOAD setting (none, rfa, stage1), each from an empty reference cache: peak "
+        "VRAM and time side by side",
     )
     ap.add_argument(
         "--graphs", default="baseline,xsr", help="which graphs to time (comma list of baseline, xsr), in this order"
@@ -538,12 +545,16 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    def time_mode(mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None) -> None:
-        """The graphs take turns (A A' B B' A A' ...: one untimed run after every switch, then a timed one), so the
-        device's drift over minutes falls on both graphs alike and their ratio is measured side by side. The
-        untimed run absorbs what a switch of workflow costs by itself: ComfyUI 0.3.75's default cache keeps only
-        the outputs of the last prompt's nodes, so the other graph's loaders run again. ``compile`` keeps one
-        block per graph (one warm-up that compiles, then its timed runs): a switch could recompile."""
+    def time_mode(
+        mode: str, only_steps: list[int] | None = None, only_kinds: list[str] | None = None, alone: bool = False
+    ) -> None:
+        """The graphs take turns (A A' A" B B' B" ...: ``--switch-warmups`` untimed runs after every switch, then a
+        timed one), so the device's drift over minutes falls on both graphs alike and their ratio is measured side
+        by side. The untimed runs absorb what a switch of workflow costs by itself: ComfyUI 0.3.75's default cache
+        keeps only the outputs of the last prompt's nodes, so the other graph's loaders run again, and a reloaded
+        CLIP vision encoder's CUDA graph is captured at its second call. ``compile`` keeps one block per graph (one
+        warm-up that compiles, then its timed runs): a switch could recompile. ``alone``: rows of one graph run on
+        its own (``--offload-check``)."""
         for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
             order = list(only_kinds or kinds)
             runs = args.compile_runs if mode == "compile" else args.runs
@@ -551,7 +562,7 @@ def main(argv=None) -> int:
             plan = (
                 [(k, i) for k in order for i in range(runs + 1)]
                 if mode == "compile" or len(order) == 1
-                else [(k, i) for r in range(runs) for k in order for i in (0, r + 1)]
+                else [(k, i) for r in range(runs) for k in order for i in (0,) * args.switch_warmups + (r + 1,)]
             )
             for kind, i in plan:
                 a = acc[kind]
@@ -586,6 +597,7 @@ def main(argv=None) -> int:
                     "compile": mode == "compile",
                     "mode": mode,
                     "offload": os.environ.get("XSR_OFFLOAD") or default_offload,
+                    "alone": alone,
                     "median_s": statistics.median(times) if times else None,
                     "runs": times,
                     "peak_vram_gib": peak,
@@ -612,17 +624,15 @@ def main(argv=None) -> int:
 
     for mode in modes:
         if mode != "compile":
-            if mode == "eager" and args.offload_check:
-                clear_ref_cache()
             time_mode(mode)
         if mode == "eager" and args.offload_check and "xsr" in kinds:
-            # the same XSR eager rows under each other XSR_OFFLOAD setting: VRAM vs per-image reload, side by side
+            # the XSR eager graph alone (no baseline prompt in between) under every XSR_OFFLOAD setting, the run's
+            # own included, each from an empty reference cache: VRAM vs per-image reload, side by side
             before = os.environ.get("XSR_OFFLOAD")
             for policy in loaders.OFFLOAD_POLICIES:
-                if policy != (before or default_offload):
-                    os.environ["XSR_OFFLOAD"] = policy
-                    clear_ref_cache()
-                    time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"])
+                os.environ["XSR_OFFLOAD"] = policy
+                clear_ref_cache()
+                time_mode("eager", only_steps=steps_list[:1], only_kinds=["xsr"], alone=True)
             if before is None:
                 del os.environ["XSR_OFFLOAD"]
             else:
@@ -675,7 +685,11 @@ def main(argv=None) -> int:
     own = os.environ.get("XSR_OFFLOAD") or default_offload
     for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
         for mode in modes:
-            sel = [r for r in results["rows"] if r["steps"] == steps and r["mode"] == mode and r["offload"] == own]
+            sel = [
+                r
+                for r in results["rows"]
+                if r["steps"] == steps and r["mode"] == mode and r["offload"] == own and not r.get("alone")
+            ]
             if not sel:
                 continue
             b = next((r for r in sel if r["graph"] == "baseline"), none)
@@ -687,20 +701,24 @@ def main(argv=None) -> int:
                 f"| {mode} | {steps} | {fmt(b['median_s'])} | {fmt(x['median_s'])} | "
                 f"{fmt(None if ov is None else ov * 100, '{:+.1f} %')} | {fmt(x['peak_vram_gib'], '{:.2f}')} |"
             )
-    other = [r for r in results["rows"] if r["offload"] != own]
-    if other:
-        lines += ["", f"XSR_OFFLOAD side by side (this run: {own}; XSR graph, eager):", ""]
+    alone = [r for r in results["rows"] if r.get("alone")]
+    if alone:
+        lines += [
+            "",
+            f"XSR_OFFLOAD side by side (this run: {own}; the XSR eager graph alone, no baseline prompt in between, "
+            "each setting from an empty reference cache):",
+            "",
+        ]
         lines += [
             "| XSR_OFFLOAD | steps | XSR s | peak VRAM GiB | Retrieve ms | Enhance ms |",
             "|---|---|---|---|---|---|",
         ]
-        for r in [x for x in results["rows"] if x["graph"] == "xsr" and x["mode"] == "eager"]:
-            if r["steps"] in {o["steps"] for o in other}:
-                lines.append(
-                    f"| {r['offload']} | {r['steps']} | {fmt(r['median_s'])} | {fmt(r['peak_vram_gib'])} | "
-                    f"{fmt(r['nodes_ms'].get('XSR_Retrieve'), '{:.1f}')} | "
-                    f"{fmt(r['nodes_ms'].get('XSR_Enhance'), '{:.1f}')} |"
-                )
+        for r in alone:
+            lines.append(
+                f"| {r['offload']} | {r['steps']} | {fmt(r['median_s'])} | {fmt(r['peak_vram_gib'])} | "
+                f"{fmt(r['nodes_ms'].get('XSR_Retrieve'), '{:.1f}')} | "
+                f"{fmt(r['nodes_ms'].get('XSR_Enhance'), '{:.1f}')} |"
+            )
     if "compile" in modes:
         lines.append(
             f"\ncompile mode (TorchCompileModel, inductor): steps {compile_steps} only, median of "
@@ -718,7 +736,7 @@ def main(argv=None) -> int:
     ]
     fixed = ("XSR_PrepareLR", "XSR_Retrieve", "XSR_Enhance", "XSR_ColorFix")
     for r in results["rows"]:
-        mode_s = r["mode"] if r["offload"] == own else f"{r['mode']} (XSR_OFFLOAD={r['offload']})"
+        mode_s = f"{r['mode']} (alone, XSR_OFFLOAD={r['offload']})" if r.get("alone") else r["mode"]
         cost = sum(r["nodes_ms"].get(c, 0.0) for c in fixed) if r["graph"] == "xsr" and r["nodes_ms"] else None
         lines.append(
             f"| {r['graph']} | {mode_s} | {r['steps']} | "
@@ -734,7 +752,7 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        mode_s = r["mode"] if r["offload"] == own else f"{r['mode']} (XSR_OFFLOAD={r['offload']})"
+        mode_s = f"{r['mode']} (alone, XSR_OFFLOAD={r['offload']})" if r.get("alone") else r["mode"]
         loads = ", ".join(f"{c} {v:.1f}" for c, v in r.get("load_models_ms", {}).items()) or "-"
         gcs = ", ".join(f"{c} {v:.1f}" for c, v in r.get("gc_ms_total", {}).items()) or "-"
         full = r.get("gc_full_collections", 0)
