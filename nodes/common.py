@@ -163,7 +163,8 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
         host = getattr(self.model, "_xsr_host_copy", None)
-        if host is not None and device_to is not None and not self.patches and not self.backup:
+        to_cuda = device_to is not None and torch.device(device_to).type == "cuda"
+        if host is not None and to_cuda and not self.patches and not self.backup:
             # weights on their pinned host copy: one transfer, then ComfyUI's load finds them in place
             host.stage(self.model, torch.device(device_to))
         out = super().load(device_to, 0, force_patch_weights, True, **kw)
