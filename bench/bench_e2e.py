@@ -408,7 +408,8 @@ def profile_sampler(
     buf.write(f"{results['device']}, torch {results['torch']}, ComfyUI {results['comfyui']}; eager, {steps} steps; ")
     buf.write(f"only the node {node!r} is profiled\n")
     captured["profile_node"] = node
-    kinds = [k for k in kinds if node in graphs(new_lr(), names, steps, seed=7, mode="eager")[k]]
+    shapes = graphs("unused.png", names, steps, seed=7, mode="eager")  # which graphs hold the node (no image)
+    kinds = [k for k in kinds if node in shapes[k]]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for kind in kinds:
         run(graphs(new_lr(), names, steps, seed=7, mode="eager")[kind])  # warm: loaders and caches as when timed
