@@ -204,6 +204,56 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
             logger.debug("%s: %.1f MiB copied to its pinned host copy", type(self.model).__name__, copied / 2**20)
 
 
+def _fully_loaded_entry(patcher: Any, models: list) -> Any:
+    """The entry of ComfyUI's ``current_loaded_models`` holding ``patcher`` whole on its load device (and no other
+    clone of it), or None."""
+    found = None
+    for lm in models:
+        other = lm.model
+        if other is patcher:
+            found = lm
+        elif other is not None and patcher.is_clone(other):
+            return None  # load_models_gpu would swap the clones
+    if found is None or found.is_dead() or getattr(patcher, "is_dynamic", lambda: False)():
+        return None
+    if patcher.current_loaded_device() != patcher.load_device or patcher.loaded_size() < patcher.model_size():
+        return None
+    return found
+
+
+def load_models(patchers: list) -> None:
+    """``comfy.model_management.load_models_gpu(patchers)``, without its host work where it has none to do.
+
+    A patcher already loaded whole on its CUDA device (model patches too, the only clone loaded, the device
+    with the inference headroom ``load_models_gpu`` frees memory for) needs nothing but its rank: it is moved to
+    the front of ComfyUI's list (most recently used, as that call does) and marked in use, without the call's
+    re-injection and allocator statistics (milliseconds per prompt). The others (not or partially loaded,
+    lowvram, Dynamic VRAM, CPU) go through ComfyUI's own call; if that call unloaded one of the first ones to
+    make room, all are loaded by ComfyUI."""
+    mm = comfy.model_management
+    models = mm.current_loaded_models
+    ready, rest = [], []
+    for p in patchers:
+        group = list(dict.fromkeys((p, *p.model_patches_models())))
+        entries = [_fully_loaded_entry(m, models) if m.load_device.type == "cuda" else None for m in group]
+        if all(e is not None for e in entries):
+            ready.extend(entries)
+        else:
+            rest.append(p)
+    need = max(mm.minimum_inference_memory(), mm.extra_reserved_memory())
+    if any(torch.cuda.mem_get_info(d)[0] < need for d in {e.device for e in ready}):  # driver's free: a lower bound
+        ready, rest = [], list(patchers)
+    if rest:
+        mm.load_models_gpu(rest)
+        if any(e not in models or e.model.loaded_size() < e.model.model_size() for e in ready):
+            mm.load_models_gpu(patchers)
+            return
+    for e in reversed(ready):
+        models.remove(e)
+        models.insert(0, e)
+        e.currently_used = True
+
+
 XSRModels = io.Custom("XSR_MODELS")
 XSRRefDB = io.Custom("XSR_REFDB")
 XSRRefs = io.Custom("XSR_REFS")
@@ -313,7 +363,7 @@ def encode_clip(
     ``load=False``: the caller has loaded the encoder through ComfyUI's model management already.
     """
     if load:
-        comfy.model_management.load_model_gpu(clip_vision.patcher)
+        load_models([clip_vision.patcher])
     device = clip_vision.load_device
     dtype = vision_compute_dtype(clip_vision)
     prep = preprocess_lr if lr else preprocess_hr

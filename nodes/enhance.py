@@ -14,7 +14,7 @@ import comfy.model_management
 from comfy_api.latest import io, ui
 
 from .comfy_binding import attach_embedding
-from .common import XSRModels, XSRRefs, throw_if_interrupted
+from .common import XSRModels, XSRRefs, load_models, throw_if_interrupted
 from .loaders import offload_after_use
 from .validation import check_batch, check_text, schema_problems, verdict
 
@@ -119,7 +119,7 @@ class XSREnhance(io.ComfyNode):
                 "XSR_Enhance: the 'clip' input is empty: connect the CLIP output of your checkpoint loader "
                 "(a checkpoint without a text encoder cannot be used)."
             )
-        comfy.model_management.load_model_gpu(xsr_models.i2t)
+        load_models([xsr_models.i2t])
         i2t = xsr_models.i2t.model
         p = next(i2t.parameters())
         if refs.lr_tokens.shape[-1] != i2t.config.clip_dim:

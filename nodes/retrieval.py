@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import comfy.model_management
 from comfy_api.latest import io, ui
 
 from ..xsr_core.cuda_streams import side_stream
@@ -31,6 +30,7 @@ from .common import (
     clip_vision_fingerprint,
     clip_vision_width,
     encode_clip,
+    load_models,
     throw_if_interrupted,
 )
 from .validation import check_batch, check_folder_name, collect, schema_problems, verdict
@@ -366,8 +366,8 @@ class XSRRetrieve(io.ComfyNode):
             refdb.check_encoder(clip_vision_fingerprint(clip_vision))
         except RefDBError as e:
             raise ValueError(f"XSR_Retrieve: {e}") from None
-        # one pass of ComfyUI's model management for both models (each load call costs host time)
-        comfy.model_management.load_models_gpu([clip_vision.patcher, xsr_models.rfa])
+        # the encoder stays loaded between prompts (no ComfyUI call for it); XSR_OFFLOAD may have dropped the RFA
+        load_models([clip_vision.patcher, xsr_models.rfa])
         feats = encode_clip(clip_vision, lr, lr=True, to_intermediate=False, vision=VISION_GRAPHS, load=False)
         rfa = xsr_models.rfa.model
         p = next(rfa.parameters())
@@ -506,7 +506,7 @@ class XSRBuildReferenceDB(io.ComfyNode):
         bar: dict[str, Any] = {}
 
         def progress(done: int, total: int) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            throw_if_interrupted()
             if "bar" not in bar:
                 bar["bar"] = comfy.utils.ProgressBar(total)
             bar["bar"].update_absolute(done, total)

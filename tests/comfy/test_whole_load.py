@@ -305,3 +305,64 @@ def test_xsr_unload_reload_cycle_keeps_weights_pinned_on_cuda(tmp_path, comfy_di
     assert all(r["xsr"]["equal"]) and all(r["stock"]["equal"]), r
     # reloads from the pinned copy are one transfer into one device buffer (the first load is ComfyUI's own)
     assert r["xsr"]["one_transfer"][1:] == [True] * 3 and not any(r["stock"]["one_transfer"]), r
+
+
+FAST_LOAD = """
+    common = importlib.import_module("comfyui_xsr.nodes.common")
+    from comfyui_xsr.xsr_core.models.rfa import RFA, RFAConfig
+
+    dev = mm.get_torch_device()
+    calls = []
+    original = mm.load_models_gpu
+    mm.load_models_gpu = lambda models, *a, **k: (calls.append([id(m) for m in models]), original(models, *a, **k))[1]
+
+    def make():
+        model = RFA(RFAConfig(clip_dim=32, width=32, depth=2, heads=4, num_patches=4, out_dim=32))
+        return common.WholeModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+    def rank(p):
+        return [i for i, lm in enumerate(mm.current_loaded_models) if lm.model is p]
+
+    a, b = make(), make()
+    out = {}
+    with torch.inference_mode():
+        common.load_models([a, b])  # first load: ComfyUI's call
+        out["first"] = calls == [[id(a), id(b)]]
+        calls.clear()
+        mm.load_models_gpu([b])  # b most recent ...
+        calls.clear()
+        common.load_models([a, b])  # ... both loaded whole: no ComfyUI call, a and b now the two most recent
+        out["warm_calls"] = len(calls)
+        out["warm_rank"] = [rank(a), rank(b)]
+        out["used"] = all(lm.currently_used for lm in mm.current_loaded_models if lm.model in (a, b))
+        for i, lm in enumerate(mm.current_loaded_models):  # what XSR_OFFLOAD does to the RFA
+            if lm.model is b:
+                lm.model_unload()
+                mm.current_loaded_models.pop(i)
+                break
+        common.load_models([a, b])  # only the dropped one goes through ComfyUI
+        out["reload_calls"] = calls == [[id(b)]]
+        out["reload_rank"] = [rank(a), rank(b)]
+        out["b_loaded"] = b.loaded_size() == b.model_size() and str(b.current_loaded_device()) == str(dev)
+        calls.clear()
+        c = a.clone()  # another clone of a loaded model: ComfyUI swaps clones, so its call runs
+        common.load_models([c])
+        out["clone_calls"] = len(calls)
+    out["device"] = dev.type
+    Path(sys.argv[3]).write_text(json.dumps(out))
+"""
+
+
+def test_load_models_calls_comfyui_only_for_what_is_not_loaded(tmp_path, comfy_dir):
+    """On CUDA, models already loaded whole skip load_models_gpu but keep ComfyUI's LRU order; dropped ones and
+    clones go through it. On the CPU every call is ComfyUI's (the control: the counting sees calls)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    r = run_worker(FAST_LOAD, tmp_path, comfy_dir, cpu=not cuda)
+    assert r["first"] and r["clone_calls"] == 1, r
+    if not cuda:
+        assert r["device"] == "cpu" and r["warm_calls"] == 1 and r["reload_calls"] is False, r
+        return
+    assert r["warm_calls"] == 0 and r["warm_rank"] == [[0], [1]] and r["used"], r
+    assert r["reload_calls"] and r["reload_rank"] == [[0], [1]] and r["b_loaded"], r
