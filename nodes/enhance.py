@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from comfy_api.latest import io, ui
 
 from .comfy_binding import attach_embedding
 from .common import XSRModels, XSRRefs, load_models, throw_if_interrupted
+from .graphs import ModuleGraphs
 from .loaders import offload_after_use
 from .validation import check_batch, check_text, schema_problems, verdict
 
@@ -24,6 +27,78 @@ logger = logging.getLogger(__name__)
 _TEXT_CACHE: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 _TEXT_CACHE_SIZE = 64
 _TEXT_LOCK = threading.Lock()
+
+
+class TextGraphs(ModuleGraphs):
+    """CUDA graphs of the CLIP text encoder's transformer layers (``comfy.clip_model.CLIPEncoder``, the bulk of a
+    prompt's kernels) while XSR_Enhance encodes its captions (:mod:`.graphs`); ``XSR_TEXT_CUDAGRAPH=0`` turns
+    them off. ComfyUI's own code does the rest of the encode eagerly (tokens, embeddings, masks, final norm,
+    pooling, projection): only the layers' forward is swapped, on the encoder instances, for the time of the
+    call. Every caption of one token count and batch shares a graph (hidden states and mask are its inputs).
+    Eager for on-the-fly weight patches (``weight_function`` / ``bias_function``: LoRA on a lowvram model), an
+    intermediate-layer selection other than one layer or none, Dynamic VRAM and anything not all on CUDA."""
+
+    env = "XSR_TEXT_CUDAGRAPH"
+    what = "the CLIP text encoder"
+
+    def __init__(self):
+        super().__init__()
+        self._encoders: weakref.WeakKeyDictionary[Any, list] = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def usable(clip) -> bool:
+        """A CLIP whose encoders can be hooked: ComfyUI's text model, loaded (not Dynamic VRAM) for CUDA."""
+        patcher = getattr(clip, "patcher", None)
+        return (
+            isinstance(getattr(clip, "cond_stage_model", None), torch.nn.Module)
+            and getattr(getattr(patcher, "load_device", None), "type", None) == "cuda"
+            and not getattr(patcher, "is_dynamic", lambda: False)()
+        )
+
+    @contextlib.contextmanager
+    def hooked(self, clip) -> Iterator[None]:
+        """For the time of the block, ``clip``'s CLIPEncoder instances run their layers through the graphs."""
+        if not self.enabled() or not self.usable(clip):
+            yield
+            return
+        model, patcher = clip.cond_stage_model, clip.patcher
+        encoders = self._encoders.get(model)
+        if encoders is None:
+            import comfy.clip_model
+
+            kind = comfy.clip_model.CLIPEncoder
+            encoders = self._encoders[model] = [weakref.ref(m) for m in model.modules() if type(m) is kind]
+        hooked = []
+        try:
+            for ref in encoders:
+                enc = ref()
+                if enc is not None and "forward" not in enc.__dict__:
+                    enc.forward = self._graphed_forward(enc, getattr(patcher, "patches_uuid", None))
+                    hooked.append(enc)
+            yield
+        finally:
+            for enc in hooked:
+                del enc.forward
+
+    def _graphed_forward(self, enc, patches):
+        orig = type(enc).forward.__get__(enc)
+
+        def forward(x, mask=None, intermediate_output=None):
+            io_ = intermediate_output
+            if mask is None or not (io_ is None or isinstance(io_, int)) or self._patched_on_the_fly(enc):
+                return orig(x, mask=mask, intermediate_output=io_)
+            return self.run(enc, lambda a, m: orig(a, mask=m, intermediate_output=io_), (x, mask), (io_, patches))
+
+        return forward
+
+    def _patched_on_the_fly(self, enc) -> bool:
+        return any(
+            getattr(m, "weight_function", None) or getattr(m, "bias_function", None)
+            for m in self._state(enc)["modules"]
+        )
+
+
+TEXT_GRAPHS = TextGraphs()
 
 
 def _encode_text(clip, text: str):
@@ -36,7 +111,9 @@ def _encode_text(clip, text: str):
         if hit is not None:
             per_clip.move_to_end(key)
             return hit
-    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    tokens = clip.tokenize(text)
+    with TEXT_GRAPHS.hooked(clip):
+        out = clip.encode_from_tokens(tokens, return_pooled=True)
     with _TEXT_LOCK:
         try:
             per_clip = _TEXT_CACHE.setdefault(clip, OrderedDict())

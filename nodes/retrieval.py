@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import uuid
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +16,11 @@ from PIL import Image
 
 from comfy_api.latest import io, ui
 
-from ..xsr_core.cuda_streams import side_stream
 from ..xsr_core.imaging import LRImageError, resize_center_crop, validate_lr
 from ..xsr_core.paths import env_roots
 from ..xsr_core.refdb import RefDBError
 from .loaders import offload_after_use
+from .graphs import ModuleGraphs
 from .common import (
     XSRModels,
     XSRRefDB,
@@ -103,102 +101,12 @@ class RefCache:
 REF_CACHE = RefCache(int(os.environ.get("XSR_REF_CACHE_SIZE", "128") or 0))
 
 
-class VisionGraphs:
+class VisionGraphs(ModuleGraphs):
     """CUDA graphs of the CLIP vision tower (XSR_Retrieve's LR pass and reference pass), one per pixel batch
-    shape and dtype and per placement of the weights; ``XSR_CLIP_CUDAGRAPH=0`` turns them off.
-
-    The ViT-L/14 pass of one image is a few hundred small kernels (ComfyUI's CLIP vision runs manual-cast ops),
-    so it is launch-bound. The first call of a shape runs eagerly (warm-up), the second captures, checks the
-    replay against its own eager result (any difference beyond float noise, or any failure: eager from then
-    on for that model, one log line) and later calls replay. Only for weights all on the CUDA device (a
-    lowvram-streamed model runs eagerly); a moved weight (ComfyUI unloaded / reloaded the encoder) changes
-    the key, and at most :attr:`keep` graphs per model are kept (oldest out), sharing one memory pool (it stays
-    reserved between prompts). Weak-keyed by the vision module: the graphs go with the model.
-    """
-
-    keep = 4
-
-    def __init__(self):
-        self._per_model: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
-        self.captures = self.replays = 0
-
-    @staticmethod
-    def enabled() -> bool:
-        return os.environ.get("XSR_CLIP_CUDAGRAPH", "1").strip().lower() not in ("0", "false", "off", "no")
+    shape and dtype and per placement of the weights (:mod:`.graphs`); ``XSR_CLIP_CUDAGRAPH=0`` turns them off."""
 
     def __call__(self, vm, pix: torch.Tensor):
-        if pix.device.type != "cuda" or not self.enabled():
-            return vm(pixel_values=pix)
-        st = self._state(vm)
-        if st["off"] is not None:
-            return vm(pixel_values=pix)
-        tensors = [
-            t
-            for m in (vm, *st["modules"])
-            for t in itertools.chain(m._parameters.values(), m._buffers.values())
-            if t is not None
-        ]
-        if any(t.device != pix.device for t in tensors):
-            return vm(pixel_values=pix)  # streamed / partially loaded: nothing fixed to capture
-        key = (tuple(pix.shape), pix.dtype, torch.is_inference_mode_enabled(), tuple(t.data_ptr() for t in tensors))
-        entry = st["graphs"].get(key)
-        if entry is None:
-            if key not in st["warm"]:
-                st["warm"].add(key)
-                return vm(pixel_values=pix)
-            return self._capture(vm, pix, st, key)
-        st["graphs"].move_to_end(key)
-        static, graph, out = entry
-        static.copy_(pix)
-        graph.replay()
-        self.replays += 1
-        return out[0].clone(), None, out[2].clone()
-
-    def _state(self, vm) -> dict:
-        """The per-model state: warm-up keys, kept graphs, their pool and the submodules below ``vm``, listed once
-        (Module.parameters() re-walks the tree: milliseconds a call for a ViT-L); their parameter / buffer slots
-        are read every call, so moved or replaced weights change the key. ``vm`` itself is not in the list: a
-        value that refers to its weak key keeps the model, its weights and its graphs alive for good."""
-        st = self._per_model.get(vm)
-        if st is None:
-            mods = [m for m in vm.modules() if m is not vm]
-            st = self._per_model[vm] = {"warm": set(), "graphs": OrderedDict(), "off": None, "pool": None}
-            st["modules"] = mods
-        return st
-
-    def _capture(self, vm, pix, st, key):
-        try:
-            static = pix.clone()
-            graph = torch.cuda.CUDAGraph()
-            stream = side_stream(pix.device)  # one stream for all XSR captures (one cuBLAS workspace)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                if st["pool"] is None:  # one memory pool per model: its graphs replay one at a time, outputs cloned
-                    st["pool"] = torch.cuda.graph_pool_handle()
-                graph.capture_begin(pool=st["pool"], capture_error_mode="thread_local")
-                try:
-                    out = vm(pixel_values=static)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream().wait_stream(stream)
-            eager = vm(pixel_values=pix)
-            graph.replay()
-            worst = 0.0
-            for a, b in ((out[0], eager[0]), (out[2], eager[2])):
-                tol = 1e-3 * max(1.0, float(b.abs().max()))
-                worst = max(worst, float((a.float() - b.float()).abs().max()) / tol)
-            if worst > 1.0:
-                raise RuntimeError(f"the replay differs from eager ({worst:.1f} x the float tolerance)")
-        except Exception as e:  # noqa: BLE001 - any failure: this model's vision pass stays eager
-            st["off"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            st["graphs"].clear()
-            logger.info("XSR_Retrieve: the CLIP vision pass runs eagerly (no CUDA graph): %s", st["off"])
-            return vm(pixel_values=pix)
-        st["graphs"][key] = (static, graph, out)
-        while len(st["graphs"]) > self.keep:
-            st["graphs"].popitem(last=False)
-        self.captures += 1
-        return eager
+        return self.run(vm, lambda x: vm(pixel_values=x), (pix,))
 
 
 VISION_GRAPHS = VisionGraphs()

@@ -406,6 +406,96 @@ del tower, st_weak
 gc.collect()
 res["vision_state"].update(alive_after_del=ref_tower() is not None, states=len(vg_weak._per_model))
 
+# 9c. XSR_Enhance's text-encoder hook (every device): for the time of the block the CLIPEncoder's forward goes
+# through the graphs' run() (here a recording pass-through), same result, restored after (also on an error);
+# on-the-fly weight patches keep it eager
+enhance = importlib.import_module("comfyui_xsr.nodes.enhance")
+clip_model = importlib.import_module("comfy.clip_model")
+
+
+class RecordingText(enhance.TextGraphs):
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    @staticmethod
+    def usable(clip) -> bool:
+        return True
+
+    def run(self, module, call, inputs, extra=()):
+        self.calls.append((type(module).__name__, [list(t.shape) for t in inputs], [str(e) for e in extra]))
+        return call(*inputs)
+
+
+try:
+    rec = RecordingText()
+    toks = clip.tokenize("a red brick house, photo")
+    with torch.inference_mode():
+        ref_c, ref_p = clip.encode_from_tokens(toks, return_pooled=True)
+        with rec.hooked(clip):
+            encs = [m for m in clip.cond_stage_model.modules() if type(m) is clip_model.CLIPEncoder]
+            hooked_inside = all("forward" in e.__dict__ for e in encs)
+            got_c, got_p = clip.encode_from_tokens(toks, return_pooled=True)
+        left_after = [e for e in encs if "forward" in e.__dict__]
+        try:
+            with rec.hooked(clip):
+                raise KeyError("boom")
+        except KeyError:
+            pass
+        left_after_error = [e for e in encs if "forward" in e.__dict__]
+        n_calls = len(rec.calls)
+        lin = next(m for m in encs[0].modules() if hasattr(m, "weight_function"))
+        lin.weight_function = [lambda w: w]  # what a lowvram LoRA patch installs
+        try:
+            with rec.hooked(clip):
+                clip.encode_from_tokens(toks, return_pooled=True)
+        finally:
+            lin.weight_function = []
+    res["text_hook"] = {
+        "encoders": len(encs),
+        "hooked_inside": hooked_inside,
+        "calls": rec.calls[:n_calls],
+        "calls_when_patched": len(rec.calls) - n_calls,
+        "left_after": len(left_after),
+        "left_after_error": len(left_after_error),
+        "maxdiff": max(diff(got_c.float().cpu(), ref_c.float().cpu()), diff(got_p.float().cpu(), ref_p.float().cpu())),
+        "real_usable": enhance.TextGraphs.usable(clip),
+    }
+except Exception as e:  # noqa: BLE001
+    res["text_hook"] = {"error": f"{type(e).__name__}: {e}"}
+
+# 10b. XSR_Enhance's CLIP text-encoder CUDA graphs (CUDA only): new captions replay the graph, equal eager
+if MODE == "cuda":
+    try:
+        tg = enhance.TextGraphs()
+        comfy.model_management.load_model_gpu(clip.patcher)
+        worst, n = 0.0, 0
+        texts = ["a red brick house", "two dogs on a beach at sunset", "macro photo of a leaf", "a city street"]
+        with torch.inference_mode():
+            for t in texts:
+                toks = clip.tokenize(t)
+                ref_c, ref_p = clip.encode_from_tokens(toks, return_pooled=True)
+                with tg.hooked(clip):
+                    got_c, got_p = clip.encode_from_tokens(toks, return_pooled=True)
+                worst = max(
+                    worst,
+                    diff(got_c.float().cpu(), ref_c.float().cpu()),
+                    diff(got_p.float().cpu(), ref_p.float().cpu()),
+                )
+            memo = enhance._encode_text(clip, "a wired-in caption, not seen before")
+        res["text_graphs"] = {
+            "usable": enhance.TextGraphs.usable(clip),
+            "captures": tg.captures,
+            "replays": tg.replays,
+            "maxdiff": worst,
+            "scale": float(ref_c.abs().max()),
+            "off": [st["off"] for st in tg._per_model.values()],
+            "node_states": len(enhance.TEXT_GRAPHS._per_model),
+            "memo_shape": list(memo[0].shape),
+        }
+    except Exception as e:  # noqa: BLE001
+        res["text_graphs"] = {"error": f"{type(e).__name__}: {e}"}
+
 # 10. XSR_Retrieve's CLIP vision CUDA graphs (CUDA only): warm-up, capture, replays equal eager for new pixels
 if MODE == "cuda":
     try:  # recorded, not raised: the sections above must still reach the report

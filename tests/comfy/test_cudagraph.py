@@ -134,6 +134,19 @@ def test_vit_graph_state_does_not_keep_the_encoder_alive(cpu_results):
     assert cpu_results["vision_state"] == {"submodules": 3, "alive_after_del": False, "states": 0}
 
 
+def test_text_encoder_hook_routes_the_layers_and_is_removed_after(cpu_results):
+    h = cpu_results["text_hook"]
+    assert "error" not in h, h
+    assert h["encoders"] == 1 and h["hooked_inside"] is True, h  # SD1's one CLIP-L
+    (name, shapes, extra), *more = h["calls"]
+    assert not more and name == "CLIPEncoder", h["calls"]  # one prompt: one pass through the layers
+    assert shapes[0][:2] == [1, 77] and extra[0] == "None", h["calls"]  # hidden states of 77 tokens; last layer
+    assert h["calls_when_patched"] == 0, h  # an on-the-fly weight patch: ComfyUI's eager forward, not hooked
+    assert (h["left_after"], h["left_after_error"]) == (0, 0), h  # the class's forward again, also after a raise
+    assert h["maxdiff"] == 0.0, h
+    assert h["real_usable"] is False, h  # a CPU CLIP is never graphed
+
+
 def test_node_is_a_passthrough_on_cpu(cpu_results):
     assert cpu_results["node_passthrough"] is True
 
@@ -164,6 +177,10 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
     assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
     assert v["maxdiff"] <= 1e-3, v
     assert (v["alive_after_del"], v["states_after_del"]) == (False, 0), v  # the encoder and its graphs freed
+    t = r["text_graphs"]  # XSR_Enhance's CLIP text encoder: warm-up, capture, replays for new captions
+    assert t.get("usable") is True and t["off"] == [None] and (t["captures"], t["replays"]) == (1, 2), t
+    assert t["maxdiff"] <= 1e-3 * max(1.0, t["scale"]), t
+    assert t["node_states"] == 1 and t["memo_shape"][1] == 77, t  # _encode_text goes through the node's graphs
     d = r["vision_dtype"]  # encode_clip runs fp16 weights in fp16 and agrees with ComfyUI's float32 convention
     assert (d.get("weights"), d.get("compute")) == ("torch.float16", "torch.float16"), d
     assert d["tokens_cos_min"] > 0.999 and d["cls_cos_min"] > 0.999, d
