@@ -6,8 +6,12 @@ colour fix applied to the x16 hint (the same 512 px shape as a decoded image). A
 the per-image work really runs. Each XSR_OFFLOAD setting is timed with the reference cache ``warm`` (kept
 between prompts as in use: repeated references are hits) and ``cold`` (cleared before every prompt, so every
 reference is a miss: decode, ViT pass, previews — the case of a large DB, where references rarely repeat);
-each row reports its cache hits and misses. ``--clip-cudagraph on,off`` also times XSR_Retrieve's CLIP vision
-pass eagerly (``XSR_CLIP_CUDAGRAPH=0``) beside its CUDA graph. Uses the models and the DB of ``bench_e2e.py``
+each row reports its cache hits and misses; ``cold`` also clears XSR_Enhance's caption-encode memo, so every
+caption goes through the CLIP text encoder. ``--clip-cudagraph on,vision,off`` times the CLIP passes on their
+CUDA graphs (``on``: XSR_Retrieve's vision pass and XSR_Enhance's text encoder), the vision graph only
+(``vision``: ``XSR_TEXT_CUDAGRAPH=0``) and both eager (``off``: ``XSR_CLIP_CUDAGRAPH=0`` too) side by side.
+``--load xsr,comfy`` times the nodes' ``load_models`` (no ``load_models_gpu`` call for models ComfyUI has loaded
+whole) beside ComfyUI's plain ``load_models_gpu`` in every node. Uses the models and the DB of ``bench_e2e.py``
 (real-shape random weights on CUDA, fp16; ``--tiny``: the tiny zoo on CPU; DB images of ``--ref-side`` px, as a
 packed DB stores them) without the U-Net, ControlNet and VAE. Prints the median ms per node and of their sum, the
 peak VRAM and what is resident after the last node, and writes bench/results/fixed_cost_<device>.{json,md}.
@@ -55,8 +59,37 @@ def graph(lr_name: str, names: dict[str, str]) -> dict:
 
 
 def _label(r: dict) -> str:
-    vit = "" if r.get("clip_cudagraph", "on") == "on" else ", ViT eager (XSR_CLIP_CUDAGRAPH=0)"
-    return f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}{vit}"
+    vit = {
+        "on": "",
+        "vision": ", text encoder eager (XSR_TEXT_CUDAGRAPH=0)",
+        "off": ", ViT + text encoder eager (XSR_CLIP_CUDAGRAPH=0, XSR_TEXT_CUDAGRAPH=0)",
+    }[r.get("clip_cudagraph", "on")]
+    load = ", load_models_gpu every node" if r.get("load", "xsr") == "comfy" else ""
+    return f"XSR_OFFLOAD={r['offload']}, cache {r['ref_cache']}{vit}{load}"
+
+
+_XSR_LOAD: dict = {}
+
+
+def _use_load(kind: str) -> None:
+    """Point the nodes' ``load_models`` at XSR's (``xsr``) or at ComfyUI's plain ``load_models_gpu`` (``comfy``)."""
+    mods = [m for n, m in sys.modules.items() if n.endswith(("nodes.common", "nodes.retrieval", "nodes.enhance"))]
+    for m in mods:
+        if hasattr(m, "load_models"):
+            orig = _XSR_LOAD.setdefault(m.__name__, m.load_models)
+            m.load_models = (
+                orig if kind == "xsr" else (lambda ps: sys.modules["comfy.model_management"].load_models_gpu(ps))
+            )
+
+
+def _clear_text_memo() -> None:
+    """Forget XSR_Enhance's encoded captions (a cold run: every caption is new to the text encoder)."""
+    enhance = next(
+        (m for n, m in sys.modules.items() if n.endswith("nodes.enhance") and hasattr(m, "_TEXT_CACHE")), None
+    )
+    if enhance is not None:
+        with enhance._TEXT_LOCK:
+            enhance._TEXT_CACHE.clear()
 
 
 def _graph_memory(s) -> str:
@@ -78,6 +111,10 @@ def _graph_memory(s) -> str:
     if retrieval is not None:
         retrieval.VISION_GRAPHS._per_model.clear()
         lines.append(f"after dropping the ViT graphs: {beyond():.1f} MiB")
+    enhance = next((m for n, m in sys.modules.items() if n.endswith("nodes.enhance")), None)
+    if enhance is not None and hasattr(enhance, "TEXT_GRAPHS"):
+        enhance.TEXT_GRAPHS._per_model.clear()
+        lines.append(f"after dropping the text-encoder graphs too: {beyond():.1f} MiB")
     for lm in mm.current_loaded_models:
         fast = getattr(getattr(lm.model, "model", None), "_fast", None)
         if fast is not None:
@@ -98,18 +135,19 @@ def _profile(s, n: int, cache, policy: str) -> str:
     import pstats
 
     os.environ["XSR_OFFLOAD"] = policy
-    os.environ["XSR_CLIP_CUDAGRAPH"] = "1"
+    os.environ["XSR_CLIP_CUDAGRAPH"] = os.environ["XSR_TEXT_CUDAGRAPH"] = "1"
     prof = cProfile.Profile()
     for _ in range(n):
         if cache is not None:
             cache.clear()
+        _clear_text_memo()
         prompt = graph(s.new_lr(), s.names)
         prof.enable()
         s.run(prompt)
         prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf).strip_dirs()
-    buf.write(f"{n} prompts, XSR_OFFLOAD={policy}, reference cache cold, ViT on its CUDA graph\n")
+    buf.write(f"{n} prompts, XSR_OFFLOAD={policy}, reference cache cold, ViT and text encoder on CUDA graphs\n")
     st.sort_stats("cumulative").print_stats(70)
     st.sort_stats("tottime").print_stats(40)
     for hot in (r"\(parameters\)", r"\(memory_stats\)", r"'cpu'", r"\(load_models_gpu\)"):
@@ -161,8 +199,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--clip-cudagraph",
         default="on",
-        help="comma list of on, off: XSR_Retrieve's CLIP vision pass on its CUDA graph or eager "
-        "(XSR_CLIP_CUDAGRAPH), timed side by side",
+        help="comma list of on (XSR_Retrieve's CLIP vision pass and XSR_Enhance's text encoder on CUDA graphs), "
+        "vision (text encoder eager: XSR_TEXT_CUDAGRAPH=0), off (both eager), timed side by side",
+    )
+    ap.add_argument(
+        "--load",
+        default="xsr",
+        help="comma list of xsr (the nodes' load_models: no load_models_gpu call for models loaded whole), comfy "
+        "(every node calls comfy.model_management.load_models_gpu), timed side by side",
     )
     ap.add_argument(
         "--profile",
@@ -201,19 +245,27 @@ def main(argv=None) -> int:
     if cache is None or cache.capacity == 0:
         print("the reference cache is off (XSR_REF_CACHE_SIZE=0) or not found: warm = cold", flush=True)
     graphs = [g for g in args.clip_cudagraph.split(",") if g]
-    if not graphs or any(g not in ("on", "off") for g in graphs):
-        ap.error(f"--clip-cudagraph: a comma list of on, off (got {args.clip_cudagraph!r})")
-    for policy, state, vit in [(p, c, g) for p in policies for c in states for g in graphs]:
+    if not graphs or any(g not in ("on", "vision", "off") for g in graphs):
+        ap.error(f"--clip-cudagraph: a comma list of on, vision, off (got {args.clip_cudagraph!r})")
+    loads = [g for g in args.load.split(",") if g]
+    if not loads or any(g not in ("xsr", "comfy") for g in loads):
+        ap.error(f"--load: a comma list of xsr, comfy (got {args.load!r})")
+    columns = [(p, c, g, ld) for p in policies for c in states for g in graphs for ld in loads]
+    for policy, state, vit, load in columns:
         os.environ["XSR_OFFLOAD"] = policy  # read by the nodes at every call
-        os.environ["XSR_CLIP_CUDAGRAPH"] = "1" if vit == "on" else "0"
+        _use_load(load)
+        os.environ["XSR_CLIP_CUDAGRAPH"] = "0" if vit == "off" else "1"
+        os.environ["XSR_TEXT_CUDAGRAPH"] = "1" if vit == "on" else "0"
         per_node: dict[str, list[float]] = {}
         totals, last = [], None
         hits = misses = 0
         if s.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for i in range(args.warmup + args.runs):
-            if state == "cold" and cache is not None:
-                cache.clear()
+            if state == "cold":
+                if cache is not None:
+                    cache.clear()
+                _clear_text_memo()
             before = (cache.hits, cache.misses) if cache is not None else (0, 0)
             _, tr = s.run(graph(s.new_lr(), s.names))
             if i < args.warmup:
@@ -229,6 +281,7 @@ def main(argv=None) -> int:
             "offload": policy,
             "ref_cache": state,
             "clip_cudagraph": vit,
+            "load": load,
             "ref_hits": hits if cache is not None else None,
             "ref_misses": misses if cache is not None else None,
             "nodes_ms": {c: round(statistics.median(v) * 1000, 2) for c, v in per_node.items()},
@@ -254,7 +307,8 @@ def main(argv=None) -> int:
         f"Median of {args.runs} runs after {args.warmup} warm-up runs per column, a new LR image each "
         f"run ({'tiny zoo' if args.tiny else 'real-shape random weights'}, DB images {args.ref_side} px; CUDA "
         "synchronised around each node; min in brackets). Reference cache `warm`: kept between prompts; `cold`: "
-        "cleared before every prompt (every reference a miss: the large-DB case).",
+        "cleared before every prompt with XSR_Enhance's caption-encode memo (every reference a miss, every "
+        "caption encoded: the large-DB case).",
         "",
         "| node | " + " | ".join(_label(r) for r in res["rows"]) + " |",
         "|---" * (1 + len(res["rows"])) + "|",
