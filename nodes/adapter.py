@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..xsr_core.adapter import AdaINAdapter
 from ..xsr_core.weights import XSRWeightsError, load_model, read_metadata
 from .comfy_binding import APPLY_TO, AdaINRuntime, make_adapter_patcher, patch_controlnet, patch_unet
-from .common import xsr_file_path, xsr_files
+from .common import choice_input, xsr_file_input, xsr_file_path, xsr_schema
 from .identity import check_controlnet, check_unet
 from .validation import check_finite, collect, schema_problems, verdict
 
@@ -110,11 +110,10 @@ def apply_adapter(
 def _patch_schema(node_id: str, display_name: str, description: str, control_net_tooltip: str, adapter) -> io.Schema:
     """The schema of the two patch nodes (XSR_ApplyAdaIN, XSR_AdaINPatch): the same inputs and outputs but for
     where the adapter comes from (``adapter``: a loaded-adapter socket or the file combo)."""
-    return io.Schema(
-        node_id=node_id,
-        display_name=display_name,
-        category="xsr",
-        description=description,
+    return xsr_schema(
+        node_id,
+        display_name,
+        description,
         inputs=[
             io.Model.Input("model", tooltip="SD1.x MODEL (CheckpointLoaderSimple)"),
             io.ControlNet.Input("control_net", tooltip=control_net_tooltip),
@@ -129,11 +128,11 @@ def _patch_schema(node_id: str, display_name: str, description: str, control_net
             ),
             _percent_input("start_percent", 0.0, "sampling progress at which the adapter starts acting"),
             _percent_input("end_percent", 1.0, "sampling progress at which the adapter stops acting"),
-            io.Combo.Input(
+            choice_input(
                 "apply_to",
-                options=list(APPLY_TO),
-                default="cond",
-                tooltip="cond: only the positive branch gets the image embedding (default); "
+                APPLY_TO,
+                "cond",
+                "cond: only the positive branch gets the image embedding (default); "
                 "both: the negative branch gets it too",
             ),
             io.Boolean.Input(
@@ -176,21 +175,18 @@ def _check_finite_settings(node: str, settings: dict) -> None:
 
 
 def _adapter_combo() -> io.Combo.Input:
-    files = xsr_files()
-    default = "adain_adapter.safetensors" if "adain_adapter.safetensors" in files else None
-    return io.Combo.Input(
-        "adapter_name", options=files, default=default, tooltip="AdaIN adapter weights (.safetensors in models/xsr)"
+    return xsr_file_input(
+        "adapter_name", "adain_adapter.safetensors", "AdaIN adapter weights (.safetensors in models/xsr)"
     )
 
 
 class XSRLoadAdaINAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_LoadAdaINAdapter",
-            display_name="XSR Load AdaIN Adapter",
-            category="xsr",
-            description="Loads the AdaIN adapter weights once (ComfyUI budgets and offloads them with the U-Net). "
+        return xsr_schema(
+            "XSR_LoadAdaINAdapter",
+            "XSR Load AdaIN Adapter",
+            "Loads the AdaIN adapter weights once (ComfyUI budgets and offloads them with the U-Net). "
             "Connect to XSR Apply AdaIN Adapter.",
             inputs=[_adapter_combo()],
             outputs=[XSRAdaINAdapterSocket.Output("adapter", display_name="adapter")],

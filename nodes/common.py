@@ -257,10 +257,34 @@ def load_models(patchers: list) -> None:
 XSRModels = io.Custom("XSR_MODELS")
 XSRRefDB = io.Custom("XSR_REFDB")
 XSRRefs = io.Custom("XSR_REFS")
+CATEGORY = "xsr"  # the node menu's folder of every XSR node
+
+
+def xsr_schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list, **extra) -> io.Schema:
+    """The ``io.Schema`` of an XSR node: XSR's category; ``extra``: further Schema fields (``is_output_node``...)."""
+    names = dict(node_id=node_id, display_name=display_name, category=CATEGORY, description=description)
+    return io.Schema(**names, inputs=inputs, outputs=outputs, **extra)
+
+
+def choice_input(name: str, options, default: str | None, tooltip: str, **extra) -> io.Combo.Input:
+    """A combo widget of ``options`` (any iterable of strings) starting at ``default``."""
+    return io.Combo.Input(name, options=list(options), default=default, tooltip=tooltip, **extra)
+
+
+def int_input(name: str, default: int, lo: int, hi: int, tooltip: str, **extra) -> io.Int.Input:
+    """An INT widget from ``lo`` to ``hi`` (both included) starting at ``default``."""
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tooltip, **extra)
 
 
 def xsr_files() -> list[str]:
     return sorted(folder_paths.get_filename_list(XSR_FOLDER))
+
+
+def xsr_file_input(name: str, preferred: str, tooltip: str, files: list[str] | None = None) -> io.Combo.Input:
+    """A combo of the weights files in models/xsr (``files``: that listing, when the caller has it), starting at
+    ``preferred`` when it is there."""
+    files = xsr_files() if files is None else files
+    return choice_input(name, files, preferred if preferred in files else None, tooltip)
 
 
 def refdb_names() -> list[str]:

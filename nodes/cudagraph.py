@@ -63,7 +63,7 @@ from comfy_api.latest import io
 
 from ..xsr_core.adapter.adain import AdaINPlan, AdapterForward
 from ..xsr_core.cuda_streams import side_stream
-from .common import controls_of
+from .common import controls_of, xsr_schema
 
 logger = logging.getLogger(__name__)
 
@@ -718,11 +718,10 @@ def apply_cudagraph(model, backend_factory: Callable[[], Any] | None = None):
 class XSRCUDAGraph(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_CUDAGraph",
-            display_name="XSR CUDA Graph Sampling",
-            category="xsr",
-            description="Captures each sampling step (ControlNet + U-Net + AdaIN adapter, cond and uncond batched) "
+        return xsr_schema(
+            "XSR_CUDAGraph",
+            "XSR CUDA Graph Sampling",
+            "Captures each sampling step (ControlNet + U-Net + AdaIN adapter, cond and uncond batched) "
             "as a CUDA graph on the second step and replays it, which removes the kernel-launch overhead "
             "that dominates SD1.5 steps on fast GPUs. Falls back to eager sampling, with one log line, "
             "where a graph would not be faithful (lowvram / offloaded models, hooks, unknown patches or "

@@ -16,7 +16,7 @@ import comfy.model_management
 from comfy_api.latest import io, ui
 
 from .comfy_binding import attach_embedding
-from .common import XSRModels, XSRRefs, load_models, throw_if_interrupted
+from .common import XSRModels, XSRRefs, int_input, load_models, throw_if_interrupted, xsr_schema
 from .graphs import ModuleGraphs
 from .loaders import offload_after_use
 from .validation import check_batch, check_text, schema_problems, verdict
@@ -148,21 +148,18 @@ def _optional_text(name: str, tooltip: str) -> io.String.Input:
 class XSREnhance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_Enhance",
-            display_name="XSR Enhance (I2T)",
-            category="xsr",
-            description="Fuses the LR with its references into the enhanced image embedding (for the AdaIN adapter) "
+        return xsr_schema(
+            "XSR_Enhance",
+            "XSR Enhance (I2T)",
+            "Fuses the LR with its references into the enhanced image embedding (for the AdaIN adapter) "
             "and generates a caption with the distilled GPT-2; returns the positive conditioning encoded with "
             "your CLIP and carrying the image embedding.",
             inputs=[
                 XSRModels.Input("xsr_models", tooltip="from XSR Load Models"),
                 XSRRefs.Input("refs", tooltip="from XSR Retrieve References"),
                 io.Clip.Input("clip", tooltip="the text encoder of your SD checkpoint (CheckpointLoaderSimple)"),
-                io.Int.Input(
-                    "max_tokens", default=32, min=4, max=75, tooltip="longest generated caption, in GPT-2 tokens"
-                ),
-                io.Int.Input("num_beams", default=1, min=1, max=8, tooltip="1 = greedy decoding; more = beam search"),
+                int_input("max_tokens", 32, 4, 75, "longest generated caption, in GPT-2 tokens"),
+                int_input("num_beams", 1, 1, 8, "1 = greedy decoding; more = beam search"),
                 _optional_text(
                     "caption_override", "if not empty, used instead of the generated caption (edit the text here)"
                 ),

@@ -20,6 +20,7 @@ from ..xsr_core import MAX_LR_SIDE
 from ..xsr_core.image_io import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_rgb_float
 from ..xsr_core.imaging import LRImageError, validate_lr
 from ..xsr_core.paths import PathConfinementError
+from .common import int_input, xsr_schema
 from .validation import DEFAULT_MAX_BATCH, check_batch, collect, schema_problems, verdict
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,10 @@ def list_folder(folder: str) -> tuple[str, list[str]]:
 class XSRLoadImageFolder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_LoadImageFolder",
-            display_name="XSR Load LR Image Folder",
-            category="xsr",
-            description="Loads every image of a subfolder of ComfyUI's input directory (sorted by file name) as one "
+        return xsr_schema(
+            "XSR_LoadImageFolder",
+            "XSR Load LR Image Folder",
+            "Loads every image of a subfolder of ComfyUI's input directory (sorted by file name) as one "
             f"IMAGE batch of LR images (same size, at most {MAX_LR_SIDE} px per side) for batch x16 "
             "super-resolution.",
             inputs=[
@@ -86,12 +86,12 @@ class XSRLoadImageFolder(io.ComfyNode):
                     default="xsr_lr",
                     tooltip="subfolder of ComfyUI's input directory holding the LR images (png, jpg, webp...)",
                 ),
-                io.Int.Input(
+                int_input(
                     "limit",
-                    default=0,
-                    min=0,
-                    max=4096,
-                    tooltip="load at most this many images (first by sorted name); 0 = all. A batch holds "
+                    0,
+                    0,
+                    4096,
+                    "load at most this many images (first by sorted name); 0 = all. A batch holds "
                     f"at most XSR_MAX_BATCH images (default {DEFAULT_MAX_BATCH})",
                 ),
             ],

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..xsr_core import MAX_LR_SIDE, SCALE
 from ..xsr_core.colorfix import METHODS, color_fix
 from ..xsr_core.imaging import LRImageError, structure_hint, validate_lr
+from .common import choice_input, xsr_schema
 from .validation import check_batch, schema_problems, verdict
 from ..xsr_core.tiling import MAX_TILED_LR_SIDE
 
@@ -36,11 +37,10 @@ def hint_and_latent(lr: torch.Tensor) -> tuple[torch.Tensor, dict]:
 class XSRPrepareLR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_PrepareLR",
-            display_name="XSR Prepare LR (x16)",
-            category="xsr",
-            description=(
+        return xsr_schema(
+            "XSR_PrepareLR",
+            "XSR Prepare LR (x16)",
+            (
                 f"Checks a low-resolution image (up to {MAX_LR_SIDE} px per side; RGB, RGBA or "
                 f"grayscale) and returns its bicubic x{SCALE} upscale, the ControlNet structure hint, "
                 "plus an empty latent of the matching x16 size for the sampler."
@@ -73,20 +73,16 @@ class XSRPrepareLR(io.ComfyNode):
 class XSRColorFix(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_ColorFix",
-            display_name="XSR Color Fix",
-            category="xsr",
-            description="Corrects the colours of the SR result toward the LR input: 'wavelet' keeps the SR's detail "
+        return xsr_schema(
+            "XSR_ColorFix",
+            "XSR Color Fix",
+            "Corrects the colours of the SR result toward the LR input: 'wavelet' keeps the SR's detail "
             "and takes the LR's low frequencies (StableSR); 'adain' matches per-channel mean and std.",
             inputs=[
                 io.Image.Input("image", tooltip="the SR result (e.g. VAEDecode output)"),
                 io.Image.Input("lr", tooltip="the LR input the result was made from"),
-                io.Combo.Input(
-                    "method",
-                    options=list(METHODS),
-                    default="wavelet",
-                    tooltip="wavelet: low frequencies from the LR; adain: mean/std matching",
+                choice_input(
+                    "method", METHODS, "wavelet", "wavelet: low frequencies from the LR; adain: mean/std matching"
                 ),
             ],
             outputs=[io.Image.Output("fixed", display_name="image")],

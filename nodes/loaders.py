@@ -29,9 +29,12 @@ from .common import (
     WholeModelPatcher,
     XSRModels,
     XSRRefDB,
+    choice_input,
     refdb_names,
+    xsr_file_input,
     xsr_file_path,
     xsr_files,
+    xsr_schema,
 )
 from .validation import check_folder_name, collect, folder_roots, schema_problems, verdict
 
@@ -98,25 +101,23 @@ class XSRLoadModels(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         files = xsr_files()
-        return io.Schema(
-            node_id="XSR_LoadModels",
-            display_name="XSR Load Models (RFA + I2T)",
-            category="xsr",
-            description="Loads the XSR stage-1 weights from models/xsr: the Reference-Finding Aligner and the "
+        return xsr_schema(
+            "XSR_LoadModels",
+            "XSR Load Models (RFA + I2T)",
+            "Loads the XSR stage-1 weights from models/xsr: the Reference-Finding Aligner and the "
             "I2T embedding enhancer with its distilled GPT-2 caption decoder (tokenizer inside the file).",
             inputs=[
-                io.Combo.Input(
+                xsr_file_input(
                     "rfa_name",
-                    options=files,
-                    default="rfa.safetensors" if "rfa.safetensors" in files else None,
-                    tooltip="RFA weights (.safetensors in models/xsr): "
-                    "predicts the HR CLIP embedding used for retrieval",
+                    "rfa.safetensors",
+                    "RFA weights (.safetensors in models/xsr): predicts the HR CLIP embedding used for retrieval",
+                    files,
                 ),
-                io.Combo.Input(
+                xsr_file_input(
                     "i2t_name",
-                    options=files,
-                    default="i2t.safetensors" if "i2t.safetensors" in files else None,
-                    tooltip="I2T weights (.safetensors in models/xsr): embedding enhancer + caption decoder",
+                    "i2t.safetensors",
+                    "I2T weights (.safetensors in models/xsr): embedding enhancer + caption decoder",
+                    files,
                 ),
             ],
             outputs=[XSRModels.Output("xsr_models", display_name="xsr_models")],
@@ -230,17 +231,17 @@ def refdb_path(name: str) -> str:
 class XSRLoadReferenceDB(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_LoadReferenceDB",
-            display_name="XSR Load Reference DB",
-            category="xsr",
-            description="Opens a reference database (faiss index + metadata) from models/xsr_refdb. "
+        return xsr_schema(
+            "XSR_LoadReferenceDB",
+            "XSR Load Reference DB",
+            "Opens a reference database (faiss index + metadata) from models/xsr_refdb. "
             "Cached; reloaded when its files change.",
             inputs=[
-                io.Combo.Input(
+                choice_input(
                     "db_name",
-                    options=refdb_names(),
-                    tooltip="a DB folder in models/xsr_refdb (built by XSR_BuildReferenceDB or the CLI)",
+                    refdb_names(),
+                    None,
+                    "a DB folder in models/xsr_refdb (built by XSR_BuildReferenceDB or the CLI)",
                 )
             ],
             outputs=[XSRRefDB.Output("refdb", display_name="refdb")],

@@ -27,9 +27,12 @@ from .common import (
     XSRRefs,
     clip_vision_fingerprint,
     clip_vision_width,
+    choice_input,
     encode_clip,
+    int_input,
     load_models,
     throw_if_interrupted,
+    xsr_schema,
 )
 from .validation import check_batch, check_folder_name, collect, schema_problems, verdict
 
@@ -223,18 +226,17 @@ def _gather_refs(clip_vision, refdb, ids: np.ndarray) -> dict[int, _CachedRef]:
 class XSRRetrieve(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_Retrieve",
-            display_name="XSR Retrieve References",
-            category="xsr",
-            description="Aligns the LR's CLIP embedding to the missing HR one (RFA) and retrieves the top-K most "
+        return xsr_schema(
+            "XSR_Retrieve",
+            "XSR Retrieve References",
+            "Aligns the LR's CLIP embedding to the missing HR one (RFA) and retrieves the top-K most "
             "similar HR references from the reference DB. Each LR image of a batch gets its own references.",
             inputs=[
                 io.Image.Input("image", tooltip="LR image(s), at most 64 px per side (32x32 in the paper)"),
                 io.ClipVision.Input("clip_vision", tooltip="the CLIP vision encoder the DB was built with (ViT-L/14)"),
                 XSRModels.Input("xsr_models", tooltip="from XSR Load Models"),
                 XSRRefDB.Input("refdb", tooltip="from XSR Load Reference DB"),
-                io.Int.Input("top_k", default=4, min=1, max=16, tooltip="references per LR image (the paper uses 4)"),
+                int_input("top_k", 4, 1, 16, "references per LR image (the paper uses 4)"),
             ],
             outputs=[
                 io.Image.Output(
@@ -360,11 +362,10 @@ def resolve_image_folder(folder: str) -> str:
 class XSRBuildReferenceDB(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_BuildReferenceDB",
-            display_name="XSR Build Reference DB",
-            category="xsr",
-            description="Builds (or resumes building) a reference database in models/xsr_refdb from a folder of HR "
+        return xsr_schema(
+            "XSR_BuildReferenceDB",
+            "XSR Build Reference DB",
+            "Builds (or resumes building) a reference database in models/xsr_refdb from a folder of HR "
             "images, with the CLIP vision encoder you will query it with. Interrupting keeps the work "
             "done; queueing again continues. For millions of images use `python -m xsr_core.refdb build`.",
             inputs=[
@@ -376,11 +377,11 @@ class XSRBuildReferenceDB(io.ComfyNode):
                     "(searched recursively)",
                 ),
                 io.String.Input("db_name", default="my_refdb", tooltip="name of the new DB folder in models/xsr_refdb"),
-                io.Combo.Input(
+                choice_input(
                     "mode",
-                    options=["packed", "paths"],
-                    default="packed",
-                    tooltip="packed: resized copies stored in the DB (portable); paths: the DB points at "
+                    ["packed", "paths"],
+                    "packed",
+                    "packed: resized copies stored in the DB (portable); paths: the DB points at "
                     "the original files (small, but they must stay in place)",
                 ),
             ],

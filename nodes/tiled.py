@@ -67,7 +67,7 @@ from ..xsr_core.tiling import (
 )
 from .comfy_binding import XSR_KEY, CONDXSR
 from .validation import max_tiles
-from .common import XSRRefs, controls_of
+from .common import XSRRefs, choice_input, controls_of, int_input, xsr_schema
 from .image import hint_and_latent, prepare_outputs
 
 logger = logging.getLogger(__name__)
@@ -77,14 +77,18 @@ WRAPPER_KEY = "xsr_tiled"
 PREVIEW_THUMB = 128  # side of the reference thumbnails XSR_TilePreview shows
 
 
+def _tiling_input() -> io.Input:
+    """The tile-geometry input of XSR_TiledModel and XSR_TilePreview."""
+    return XSRTiles.Input("tiling", tooltip="from XSR Prepare LR Tiles")
+
+
 class XSRPrepareLRTiled(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_PrepareLRTiled",
-            display_name="XSR Prepare LR Tiles (tiled x16)",
-            category="xsr",
-            description=(
+        return xsr_schema(
+            "XSR_PrepareLRTiled",
+            "XSR Prepare LR Tiles (tiled x16)",
+            (
                 f"Checks an LR image of any aspect ratio up to {MAX_TILED_LR_SIDE} px per side and cuts it into "
                 f"overlapping {TILE}x{TILE} tiles (each one the paper's 32->512 problem). Returns the tiles for "
                 f"XSR Retrieve (one row per tile), the full x{SCALE} ControlNet hint and empty latent, and the "
@@ -94,14 +98,14 @@ class XSRPrepareLRTiled(io.ComfyNode):
                 io.Image.Input(
                     "image", tooltip=f"one LR image, 4 to {MAX_TILED_LR_SIDE} px per side (RGB, RGBA or grayscale)"
                 ),
-                io.Int.Input(
+                int_input(
                     "overlap",
-                    default=8,
-                    min=0,
-                    max=TILE - 8,
-                    step=1,
-                    tooltip=f"minimum overlap of neighbouring tiles in LR px (x{SCALE} in the output); "
+                    8,
+                    0,
+                    TILE - 8,
+                    f"minimum overlap of neighbouring tiles in LR px (x{SCALE} in the output); "
                     "more overlap: smoother blending, more tiles",
+                    step=1,
                 ),
             ],
             outputs=[
@@ -313,32 +317,25 @@ class TiledRuntime:
 class XSRTiledModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_TiledModel",
-            display_name="XSR Tiled Diffusion (x16)",
-            category="xsr",
-            description="Makes the stock KSampler denoise the full x16 latent as overlapping 512x512 tiles in one "
+        return xsr_schema(
+            "XSR_TiledModel",
+            "XSR Tiled Diffusion (x16)",
+            "Makes the stock KSampler denoise the full x16 latent as overlapping 512x512 tiles in one "
             "sampling run: every tile gets its own conditioning row (references, image embedding, "
             "caption from XSR Retrieve/Enhance on the tiles) and its crop of the ControlNet hint, and the "
             "per-tile predictions are blended at every step (no seams). Works on the XSR-patched model "
             "or any SD1.x MODEL.",
             inputs=[
                 io.Model.Input("model", tooltip="the (XSR AdaIN-patched) MODEL"),
-                XSRTiles.Input("tiling", tooltip="from XSR Prepare LR Tiles"),
-                io.Combo.Input(
+                _tiling_input(),
+                choice_input(
                     "weighting",
-                    options=list(WEIGHTINGS),
-                    default="cosine",
-                    tooltip="cosine: feathered overlaps, tile interiors untouched; gaussian: Mixture of "
+                    WEIGHTINGS,
+                    "cosine",
+                    "cosine: feathered overlaps, tile interiors untouched; gaussian: Mixture of "
                     "Diffusers; constant: MultiDiffusion's plain average",
                 ),
-                io.Int.Input(
-                    "tile_batch",
-                    default=0,
-                    min=0,
-                    max=256,
-                    tooltip="tiles per model call; 0 = as many as fit in free VRAM",
-                ),
+                int_input("tile_batch", 0, 0, 256, "tiles per model call; 0 = as many as fit in free VRAM"),
             ],
             outputs=[io.Model.Output("tiled_model", display_name="model")],
         )
@@ -366,14 +363,13 @@ class XSRTiledModel(io.ComfyNode):
 class XSRTilePreview(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XSR_TilePreview",
-            display_name="XSR Tile References Preview",
-            category="xsr",
-            description="Shows the tile grid with the top reference of every tile; click a tile for all its "
+        return xsr_schema(
+            "XSR_TilePreview",
+            "XSR Tile References Preview",
+            "Shows the tile grid with the top reference of every tile; click a tile for all its "
             "references, scores and caption.",
             inputs=[
-                XSRTiles.Input("tiling", tooltip="from XSR Prepare LR Tiles"),
+                _tiling_input(),
                 XSRRefs.Input("refs", tooltip="from XSR Retrieve (run on the tiles)"),
                 io.Image.Input("references", tooltip="the 'references' output of the same XSR Retrieve"),
                 io.String.Input(

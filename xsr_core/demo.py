@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .comfy_server import ComfyServer, find_comfyui, prepare_base_dir
+from .workflow import TILED_DECODE, api_node, controlnet_apply, ksampler
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -45,82 +46,48 @@ def xsr_graph(
 ) -> dict:
     """API-format prompt of the full XSR x16 pipeline (the xsr_x16 workflow)."""
     return {
-        "lr": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
-        "prep": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["lr", 0]}},
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
-        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip_vision}},
-        "models": {"class_type": "XSR_LoadModels", "inputs": {"rfa_name": rfa, "i2t_name": i2t}},
-        "db": {"class_type": "XSR_LoadReferenceDB", "inputs": {"db_name": refdb}},
-        "retrieve": {
-            "class_type": "XSR_Retrieve",
-            "inputs": {
-                "image": ["prep", 2],
-                "clip_vision": ["cv", 0],
-                "xsr_models": ["models", 0],
-                "refdb": ["db", 0],
-                "top_k": top_k,
-            },
-        },
-        "enhance": {
-            "class_type": "XSR_Enhance",
-            "inputs": {
-                "xsr_models": ["models", 0],
-                "refs": ["retrieve", 1],
-                "clip": ["ckpt", 1],
-                "max_tokens": 32,
-                "num_beams": 1,
-                "caption_override": "",
-                "extra_prompt": "high quality, detailed",
-            },
-        },
-        "patch": {
-            "class_type": "XSR_AdaINPatch",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "control_net": ["cn", 0],
-                "adapter_name": adapter,
-                "strength": strength,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-                "apply_to": "cond",
-                "allow_other_controlnet": False,
-            },
-        },
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry, low quality"}},
-        "apply": {
-            "class_type": "ControlNetApplyAdvanced",
-            "inputs": {
-                "positive": ["enhance", 0],
-                "negative": ["neg", 0],
-                "control_net": ["patch", 1],
-                "image": ["prep", 0],
-                "strength": 1.0,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-            },
-        },
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["patch", 0],
-                "positive": ["apply", 0],
-                "negative": ["apply", 1],
-                "latent_image": ["prep", 1],
-                "seed": seed,
-                "steps": steps,
-                "cfg": cfg,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "fix": {
-            "class_type": "XSR_ColorFix",
-            "inputs": {"image": ["decode", 0], "lr": ["prep", 2], "method": "wavelet"},
-        },
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["fix", 0], "filename_prefix": "xsr_x16"}},
+        "lr": api_node("LoadImage", image=lr_name),
+        "prep": api_node("XSR_PrepareLR", image=["lr", 0]),
+        "ckpt": api_node("CheckpointLoaderSimple", ckpt_name=ckpt),
+        "cn": api_node("ControlNetLoader", control_net_name=controlnet),
+        "cv": api_node("CLIPVisionLoader", clip_name=clip_vision),
+        "models": api_node("XSR_LoadModels", rfa_name=rfa, i2t_name=i2t),
+        "db": api_node("XSR_LoadReferenceDB", db_name=refdb),
+        "retrieve": api_node(
+            "XSR_Retrieve",
+            image=["prep", 2],
+            clip_vision=["cv", 0],
+            xsr_models=["models", 0],
+            refdb=["db", 0],
+            top_k=top_k,
+        ),
+        "enhance": api_node(
+            "XSR_Enhance",
+            xsr_models=["models", 0],
+            refs=["retrieve", 1],
+            clip=["ckpt", 1],
+            max_tokens=32,
+            num_beams=1,
+            caption_override="",
+            extra_prompt="high quality, detailed",
+        ),
+        "patch": api_node(
+            "XSR_AdaINPatch",
+            model=["ckpt", 0],
+            control_net=["cn", 0],
+            adapter_name=adapter,
+            strength=strength,
+            start_percent=0.0,
+            end_percent=1.0,
+            apply_to="cond",
+            allow_other_controlnet=False,
+        ),
+        "neg": api_node("CLIPTextEncode", clip=["ckpt", 1], text="blurry, low quality"),
+        "apply": controlnet_apply(["enhance", 0], ["neg", 0], ["patch", 1], ["prep", 0]),
+        "sample": ksampler(["patch", 0], ["apply", 0], ["apply", 1], ["prep", 1], seed=seed, steps=steps, cfg=cfg),
+        "decode": api_node("VAEDecode", samples=["sample", 0], vae=["ckpt", 2]),
+        "fix": api_node("XSR_ColorFix", image=["decode", 0], lr=["prep", 2], method="wavelet"),
+        "save": api_node("SaveImage", images=["fix", 0], filename_prefix="xsr_x16"),
     }
 
 
@@ -144,34 +111,17 @@ def xsr_tiled_graph(
     with ``tiled_decode=False``) and the per-tile reference preview.
     """
     g = xsr_graph(lr_name, ckpt=ckpt, controlnet=controlnet, clip_vision=clip_vision, refdb=refdb, **kw)
-    g["prep"] = {"class_type": "XSR_PrepareLRTiled", "inputs": {"image": ["lr", 0], "overlap": overlap}}
+    g["prep"] = api_node("XSR_PrepareLRTiled", image=["lr", 0], overlap=overlap)
     g["retrieve"]["inputs"]["image"] = ["prep", 3]
-    g["tiled"] = {
-        "class_type": "XSR_TiledModel",
-        "inputs": {"model": ["patch", 0], "tiling": ["prep", 4], "weighting": weighting, "tile_batch": tile_batch},
-    }
+    g["tiled"] = api_node(
+        "XSR_TiledModel", model=["patch", 0], tiling=["prep", 4], weighting=weighting, tile_batch=tile_batch
+    )
     g["sample"]["inputs"]["model"] = ["tiled", 0]
     if tiled_decode:
-        g["decode"] = {
-            "class_type": "VAEDecodeTiled",
-            "inputs": {
-                "samples": ["sample", 0],
-                "vae": ["ckpt", 2],
-                "tile_size": 512,
-                "overlap": 64,
-                "temporal_size": 64,
-                "temporal_overlap": 8,
-            },
-        }
-    g["preview"] = {
-        "class_type": "XSR_TilePreview",
-        "inputs": {
-            "tiling": ["prep", 4],
-            "refs": ["retrieve", 1],
-            "references": ["retrieve", 0],
-            "caption": ["enhance", 1],
-        },
-    }
+        g["decode"] = api_node("VAEDecodeTiled", samples=["sample", 0], vae=["ckpt", 2], **TILED_DECODE)
+    g["preview"] = api_node(
+        "XSR_TilePreview", tiling=["prep", 4], refs=["retrieve", 1], references=["retrieve", 0], caption=["enhance", 1]
+    )
     g["save"]["inputs"]["filename_prefix"] = "xsr_x16_tiled"
     return g
 

@@ -18,7 +18,8 @@ Rules (those of comfyui-frontend-package 1.32.x):
 - Note / MarkdownNote are dropped, Reroute is followed to its source, a PrimitiveNode's value is
   written into the widget it feeds; muted nodes (mode 2) are dropped together with the inputs that
   link to them; bypassed nodes (mode 4) are refused (their pass-through is not implemented here).
-No ComfyUI import: pure JSON in, JSON out.
+No ComfyUI import: pure JSON in, JSON out. ``api_node``, ``ksampler`` and ``controlnet_apply`` build the
+nodes of a prompt written by hand (xsr_core.demo's graphs, the tests' prompts).
 """
 
 from __future__ import annotations
@@ -206,3 +207,28 @@ def substitute_models(api: dict, mapping: dict[str, str]) -> dict:
 def model_names(ui_workflow: dict) -> list[dict]:
     """The ``properties.models`` entries ({name, url?, directory}) of all nodes of a UI workflow."""
     return [m for n in ui_workflow.get("nodes", []) for m in (n.get("properties") or {}).get("models", [])]
+
+
+# --- building API prompts by hand (xsr_core.demo's graphs, the tests' prompts) ---------------------------------
+TILED_DECODE = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}  # VAEDecodeTiled's
+
+
+def api_node(class_type: str, **inputs: Any) -> dict:
+    """One node of an API prompt: ``{"class_type", "inputs"}``, a linked input as ``[node_id, output_slot]``."""
+    return {"class_type": class_type, "inputs": inputs}
+
+
+KSAMPLER_DEFAULTS = {"sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+CONTROLNET_DEFAULTS = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}  # ControlNetApplyAdvanced's
+
+
+def ksampler(model, positive, negative, latent_image, *, seed: int, steps: int, cfg: float, **settings: Any) -> dict:
+    """A stock KSampler node (the first four: links); ``settings``: what differs from KSAMPLER_DEFAULTS."""
+    links = {"model": model, "positive": positive, "negative": negative, "latent_image": latent_image}
+    return api_node("KSampler", **links, seed=seed, steps=steps, cfg=cfg, **{**KSAMPLER_DEFAULTS, **settings})
+
+
+def controlnet_apply(positive, negative, control_net, image, **settings: Any) -> dict:
+    """A stock ControlNetApplyAdvanced node (the four: links); ``settings``: what differs from CONTROLNET_DEFAULTS."""
+    links = {"positive": positive, "negative": negative, "control_net": control_net, "image": image}
+    return api_node("ControlNetApplyAdvanced", **links, **{**CONTROLNET_DEFAULTS, **settings})

@@ -6,6 +6,7 @@ import pytest
 
 from xsr_core.comfy_server import ComfyError, execution_error
 from xsr_core.testing.zoo import CHECKPOINT_NAME
+from xsr_core.workflow import api_node, ksampler
 
 from comfy_helpers import png_size
 
@@ -26,27 +27,22 @@ def test_pack_loads_without_import_failure(comfy):
 
 def txt2img(seed=1, steps=2, size=64):
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": seed,
-                "steps": steps,
-                "cfg": 5.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "txt2img"}},
+        "1": api_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME),
+        "2": api_node("CLIPTextEncode", clip=["1", 1], text="a photo of a cat"),
+        "3": api_node("CLIPTextEncode", clip=["1", 1], text="blurry"),
+        "4": api_node("EmptyLatentImage", width=size, height=size, batch_size=1),
+        "5": ksampler(["1", 0], ["2", 0], ["3", 0], ["4", 0], seed=seed, steps=steps, cfg=5.0),
+        "6": api_node("VAEDecode", samples=["5", 0], vae=["1", 2]),
+        "7": api_node("SaveImage", images=["6", 0], filename_prefix="txt2img"),
+    }
+
+
+def prepare_lr_prompt(image_name, prefix):
+    """LoadImage -> XSR_PrepareLR -> SaveImage of the hint (nodes "1" to "3")."""
+    return {
+        "1": api_node("LoadImage", image=image_name),
+        "2": api_node("XSR_PrepareLR", image=["1", 0]),
+        "3": api_node("SaveImage", images=["2", 0], filename_prefix=prefix),
     }
 
 
@@ -61,12 +57,10 @@ def test_stock_txt2img_on_tiny_zoo(comfy):
 def test_prepare_lr_gives_exactly_16x(comfy, write_png, w, h, mode):
     name = comfy.upload_image(write_png((w, h, mode), f"lr_{w}x{h}_{mode}.png"))
     prompt = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
-        "2": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "hint"}},
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 1], "vae": ["4", 2]}},
-        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "latent"}},
+        **prepare_lr_prompt(name, "hint"),
+        "4": api_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME),
+        "5": api_node("VAEDecode", samples=["2", 1], vae=["4", 2]),
+        "6": api_node("SaveImage", images=["5", 0], filename_prefix="latent"),
     }
     entry = comfy.run(prompt)
     assert png_size(comfy.output_images(entry, "3")[0]) == (16 * w, 16 * h)
@@ -75,11 +69,7 @@ def test_prepare_lr_gives_exactly_16x(comfy, write_png, w, h, mode):
 
 def test_prepare_lr_rejects_oversized_lr_and_server_keeps_serving(comfy, write_png):
     name = comfy.upload_image(write_png((100, 80, "RGB"), "too_big.png"))
-    prompt = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
-        "2": {"class_type": "XSR_PrepareLR", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bad"}},
-    }
+    prompt = prepare_lr_prompt(name, "bad")
     entry = comfy.wait(comfy.queue(prompt))
     err = execution_error(entry)
     assert err is not None, "an oversized LR must fail the prompt"
