@@ -11,7 +11,8 @@ colour fix all run; model loaders stay cached as in real use):
 - ``xsr``: the full xsr_x16 graph (retrieval, I2T caption + embedding, AdaIN-patched U-Net/ControlNet)
 
 in each mode of ``--modes``: ``eager``; ``cudagraph`` (the XSR_CUDAGraph node before the KSampler, both
-graphs); ``compile`` (ComfyUI's TorchCompileModel node, inductor, on the U-Net; ``--compile`` adds it).
+graphs); ``compile`` (ComfyUI's TorchCompileModel node, inductor, on the U-Net; ``--compile`` adds it);
+``compile_cudagraph`` (TorchCompileModel, then XSR_CUDAGraph: the inductor-compiled U-Net inside the graph).
 Reports median seconds, the XSR overhead ratio, peak VRAM, per-node median times (CUDA synchronised
 around each node), what is resident on the GPU after each node (ComfyUI's loaded models and their
 loaded MiB, plus allocated memory and the node's own peak), and the max abs difference of the sampled
@@ -199,16 +200,16 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
     xsr = xsr_graph(lr_name, **graph_args(names, steps, seed))
 
     def add_mode(g):
-        if mode == "compile":
+        if mode in COMPILED_MODES:
             g["compile"] = {
                 "class_type": "TorchCompileModel",
                 "inputs": {"model": g["sample"]["inputs"]["model"], "backend": "inductor"},
             }
             g["sample"]["inputs"]["model"] = ["compile", 0]
-        elif mode == "cudagraph":
+        if mode in ("cudagraph", "compile_cudagraph"):
             g["cudagraph"] = {"class_type": "XSR_CUDAGraph", "inputs": {"model": g["sample"]["inputs"]["model"]}}
             g["sample"]["inputs"]["model"] = ["cudagraph", 0]
-        elif mode != "eager":
+        if mode not in ("eager", "cudagraph", *COMPILED_MODES):
             raise ValueError(f"unknown mode {mode!r}")
         return g
 
@@ -251,6 +252,7 @@ def graphs(lr_name: str, names: dict[str, str], steps: int, seed: int, mode: str
     return {"baseline": relink(base), "xsr": relink(xsr)}
 
 
+COMPILED_MODES = ("compile", "compile_cudagraph")  # modes with ComfyUI's TorchCompileModel on the U-Net
 NODE_COLUMNS = [
     "XSR_PrepareLR",
     "XSR_Retrieve",
@@ -465,7 +467,9 @@ def main(argv=None) -> int:
         help="untimed runs of a graph after every switch of graph, before its timed run (default 2: the first reruns "
         "the loaders the other graph dropped, the second captures the reloaded CLIP vision encoder's CUDA graph)",
     )
-    ap.add_argument("--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile")
+    ap.add_argument(
+        "--modes", default="eager,cudagraph", help="comma list of eager, cudagraph, compile, compile_cudagraph"
+    )
     ap.add_argument("--compile", action="store_true", help="also time with TorchCompileModel (inductor)")
     ap.add_argument(
         "--compile-steps",
@@ -539,7 +543,7 @@ def main(argv=None) -> int:
 
     kinds = [k for k in args.graphs.split(",") if k]
     compile_steps = [int(x) for x in args.compile_steps.split(",") if x]
-    if "compile" in modes:
+    if any(m in COMPILED_MODES for m in modes):
         print(
             f"compile mode: steps {compile_steps}, {args.compile_runs} timed run(s) after one warm-up "
             "(the warm-up compiles)",
@@ -556,13 +560,14 @@ def main(argv=None) -> int:
         CLIP vision encoder's CUDA graph is captured at its second call. ``compile`` keeps one block per graph (one
         warm-up that compiles, then its timed runs): a switch could recompile. ``alone``: rows of one graph run on
         its own (``--offload-check``)."""
-        for steps in only_steps or (compile_steps if mode == "compile" else steps_list):
+        compiled = mode in COMPILED_MODES
+        for steps in only_steps or (compile_steps if compiled else steps_list):
             order = list(only_kinds or kinds)
-            runs = args.compile_runs if mode == "compile" else args.runs
+            runs = args.compile_runs if compiled else args.runs
             acc = {k: {"times": [], "traces": [], "err": None} for k in order}
             plan = (
                 [(k, i) for k in order for i in range(runs + 1)]
-                if mode == "compile" or len(order) == 1
+                if compiled or len(order) == 1
                 else [(k, i) for r in range(runs) for k in order for i in (0,) * args.switch_warmups + (r + 1,)]
             )
             for kind, i in plan:
@@ -595,7 +600,7 @@ def main(argv=None) -> int:
                 row = {
                     "graph": kind,
                     "steps": steps,
-                    "compile": mode == "compile",
+                    "compile": compiled,
                     "mode": mode,
                     "offload": os.environ.get("XSR_OFFLOAD") or default_offload,
                     "alone": alone,
@@ -624,7 +629,7 @@ def main(argv=None) -> int:
                 cache.clear()
 
     for mode in modes:
-        if mode != "compile":
+        if mode not in COMPILED_MODES:
             time_mode(mode)
         if mode == "eager" and args.offload_check and "xsr" in kinds:
             # the XSR eager graph alone (no baseline prompt in between) under every XSR_OFFLOAD setting, the run's
@@ -658,8 +663,27 @@ def main(argv=None) -> int:
                 results["checks"].append(chk)
                 save_partial()
                 print(json.dumps(chk), flush=True)
-    if "compile" in modes:  # last: its warm-ups compile, the slowest part of a run
-        time_mode("compile")
+    for mode in modes:  # last: their warm-ups compile, the slowest part of a run
+        if mode in COMPILED_MODES:
+            time_mode(mode)
+    if "compile" in modes and "compile_cudagraph" in modes:
+        for steps in compile_steps:  # same LR, same seed: the compiled U-Net eager vs inside XSR_CUDAGraph
+            lr = new_lr()
+            for kind in kinds:
+                lat = {}
+                for mode in ("compile", "compile_cudagraph"):
+                    run(graphs(lr, names, steps, seed=123, mode=mode)[kind])
+                    lat[mode] = captured["latent"]
+                chk = {
+                    "graph": kind,
+                    "steps": steps,
+                    "check": "latent max abs diff compile vs compile_cudagraph",
+                    "value": float((lat["compile"] - lat["compile_cudagraph"]).abs().max()),
+                    "latent_max_abs": float(lat["compile"].abs().max()),
+                }
+                results["checks"].append(chk)
+                save_partial()
+                print(json.dumps(chk), flush=True)
     if args.profile_sampler:
         (out / f"e2e_profile_{tag}.txt").write_text(
             profile_sampler(run, new_lr, names, kinds, steps_list[0], results, captured, args.profile_node)
@@ -684,7 +708,7 @@ def main(argv=None) -> int:
 
     none = {"median_s": None, "peak_vram_gib": None}
     own = os.environ.get("XSR_OFFLOAD") or default_offload
-    for steps in sorted(set(steps_list) | set(compile_steps if "compile" in modes else [])):
+    for steps in sorted(set(steps_list) | set(compile_steps if set(modes) & set(COMPILED_MODES) else [])):
         for mode in modes:
             sel = [
                 r
@@ -720,9 +744,9 @@ def main(argv=None) -> int:
                 f"{fmt(r['nodes_ms'].get('XSR_Retrieve'), '{:.1f}')} | "
                 f"{fmt(r['nodes_ms'].get('XSR_Enhance'), '{:.1f}')} |"
             )
-    if "compile" in modes:
+    if set(modes) & set(COMPILED_MODES):
         lines.append(
-            f"\ncompile mode (TorchCompileModel, inductor): steps {compile_steps} only, median of "
+            f"\ncompile modes (TorchCompileModel, inductor): steps {compile_steps} only, median of "
             f"{args.compile_runs} run(s) after one warm-up run that compiles (other modes: {args.runs} runs)."
         )
     for r in results["rows"]:

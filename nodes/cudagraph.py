@@ -35,7 +35,10 @@ Per sampling run (an ``OUTER_SAMPLE`` wrapper starts and ends one):
   a model not fully on the GPU (lowvram, partial load, Dynamic VRAM), hooks / area defaults / GLIGEN
   in the conditioning, context windows or multi-GPU, a ControlNet class not from ComfyUI core or XSR,
   or a wrapper / patch in ``model_options`` that is not ComfyUI's or XSR's known set (anything of
-  unknown behaviour may branch on the step in Python). A capture that fails for any other reason
+  unknown behaviour may branch on the step in Python). ComfyUI's TorchCompileModel is known: its
+  inductor-compiled U-Net is captured like eager code (fused kernels, and no guard checks or launches on
+  the host at a replay); compile settings that record CUDA graphs themselves (the ``cudagraphs`` backend,
+  ``reduce-overhead``) are refused. A capture that fails for any other reason
   (e.g. a patch that syncs with the host) also falls back, logged once.
 
 The progress bar and previews live in the sampler loop outside ``calc_cond_batch`` and are untouched;
@@ -70,6 +73,12 @@ logger = logging.getLogger(__name__)
 WRAPPER_KEY = "xsr_cudagraph"
 # wrapper keys whose callables are XSR's own (reviewed: no host sync on the full-window path)
 KNOWN_WRAPPER_KEYS = frozenset({WRAPPER_KEY, "xsr_adain"})
+# ComfyUI's TorchCompileModel wrapper (comfy_api.torch_helpers.torch_compile): capturable with these settings
+COMPILE_KEY = "torch.compile"
+COMPILE_KWARGS_KEY = "torch_compile_kwargs"
+COMPILE_WRAPPER_MODULE = "comfy_api.torch_helpers.torch_compile"
+CAPTURABLE_COMPILE_BACKENDS = frozenset({"inductor", "eager", "aot_eager"})
+CAPTURABLE_COMPILE_MODES = frozenset({None, "default", "max-autotune-no-cudagraphs"})
 MAX_GRAPHS_PER_RUN = 8
 DEFAULT_KEEP = 4  # graphs kept across prompts per XSR_CUDAGraph MODEL (XSR_CUDAGRAPH_KEEP)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # the node pack's package name (nodes/cudagraph.py -> pack)
@@ -91,6 +100,27 @@ def _describe(fn: Any) -> str:
     return f"{getattr(fn, '__module__', type(fn).__module__)}.{name}"
 
 
+def compile_refusal(model_options: dict, fns: list) -> str | None:
+    """Why the ``torch.compile`` wrapper of ComfyUI's TorchCompileModel (``comfy_api.torch_helpers``) cannot be
+    captured, or None. Code compiled by inductor (or eager / aot_eager) is plain kernel launches: the graph records
+    them, and a replay skips dynamo's guards and Python altogether. Settings under which the compiled code records
+    CUDA graphs itself (the ``cudagraphs`` backend, the ``reduce-overhead`` / ``max-autotune`` modes, inductor's
+    ``triton.cudagraphs`` option) cannot be nested in XSR's capture."""
+    for fn in fns:
+        if getattr(getattr(fn, "__func__", fn), "__module__", None) != COMPILE_WRAPPER_MODULE:
+            return f"unknown {WrappersMP.APPLY_MODEL} wrapper {COMPILE_KEY!r} ({_describe(fn)})"
+    kw = model_options.get(COMPILE_KWARGS_KEY) or {}
+    backend, mode, options = kw.get("backend"), kw.get("mode"), kw.get("options") or {}
+    if not isinstance(backend, str) or backend not in CAPTURABLE_COMPILE_BACKENDS:
+        return (
+            f"torch.compile backend {backend!r} cannot run inside XSR's CUDA graph (use inductor, or drop "
+            "XSR_CUDAGraph: that backend records graphs itself)"
+        )
+    if mode not in CAPTURABLE_COMPILE_MODES or (isinstance(options, dict) and options.get("triton.cudagraphs")):
+        return f"torch.compile mode {mode!r} / options {options!r} record CUDA graphs themselves"
+    return None
+
+
 def static_refusal(model_options: dict, conds: list) -> str | None:
     """Why this run cannot be captured faithfully (checked once per run), or None."""
     for key in ("context_handler", "multigpu_clones"):
@@ -102,8 +132,14 @@ def static_refusal(model_options: dict, conds: list) -> str | None:
     topts = model_options.get("transformer_options", {})
     for wtype, by_key in topts.get("wrappers", {}).items():
         for key, fns in by_key.items():
-            if fns and key not in KNOWN_WRAPPER_KEYS:
-                return f"unknown {wtype} wrapper {key!r}"
+            if not fns or key in KNOWN_WRAPPER_KEYS:
+                continue
+            if wtype == WrappersMP.APPLY_MODEL and key == COMPILE_KEY:
+                reason = compile_refusal(model_options, fns)
+                if reason is not None:
+                    return reason
+                continue
+            return f"unknown {wtype} wrapper {key!r}"
     for name, fns in topts.get("patches", {}).items():
         for fn in fns:
             if not _is_ours(fn):

@@ -236,6 +236,74 @@ res["xsr"] = {
     "outermost": next(iter(gx.wrappers[WrappersMP.CALC_COND_BATCH])),
 }
 
+# 5b. ComfyUI's TorchCompileModel wrapper under XSR_CUDAGraph (aot_eager on the CPU: dynamo + AOTAutograd without
+# a C++ toolchain; inductor on CUDA): captured, not refused; equal to the compiled eager run; no recompilation at
+# capture or replay (the CPU backend re-runs the compiled code at every replay, guards included); settings that
+# record CUDA graphs themselves are refused with one log line
+from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+compile_backend = "aot_eager" if MODE == "cpu" else "inductor"
+
+
+def compiled(m, backend=compile_backend, **kw):
+    cm = m.clone()
+    set_torch_compile_wrapper(model=cm, backend=backend, **kw)
+    return cm
+
+
+def frames():
+    return int(counters["stats"]["unique_graphs"])
+
+
+torch._dynamo.reset()
+counters.clear()
+eager_cx = sample_xsr(compiled(xsr_model))
+frames_eager = frames()
+gcx, scx, scx_runs = graph_model(compiled(xsr_model))
+log.lines.clear()
+graphed_cx = sample_xsr(gcx)
+first = scx_runs[-1]
+frames_after_graph = frames()
+graphed_cx2 = sample_xsr(gcx)  # a second run: the kept graph, new static-buffer values
+res["compile"] = {
+    "backend": compile_backend,
+    "maxdiff": diff(eager_cx, graphed_cx),
+    "maxdiff_second": diff(eager_cx, graphed_cx2),
+    "vs_uncompiled": diff(eager_cx, eager_x),
+    "scale": float(eager_x.abs().max()),
+    "refused": first.refused,
+    "replays": first.replays,
+    "captures": first.captures,
+    "second_reused": scx_runs[-1].reused,
+    "frames_eager": frames_eager,
+    "frames_added_by_graph_runs": frames() - frames_eager,
+    "frames_added_by_capture": frames_after_graph - frames_eager,
+    "log": list(log.lines),
+}
+
+
+def compile_options(cm):
+    """The model options calc_cond_batch sees for ``cm`` (ComfyUI merges the patcher's wrappers in at sampling)."""
+    return {**cm.model_options, "transformer_options": {"wrappers": cm.wrappers}}
+
+
+res["compile_refusals"] = {
+    name: cg.static_refusal(compile_options(compiled(model, **kw)), [[], None])
+    for name, kw in {
+        "cudagraphs_backend": {"backend": "cudagraphs"},
+        "reduce_overhead": {"backend": "inductor", "mode": "reduce-overhead"},
+        "inductor_cudagraphs_option": {"backend": "inductor", "options": {"triton.cudagraphs": True}},
+        "inductor": {"backend": "inductor"},
+        "max_autotune_no_cudagraphs": {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"},
+    }.items()
+}
+impostor = model.clone()
+impostor.add_wrapper_with_key(WrappersMP.APPLY_MODEL, cg.COMPILE_KEY, lambda executor, *a, **k: executor(*a, **k))
+impostor.model_options[cg.COMPILE_KWARGS_KEY] = {"backend": "inductor"}
+res["compile_refusals"]["not_comfyui_wrapper"] = cg.static_refusal(compile_options(impostor), [[], None])
+torch._dynamo.reset()
+
 # 6. recapture on a shape change inside one run, and the lowvram refusal (direct calls)
 calls = []
 

@@ -87,6 +87,27 @@ def test_xsr_adapter_patches_are_captured(cpu_results):
     assert x["outermost"] == "xsr_cudagraph"
 
 
+def test_torch_compile_model_is_captured_without_recompiling(cpu_results):
+    """ComfyUI's TorchCompileModel wrapper (aot_eager here) inside the graph: same result as the compiled eager run,
+    no compiled frame added by the capture or the replays (the CPU backend re-runs the compiled code at every
+    replay, dynamo's guards included), the kept graph reused by a second run."""
+    c = cpu_results["compile"]
+    assert c["refused"] is None and c["log"] == [], c
+    assert (c["captures"], c["replays"], c["second_reused"]) == (1, 5, 1), c
+    assert c["maxdiff"] == 0.0 and c["maxdiff_second"] == 0.0, c
+    assert c["vs_uncompiled"] <= 1e-4 * max(c["scale"], 1.0), c  # it really ran the XSR model
+    assert c["frames_eager"] >= 1 and c["frames_added_by_graph_runs"] == 0, c
+
+
+def test_torch_compile_settings_that_record_graphs_are_refused(cpu_results):
+    r = cpu_results["compile_refusals"]
+    assert "cudagraphs" in r["cudagraphs_backend"] and "inductor" in r["cudagraphs_backend"]
+    assert "reduce-overhead" in r["reduce_overhead"]
+    assert "triton.cudagraphs" in r["inductor_cudagraphs_option"]
+    assert r["inductor"] is None and r["max_autotune_no_cudagraphs"] is None
+    assert "unknown apply_model wrapper 'torch.compile'" in r["not_comfyui_wrapper"]
+
+
 def test_recapture_on_shape_change_and_lowvram_refusal(cpu_results):
     s = cpu_results["shapes"]
     assert (s["graphs"], s["replays"], s["eager"]) == (2, 5, 2)
@@ -173,6 +194,10 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
             assert (run["captures"], run["reused"], run["replays"]) == (0, 1, 5), run
             assert run["maxdiff"] <= 1e-3 * max(1.0, run["scale"]), run
     assert r["freed_with_model"]["alive_after_del"] is False
+    c = r["compile"]  # the inductor-compiled XSR U-Net captured: no recompile, the compiled eager result
+    assert c["backend"] == "inductor" and c["refused"] is None and c["log"] == [], c
+    assert (c["captures"], c["replays"], c["second_reused"], c["frames_added_by_graph_runs"]) == (1, 5, 1, 0), c
+    assert max(c["maxdiff"], c["maxdiff_second"]) <= 1e-3 * max(1.0, c["scale"]), c
     v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
     assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
     assert v["maxdiff"] <= 1e-3, v
