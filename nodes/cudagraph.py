@@ -121,6 +121,12 @@ def compile_refusal(model_options: dict, fns: list) -> str | None:
     return None
 
 
+def is_compiled(model_options: dict) -> bool:
+    """True when ComfyUI's TorchCompileModel wrapper is on the model."""
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    return bool(wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY))
+
+
 def static_refusal(model_options: dict, conds: list) -> str | None:
     """Why this run cannot be captured faithfully (checked once per run), or None."""
     for key in ("context_handler", "multigpu_clones"):
@@ -464,6 +470,13 @@ class CudaGraphBackend:
     def __init__(self):
         self.stream = side_stream()  # one stream for all XSR captures (one cuBLAS workspace)
 
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        """One eager call of ``fn`` on the capture stream (its result dropped)."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         g = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -508,6 +521,7 @@ class _Run:
     captures: int = 0  # graphs captured in this run
     reused: int = 0  # kept graphs of earlier runs replayed in this run (no capture)
     fingerprint_checked: bool = False
+    compiled: bool = False  # the model runs under TorchCompileModel: one eager pass of the capture's body first
 
 
 def step_feeds(plan: Plan, conds: list, model_options: dict) -> tuple[tuple, list[torch.Tensor], list]:
@@ -604,6 +618,7 @@ class CudaGraphSampling:
             if run.refused is not None:
                 return executor(model, conds, x_in, timestep, model_options)
             run.window_free = _window_free(conds, controls_of(conds))
+            run.compiled = is_compiled(model_options)
 
         plan = make_plan(conds, x_in, timestep, run.window_free)
         if plan.key is None:
@@ -720,6 +735,12 @@ class CudaGraphSampling:
             (free, free) if torch_free_too else free
         )
         try:
+            if run.compiled:
+                # dynamo guards on the objects the capture's body passes (static buffers, pinned states): a guard
+                # that fails there would compile (and autotune: kernel launches) mid-capture, which CUDA forbids.
+                # One eager pass of the same body first compiles whatever the capture needs.
+                warm_up = getattr(self.backend, "warm_up", None)
+                warm_up(body) if warm_up is not None else body()
             replay, outputs = self.backend.capture(body)
         finally:
             comfy.model_management.get_free_memory = mm_get_free

@@ -56,6 +56,11 @@ class RerunBackend:
 
     device_type = "cpu"
     captures = 0
+    warm_ups = 0
+
+    def warm_up(self, fn):
+        RerunBackend.warm_ups += 1
+        fn()
 
     def capture(self, fn):
         RerunBackend.captures += 1
@@ -258,6 +263,7 @@ def frames():
 
 torch._dynamo.reset()
 counters.clear()
+warm_ups_before = res["warm_ups_uncompiled"] = RerunBackend.warm_ups  # sections 1-5 captured uncompiled models
 eager_cx = sample_xsr(compiled(xsr_model))
 frames_eager = frames()
 gcx, scx, scx_runs = graph_model(compiled(xsr_model))
@@ -279,6 +285,7 @@ res["compile"] = {
     "frames_eager": frames_eager,
     "frames_added_by_graph_runs": frames() - frames_eager,
     "frames_added_by_capture": frames_after_graph - frames_eager,
+    "warm_ups": RerunBackend.warm_ups - warm_ups_before,  # CPU backend: eager passes before a capture
     "log": list(log.lines),
 }
 

@@ -97,6 +97,8 @@ def test_torch_compile_model_is_captured_without_recompiling(cpu_results):
     assert c["maxdiff"] == 0.0 and c["maxdiff_second"] == 0.0, c
     assert c["vs_uncompiled"] <= 1e-4 * max(c["scale"], 1.0), c  # it really ran the XSR model
     assert c["frames_eager"] >= 1 and c["frames_added_by_graph_runs"] == 0, c
+    assert c["warm_ups"] == 1, c  # one eager pass of the capture's body, before the one capture
+    assert cpu_results["warm_ups_uncompiled"] == 0  # plain and XSR captures without TorchCompileModel: none
 
 
 def test_torch_compile_settings_that_record_graphs_are_refused(cpu_results):
