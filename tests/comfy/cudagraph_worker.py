@@ -243,8 +243,8 @@ res["xsr"] = {
 
 # 5b. ComfyUI's TorchCompileModel wrapper under XSR_CUDAGraph (aot_eager on the CPU: dynamo + AOTAutograd without
 # a C++ toolchain; inductor on CUDA): captured, not refused; equal to the compiled eager run; no recompilation at
-# capture or replay (the CPU backend re-runs the compiled code at every replay, guards included); settings that
-# record CUDA graphs themselves are refused with one log line
+# capture or replay (the CPU backend re-runs the compiled code at every replay, guards included); static_refusal
+# refuses the settings that record CUDA graphs themselves
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -284,7 +284,8 @@ res["compile"] = {
     "second_reused": scx_runs[-1].reused,
     "frames_eager": frames_eager,
     "frames_added_by_graph_runs": frames() - frames_eager,
-    "frames_added_by_capture": frames_after_graph - frames_eager,
+    "frames_added_by_first_graph_run": frames_after_graph - frames_eager,  # its warm-up pass may compile (CUDA)
+    "frames_added_by_second_graph_run": frames() - frames_after_graph,
     "warm_ups": RerunBackend.warm_ups - warm_ups_before,  # CPU backend: eager passes before a capture
     "log": list(log.lines),
 }

@@ -196,9 +196,11 @@ def test_cuda_graph_matches_eager_on_cuda(tmp_path_factory, comfy_dir, tiny_zoo)
             assert (run["captures"], run["reused"], run["replays"]) == (0, 1, 5), run
             assert run["maxdiff"] <= 1e-3 * max(1.0, run["scale"]), run
     assert r["freed_with_model"]["alive_after_del"] is False
-    c = r["compile"]  # the inductor-compiled XSR U-Net captured: no recompile, the compiled eager result
+    # the inductor-compiled XSR U-Net captured in its first graph run (a frame the capture's objects need is compiled
+    # by the eager pass before it, not mid-capture), nothing compiled after, the compiled eager result
+    c = r["compile"]
     assert c["backend"] == "inductor" and c["refused"] is None and c["log"] == [], c
-    assert (c["captures"], c["replays"], c["second_reused"], c["frames_added_by_graph_runs"]) == (1, 5, 1, 0), c
+    assert (c["captures"], c["replays"], c["second_reused"], c["frames_added_by_second_graph_run"]) == (1, 5, 1, 0), c
     assert max(c["maxdiff"], c["maxdiff_second"]) <= 1e-3 * max(1.0, c["scale"]), c
     v = r["vision_graphs"]  # XSR_Retrieve's CLIP vision pass: warm-up, capture, then replays of new pixels
     assert v["off"] == [None] and (v["captures"], v["replays"]) == (1, 2), v
